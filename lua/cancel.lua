@@ -1,0 +1,32 @@
+-- cancel.lua: give back a reservation that was never used (a timeout or a cancelled caller).
+--
+-- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
+-- ARGV[9] lease or ticket id
+--
+-- A queued ticket leaves the queue. A granted lease is removed and its whole charge, requests and
+-- tokens, is refunded (never above capacity); its slot goes to the next queued ticket.
+-- Idempotent: an unknown id changes nothing.
+--
+-- Reply: {"cancelled" | "dequeued" | "unknown", now}
+local ID = ARGV[9]
+
+reap()
+local st = load_state()
+local reply = {'unknown', fmt(NOW)}
+if redis.call('ZREM', K_QUEUE, ID) == 1 then
+  redis.call('HDEL', K_TICKETS, ID)
+  reply = {'dequeued', fmt(NOW)}
+else
+  local held = redis.call('HGET', K_DATA, ID)
+  if held then
+    local w = words(held)
+    redis.call('ZREM', K_LEASES, ID)
+    redis.call('HDEL', K_DATA, ID)
+    refund(st, tonumber(w[1]), tonumber(w[2]))
+    reply = {'cancelled', fmt(NOW)}
+  end
+end
+hand_over(st)
+save_state(st)
+touch(st)
+return reply

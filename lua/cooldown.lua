@@ -1,0 +1,57 @@
+-- cooldown.lua: a 429 was seen; pause the whole fleet until the provider allows again.
+--
+-- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
+-- ARGV[9]  retry-after from the provider, seconds ("-1": none given)
+-- ARGV[10] base backoff, seconds: the pause without a retry-after, doubled per repeated 429
+-- ARGV[11] max backoff, seconds: caps the doubling, never a provider's retry-after
+-- ARGV[12] quiet period, seconds after a pause ends within which another 429 counts as a repeat
+-- ARGV[13] jitter fraction: the pause is lengthened by up to this share of itself
+-- ARGV[14] jitter draw in [0, 1), chosen by the caller (scripts stay deterministic)
+--
+-- The pause honours retry-after as given for a first 429 and backs off exponentially from `base`
+-- when 429s repeat; jitter only ever lengthens it; an existing longer pause is never shortened.
+-- A 429 means the provider's bucket is empty now: both buckets drop to zero credit now and refill
+-- during the pause, and reservations already handed out move back by the extension, so that
+-- dispatch resumes paced rather than as a herd.
+--
+-- Reply: {"cooldown", until (Redis time), now, backoff level, shift (seconds reservations moved)}
+-- The same is published on the events channel as "c <now> <until> <shift>".
+local RETRY_AFTER = tonumber(ARGV[9])
+local BASE = tonumber(ARGV[10])
+local MAX_BACKOFF = tonumber(ARGV[11])
+local QUIET = tonumber(ARGV[12])
+local JITTER = tonumber(ARGV[13])
+local DRAW = tonumber(ARGV[14])
+
+reap()
+local st = load_state()
+local level = 0
+if st.cu > NOW then
+  level = st.cl -- 429s of calls sent before this pause belong to the same episode
+elseif st.cr > NOW then
+  level = st.cl + 1
+end
+local backoff = 0
+if RETRY_AFTER < 0 or level > 0 then
+  backoff = math.min(MAX_BACKOFF, BASE * 2 ^ level)
+end
+local pause = math.max(RETRY_AFTER, backoff) * (1 + JITTER * DRAW)
+local deadline = NOW + pause
+local shift = 0
+if deadline > math.max(st.cu, NOW) then
+  shift = deadline - math.max(st.cu, NOW)
+  st.cu = deadline
+end
+if RATE_REQ > 0 then
+  st.rt = math.max(st.rt + shift, NOW + BURST_REQ)
+end
+if RATE_TOK > 0 then
+  st.tt = math.max(st.tt + shift, NOW + BURST_TOK)
+end
+st.cl = level
+st.cr = st.cu + QUIET
+hand_over(st)
+save_state(st)
+touch(st)
+redis.call('PUBLISH', CHANNEL, 'c ' .. fmt(NOW) .. ' ' .. fmt(st.cu) .. ' ' .. fmt(shift))
+return {'cooldown', fmt(st.cu), fmt(NOW), tostring(level), fmt(shift)}

@@ -1,0 +1,22 @@
+-- extend.lua: heartbeat of a long call; the lease lives another lease TTL from now.
+--
+-- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
+-- ARGV[9] lease id
+--
+-- A lease that already expired is lost for good (its slot may have gone to someone else).
+-- Reply: {"extended", expiry, now} or {"lost", "0", now}
+local ID = ARGV[9]
+
+reap()
+local st = load_state()
+hand_over(st)
+local reply = {'lost', '0', fmt(NOW)}
+local expiry = redis.call('ZSCORE', K_LEASES, ID)
+if expiry then
+  local new_expiry = math.max(tonumber(expiry), NOW + LEASE_TTL)
+  redis.call('ZADD', K_LEASES, new_expiry, ID)
+  reply = {'extended', fmt(new_expiry), fmt(NOW)}
+end
+save_state(st)
+touch(st)
+return reply

@@ -1,0 +1,40 @@
+"""xflow-dist: one exact LLM rate-limit budget shared by a whole fleet through Redis."""
+
+from __future__ import annotations
+
+from ._async_limiter import AsyncLimiter
+from ._base import Decision
+from ._budget import Budget, CooldownPolicy
+from ._core import CooldownReply, SettleReply, Status
+from ._exceptions import (
+    AcquireTimeout,
+    BackendError,
+    ConfigurationError,
+    CostTooLargeError,
+    InvalidCostError,
+    XflowError,
+)
+from ._lease import AsyncLease, Lease
+from ._limiter import Limiter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcquireTimeout",
+    "AsyncLease",
+    "AsyncLimiter",
+    "BackendError",
+    "Budget",
+    "ConfigurationError",
+    "CooldownPolicy",
+    "CooldownReply",
+    "CostTooLargeError",
+    "Decision",
+    "InvalidCostError",
+    "Lease",
+    "Limiter",
+    "SettleReply",
+    "Status",
+    "XflowError",
+    "__version__",
+]

@@ -1,0 +1,281 @@
+"""``AsyncLimiter``: the asyncio twin of ``Limiter``, over the same core and the same scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Generator
+from types import TracebackType
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from ._backend import RedisLike, async_client
+from ._base import Decision, LimiterBase
+from ._budget import Budget, CooldownPolicy
+from ._core import CooldownReply, SettleReply, Status, channel, decode_acquire, decode_cooldown
+from ._core import decode_extend, decode_settle, decode_status
+from ._events import CooldownNotice, GrantNotice, PauseClock, parse
+from ._exceptions import AcquireTimeout, BackendError
+from ._flow import Reservation, RunScript, acquire_flow
+from ._lease import AsyncLease
+from ._scripts import register
+
+log = logging.getLogger("xflow_dist")
+
+
+class _Events:
+    """One reader task per limiter: wakes queued acquirers and tracks fleet pauses."""
+
+    def __init__(self, pubsub: Any) -> None:
+        self.clock = PauseClock()
+        self._pubsub = pubsub
+        self._slots: dict[str, asyncio.Future[GrantNotice]] = {}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, client: redis.asyncio.Redis, name: str) -> _Events:
+        pubsub = client.pubsub()
+        await pubsub.subscribe(name)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
+            msg = await pubsub.get_message(timeout=1.0)
+            if msg is not None and msg.get("type") == "subscribe":
+                break
+        events = cls(pubsub)
+        events._task = asyncio.create_task(events._read(), name="xflow-events")
+        return events
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except redis.RedisError as exc:
+                log.warning("xflow_dist events subscriber: %s; reconnecting", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None:
+                continue
+            notice = parse(msg["data"])
+            if isinstance(notice, GrantNotice):
+                fut = self._slots.get(notice.lease_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(notice)
+            elif isinstance(notice, CooldownNotice):
+                self.pause(notice)
+
+    def pause(self, notice: CooldownNotice) -> None:
+        self.clock.record(notice)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def expect(self, lease_id: str) -> asyncio.Future[GrantNotice]:
+        fut: asyncio.Future[GrantNotice] = asyncio.get_running_loop().create_future()
+        self._slots[lease_id] = fut
+        return fut
+
+    def forget(self, lease_id: str) -> None:
+        fut = self._slots.pop(lease_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def wait_start(self, res: Reservation) -> bool:
+        """Sleep until the reservation may start, moved by pauses; False if past its deadline."""
+        while True:
+            start = self.clock.adjust(res.start, res.since)
+            if res.deadline is not None and start > res.deadline:
+                return False
+            left = start - time.monotonic()
+            if left <= 0:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._pubsub.aclose()
+
+
+class _Acquiring:
+    """What ``AsyncLimiter.acquire`` returns: await it for a lease, or use it with ``async with``."""
+
+    def __init__(self, pending: Awaitable[AsyncLease]) -> None:
+        self._pending = pending
+        self._lease: AsyncLease | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncLease]:
+        return self._pending.__await__()
+
+    async def __aenter__(self) -> AsyncLease:
+        self._lease = await self._pending
+        return self._lease
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._lease is not None:
+            await self._lease.release()
+
+
+class AsyncLimiter(LimiterBase):
+    """A budget shared through Redis, for asyncio code.
+
+    ``redis`` is a URL (``redis://``, ``rediss://``, ``unix://``), a ``redis.asyncio.Redis``
+    client, or ``memory://`` for an in-process budget. Use one per event loop.
+    """
+
+    def __init__(
+        self,
+        budget: Budget,
+        redis: RedisLike,
+        *,
+        cooldown_policy: CooldownPolicy | None = None,
+        ticket_ttl: float | None = None,
+    ) -> None:
+        super().__init__(budget, cooldown_policy=cooldown_policy, ticket_ttl=ticket_ttl)
+        self._client, self._owns = async_client(redis)
+        self._scripts = register(self._client)
+        self._events: _Events | None = None
+        self._events_lock: asyncio.Lock | None = None
+        self._beats: dict[AsyncLease, asyncio.Task[None]] = {}
+
+    async def _run(self, op: str, argv: list[str]) -> Any:
+        try:
+            return await self._scripts[op](keys=self._keys, args=self._argv(argv))
+        except redis.RedisError as exc:
+            raise BackendError(f"{op} on budget {self.budget.name!r} failed: {exc}", budget=self.budget.name) from exc
+
+    async def _hub(self) -> _Events:
+        if self._events_lock is None:
+            self._events_lock = asyncio.Lock()
+        async with self._events_lock:
+            if self._events is None:
+                try:
+                    self._events = await _Events.start(self._client, channel(self.budget))
+                except redis.RedisError as exc:
+                    raise BackendError(f"cannot subscribe to budget events: {exc}", budget=self.budget.name) from exc
+            return self._events
+
+    def acquire(self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None) -> _Acquiring:
+        """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
+
+        ``async with limiter.acquire(tokens=n) as lease:`` or ``lease = await limiter.acquire(...)``.
+        Waits in first-come-first-served order across the fleet; raises ``AcquireTimeout`` at
+        once when the budget can tell the start would come after ``timeout``, or at the deadline.
+        Bad input raises here, before anything is awaited.
+        """
+        lease_id, requests, tokens = self._prepare(requests, tokens, timeout)
+        return _Acquiring(self._acquire(lease_id, requests, tokens, timeout))
+
+    async def _acquire(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
+        hub = await self._hub()
+        fut = hub.expect(lease_id)
+        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
+        try:
+            step = next(flow)
+            while True:
+                if isinstance(step, RunScript):
+                    step = flow.send(await self._run(step.op, step.argv))
+                else:
+                    notice = None
+                    with contextlib.suppress(TimeoutError):
+                        notice = await asyncio.wait_for(asyncio.shield(fut), step.timeout)
+                    step = flow.send(notice)
+        except StopIteration as done:
+            res: Reservation = done.value
+        except AcquireTimeout:
+            raise
+        except BaseException:
+            await self._cancel_quietly(lease_id)
+            raise
+        finally:
+            hub.forget(lease_id)
+        try:
+            on_time = await hub.wait_start(res)
+        except BaseException:
+            await self._cancel_quietly(lease_id)
+            raise
+        if not on_time:
+            await self._cancel_quietly(lease_id)
+            raise AcquireTimeout(
+                f"a fleet pause of budget {self.budget.name!r} outlasts the {timeout:g}s timeout",
+                budget=self.budget.name,
+                retry_after=hub.clock.pause_left(),
+            )
+        return self._hold(lease_id, requests, tokens)
+
+    async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[AsyncLease]:
+        """Take the reservation only if it can start now; never waits, never queues."""
+        lease_id, requests, tokens = self._prepare(requests, tokens, None)
+        reply = decode_acquire(await self._run("acquire", self._try_args(lease_id, requests, tokens)))
+        if reply.kind != "granted":
+            return self._refused(reply)
+        return Decision(True, self._hold(lease_id, requests, tokens))
+
+    def _hold(self, lease_id: str, requests: float, tokens: float) -> AsyncLease:
+        lease = AsyncLease(self, lease_id, requests, tokens)
+        self._beats[lease] = asyncio.create_task(self._beat(lease), name=f"xflow-heartbeat-{lease_id}")
+        return lease
+
+    async def _beat(self, lease: AsyncLease) -> None:
+        while not lease.closed:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                expiry = decode_extend(await self._run("extend", [lease.id]))
+            except BackendError as exc:
+                log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
+                continue
+            if expiry is None:
+                lease.lost = True
+                log.warning("lease %s of budget %s expired before it was settled", lease.id, self.budget.name)
+                return
+
+    async def _finish(self, lease: AsyncLease, op: str, argv: list[str]) -> SettleReply | None:
+        beat = self._beats.pop(lease, None)
+        if beat is not None:
+            beat.cancel()
+        raw = await asyncio.shield(self._run(op, argv))
+        return decode_settle(raw) if op == "settle" else None
+
+    async def _cancel_quietly(self, lease_id: str) -> None:
+        try:
+            await asyncio.shield(self._run("cancel", [lease_id]))
+        except BackendError as exc:  # the lease, if any, expires with its TTL
+            log.warning("could not give back reservation %s: %s", lease_id, exc)
+
+    async def cooldown(self, retry_after: float | None = None) -> CooldownReply:
+        """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
+        reply = decode_cooldown(await self._run("cooldown", self._cooldown_args(retry_after)))
+        if self._events is not None:
+            self._events.pause(self._notice(reply))
+        return reply
+
+    async def status(self) -> Status:
+        """A read-only snapshot: levels, leases in flight, queue, cooldown."""
+        return decode_status(self.budget, await self._run("status", []))
+
+    async def aclose(self) -> None:
+        """Stop the background tasks; close the client if this limiter made it."""
+        for beat in self._beats.values():
+            beat.cancel()
+        self._beats.clear()
+        if self._events is not None:
+            await self._events.aclose()
+            self._events = None
+        if self._owns:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncLimiter:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,72 @@
+"""Where a budget's Redis comes from: a URL, a redis-py client, or the embedded ``memory://``.
+
+``memory://NAME`` is an in-process Redis (fakeredis running the same Lua through lupa), shared by
+every limiter of this process that names it; it cannot coordinate several processes.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+import redis.asyncio
+
+from ._exceptions import ConfigurationError
+
+RedisLike = str | redis.Redis | redis.asyncio.Redis
+
+_memory_servers: dict[str, Any] = {}
+_memory_lock = threading.Lock()
+
+
+def _memory_server(url: str) -> Any:
+    try:
+        import fakeredis
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise ConfigurationError("memory:// needs fakeredis[lua]: pip install 'fakeredis[lua]'") from exc
+    name = urlsplit(url).netloc or "default"
+    with _memory_lock:
+        if name not in _memory_servers:
+            _memory_servers[name] = fakeredis.FakeServer()
+        return _memory_servers[name]
+
+
+def _check_url(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix", "memory"):
+        raise ConfigurationError(
+            f"redis must be a redis://, rediss://, unix:// or memory:// URL, not {url!r}"
+        )
+    return scheme
+
+
+def sync_client(target: RedisLike) -> tuple[redis.Redis, bool]:
+    """A sync client for ``target`` and whether the limiter owns (and so closes) it."""
+    if isinstance(target, str):
+        if _check_url(target) == "memory":
+            import fakeredis
+
+            return fakeredis.FakeRedis(server=_memory_server(target)), True
+        return redis.Redis.from_url(target), True
+    if isinstance(target, redis.asyncio.Redis):
+        raise ConfigurationError("Limiter needs a sync redis.Redis; use AsyncLimiter for asyncio")
+    if isinstance(target, redis.Redis):
+        return target, False
+    raise ConfigurationError(f"redis must be a URL or a redis.Redis client, not {target!r}")
+
+
+def async_client(target: RedisLike) -> tuple[redis.asyncio.Redis, bool]:
+    """An asyncio client for ``target`` and whether the limiter owns (and so closes) it."""
+    if isinstance(target, str):
+        if _check_url(target) == "memory":
+            import fakeredis
+
+            return fakeredis.FakeAsyncRedis(server=_memory_server(target)), True
+        return redis.asyncio.Redis.from_url(target), True
+    if isinstance(target, redis.asyncio.Redis):
+        return target, False
+    if isinstance(target, redis.Redis):
+        raise ConfigurationError("AsyncLimiter needs redis.asyncio.Redis; use Limiter for sync code")
+    raise ConfigurationError(f"redis must be a URL or a redis.asyncio.Redis client, not {target!r}")

@@ -1,0 +1,118 @@
+"""What a shared budget is: its limits, burst and lease TTL, validated on construction."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from ._exceptions import ConfigurationError
+
+__all__ = ["Budget", "CooldownPolicy"]
+
+_NAME = re.compile(r"[A-Za-z0-9._:/@+=-]{1,200}")
+
+#: Providers' buckets hold one minute of their rate: no single request may cost more.
+PROVIDER_WINDOW = 60.0
+
+
+def _positive(budget: str | None, field_name: str, value: float | None, *, zero_ok: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{field_name} must be a number, not {value!r}", budget=budget)
+    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not zero_ok):
+        bound = "zero or more" if zero_ok else "more than zero"
+        raise ConfigurationError(
+            f"{field_name} must be finite and {bound}, not {value!r}", budget=budget
+        )
+
+
+def _per_second(budget: str, per_minute: float | None, per_second: float | None, what: str) -> float | None:
+    if per_minute is not None and per_second is not None:
+        raise ConfigurationError(f"give {what} per minute or per second, not both", budget=budget)
+    if per_minute is not None:
+        return per_minute / 60.0
+    return per_second
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One provider limit shared by every process that uses the same ``name``.
+
+    ``burst`` is seconds of credit per dimension: 0 paces evenly (one request every 1/rate),
+    60 lets a per-minute budget spend a whole minute at once, as OpenAI's own buckets do.
+    A lease not settled or heartbeaten within ``lease_ttl`` seconds is presumed dead and freed.
+    """
+
+    name: str
+    rpm: float | None = field(default=None, kw_only=True)
+    rps: float | None = field(default=None, kw_only=True)
+    tpm: float | None = field(default=None, kw_only=True)
+    tps: float | None = field(default=None, kw_only=True)
+    max_concurrency: int | None = field(default=None, kw_only=True)
+    burst: float = field(default=0.0, kw_only=True)
+    lease_ttl: float = field(default=30.0, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise ConfigurationError(
+                f"budget name must be 1-200 characters of letters, digits and ._:/@+=-, "
+                f"not {self.name!r}"
+            )
+        for key in ("rpm", "rps", "tpm", "tps"):
+            _positive(self.name, key, getattr(self, key))
+        _positive(self.name, "burst", self.burst, zero_ok=True)
+        _positive(self.name, "lease_ttl", self.lease_ttl)
+        mc = self.max_concurrency
+        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+            raise ConfigurationError(
+                f"max_concurrency must be a whole number of at least 1, not {mc!r}", budget=self.name
+            )
+        _per_second(self.name, self.rpm, self.rps, "requests")
+        _per_second(self.name, self.tpm, self.tps, "tokens")
+
+    @property
+    def request_rate(self) -> float | None:
+        """Requests per second, or None when requests are not limited."""
+        return _per_second(self.name, self.rpm, self.rps, "requests")
+
+    @property
+    def token_rate(self) -> float | None:
+        """Tokens per second, or None when tokens are not limited."""
+        return _per_second(self.name, self.tpm, self.tps, "tokens")
+
+    @property
+    def max_tokens_per_request(self) -> float:
+        """The largest token cost that can ever be granted (infinite when tokens are unlimited)."""
+        rate = self.token_rate
+        return math.inf if rate is None else rate * max(self.burst, PROVIDER_WINDOW)
+
+    @property
+    def max_requests_per_acquire(self) -> float:
+        """The largest request count one acquire may charge."""
+        rate = self.request_rate
+        return math.inf if rate is None else max(1.0, rate * max(self.burst, PROVIDER_WINDOW))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CooldownPolicy:
+    """How the fleet pauses after a 429.
+
+    A first 429 pauses exactly the provider's retry-after (or ``base`` seconds without one);
+    a 429 within ``quiet`` seconds after a pause ends doubles the pause, up to ``max_backoff``
+    (a provider's retry-after is always honoured in full). ``jitter`` lengthens, never shortens.
+    """
+
+    base: float = 1.0
+    max_backoff: float = 60.0
+    quiet: float = 10.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("base", "max_backoff"):
+            _positive(None, key, getattr(self, key))
+        for key in ("quiet", "jitter"):
+            _positive(None, key, getattr(self, key), zero_ok=True)
+        if self.max_backoff < self.base:
+            raise ConfigurationError("max_backoff must be at least base")

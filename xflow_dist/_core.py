@@ -1,0 +1,214 @@
+"""The I/O-free core shared by both fronts: key names, script arguments, replies, validation."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from ._budget import Budget, CooldownPolicy
+from ._exceptions import BackendError, CostTooLargeError, InvalidCostError
+
+#: Seconds the keys of a budget outlive the last thing they still have to remember.
+IDLE_GRACE = 10.0
+
+
+def keys(budget: Budget) -> list[str]:
+    """The five keys of a budget, in the order every script expects (see ``lua/_prelude.lua``)."""
+    tag = f"{{xflow:{budget.name}}}"
+    return [f"{tag}:state", f"{tag}:leases", f"{tag}:lease_data", f"{tag}:queue", f"{tag}:tickets"]
+
+
+def channel(budget: Budget) -> str:
+    """The pub/sub channel on which grants to queued tickets and cooldowns are announced."""
+    return f"{{xflow:{budget.name}}}:events"
+
+
+def budget_args(budget: Budget) -> list[str]:
+    """ARGV[1..8], the budget block every script starts with."""
+    return [
+        _num(budget.request_rate or 0.0),
+        _num(budget.burst),
+        _num(budget.token_rate or 0.0),
+        _num(budget.burst),
+        str(budget.max_concurrency or 0),
+        _num(budget.lease_ttl),
+        _num(IDLE_GRACE),
+        channel(budget),
+    ]
+
+
+def _num(x: float) -> str:
+    return repr(float(x))
+
+
+def validate_cost(budget: Budget, requests: float, tokens: float) -> tuple[float, float]:
+    """Refuse a cost that is not a finite non-negative number or that can never fit."""
+    for what, value in (("requests", requests), ("tokens", tokens)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidCostError(f"{what} must be a number, not {value!r}", budget=budget.name)
+        if math.isnan(value) or math.isinf(value) or value < 0:
+            raise InvalidCostError(
+                f"{what} must be finite and zero or more, not {value!r}", budget=budget.name
+            )
+    if tokens > budget.max_tokens_per_request:
+        raise CostTooLargeError(
+            f"{tokens:g} tokens can never fit budget {budget.name!r}: it grants at most "
+            f"{budget.max_tokens_per_request:g} tokens to one request",
+            budget=budget.name,
+        )
+    if requests > budget.max_requests_per_acquire:
+        raise CostTooLargeError(
+            f"{requests:g} requests can never fit budget {budget.name!r}: it grants at most "
+            f"{budget.max_requests_per_acquire:g} at once",
+            budget=budget.name,
+        )
+    return float(requests), float(tokens)
+
+
+def acquire_args(
+    lease_id: str, requests: float, tokens: float, max_wait: float | None, may_queue: bool, ticket_ttl: float
+) -> list[str]:
+    """ARGV[9..14] of ``acquire.lua``."""
+    return [
+        lease_id,
+        _num(requests),
+        _num(tokens),
+        "-1" if max_wait is None else _num(max(0.0, max_wait)),
+        "1" if may_queue else "0",
+        _num(ticket_ttl),
+    ]
+
+
+def settle_args(lease_id: str, actual_tokens: float | None) -> list[str]:
+    """ARGV[9..10] of ``settle.lua``."""
+    return [lease_id, "-1" if actual_tokens is None else _num(actual_tokens)]
+
+
+def cooldown_args(
+    policy: CooldownPolicy, retry_after: float | None, draw: float | None = None
+) -> list[str]:
+    """ARGV[9..14] of ``cooldown.lua``; the jitter draw is made here so scripts stay deterministic."""
+    return [
+        "-1" if retry_after is None else _num(retry_after),
+        _num(policy.base),
+        _num(policy.max_backoff),
+        _num(policy.quiet),
+        _num(policy.jitter),
+        _num(random.random() if draw is None else draw),
+    ]
+
+
+def validate_retry_after(budget: Budget, retry_after: float | None) -> float | None:
+    if retry_after is None:
+        return None
+    if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
+        raise InvalidCostError(f"retry_after must be a number, not {retry_after!r}", budget=budget.name)
+    if math.isnan(retry_after) or math.isinf(retry_after) or retry_after < 0:
+        raise InvalidCostError(
+            f"retry_after must be finite and zero or more, not {retry_after!r}", budget=budget.name
+        )
+    return float(retry_after)
+
+
+def _strings(raw: Any, size: int, op: str) -> list[str]:
+    if not isinstance(raw, list | tuple) or len(raw) < size:
+        raise BackendError(f"unexpected reply from {op}: {raw!r}")
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireReply:
+    """What ``acquire.lua`` decided. Times are seconds; ``delay`` is how long until the start."""
+
+    kind: str  # "granted" | "queued" | "refused"
+    now: float
+    delay: float = 0.0
+    expiry: float = 0.0
+    poll: float = 0.0
+    retry_after: float | None = None
+
+
+def decode_acquire(raw: Any) -> AcquireReply:
+    kind, *rest = _strings(raw, 3, "acquire")
+    if kind == "granted":
+        start, now, expiry = map(float, rest[:3])
+        return AcquireReply(kind, now, delay=max(0.0, start - now), expiry=expiry)
+    if kind == "queued":
+        return AcquireReply(kind, float(rest[1]), poll=float(rest[0]))
+    if kind == "refused":
+        wait = float(rest[0])
+        return AcquireReply(kind, float(rest[1]), retry_after=None if wait < 0 else wait)
+    raise BackendError(f"unexpected reply from acquire: {raw!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SettleReply:
+    settled: bool
+    refunded: float
+    now: float
+
+
+def decode_settle(raw: Any) -> SettleReply:
+    kind, refunded, now = _strings(raw, 3, "settle")[:3]
+    return SettleReply(kind == "settled", float(refunded), float(now))
+
+
+def decode_cancel(raw: Any) -> str:
+    return _strings(raw, 2, "cancel")[0]
+
+
+def decode_extend(raw: Any) -> float | None:
+    """The new expiry (Redis time), or None when the lease is lost."""
+    kind, expiry, _ = _strings(raw, 3, "extend")[:3]
+    return float(expiry) if kind == "extended" else None
+
+
+@dataclass(frozen=True, slots=True)
+class CooldownReply:
+    """A fleet-wide pause: ``until`` is Redis time, ``remaining`` seconds from now."""
+
+    until: float
+    now: float
+    level: int
+    shift: float
+    key: str = ""  # the key the channel's notice of this pause carries (see ``_events.parse``)
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.until - self.now)
+
+
+
+def decode_cooldown(raw: Any) -> CooldownReply:
+    _, until, now, level, shift = _strings(raw, 5, "cooldown")[:5]
+    return CooldownReply(float(until), float(now), int(level), float(shift), f"{now} {until}")
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A snapshot of one budget. Levels below zero are credit already promised to reservations."""
+
+    budget: str
+    now: float
+    requests_available: float | None
+    tokens_available: float | None
+    in_flight: int
+    queued: int
+    cooldown_remaining: float
+    backoff_level: int
+
+
+def decode_status(budget: Budget, raw: Any) -> Status:
+    now, req, tok, in_flight, queued, cooldown, level = _strings(raw, 7, "status")[:7]
+    return Status(
+        budget=budget.name,
+        now=float(now),
+        requests_available=None if budget.request_rate is None else float(req),
+        tokens_available=None if budget.token_rate is None else float(tok),
+        in_flight=int(in_flight),
+        queued=int(queued),
+        cooldown_remaining=float(cooldown),
+        backoff_level=int(level),
+    )
