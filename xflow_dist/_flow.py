@@ -62,12 +62,13 @@ def acquire_flow(
             raise AcquireTimeout(
                 f"no slot of budget {budget.name!r} within {timeout:g}s", budget=budget.name
             )
-        sent = time.monotonic()
         reply = decode_acquire((yield RunScript(
             "acquire", acquire_args(lease_id, requests, tokens, remaining, True, ticket_ttl)
         )))
+        # Counted from the reply's arrival, so a caller never starts before its Redis start time.
+        received = time.monotonic()
         if reply.kind == "granted":
-            return Reservation(lease_id, sent + reply.delay, sent, deadline)
+            return Reservation(lease_id, received + reply.delay, received, deadline)
         if reply.kind == "refused":
             wait = reply.retry_after if reply.retry_after is not None else float("nan")
             raise AcquireTimeout(
