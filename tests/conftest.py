@@ -68,4 +68,3 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 def url(request: pytest.FixtureRequest, redis_url: str) -> str:
     """Both backends: the spawned Redis and the embedded ``memory://``."""
     return redis_url if request.param == "redis" else f"memory://{uuid.uuid4().hex[:8]}"
-

@@ -16,8 +16,17 @@ import redis.asyncio
 from ._backend import RedisLike, async_client
 from ._base import Decision, LimiterBase
 from ._budget import Budget, CooldownPolicy
-from ._core import CooldownReply, SettleReply, Status, channel, decode_acquire, decode_cooldown
-from ._core import decode_extend, decode_settle, decode_status
+from ._core import (
+    CooldownReply,
+    SettleReply,
+    Status,
+    channel,
+    decode_acquire,
+    decode_cooldown,
+    decode_extend,
+    decode_settle,
+    decode_status,
+)
 from ._events import CooldownNotice, GrantNotice, PauseClock, parse
 from ._exceptions import AcquireTimeout, BackendError
 from ._flow import Reservation, RunScript, acquire_flow

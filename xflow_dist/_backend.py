@@ -36,9 +36,7 @@ def _memory_server(url: str) -> Any:
 def _check_url(url: str) -> str:
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix", "memory"):
-        raise ConfigurationError(
-            f"redis must be a redis://, rediss://, unix:// or memory:// URL, not {url!r}"
-        )
+        raise ConfigurationError(f"redis must be a redis://, rediss://, unix:// or memory:// URL, not {url!r}")
     return scheme
 
 

@@ -85,14 +85,17 @@ class LimiterBase:
         return acquire_args(lease_id, requests, tokens, 0.0, False, self.ticket_ttl)
 
     def _settle_args(self, lease_id: str, actual_tokens: float | None) -> list[str]:
-        if actual_tokens is not None:
-            if isinstance(actual_tokens, bool) or not isinstance(actual_tokens, int | float) or (
-                math.isnan(actual_tokens) or math.isinf(actual_tokens) or actual_tokens < 0
-            ):
-                raise InvalidCostError(
-                    f"actual_tokens must be finite and zero or more, not {actual_tokens!r}",
-                    budget=self.budget.name,
-                )
+        if actual_tokens is not None and (
+            isinstance(actual_tokens, bool)
+            or not isinstance(actual_tokens, int | float)
+            or math.isnan(actual_tokens)
+            or math.isinf(actual_tokens)
+            or actual_tokens < 0
+        ):
+            raise InvalidCostError(
+                f"actual_tokens must be finite and zero or more, not {actual_tokens!r}",
+                budget=self.budget.name,
+            )
         return settle_args(lease_id, actual_tokens)
 
     def _cooldown_args(self, retry_after: float | None) -> list[str]:

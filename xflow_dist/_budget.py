@@ -23,9 +23,7 @@ def _positive(budget: str | None, field_name: str, value: float | None, *, zero_
         raise ConfigurationError(f"{field_name} must be a number, not {value!r}", budget=budget)
     if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not zero_ok):
         bound = "zero or more" if zero_ok else "more than zero"
-        raise ConfigurationError(
-            f"{field_name} must be finite and {bound}, not {value!r}", budget=budget
-        )
+        raise ConfigurationError(f"{field_name} must be finite and {bound}, not {value!r}", budget=budget)
 
 
 def _per_second(budget: str, per_minute: float | None, per_second: float | None, what: str) -> float | None:
@@ -57,8 +55,7 @@ class Budget:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise ConfigurationError(
-                f"budget name must be 1-200 characters of letters, digits and ._:/@+=-, "
-                f"not {self.name!r}"
+                f"budget name must be 1-200 characters of letters, digits and ._:/@+=-, not {self.name!r}"
             )
         for key in ("rpm", "rps", "tpm", "tps"):
             _positive(self.name, key, getattr(self, key))

@@ -49,9 +49,7 @@ def validate_cost(budget: Budget, requests: float, tokens: float) -> tuple[float
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidCostError(f"{what} must be a number, not {value!r}", budget=budget.name)
         if math.isnan(value) or math.isinf(value) or value < 0:
-            raise InvalidCostError(
-                f"{what} must be finite and zero or more, not {value!r}", budget=budget.name
-            )
+            raise InvalidCostError(f"{what} must be finite and zero or more, not {value!r}", budget=budget.name)
     if tokens > budget.max_tokens_per_request:
         raise CostTooLargeError(
             f"{tokens:g} tokens can never fit budget {budget.name!r}: it grants at most "
@@ -86,9 +84,7 @@ def settle_args(lease_id: str, actual_tokens: float | None) -> list[str]:
     return [lease_id, "-1" if actual_tokens is None else _num(actual_tokens)]
 
 
-def cooldown_args(
-    policy: CooldownPolicy, retry_after: float | None, draw: float | None = None
-) -> list[str]:
+def cooldown_args(policy: CooldownPolicy, retry_after: float | None, draw: float | None = None) -> list[str]:
     """ARGV[9..14] of ``cooldown.lua``; the jitter draw is made here so scripts stay deterministic."""
     return [
         "-1" if retry_after is None else _num(retry_after),
@@ -106,9 +102,7 @@ def validate_retry_after(budget: Budget, retry_after: float | None) -> float | N
     if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
         raise InvalidCostError(f"retry_after must be a number, not {retry_after!r}", budget=budget.name)
     if math.isnan(retry_after) or math.isinf(retry_after) or retry_after < 0:
-        raise InvalidCostError(
-            f"retry_after must be finite and zero or more, not {retry_after!r}", budget=budget.name
-        )
+        raise InvalidCostError(f"retry_after must be finite and zero or more, not {retry_after!r}", budget=budget.name)
     return float(retry_after)
 
 
@@ -178,7 +172,6 @@ class CooldownReply:
     @property
     def remaining(self) -> float:
         return max(0.0, self.until - self.now)
-
 
 
 def decode_cooldown(raw: Any) -> CooldownReply:

@@ -76,4 +76,4 @@ class PauseClock:
     def pause_left(self, now: float | None = None) -> float:
         """Seconds until the latest known pause ends (0 when none is active)."""
         t = time.monotonic() if now is None else now
-        return max((until - t for _, until, _ in self._pauses), default=0.0)
+        return max(0.0, max((until - t for _, until, _ in self._pauses), default=0.0))

@@ -45,9 +45,7 @@ class CostTooLargeError(InvalidCostError):
 class AcquireTimeout(XflowError, TimeoutError):
     """The deadline passed (or would pass) before the budget could grant the request."""
 
-    def __init__(
-        self, message: str, *, budget: str | None = None, retry_after: float | None = None
-    ) -> None:
+    def __init__(self, message: str, *, budget: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, budget=budget)
         self.retry_after = retry_after
 

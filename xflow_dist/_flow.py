@@ -59,12 +59,10 @@ def acquire_flow(
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             yield RunScript("cancel", [lease_id])
-            raise AcquireTimeout(
-                f"no slot of budget {budget.name!r} within {timeout:g}s", budget=budget.name
-            )
-        reply = decode_acquire((yield RunScript(
-            "acquire", acquire_args(lease_id, requests, tokens, remaining, True, ticket_ttl)
-        )))
+            raise AcquireTimeout(f"no slot of budget {budget.name!r} within {timeout:g}s", budget=budget.name)
+        reply = decode_acquire(
+            (yield RunScript("acquire", acquire_args(lease_id, requests, tokens, remaining, True, ticket_ttl)))
+        )
         # Counted from the reply's arrival, so a caller never starts before its Redis start time.
         received = time.monotonic()
         if reply.kind == "granted":
@@ -72,8 +70,7 @@ def acquire_flow(
         if reply.kind == "refused":
             wait = reply.retry_after if reply.retry_after is not None else float("nan")
             raise AcquireTimeout(
-                f"budget {budget.name!r} can start this request in {wait:.3f}s, "
-                f"after the {timeout:g}s timeout",
+                f"budget {budget.name!r} can start this request in {wait:.3f}s, after the {timeout:g}s timeout",
                 budget=budget.name,
                 retry_after=reply.retry_after,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -13,8 +14,17 @@ import redis
 from ._backend import RedisLike, sync_client
 from ._base import Decision, LimiterBase
 from ._budget import Budget, CooldownPolicy
-from ._core import CooldownReply, SettleReply, Status, channel, decode_acquire, decode_cooldown
-from ._core import decode_extend, decode_settle, decode_status
+from ._core import (
+    CooldownReply,
+    SettleReply,
+    Status,
+    channel,
+    decode_acquire,
+    decode_cooldown,
+    decode_extend,
+    decode_settle,
+    decode_status,
+)
 from ._events import CooldownNotice, GrantNotice, PauseClock, parse
 from ._exceptions import AcquireTimeout, BackendError
 from ._flow import AwaitGrant, Reservation, RunScript, acquire_flow
@@ -39,16 +49,14 @@ class _Events:
         self.clock = PauseClock()
         self._cond = threading.Condition()
         self._slots: dict[str, _Slot] = {}
-        self._pubsub = client.pubsub()
+        self._pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         self._pubsub.subscribe(**{name: self._on_message})
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
             msg = self._pubsub.get_message(timeout=1.0)
             if msg is not None and msg.get("type") == "subscribe":
                 break
-        self._thread = self._pubsub.run_in_thread(
-            sleep_time=1.0, daemon=True, exception_handler=self._on_error
-        )
+        self._thread = self._pubsub.run_in_thread(sleep_time=1.0, daemon=True, exception_handler=self._on_error)
 
     @staticmethod
     def _on_error(exc: BaseException, pubsub: Any, thread: Any) -> None:
@@ -91,6 +99,8 @@ class _Events:
 
     def close(self) -> None:
         self._thread.stop()
+        with contextlib.suppress(redis.RedisError):
+            self._pubsub.unsubscribe()  # its reply wakes the thread's blocking read at once
         self._thread.join(timeout=5.0)
         self._pubsub.close()
 

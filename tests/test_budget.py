@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from xflow_dist import Budget, ConfigurationError, CooldownPolicy, CostTooLargeError, InvalidCostError
+from xflow_dist._core import validate_cost
+
+
+def test_per_minute_limits_become_per_second_rates() -> None:
+    b = Budget("openai:team-a", rpm=600, tpm=120_000, max_concurrency=4)
+    assert b.request_rate == pytest.approx(10.0)
+    assert b.token_rate == pytest.approx(2_000.0)
+    assert b.burst == 0.0
+
+
+def test_unlimited_dimensions_are_none() -> None:
+    b = Budget("x", max_concurrency=2)
+    assert b.request_rate is None
+    assert b.token_rate is None
+    assert b.max_tokens_per_request == math.inf
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "{tag}", "x" * 201, "tab\t", "é", None, 3])
+def test_bad_names_are_refused(bad: object) -> None:
+    with pytest.raises(ConfigurationError, match="budget name"):
+        Budget(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rpm": 0},
+        {"rpm": -1},
+        {"tps": math.nan},
+        {"tpm": math.inf},
+        {"rpm": "10"},
+        {"rpm": True},
+        {"burst": -1},
+        {"burst": math.nan},
+        {"lease_ttl": 0},
+        {"max_concurrency": 0},
+        {"max_concurrency": 2.5},
+        {"rpm": 10, "rps": 1},
+        {"tpm": 10, "tps": 1},
+    ],
+)
+def test_bad_limits_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        Budget("x", **kwargs)  # type: ignore[arg-type]
+
+
+def test_errors_name_the_budget() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Budget("team-b", rpm=-5)
+    assert info.value.budget == "team-b"
+    assert isinstance(info.value, ValueError)
+
+
+def test_largest_cost_is_a_minute_or_the_burst_whichever_is_more() -> None:
+    assert Budget("x", tps=100).max_tokens_per_request == pytest.approx(6_000)
+    assert Budget("x", tps=100, burst=120).max_tokens_per_request == pytest.approx(12_000)
+
+
+@pytest.mark.parametrize("tokens", [-1, math.nan, math.inf, -math.inf, "5", None, True])
+def test_bad_costs_are_refused(tokens: object) -> None:
+    with pytest.raises(InvalidCostError):
+        validate_cost(Budget("x", tps=10), 1, tokens)  # type: ignore[arg-type]
+
+
+def test_cost_that_can_never_fit_is_refused() -> None:
+    b = Budget("x", tpm=1_000)
+    assert validate_cost(b, 1, 1_000) == (1.0, 1_000.0)
+    with pytest.raises(CostTooLargeError, match="never fit"):
+        validate_cost(b, 1, 1_001)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"base": 0}, {"base": -1}, {"max_backoff": math.inf}, {"jitter": -0.1}, {"base": 5, "max_backoff": 1}],
+)
+def test_bad_cooldown_policy_is_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigurationError):
+        CooldownPolicy(**kwargs)

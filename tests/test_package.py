@@ -1,0 +1,61 @@
+"""The package as users get it: its public surface and the wheel's contents."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import xflow_dist
+from xflow_dist._scripts import OPS, lua_dir, source
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert xflow_dist.__all__ == sorted(xflow_dist.__all__)
+    public = {
+        name
+        for name, obj in vars(xflow_dist).items()
+        if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
+    }
+    assert public <= set(xflow_dist.__all__)
+    for name in xflow_dist.__all__:
+        assert hasattr(xflow_dist, name)
+
+
+def test_every_exception_derives_from_xflow_error() -> None:
+    for name in xflow_dist.__all__:
+        obj = getattr(xflow_dist, name)
+        if inspect.isclass(obj) and issubclass(obj, BaseException):
+            assert issubclass(obj, xflow_dist.XflowError)
+
+
+def test_every_script_documents_its_keys_argv_and_reply() -> None:
+    for op in OPS:
+        text = (lua_dir() / f"{op}.lua").read_text()
+        assert text.startswith(f"-- {op}.lua:"), op
+        assert "KEYS" in text and "Reply" in text, op
+        assert "TIME" not in text.replace("Redis time", ""), f"{op} must read time through the prelude"
+    prelude = (lua_dir() / "_prelude.lua").read_text()
+    assert "redis.call('TIME')" in prelude
+    assert source("acquire").startswith(prelude)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_wheel_ships_the_lua_scripts_and_py_typed(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("xflow_dist-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "xflow_dist/py.typed" in names
+    for op in (*OPS, "_prelude"):
+        assert f"xflow_dist/lua/{op}.lua" in names

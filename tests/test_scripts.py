@@ -1,0 +1,280 @@
+"""Behaviour of every Lua operation, on the spawned redis-server and on ``memory://``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from xflow_dist import Budget, CooldownPolicy
+from xflow_dist._backend import sync_client
+from xflow_dist._core import (
+    acquire_args,
+    budget_args,
+    cooldown_args,
+    decode_acquire,
+    decode_cooldown,
+    decode_extend,
+    decode_settle,
+    decode_status,
+    keys,
+    settle_args,
+)
+from xflow_dist._scripts import register
+
+
+class Ops:
+    """Direct calls of the scripts for one budget."""
+
+    def __init__(self, client: redis.Redis, budget: Budget) -> None:
+        self.client = client
+        self.budget = budget
+        self.scripts = register(client)
+
+    def run(self, op: str, argv: list[str]) -> Any:
+        return self.scripts[op](keys=keys(self.budget), args=budget_args(self.budget) + argv)
+
+    def acquire(
+        self,
+        tokens: float = 0,
+        requests: float = 1,
+        *,
+        max_wait: float | None = None,
+        queue: bool = True,
+        lease_id: str | None = None,
+        ticket_ttl: float = 30.0,
+    ):
+        lid = lease_id or uuid.uuid4().hex
+        reply = decode_acquire(self.run("acquire", acquire_args(lid, requests, tokens, max_wait, queue, ticket_ttl)))
+        return lid, reply
+
+    def settle(self, lid: str, actual: float | None = None):
+        return decode_settle(self.run("settle", settle_args(lid, actual)))
+
+    def cancel(self, lid: str) -> str:
+        return self.run("cancel", [lid])[0].decode()
+
+    def extend(self, lid: str) -> float | None:
+        return decode_extend(self.run("extend", [lid]))
+
+    def cooldown(self, retry_after: float | None, draw: float = 0.0, policy: CooldownPolicy | None = None):
+        return decode_cooldown(self.run("cooldown", cooldown_args(policy or CooldownPolicy(), retry_after, draw)))
+
+    def status(self):
+        return decode_status(self.budget, self.run("status", []))
+
+    def redis_now(self) -> float:
+        sec, usec = self.client.time()
+        return sec + usec / 1e6
+
+    def wait_redis_until(self, t: float) -> None:
+        """Let Redis time pass ``t``, checking the server's own clock (bounded)."""
+        import time
+
+        for _ in range(2_000):
+            if self.redis_now() > t:
+                return
+            time.sleep(0.005)
+        raise AssertionError("Redis time did not advance")
+
+
+@pytest.fixture
+def rclient(url: str) -> Iterator[redis.Redis]:
+    client, _ = sync_client(url)
+    yield client
+    client.close()
+
+
+def ops(rclient: redis.Redis, name: str, **limits: Any) -> Ops:
+    return Ops(rclient, Budget(name, **limits))
+
+
+def test_grant_within_burst_starts_now(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=10, tps=1_000, burst=1)
+    for _ in range(10):
+        _, r = o.acquire(tokens=10)
+        assert r.kind == "granted"
+        assert r.delay == 0.0
+
+
+def test_even_pacing_at_burst_zero_hands_out_future_starts(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=10)
+    delays = [o.acquire()[1].delay for _ in range(5)]
+    # one request every 1/rate: the first now, each next 0.1 s after the one before
+    for i, d in enumerate(delays):
+        assert d == pytest.approx(0.1 * i, abs=0.02)
+
+
+def test_refusal_is_exact_and_charges_nothing(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=100, tps=100, burst=1)
+    assert o.acquire(tokens=100)[1].kind == "granted"
+    before = o.status()
+    _, r = o.acquire(tokens=50, max_wait=0, queue=False)
+    assert r.kind == "refused"
+    assert r.retry_after == pytest.approx(0.5, abs=0.02)
+    after = o.status()
+    # all or nothing: the request dimension, which had room, was not charged either (it only refilled)
+    assert after.requests_available >= before.requests_available - 0.001
+    assert after.in_flight == before.in_flight
+
+
+def test_joint_start_waits_for_the_slowest_dimension(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=1_000, tps=100, burst=1)
+    o.acquire(tokens=100)
+    _, r = o.acquire(tokens=100)
+    assert r.kind == "granted"
+    assert r.delay == pytest.approx(1.0, abs=0.02)
+
+
+def test_large_request_keeps_its_place_before_later_small_ones(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, tps=100, burst=1)
+    o.acquire(tokens=100)
+    _, big = o.acquire(tokens=100)
+    _, small = o.acquire(tokens=1)
+    assert big.delay == pytest.approx(1.0, abs=0.02)
+    assert small.delay >= big.delay
+
+
+def test_settle_refunds_never_above_capacity_and_charges_debt(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, tps=100, burst=1)
+    a, _ = o.acquire(tokens=50)
+    refund = o.settle(a, actual=0)
+    assert refund.settled and refund.refunded == pytest.approx(50)
+    assert o.status().tokens_available == pytest.approx(100, abs=1)  # full again, not 150
+    b, _ = o.acquire(tokens=10)
+    debt = o.settle(b, actual=110)
+    assert debt.refunded == pytest.approx(-100)
+    assert o.status().tokens_available == pytest.approx(-10, abs=2)
+    assert not o.settle(b, actual=0).settled  # idempotent: a second settle changes nothing
+    assert o.status().tokens_available == pytest.approx(-10, abs=3)
+
+
+def test_cancel_gives_everything_back(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=10, tps=100, burst=1, max_concurrency=1)
+    a, _ = o.acquire(tokens=80)
+    assert o.status().in_flight == 1
+    assert o.cancel(a) == "cancelled"
+    s = o.status()
+    assert s.in_flight == 0
+    assert s.tokens_available == pytest.approx(100, abs=1)
+    assert s.requests_available == pytest.approx(10, abs=0.1)
+    assert o.cancel(a) == "unknown"
+
+
+def test_queue_is_fifo_and_release_hands_the_slot_over(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, max_concurrency=1)
+    pubsub = rclient.pubsub()
+    pubsub.subscribe(f"{{xflow:{name}}}:events")
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    holder, r = o.acquire()
+    assert r.kind == "granted"
+    first, q1 = o.acquire()
+    second, q2 = o.acquire()
+    assert (q1.kind, q2.kind) == ("queued", "queued")
+    assert o.status().queued == 2
+    o.settle(holder)
+    msg = pubsub.get_message(timeout=2)
+    assert msg["data"].decode().split()[:2] == ["g", first]
+    # a re-poll of the woken ticket finds its grant; the second keeps waiting
+    assert o.acquire(lease_id=first)[1].kind == "granted"
+    assert o.acquire(lease_id=second)[1].kind == "queued"
+    assert o.cancel(second) == "dequeued"
+    assert o.status().queued == 0
+    pubsub.close()
+
+
+def test_try_mode_refuses_instead_of_queueing(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, max_concurrency=1)
+    o.acquire()
+    _, r = o.acquire(queue=False)
+    assert r.kind == "refused"
+    assert r.retry_after is None
+    assert o.status().queued == 0
+
+
+def test_expired_lease_frees_its_slot_and_is_lost(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, max_concurrency=1, lease_ttl=0.3)
+    a, r = o.acquire()
+    assert o.extend(a) is not None
+    o.wait_redis_until(r.now + 1.0)
+    assert o.extend(a) is None
+    assert o.acquire()[1].kind == "granted"
+
+
+def test_abandoned_ticket_is_dropped(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, max_concurrency=1)
+    holder, _ = o.acquire()
+    _ghost, q = o.acquire(ticket_ttl=0.2)
+    live, _ = o.acquire()
+    o.wait_redis_until(q.now + 0.5)
+    o.settle(holder)
+    # the ghost's ticket lapsed: the slot went to the live ticket behind it
+    assert o.acquire(lease_id=live)[1].kind == "granted"
+
+
+def test_cooldown_honours_retry_after_then_backs_off(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=100, burst=1)
+    policy = CooldownPolicy(base=0.2, max_backoff=1.0, quiet=5.0, jitter=0.5)
+    first = o.cooldown(0.3, draw=0.0, policy=policy)
+    assert first.level == 0
+    assert first.remaining == pytest.approx(0.3, abs=0.01)
+    _, r = o.acquire()
+    assert r.delay >= first.until - r.now - 0.001
+    o.wait_redis_until(first.until)
+    again = o.cooldown(None, draw=0.0, policy=policy)  # a repeat within the quiet period
+    assert again.level == 1
+    assert again.remaining == pytest.approx(0.4, abs=0.01)
+    o.wait_redis_until(again.until)
+    capped = o.cooldown(None, draw=0.0, policy=policy)
+    assert capped.level == 2
+    assert capped.remaining == pytest.approx(0.8, abs=0.01)
+    o.wait_redis_until(capped.until)
+    assert o.cooldown(None, draw=0.0, policy=policy).remaining == pytest.approx(1.0, abs=0.01)
+
+
+def test_cooldown_jitter_only_lengthens_and_never_shortens(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=100)
+    policy = CooldownPolicy(jitter=0.5)
+    long = o.cooldown(2.0, draw=0.99, policy=policy)
+    assert 2.0 <= long.remaining <= 3.0
+    short = o.cooldown(0.1, draw=0.0, policy=policy)
+    assert short.until == pytest.approx(long.until)
+    assert short.level == long.level  # the same episode: calls sent before the pause
+
+
+def test_cooldown_drains_credit_so_dispatch_resumes_paced(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=10, burst=10)  # a full bucket holds 100 requests
+    c = o.cooldown(0.5, draw=0.0)
+    starts = [r.now + r.delay for _, r in (o.acquire() for _ in range(8))]
+    # 0.5 s of refill (5 requests) are ready at the end of the pause; the rest come 0.1 s apart
+    assert all(s >= c.until - 0.001 for s in starts)
+    assert starts[-1] == pytest.approx(c.until + 0.3, abs=0.01)
+
+
+def test_status_writes_nothing(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=1, tps=10, max_concurrency=2)
+    s = o.status()
+    assert s.in_flight == 0 and s.queued == 0
+    assert list(rclient.scan_iter(match=f"{{xflow:{name}}}*")) == []
+
+
+def test_keys_share_one_hash_tag_and_expire_when_idle(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=10, tps=100, max_concurrency=1, lease_ttl=5)
+    o.acquire(tokens=10)
+    found = list(rclient.scan_iter(match=f"{{xflow:{name}}}*"))
+    assert found, "acquire wrote state"
+    for key in found:
+        assert key.startswith(f"{{xflow:{name}}}".encode())
+        ttl = rclient.pttl(key)
+        # the lease lives 5 s, then the 10 s idle grace
+        assert 0 < ttl <= 15_500
+
+
+def test_scripts_survive_script_flush(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=10)
+    assert o.acquire()[1].kind == "granted"
+    rclient.script_flush()
+    assert o.acquire()[1].kind == "granted"  # NOSCRIPT: redis-py loads it again
