@@ -59,3 +59,10 @@ def test_wheel_ships_the_lua_scripts_and_py_typed(tmp_path: Path) -> None:
     assert "xflow_dist/py.typed" in names
     for op in (*OPS, "_prelude"):
         assert f"xflow_dist/lua/{op}.lua" in names
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = "pip install -e '.[test]' && python -m pytest"
+    assert command in readme
+    assert command in (ROOT / ".ci" / "run").read_text()
