@@ -12,8 +12,9 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 
-from ._backend import RedisLike, async_client
+from ._backend import AsyncClient, RedisLike, async_client
 from ._base import Decision, LimiterBase
 from ._budget import Budget, CooldownPolicy
 from ._core import (
@@ -47,7 +48,9 @@ class _Events:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, client: redis.asyncio.Redis, name: str) -> _Events:
+    async def start(cls, client: AsyncClient, name: str) -> _Events:
+        if isinstance(client, redis.asyncio.cluster.RedisCluster):
+            await client.initialize()  # its pubsub needs the slot map, which loads lazily
         pubsub = client.pubsub()
         await pubsub.subscribe(name)
         deadline = time.monotonic() + 10.0

@@ -1,4 +1,4 @@
-"""Where a budget's Redis comes from: a URL, a redis-py client, or the embedded ``memory://``.
+"""Where a budget's Redis comes from: a URL, a redis-py client (or Cluster client), or ``memory://``.
 
 ``memory://NAME`` is an in-process Redis (fakeredis running the same Lua through lupa), shared by
 every limiter of this process that names it; it cannot coordinate several processes.
@@ -12,10 +12,14 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 
 from ._exceptions import ConfigurationError
 
-RedisLike = str | redis.Redis | redis.asyncio.Redis
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+RedisLike = str | SyncClient | AsyncClient
 
 _memory_servers: dict[str, Any] = {}
 _memory_lock = threading.Lock()
@@ -40,7 +44,7 @@ def _check_url(url: str) -> str:
     return scheme
 
 
-def sync_client(target: RedisLike) -> tuple[redis.Redis, bool]:
+def sync_client(target: RedisLike) -> tuple[SyncClient, bool]:
     """A sync client for ``target`` and whether the limiter owns (and so closes) it."""
     if isinstance(target, str):
         if _check_url(target) == "memory":
@@ -48,14 +52,14 @@ def sync_client(target: RedisLike) -> tuple[redis.Redis, bool]:
 
             return fakeredis.FakeRedis(server=_memory_server(target)), True
         return redis.Redis.from_url(target), True
-    if isinstance(target, redis.asyncio.Redis):
+    if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         raise ConfigurationError("Limiter needs a sync redis.Redis; use AsyncLimiter for asyncio")
-    if isinstance(target, redis.Redis):
+    if isinstance(target, redis.Redis | redis.cluster.RedisCluster):
         return target, False
     raise ConfigurationError(f"redis must be a URL or a redis.Redis client, not {target!r}")
 
 
-def async_client(target: RedisLike) -> tuple[redis.asyncio.Redis, bool]:
+def async_client(target: RedisLike) -> tuple[AsyncClient, bool]:
     """An asyncio client for ``target`` and whether the limiter owns (and so closes) it."""
     if isinstance(target, str):
         if _check_url(target) == "memory":
@@ -63,8 +67,8 @@ def async_client(target: RedisLike) -> tuple[redis.asyncio.Redis, bool]:
 
             return fakeredis.FakeAsyncRedis(server=_memory_server(target)), True
         return redis.asyncio.Redis.from_url(target), True
-    if isinstance(target, redis.asyncio.Redis):
+    if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         return target, False
-    if isinstance(target, redis.Redis):
+    if isinstance(target, redis.Redis | redis.cluster.RedisCluster):
         raise ConfigurationError("AsyncLimiter needs redis.asyncio.Redis; use Limiter for sync code")
     raise ConfigurationError(f"redis must be a URL or a redis.asyncio.Redis client, not {target!r}")

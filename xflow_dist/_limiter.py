@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from ._backend import RedisLike, sync_client
+from ._backend import RedisLike, SyncClient, sync_client
 from ._base import Decision, LimiterBase
 from ._budget import Budget, CooldownPolicy
 from ._core import (
@@ -45,7 +45,7 @@ class _Slot:
 class _Events:
     """One subscriber thread per limiter: wakes queued acquirers and tracks fleet pauses."""
 
-    def __init__(self, client: redis.Redis, name: str) -> None:
+    def __init__(self, client: SyncClient, name: str) -> None:
         self.clock = PauseClock()
         self._cond = threading.Condition()
         self._slots: dict[str, _Slot] = {}
