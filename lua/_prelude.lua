@@ -11,7 +11,7 @@
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start>": what the lease was charged
 --   KEYS[4] queue     ZSET  ticket id -> sequence number: FIFO of acquirers waiting for a slot
---   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until>"
+--   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until> <ttl> <fit announced>"
 --
 -- Every script starts with the same budget block:
 --   ARGV[1] request rate, requests per second (0: no request limit)
@@ -25,10 +25,15 @@
 -- Operation arguments follow from ARGV[9].
 --
 -- A bucket of rate r and burst b (capacity C = r * b) is kept as one number, its TAT: the level
--- at time t is C - r * max(0, TAT - t). A cost c starts once the bucket holds min(c, C) (all of it,
--- or a full bucket when c is more than the burst credit) and is charged at its start, so the
--- level may go below zero: that debt is what later arrivals wait out, first come first served.
-
+-- at time t is C - r * max(0, TAT - t). A cost c fits once the bucket holds min(c, C) (all of it,
+-- or a full bucket when c is more than the burst credit) and is charged when it is granted, so the
+-- level may go below zero: that debt is what later arrivals wait out.
+--
+-- Grants happen only now, never in the future, so credit given back (a refund, a cancel) is used
+-- at once. Whoever cannot be granted now joins one FIFO queue (rates and slots alike); only its head
+-- may be granted, so a large request is never overtaken by small ones. The head is told, on the
+-- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
+-- a refund or that return grants it ("g <id> <now>") together with every next head that fits too.
 local K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local RATE_REQ = tonumber(ARGV[1])
 local BURST_REQ = tonumber(ARGV[2])
@@ -67,8 +72,8 @@ local function save_state(st)
     'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq)
 end
 
--- Earliest time a cost fits one bucket (see the header): wait for min(cost, capacity).
-local function dim_start(tat, cost, rate, burst)
+-- Earliest time a cost fits one bucket (see the header): when it holds min(cost, capacity).
+local function dim_fit(tat, cost, rate, burst)
   if rate <= 0 or cost <= 0 then
     return NOW
   end
@@ -79,18 +84,23 @@ local function dim_start(tat, cost, rate, burst)
   return math.max(NOW, tat - slack)
 end
 
-local function joint_start(st, creq, ctok)
-  return math.max(NOW, st.cu, dim_start(st.rt, creq, RATE_REQ, BURST_REQ),
-    dim_start(st.tt, ctok, RATE_TOK, BURST_TOK))
+-- Earliest time a cost fits every dimension and the cooldown is over.
+local function fit_time(st, creq, ctok)
+  return math.max(NOW, st.cu, dim_fit(st.rt, creq, RATE_REQ, BURST_REQ),
+    dim_fit(st.tt, ctok, RATE_TOK, BURST_TOK))
 end
 
--- Charge every dimension at the one joint start s: all limits or none.
-local function charge(st, s, creq, ctok)
+local function slot_free()
+  return MAX_CONC <= 0 or redis.call('ZCARD', K_LEASES) < MAX_CONC
+end
+
+-- Charge every dimension now: all limits or none.
+local function charge(st, creq, ctok)
   if RATE_REQ > 0 then
-    st.rt = math.max(st.rt, s) + creq / RATE_REQ
+    st.rt = math.max(st.rt, NOW) + creq / RATE_REQ
   end
   if RATE_TOK > 0 then
-    st.tt = math.max(st.tt, s) + ctok / RATE_TOK
+    st.tt = math.max(st.tt, NOW) + ctok / RATE_TOK
   end
 end
 
@@ -104,9 +114,10 @@ local function refund(st, creq, ctok)
   end
 end
 
-local function grant(id, s, creq, ctok)
-  redis.call('ZADD', K_LEASES, s + LEASE_TTL, id)
-  redis.call('HSET', K_DATA, id, creq .. ' ' .. ctok .. ' ' .. fmt(s))
+local function grant(st, id, creq, ctok)
+  charge(st, creq, ctok)
+  redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, id)
+  redis.call('HSET', K_DATA, id, creq .. ' ' .. ctok .. ' ' .. fmt(NOW))
 end
 
 -- Leases past their expiry belong to dead holders: they stand charged at their estimate.
@@ -118,22 +129,50 @@ local function reap()
   end
 end
 
--- Free slots go to the head of the queue, in order; each grant is reserved and published.
-local function hand_over(st)
-  while MAX_CONC <= 0 or redis.call('ZCARD', K_LEASES) < MAX_CONC do
+local function ticket(id)
+  local t = words(redis.call('HGET', K_TICKETS, id) or '0 0 0 0 -1')
+  return {creq = tonumber(t[1]), ctok = tonumber(t[2]), alive = tonumber(t[3]), ttl = tonumber(t[4]),
+    fit = tonumber(t[5])}
+end
+
+local function save_ticket(id, t)
+  redis.call('HSET', K_TICKETS, id, t.creq .. ' ' .. t.ctok .. ' ' .. fmt(t.alive) .. ' ' .. fmt(t.ttl) ..
+    ' ' .. fmt(t.fit))
+end
+
+local function dequeue(id)
+  redis.call('ZREM', K_QUEUE, id)
+  redis.call('HDEL', K_TICKETS, id)
+end
+
+-- Serve the queue in order: grant every head that fits now; tell the first that does not when it
+-- will (once per change). A ticket not renewed in time belongs to a dead waiter and is dropped.
+local function advance(st)
+  while true do
     local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
     if not head then
       return
     end
-    local t = words(redis.call('HGET', K_TICKETS, head) or '0 0 0')
-    redis.call('ZREM', K_QUEUE, head)
-    redis.call('HDEL', K_TICKETS, head)
-    if tonumber(t[3]) >= NOW then
-      local creq, ctok = tonumber(t[1]), tonumber(t[2])
-      local s = joint_start(st, creq, ctok)
-      charge(st, s, creq, ctok)
-      grant(head, s, creq, ctok)
-      redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(s) .. ' ' .. fmt(NOW))
+    local t = ticket(head)
+    if t.alive < NOW then
+      dequeue(head)
+    elseif not slot_free() then
+      return
+    else
+      local fit = fit_time(st, t.creq, t.ctok)
+      if fit <= NOW then
+        dequeue(head)
+        grant(st, head, t.creq, t.ctok)
+        redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW))
+      else
+        if math.abs(fit - t.fit) > 0.0000005 then
+          t.fit = fit
+          t.alive = math.max(t.alive, fit + t.ttl)
+          save_ticket(head, t)
+          redis.call('PUBLISH', CHANNEL, 'h ' .. head .. ' ' .. fmt(fit) .. ' ' .. fmt(NOW))
+        end
+        return
+      end
     end
   end
 end
@@ -152,13 +191,4 @@ local function touch(st)
   for _, k in ipairs({K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS}) do
     redis.call('PEXPIRE', k, ms)
   end
-end
-
--- Seconds until the earliest lease would expire: when a waiter must look again for a dead holder.
-local function next_expiry()
-  local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2]
-  if first then
-    return math.max(0, tonumber(first) - NOW)
-  end
-  return LEASE_TTL
 end

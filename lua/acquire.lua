@@ -1,22 +1,25 @@
--- acquire.lua: reserve requests, tokens and a concurrency lease jointly, all or nothing.
+-- acquire.lua: grant requests, tokens and a concurrency lease jointly, now, all or nothing; or
+-- queue for them, first come first served.
 --
 -- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
 -- ARGV[9]  id: lease id, also the ticket id while queued; calling again with the same id is a
---          re-poll that keeps the ticket's place in the queue
+--          return to the queue that keeps the ticket's place (and renews it)
 -- ARGV[10] requests to charge (count, usually 1)
 -- ARGV[11] tokens to charge (estimate)
--- ARGV[12] max wait, seconds: refuse, charging nothing, when the start would be later (-1: any)
--- ARGV[13] "1" to queue for a concurrency slot when none is free, "0" to refuse instead
--- ARGV[14] ticket time to live, seconds: a queued ticket not polled again within it is dropped
+-- ARGV[12] max wait, seconds: a new arrival whose exact wait is longer is refused, charging
+--          nothing (-1: any wait)
+-- ARGV[13] "1" to queue when it cannot be granted now, "0" to refuse instead
+-- ARGV[14] ticket time to live, seconds: a queued ticket not renewed within it is dropped
 --
 -- Reply, all strings:
---   {"granted", start, now, expiry}  the lease exists; the caller may start at `start` (Redis time,
---                                    maybe later than now: the caller sleeps start - now once)
---   {"queued", poll, now}            no slot: the ticket waits in FIFO order; its grant is published
---                                    on the events channel as "g <id> <start> <now>"; poll again
---                                    after `poll` seconds in case a holder died or the message was lost
---   {"refused", retry_after, now}    nothing charged; retry_after is exact for rate limits, "-1" when
---                                    the refusal is for a concurrency slot
+--   {"granted", start, now, expiry}  the lease exists, charged now (start = its grant time)
+--   {"queued", wait, now}            the ticket waits in FIFO order; come back after `wait` seconds:
+--                                    exact for the head waiting for its rates, else a renewal
+--                                    interval. Meanwhile the events channel announces "h <id> <fit>
+--                                    <now>" (the ticket is head and fits at <fit>) or "g <id> <now>"
+--                                    (granted: the lease exists)
+--   {"refused", retry_after, now}    nothing charged; retry_after is exact when the refusal is for
+--                                    the rates, "-1" when it is for a slot or a queue ahead
 local ID = ARGV[9]
 local CREQ = tonumber(ARGV[10])
 local CTOK = tonumber(ARGV[11])
@@ -26,7 +29,7 @@ local TICKET_TTL = tonumber(ARGV[14])
 
 reap()
 local st = load_state()
-hand_over(st)
+advance(st)
 
 local function finish(reply)
   save_state(st)
@@ -34,33 +37,49 @@ local function finish(reply)
   return reply
 end
 
+-- The head waiting for its rates comes back exactly when it fits; any other ticket comes back
+-- to renew itself, and the head waiting for a slot also when the first lease would expire.
+local function wait_hint(id)
+  local t = ticket(id)
+  local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
+  if head == id and t.fit > NOW then
+    return t.fit - NOW
+  end
+  local hint = t.ttl / 2
+  local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2]
+  if head == id and first then
+    hint = math.min(hint, tonumber(first) - NOW)
+  end
+  return math.max(0.001, hint)
+end
+
 local held = redis.call('HGET', K_DATA, ID)
 if held then
-  local start = tonumber(words(held)[3])
-  return finish({'granted', fmt(start), fmt(NOW), fmt(redis.call('ZSCORE', K_LEASES, ID))})
+  return finish({'granted', words(held)[3], fmt(NOW), fmt(redis.call('ZSCORE', K_LEASES, ID))})
 end
-
-local poll = math.max(0.001, math.min(TICKET_TTL / 2, next_expiry()))
 
 if redis.call('ZSCORE', K_QUEUE, ID) then
-  redis.call('HSET', K_TICKETS, ID, CREQ .. ' ' .. CTOK .. ' ' .. fmt(NOW + TICKET_TTL))
-  return finish({'queued', fmt(poll), fmt(NOW)})
+  local t = ticket(ID)
+  t.alive = math.max(NOW, t.fit) + t.ttl
+  save_ticket(ID, t)
+  return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})
 end
 
-if MAX_CONC > 0 and (redis.call('ZCARD', K_LEASES) >= MAX_CONC or redis.call('ZCARD', K_QUEUE) > 0) then
-  if not MAY_QUEUE then
-    return finish({'refused', '-1', fmt(NOW)})
+if redis.call('ZCARD', K_QUEUE) == 0 and slot_free() then
+  local fit = fit_time(st, CREQ, CTOK)
+  if fit <= NOW then
+    grant(st, ID, CREQ, CTOK)
+    return finish({'granted', fmt(NOW), fmt(NOW), fmt(NOW + LEASE_TTL)})
   end
-  st.seq = st.seq + 1
-  redis.call('ZADD', K_QUEUE, st.seq, ID)
-  redis.call('HSET', K_TICKETS, ID, CREQ .. ' ' .. CTOK .. ' ' .. fmt(NOW + TICKET_TTL))
-  return finish({'queued', fmt(poll), fmt(NOW)})
+  if not MAY_QUEUE or (MAX_WAIT >= 0 and fit - NOW > MAX_WAIT) then
+    return finish({'refused', fmt(fit - NOW), fmt(NOW)})
+  end
+elseif not MAY_QUEUE then
+  return finish({'refused', '-1', fmt(NOW)})
 end
 
-local s = joint_start(st, CREQ, CTOK)
-if MAX_WAIT >= 0 and s - NOW > MAX_WAIT then
-  return finish({'refused', fmt(s - NOW), fmt(NOW)})
-end
-charge(st, s, CREQ, CTOK)
-grant(ID, s, CREQ, CTOK)
-return finish({'granted', fmt(s), fmt(NOW), fmt(s + LEASE_TTL)})
+st.seq = st.seq + 1
+redis.call('ZADD', K_QUEUE, st.seq, ID)
+save_ticket(ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1})
+advance(st)
+return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})

@@ -4,7 +4,7 @@
 -- ARGV[9] lease or ticket id
 --
 -- A queued ticket leaves the queue. A granted lease is removed and its whole charge, requests and
--- tokens, is refunded (never above capacity); its slot goes to the next queued ticket.
+-- tokens, is refunded (never above capacity); its slot and credit go to the queue at once.
 -- Idempotent: an unknown id changes nothing.
 --
 -- Reply: {"cancelled" | "dequeued" | "unknown", now}
@@ -13,8 +13,8 @@ local ID = ARGV[9]
 reap()
 local st = load_state()
 local reply = {'unknown', fmt(NOW)}
-if redis.call('ZREM', K_QUEUE, ID) == 1 then
-  redis.call('HDEL', K_TICKETS, ID)
+if redis.call('ZSCORE', K_QUEUE, ID) then
+  dequeue(ID)
   reply = {'dequeued', fmt(NOW)}
 else
   local held = redis.call('HGET', K_DATA, ID)
@@ -26,7 +26,7 @@ else
     reply = {'cancelled', fmt(NOW)}
   end
 end
-hand_over(st)
+advance(st)
 save_state(st)
 touch(st)
 return reply

@@ -9,13 +9,13 @@
 -- ARGV[14] jitter draw in [0, 1), chosen by the caller (scripts stay deterministic)
 --
 -- The pause honours retry-after as given for a first 429 and backs off exponentially from `base`
--- when 429s repeat; jitter only ever lengthens it; an existing longer pause is never shortened.
+-- when 429s repeat; 429s of calls sent before the pause began do not count as repeats; jitter only
+-- ever lengthens it; an existing longer pause is never shortened. Nothing is granted before it ends.
 -- A 429 means the provider's bucket is empty now: both buckets drop to zero credit now and refill
--- during the pause, and reservations already handed out move back by the extension, so that
--- dispatch resumes paced rather than as a herd.
+-- during the pause, so that dispatch resumes paced (the refill, then the rate), not as a herd.
 --
--- Reply: {"cooldown", until (Redis time), now, backoff level, shift (seconds reservations moved)}
--- The same is published on the events channel as "c <now> <until> <shift>".
+-- Reply: {"cooldown", until (Redis time), now, backoff level}
+-- Also published on the events channel as "c <now> <until>".
 local RETRY_AFTER = tonumber(ARGV[9])
 local BASE = tonumber(ARGV[10])
 local MAX_BACKOFF = tonumber(ARGV[11])
@@ -36,22 +36,17 @@ if RETRY_AFTER < 0 or level > 0 then
   backoff = math.min(MAX_BACKOFF, BASE * 2 ^ level)
 end
 local pause = math.max(RETRY_AFTER, backoff) * (1 + JITTER * DRAW)
-local deadline = NOW + pause
-local shift = 0
-if deadline > math.max(st.cu, NOW) then
-  shift = deadline - math.max(st.cu, NOW)
-  st.cu = deadline
-end
+st.cu = math.max(st.cu, NOW + pause)
 if RATE_REQ > 0 then
-  st.rt = math.max(st.rt + shift, NOW + BURST_REQ)
+  st.rt = math.max(st.rt, NOW + BURST_REQ)
 end
 if RATE_TOK > 0 then
-  st.tt = math.max(st.tt + shift, NOW + BURST_TOK)
+  st.tt = math.max(st.tt, NOW + BURST_TOK)
 end
 st.cl = level
 st.cr = st.cu + QUIET
-hand_over(st)
+advance(st)
 save_state(st)
 touch(st)
-redis.call('PUBLISH', CHANNEL, 'c ' .. fmt(NOW) .. ' ' .. fmt(st.cu) .. ' ' .. fmt(shift))
-return {'cooldown', fmt(st.cu), fmt(NOW), tostring(level), fmt(shift)}
+redis.call('PUBLISH', CHANNEL, 'c ' .. fmt(NOW) .. ' ' .. fmt(st.cu))
+return {'cooldown', fmt(st.cu), fmt(NOW), tostring(level)}

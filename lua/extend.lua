@@ -9,7 +9,7 @@ local ID = ARGV[9]
 
 reap()
 local st = load_state()
-hand_over(st)
+advance(st)
 local reply = {'lost', '0', fmt(NOW)}
 local expiry = redis.call('ZSCORE', K_LEASES, ID)
 if expiry then

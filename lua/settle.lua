@@ -1,4 +1,4 @@
--- settle.lua: close a lease with the actual usage; its slot goes to the next queued ticket.
+-- settle.lua: close a lease with the actual usage; its slot and any refund go to the queue at once.
 --
 -- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
 -- ARGV[9]  lease id
@@ -32,7 +32,7 @@ if held then
     reply = {'settled', '0', fmt(NOW)}
   end
 end
-hand_over(st)
+advance(st)
 save_state(st)
 touch(st)
 return reply

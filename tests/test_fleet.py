@@ -353,7 +353,7 @@ def test_fleet_never_over_admits_and_saturates(redis_url: str, name: str, tmp_pa
     # the last start (under one cost, 500 tokens, against a ceiling of ~230,000) and the lag of the
     # first and last measured starts (each ~rate * 4 ms). It is fair only because the fleet keeps
     # the bucket busy from the first start to the last: the acquirers stop at a deadline, but the
-    # reservations they hold then are still started back to back, so the last start closes a
+    # tickets queued then are still granted back to back, so the last start closes a
     # saturated stretch, not an idle tail. Every grant is released at its estimate: no refunds.
     span = max(starts) - min(starts)
     utilisation = sum(tokens) / (TPS * span + cap_tok)
@@ -457,21 +457,22 @@ def test_large_request_not_starved(
     with Limiter(Budget(**budget_kw), redis_url) as limiter:
         go.set()
         try:
-            # The stream has started when it has drained the initial burst and runs on debt: the
+            # The stream has started when it has drained the initial burst and acquirers queue: the
             # bucket is never full again while it lasts, so a limiter that waits for a full bucket
-            # (rather than queueing in order) would never start the big request.
-            level = BIG_TPS
+            # (rather than serving the queue in order) would never start the big request.
+            queued = 0
             for _ in range(300):
-                level = limiter.status().tokens_available or 0.0
-                if level < 0:
+                queued = limiter.status().queued
+                if queued > 0:
                     break
                 time.sleep(0.05)
-            assert level < 0, f"the stream never put the bucket in debt (level {level:g})"
+            assert queued > 0, "the stream never formed a queue"
             level_before = limiter.status().tokens_available or 0.0
-            # The big request runs in a thread so that this one can see when its reservation
+            # The big request runs in a thread so that this one can see when its ticket (or lease)
             # exists in Redis: small requests submitted after that were surely queued behind it.
             big: dict[str, Any] = {}
             data_key = keys(limiter.budget)[2]
+            tickets_key = keys(limiter.budget)[4]
             client_b = redis.Redis.from_url(redis_url)
 
             def ask() -> None:
@@ -488,7 +489,8 @@ def test_large_request_not_starved(
             asker.start()
             reserved_seen = None
             for _ in range(2000):  # <= ~10 s
-                if any(v.split()[1] == b"1000" for v in client.hvals(data_key)):
+                held = list(client.hvals(data_key)) + list(client.hvals(tickets_key))
+                if any(v.split()[1] == b"1000" for v in held):
                     reserved_seen = _redis_time(client)
                     break
                 if not asker.is_alive():
@@ -497,7 +499,7 @@ def test_large_request_not_starved(
             asker.join(timeout=15.0)
             client_b.close()
             assert not asker.is_alive() and "held" in big, f"the big request was not granted: {big}"
-            assert reserved_seen is not None, "the big request's reservation was never seen in Redis"
+            assert reserved_seen is not None, "the big request's ticket was never seen in Redis"
         finally:
             stop.set()
         _join_all(procs, timeout=40.0)
@@ -513,25 +515,22 @@ def test_large_request_not_starved(
     assert big_charged <= big_start + CLOCK_SLACK
     waited = big_start - requested
     assert waited <= 3.0, f"the big request waited {waited:.3f}s"
-    # FIFO bound. When the big request is reserved (at some R <= reserved_seen), each of the n
-    # small acquirers holds at most one reservation not yet started, and in debt consecutive
-    # reservations start one small cost (20 ms) apart (or at "now", <= R): the latest small start
-    # is at most R + n * SMALL / rate, and it leaves the bucket empty. The big one needs the bucket
-    # full, C / rate after that, and nothing reserved later may come before it. So it is charged to
-    # start by R + (C + n * SMALL) / rate: the debt ahead of it plus its own cost, over the rate.
+    # FIFO bound. When the big request joins the queue (at some R <= reserved_seen), at most n small
+    # tickets (one per acquirer) are ahead of it, and grants only happen when a cost fits, so the
+    # bucket is never below zero: it is granted by R + (C + n * SMALL) / rate, the tickets ahead of it
+    # plus a full bucket for itself, over the rate.
     n = STREAM_PROCS * STREAM_COROUTINES
     fifo_bound = (BIG_TPS * 1.0 + n * SMALL) / BIG_TPS
     assert big_charged - reserved_seen <= fifo_bound + 1e-3, (
-        f"the big request was charged to start {big_charged - reserved_seen:.3f}s after its reservation "
+        f"the big request was charged to start {big_charged - reserved_seen:.3f}s after its ticket "
         f"was seen, FIFO allows {fifo_bound:.3f}s"
     )
 
     before = [g for g in ledger if g[2] <= requested]
     assert len(before) >= STREAM_PROCS, "the small stream had not started"
-    # Small requests submitted once the big one's reservation existed start only after it: a later
-    # small one is charged at least one small cost (20 ms) after the big one's charged start and
-    # measured later still, so no tolerance at all. An overtaking limiter would start them about a
-    # second before it.
+    # Small requests submitted once the big one's ticket existed are queued behind it and granted
+    # only after it, so no tolerance at all. An overtaking limiter would start them about a second
+    # before it.
     later = [g for g in ledger if g[1] > reserved_seen]
     assert len(later) >= STREAM_PROCS, f"only {len(later)} small requests came after the big one"
     overtook = [g for g in later if g[2] <= big_charged]
@@ -542,7 +541,7 @@ def test_large_request_not_starved(
     margin = min(g[2] for g in later) - big_start
     print(
         f"\nlarge request: waited {waited:.3f}s (charged {big_charged - requested:.3f}s after the request, "
-        f"{big_charged - reserved_seen:.3f}s after its reservation was seen, FIFO bound {fifo_bound:.3f}s; "
+        f"{big_charged - reserved_seen:.3f}s after its ticket was seen, FIFO bound {fifo_bound:.3f}s; "
         f"level at request {level_before:g}), "
         f"{len(later)} later small requests all started after it (first {margin * 1000:.1f} ms after its "
         f"measured start), {len(ledger)} small grants in all"

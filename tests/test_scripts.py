@@ -97,15 +97,20 @@ def test_grant_within_burst_starts_now(rclient: redis.Redis, name: str) -> None:
     for _ in range(10):
         _, r = o.acquire(tokens=10)
         assert r.kind == "granted"
-        assert r.delay == 0.0
+        assert r.start == r.now
 
 
-def test_even_pacing_at_burst_zero_hands_out_future_starts(rclient: redis.Redis, name: str) -> None:
+def test_even_pacing_at_burst_zero_queues_the_next_for_one_interval(rclient: redis.Redis, name: str) -> None:
     o = ops(rclient, name, rps=10)
-    delays = [o.acquire()[1].delay for _ in range(5)]
-    # one request every 1/rate: the first now, each next 0.1 s after the one before
-    for i, d in enumerate(delays):
-        assert d == pytest.approx(0.1 * i, abs=0.02)
+    assert o.acquire()[1].kind == "granted"
+    ticket, r = o.acquire()
+    # one request every 1/rate: the head of the queue is told exactly when it fits
+    assert r.kind == "queued"
+    assert r.wait == pytest.approx(0.1, abs=0.01)
+    o.wait_redis_until(r.now + r.wait)
+    again = o.acquire(lease_id=ticket)[1]
+    assert again.kind == "granted"
+    assert again.start >= r.now + 0.1 - 1e-6
 
 
 def test_refusal_is_exact_and_charges_nothing(rclient: redis.Redis, name: str) -> None:
@@ -121,21 +126,24 @@ def test_refusal_is_exact_and_charges_nothing(rclient: redis.Redis, name: str) -
     assert after.in_flight == before.in_flight
 
 
-def test_joint_start_waits_for_the_slowest_dimension(rclient: redis.Redis, name: str) -> None:
+def test_joint_wait_is_the_slowest_dimension(rclient: redis.Redis, name: str) -> None:
     o = ops(rclient, name, rps=1_000, tps=100, burst=1)
     o.acquire(tokens=100)
     _, r = o.acquire(tokens=100)
-    assert r.kind == "granted"
-    assert r.delay == pytest.approx(1.0, abs=0.02)
+    assert r.kind == "queued"
+    assert r.wait == pytest.approx(1.0, abs=0.02)
 
 
 def test_large_request_keeps_its_place_before_later_small_ones(rclient: redis.Redis, name: str) -> None:
     o = ops(rclient, name, tps=100, burst=1)
-    o.acquire(tokens=100)
-    _, big = o.acquire(tokens=100)
-    _, small = o.acquire(tokens=1)
-    assert big.delay == pytest.approx(1.0, abs=0.02)
-    assert small.delay >= big.delay
+    o.acquire(tokens=60)
+    big, b = o.acquire(tokens=100)
+    small, s = o.acquire(tokens=10)  # 40 tokens are there, but the big request came first
+    assert (b.kind, s.kind) == ("queued", "queued")
+    assert b.wait == pytest.approx(0.6, abs=0.02)
+    o.wait_redis_until(b.now + b.wait)
+    assert o.acquire(lease_id=big)[1].kind == "granted"
+    assert o.acquire(lease_id=small)[1].kind == "queued"
 
 
 def test_settle_refunds_never_above_capacity_and_charges_debt(rclient: redis.Redis, name: str) -> None:
@@ -177,7 +185,7 @@ def test_queue_is_fifo_and_release_hands_the_slot_over(rclient: redis.Redis, nam
     assert o.status().queued == 2
     o.settle(holder)
     msg = pubsub.get_message(timeout=2)
-    assert msg["data"].decode().split()[:2] == ["g", first]
+    assert msg["data"].decode().split()[:2] == ["g", first]  # granted by the release itself
     # a re-poll of the woken ticket finds its grant; the second keeps waiting
     assert o.acquire(lease_id=first)[1].kind == "granted"
     assert o.acquire(lease_id=second)[1].kind == "queued"
@@ -221,8 +229,10 @@ def test_cooldown_honours_retry_after_then_backs_off(rclient: redis.Redis, name:
     first = o.cooldown(0.3, draw=0.0, policy=policy)
     assert first.level == 0
     assert first.remaining == pytest.approx(0.3, abs=0.01)
-    _, r = o.acquire()
-    assert r.delay >= first.until - r.now - 0.001
+    ticket, r = o.acquire()
+    assert r.kind == "queued"
+    assert r.now + r.wait >= first.until - 1e-6
+    o.cancel(ticket)
     o.wait_redis_until(first.until)
     again = o.cooldown(None, draw=0.0, policy=policy)  # a repeat within the quiet period
     assert again.level == 1
@@ -248,10 +258,11 @@ def test_cooldown_jitter_only_lengthens_and_never_shortens(rclient: redis.Redis,
 def test_cooldown_drains_credit_so_dispatch_resumes_paced(rclient: redis.Redis, name: str) -> None:
     o = ops(rclient, name, rps=10, burst=10)  # a full bucket holds 100 requests
     c = o.cooldown(0.5, draw=0.0)
-    starts = [r.now + r.delay for _, r in (o.acquire() for _ in range(8))]
-    # 0.5 s of refill (5 requests) are ready at the end of the pause; the rest come 0.1 s apart
-    assert all(s >= c.until - 0.001 for s in starts)
-    assert starts[-1] == pytest.approx(c.until + 0.3, abs=0.01)
+    o.wait_redis_until(c.until + 0.01)
+    kinds = [o.acquire()[1].kind for _ in range(7)]
+    # 0.5 s of refill (5 requests) are there at the end of the pause, not the 100 of a full bucket
+    assert kinds[:5] == ["granted"] * 5
+    assert kinds[6] == "queued"
 
 
 def test_status_writes_nothing(rclient: redis.Redis, name: str) -> None:
@@ -274,7 +285,35 @@ def test_keys_share_one_hash_tag_and_expire_when_idle(rclient: redis.Redis, name
 
 
 def test_scripts_survive_script_flush(rclient: redis.Redis, name: str) -> None:
-    o = ops(rclient, name, rps=10)
+    o = ops(rclient, name, rps=10, burst=1)
     assert o.acquire()[1].kind == "granted"
     rclient.script_flush()
     assert o.acquire()[1].kind == "granted"  # NOSCRIPT: redis-py loads it again
+
+
+def test_a_refund_goes_to_the_head_of_the_queue_at_once(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, tps=100, burst=1)
+    pubsub = rclient.pubsub()
+    pubsub.subscribe(f"{{xflow:{name}}}:events")
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    first, _ = o.acquire(tokens=100)
+    waiting, q = o.acquire(tokens=50)
+    assert q.kind == "queued"
+    assert q.wait == pytest.approx(0.5, abs=0.02)
+    head = pubsub.get_message(timeout=2)["data"].decode().split()
+    assert head[:2] == ["h", waiting]  # told exactly when it fits
+    o.settle(first, actual=10)  # 90 tokens back: enough for the waiting 50, now
+    assert pubsub.get_message(timeout=2)["data"].decode().split()[:2] == ["g", waiting]
+    assert o.status().in_flight == 1
+    pubsub.close()
+
+
+def test_a_cooldown_tells_the_head_its_later_fit(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=10)
+    o.acquire()
+    waiting, q = o.acquire()
+    assert q.wait == pytest.approx(0.1, abs=0.02)
+    c = o.cooldown(1.0, draw=0.0)
+    again = o.acquire(lease_id=waiting)[1]
+    assert again.kind == "queued"
+    assert again.now + again.wait == pytest.approx(c.until, abs=0.01)

@@ -28,9 +28,9 @@ from ._core import (
     decode_settle,
     decode_status,
 )
-from ._events import CooldownNotice, GrantNotice, PauseClock, parse
+from ._events import GrantNotice, HeadNotice, Notice, parse
 from ._exceptions import AcquireTimeout, BackendError
-from ._flow import Reservation, RunScript, acquire_flow
+from ._flow import RunScript, acquire_flow
 from ._lease import AsyncLease
 from ._scripts import register
 
@@ -38,13 +38,11 @@ log = logging.getLogger("xflow_dist")
 
 
 class _Events:
-    """One reader task per limiter: wakes queued acquirers and tracks fleet pauses."""
+    """One reader task per limiter: hands each queued acquirer the notices about its ticket."""
 
     def __init__(self, pubsub: Any) -> None:
-        self.clock = PauseClock()
         self._pubsub = pubsub
-        self._slots: dict[str, asyncio.Future[GrantNotice]] = {}
-        self._changed = asyncio.Event()
+        self._inboxes: dict[str, asyncio.Queue[Notice]] = {}
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -73,39 +71,18 @@ class _Events:
             if msg is None:
                 continue
             notice = parse(msg["data"])
-            if isinstance(notice, GrantNotice):
-                fut = self._slots.get(notice.lease_id)
-                if fut is not None and not fut.done():
-                    fut.set_result(notice)
-            elif isinstance(notice, CooldownNotice):
-                self.pause(notice)
+            if isinstance(notice, GrantNotice | HeadNotice):
+                inbox = self._inboxes.get(notice.lease_id)
+                if inbox is not None:
+                    inbox.put_nowait(notice)
 
-    def pause(self, notice: CooldownNotice) -> None:
-        self.clock.record(notice)
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def expect(self, lease_id: str) -> asyncio.Future[GrantNotice]:
-        fut: asyncio.Future[GrantNotice] = asyncio.get_running_loop().create_future()
-        self._slots[lease_id] = fut
-        return fut
+    def expect(self, lease_id: str) -> asyncio.Queue[Notice]:
+        inbox: asyncio.Queue[Notice] = asyncio.Queue()
+        self._inboxes[lease_id] = inbox
+        return inbox
 
     def forget(self, lease_id: str) -> None:
-        fut = self._slots.pop(lease_id, None)
-        if fut is not None and not fut.done():
-            fut.cancel()
-
-    async def wait_start(self, res: Reservation) -> bool:
-        """Sleep until the reservation may start, moved by pauses; False if past its deadline."""
-        while True:
-            start = self.clock.adjust(res.start, res.since)
-            if res.deadline is not None and start > res.deadline:
-                return False
-            left = start - time.monotonic()
-            if left <= 0:
-                return True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+        self._inboxes.pop(lease_id, None)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -188,7 +165,7 @@ class AsyncLimiter(LimiterBase):
 
     async def _acquire(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
         hub = await self._hub()
-        fut = hub.expect(lease_id)
+        inbox = hub.expect(lease_id)
         flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
         try:
             step = next(flow)
@@ -198,10 +175,10 @@ class AsyncLimiter(LimiterBase):
                 else:
                     notice = None
                     with contextlib.suppress(TimeoutError):
-                        notice = await asyncio.wait_for(asyncio.shield(fut), step.timeout)
+                        notice = await asyncio.wait_for(inbox.get(), step.timeout)
                     step = flow.send(notice)
-        except StopIteration as done:
-            res: Reservation = done.value
+        except StopIteration:
+            pass
         except AcquireTimeout:
             raise
         except BaseException:
@@ -209,18 +186,6 @@ class AsyncLimiter(LimiterBase):
             raise
         finally:
             hub.forget(lease_id)
-        try:
-            on_time = await hub.wait_start(res)
-        except BaseException:
-            await self._cancel_quietly(lease_id)
-            raise
-        if not on_time:
-            await self._cancel_quietly(lease_id)
-            raise AcquireTimeout(
-                f"a fleet pause of budget {self.budget.name!r} outlasts the {timeout:g}s timeout",
-                budget=self.budget.name,
-                retry_after=hub.clock.pause_left(),
-            )
         return self._hold(lease_id, requests, tokens)
 
     async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[AsyncLease]:
@@ -264,10 +229,7 @@ class AsyncLimiter(LimiterBase):
 
     async def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
-        reply = decode_cooldown(await self._run("cooldown", self._cooldown_args(retry_after)))
-        if self._events is not None:
-            self._events.pause(self._notice(reply))
-        return reply
+        return decode_cooldown(await self._run("cooldown", self._cooldown_args(retry_after)))
 
     async def status(self) -> Status:
         """A read-only snapshot: levels, leases in flight, queue, cooldown."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -11,7 +10,6 @@ from typing import Generic, TypeVar
 from ._budget import Budget, CooldownPolicy
 from ._core import (
     AcquireReply,
-    CooldownReply,
     acquire_args,
     budget_args,
     cooldown_args,
@@ -20,7 +18,6 @@ from ._core import (
     validate_cost,
     validate_retry_after,
 )
-from ._events import CooldownNotice
 from ._exceptions import ConfigurationError, InvalidCostError
 
 L = TypeVar("L")
@@ -100,10 +97,6 @@ class LimiterBase:
 
     def _cooldown_args(self, retry_after: float | None) -> list[str]:
         return cooldown_args(self.cooldown_policy, validate_retry_after(self.budget, retry_after))
-
-    @staticmethod
-    def _notice(reply: CooldownReply) -> CooldownNotice:
-        return CooldownNotice(reply.remaining, reply.shift, time.monotonic(), reply.key)
 
     @staticmethod
     def _refused(reply: AcquireReply) -> Decision[L]:

@@ -114,13 +114,13 @@ def _strings(raw: Any, size: int, op: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class AcquireReply:
-    """What ``acquire.lua`` decided. Times are seconds; ``delay`` is how long until the start."""
+    """What ``acquire.lua`` decided; ``wait`` is how long a queued ticket sleeps before it comes back."""
 
     kind: str  # "granted" | "queued" | "refused"
     now: float
-    delay: float = 0.0
+    start: float = 0.0
     expiry: float = 0.0
-    poll: float = 0.0
+    wait: float = 0.0
     retry_after: float | None = None
 
 
@@ -128,9 +128,9 @@ def decode_acquire(raw: Any) -> AcquireReply:
     kind, *rest = _strings(raw, 3, "acquire")
     if kind == "granted":
         start, now, expiry = map(float, rest[:3])
-        return AcquireReply(kind, now, delay=max(0.0, start - now), expiry=expiry)
+        return AcquireReply(kind, now, start=start, expiry=expiry)
     if kind == "queued":
-        return AcquireReply(kind, float(rest[1]), poll=float(rest[0]))
+        return AcquireReply(kind, float(rest[1]), wait=float(rest[0]))
     if kind == "refused":
         wait = float(rest[0])
         return AcquireReply(kind, float(rest[1]), retry_after=None if wait < 0 else wait)
@@ -166,8 +166,6 @@ class CooldownReply:
     until: float
     now: float
     level: int
-    shift: float
-    key: str = ""  # the key the channel's notice of this pause carries (see ``_events.parse``)
 
     @property
     def remaining(self) -> float:
@@ -175,8 +173,8 @@ class CooldownReply:
 
 
 def decode_cooldown(raw: Any) -> CooldownReply:
-    _, until, now, level, shift = _strings(raw, 5, "cooldown")[:5]
-    return CooldownReply(float(until), float(now), int(level), float(shift), f"{now} {until}")
+    _, until, now, level = _strings(raw, 4, "cooldown")[:4]
+    return CooldownReply(float(until), float(now), int(level))
 
 
 @dataclass(frozen=True, slots=True)

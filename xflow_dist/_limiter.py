@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from types import TracebackType
@@ -25,30 +26,20 @@ from ._core import (
     decode_settle,
     decode_status,
 )
-from ._events import CooldownNotice, GrantNotice, PauseClock, parse
+from ._events import GrantNotice, HeadNotice, Notice, parse
 from ._exceptions import AcquireTimeout, BackendError
-from ._flow import AwaitGrant, Reservation, RunScript, acquire_flow
+from ._flow import AwaitNotice, RunScript, acquire_flow
 from ._lease import Lease
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
 
 
-class _Slot:
-    __slots__ = ("event", "notice")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.notice: GrantNotice | None = None
-
-
 class _Events:
-    """One subscriber thread per limiter: wakes queued acquirers and tracks fleet pauses."""
+    """One subscriber thread per limiter: hands each queued acquirer the notices about its ticket."""
 
     def __init__(self, client: SyncClient, name: str) -> None:
-        self.clock = PauseClock()
-        self._cond = threading.Condition()
-        self._slots: dict[str, _Slot] = {}
+        self._inboxes: dict[str, queue.SimpleQueue[Notice]] = {}
         self._pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         self._pubsub.subscribe(**{name: self._on_message})
         deadline = time.monotonic() + 10.0
@@ -65,37 +56,18 @@ class _Events:
 
     def _on_message(self, message: dict[str, Any]) -> None:
         notice = parse(message["data"])
-        if isinstance(notice, GrantNotice):
-            slot = self._slots.get(notice.lease_id)
-            if slot is not None:
-                slot.notice = notice
-                slot.event.set()
-        elif isinstance(notice, CooldownNotice):
-            self.pause(notice)
+        if isinstance(notice, GrantNotice | HeadNotice):
+            inbox = self._inboxes.get(notice.lease_id)
+            if inbox is not None:
+                inbox.put(notice)
 
-    def pause(self, notice: CooldownNotice) -> None:
-        with self._cond:
-            self.clock.record(notice)
-            self._cond.notify_all()
-
-    def expect(self, lease_id: str) -> _Slot:
-        slot = self._slots[lease_id] = _Slot()
-        return slot
+    def expect(self, lease_id: str) -> queue.SimpleQueue[Notice]:
+        inbox: queue.SimpleQueue[Notice] = queue.SimpleQueue()
+        self._inboxes[lease_id] = inbox
+        return inbox
 
     def forget(self, lease_id: str) -> None:
-        self._slots.pop(lease_id, None)
-
-    def wait_start(self, res: Reservation) -> bool:
-        """Sleep until the reservation may start, moved by pauses; False if past its deadline."""
-        with self._cond:
-            while True:
-                start = self.clock.adjust(res.start, res.since)
-                if res.deadline is not None and start > res.deadline:
-                    return False
-                left = start - time.monotonic()
-                if left <= 0:
-                    return True
-                self._cond.wait(left)
+        self._inboxes.pop(lease_id, None)
 
     def close(self) -> None:
         self._thread.stop()
@@ -196,11 +168,11 @@ class Limiter(LimiterBase):
         """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
 
         Waits in first-come-first-served order across the fleet; raises ``AcquireTimeout`` at
-        once when the budget can tell the start would come after ``timeout``, or at the deadline.
+        once when the budget can tell the grant would come after ``timeout``, or at the deadline.
         """
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout)
         hub = self._hub()
-        slot = hub.expect(lease_id)
+        inbox = hub.expect(lease_id)
         flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
         try:
             step = next(flow)
@@ -208,9 +180,9 @@ class Limiter(LimiterBase):
                 if isinstance(step, RunScript):
                     step = flow.send(self._run(step.op, step.argv))
                 else:
-                    step = flow.send(self._await_grant(slot, step))
-        except StopIteration as done:
-            res: Reservation = done.value
+                    step = flow.send(self._await_notice(inbox, step))
+        except StopIteration:
+            pass
         except AcquireTimeout:
             raise
         except BaseException:
@@ -218,24 +190,14 @@ class Limiter(LimiterBase):
             raise
         finally:
             hub.forget(lease_id)
-        try:
-            on_time = hub.wait_start(res)
-        except BaseException:
-            self._cancel_quietly(lease_id)
-            raise
-        if not on_time:
-            self._cancel_quietly(lease_id)
-            raise AcquireTimeout(
-                f"a fleet pause of budget {self.budget.name!r} outlasts the {timeout:g}s timeout",
-                budget=self.budget.name,
-                retry_after=hub.clock.pause_left(),
-            )
         return self._hold(lease_id, requests, tokens)
 
     @staticmethod
-    def _await_grant(slot: _Slot, step: AwaitGrant) -> GrantNotice | None:
-        slot.event.wait(step.timeout)
-        return slot.notice
+    def _await_notice(inbox: queue.SimpleQueue[Notice], step: AwaitNotice) -> Notice | None:
+        try:
+            return inbox.get(timeout=step.timeout)
+        except queue.Empty:
+            return None
 
     def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[Lease]:
         """Take the reservation only if it can start now; never waits, never queues."""
@@ -272,10 +234,7 @@ class Limiter(LimiterBase):
 
     def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
-        reply = decode_cooldown(self._run("cooldown", self._cooldown_args(retry_after)))
-        if self._events is not None:
-            self._events.pause(self._notice(reply))
-        return reply
+        return decode_cooldown(self._run("cooldown", self._cooldown_args(retry_after)))
 
     def status(self) -> Status:
         """A read-only snapshot: levels, leases in flight, queue, cooldown."""
