@@ -1,4 +1,4 @@
--- cancel.lua: give back a reservation that was never used (a timeout or a cancelled caller).
+-- cancel.lua: give back a grant or a ticket that was never used (a timeout or a cancelled caller).
 --
 -- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
 -- ARGV[9] lease or ticket id

@@ -4,7 +4,7 @@
 --
 -- Reply, all strings: {now, request level, token level, leases in flight, tickets queued,
 --   cooldown seconds remaining, backoff level}. A level is credit left in the bucket (requests or
---   tokens); below zero it is debt that reservations already handed out will take.
+--   tokens); below zero it is debt left by a cost larger than the burst credit.
 local st = load_state()
 local function level(tat, rate, burst)
   if rate <= 0 then

@@ -179,7 +179,7 @@ def decode_cooldown(raw: Any) -> CooldownReply:
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """A snapshot of one budget. Levels below zero are credit already promised to reservations."""
+    """A snapshot of one budget. A level below zero is debt left by a cost above the burst credit."""
 
     budget: str
     now: float

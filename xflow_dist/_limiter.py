@@ -200,7 +200,7 @@ class Limiter(LimiterBase):
             return None
 
     def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[Lease]:
-        """Take the reservation only if it can start now; never waits, never queues."""
+        """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
         reply = decode_acquire(self._run("acquire", self._try_args(lease_id, requests, tokens)))
         if reply.kind != "granted":
