@@ -69,7 +69,10 @@ def judge(stats: dict[str, Any], limits: Limits, latency: Latency) -> tuple[floa
 
     The ideal counts the provider's initially full buckets (a minute of each limit): the work beyond
     one minute's worth, at the limit's rate, plus one reply's latency; for concurrency, the total
-    time in flight spread over every slot.
+    time in flight spread over every slot, plus one reply's base latency.
+    Utilisation of a rate is what was admitted over what the limit allowed in the makespan (the full
+    bucket plus the refill); of concurrency, the ideal over the makespan, since calls of uneven
+    lengths cannot keep every slot busy to the very end.
     """
     first = stats.get("first_admission")
     last = stats.get("last_completion")
@@ -88,7 +91,7 @@ def judge(stats: dict[str, Any], limits: Limits, latency: Latency) -> tuple[floa
     }
     if limits.max_concurrency:
         need["concurrency"] = busy / limits.max_concurrency
-        use["concurrency"] = busy / (limits.max_concurrency * makespan) if makespan else 0.0
+        use["concurrency"] = (need["concurrency"] + latency.base) / makespan if makespan else 0.0
     binding = max(need, key=lambda k: need[k])
     ideal = need[binding] + latency.base
     return makespan, ideal, binding, use

@@ -84,6 +84,7 @@ def demo(args: argparse.Namespace) -> int:
         try:
             if args.redis_url:
                 redis_url, redis_kind = args.redis_url, "given"
+                _check_redis(redis_url)
             else:
                 embedded = stack.enter_context(EmbeddedRedis())
                 redis_url, redis_kind = embedded.url, embedded.kind
@@ -123,6 +124,20 @@ def demo(args: argparse.Namespace) -> int:
         except ImportError:
             console.print("[yellow]--plot needs matplotlib: pip install 'xflow-dist[plot]'[/yellow]")
     return 0 if not result.errors and result.completed == len(jobs) else 1
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    from ._exceptions import BackendError
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise BackendError(f"cannot reach Redis at {url}: {exc}") from exc
+    finally:
+        client.close()
 
 
 def _limits_text(limits: Any) -> str:

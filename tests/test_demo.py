@@ -1,0 +1,97 @@
+"""``xflow demo`` end to end: a small fleet against the simulator, and a clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+SMALL = ["-p", "2", "-c", "4", "-n", "40", "--tpm", "60000", "--rpm", "6000", "--no-live", "--seed", "3"]
+
+
+def _xflow(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xflow_dist.cli", *args]
+
+
+def test_demo_runs_a_small_fleet_and_reports(tmp_path: Path, redis_url: str) -> None:
+    out = tmp_path / "figures.json"
+    plot = tmp_path / "plot.png"
+    done = subprocess.run(
+        _xflow("demo", *SMALL, "--redis-url", redis_url, "--json", str(out), "--plot", str(plot)),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(out.read_text())
+    assert figures["completed"] == 40
+    assert figures["violations"] == 0
+    assert figures["rejected_share"] <= 0.05
+    assert sum(figures["shares"]) == 40
+    assert len(figures["shares"]) == 2
+    assert "utilisation" in done.stdout
+    assert plot.stat().st_size > 1000
+
+
+def test_demo_starts_its_own_redis_when_given_none(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    done = subprocess.run(_xflow("demo", *SMALL, "--json", str(out)), capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(out.read_text())["completed"] == 40
+
+
+def test_demo_says_what_it_needs_when_redis_is_unreachable() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        _xflow("demo", *SMALL, "--redis-url", f"redis://127.0.0.1:{port}/0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "cannot reach Redis" in done.stdout + done.stderr
+
+
+def _listening(url: str) -> bool:
+    parts = urlsplit(url)
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((parts.hostname or "127.0.0.1", parts.port or 0)) == 0
+
+
+def test_ctrl_c_stops_everything_it_started() -> None:
+    proc = subprocess.Popen(
+        _xflow("demo", "-p", "2", "-c", "4", "-n", "5000", "--tpm", "6000", "--no-live"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "400"},
+    )
+    assert proc.stdout is not None
+    header = ""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "strategy" not in header:
+        header += proc.stdout.readline()
+    assert "provider http://" in header, header
+    provider = header.split("provider ", 1)[1].split()[0]
+    redis_url = header.split("Redis ", 1)[1].split()[0]
+    assert _listening(provider) and _listening(redis_url)
+    time.sleep(2.0)  # let the workers get going
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest
+    assert "interrupted" in rest
+    assert not _listening(provider)
+    assert not _listening(redis_url)
