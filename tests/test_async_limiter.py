@@ -123,3 +123,18 @@ async def test_bad_input_raises_before_anything_is_awaited(client: redis.Redis, 
         with pytest.raises(InvalidCostError):
             await lim.try_acquire(tokens=float("nan"))
     assert budget_keys(client, name) == []
+
+
+async def test_heartbeat_keeps_long_calls_alive(url: str, name: str) -> None:
+    async with AsyncLimiter(Budget(name, max_concurrency=2, lease_ttl=0.6), url) as lim:
+        first = await lim.acquire()
+        second = await lim.acquire()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.8:  # three TTLs
+            assert (await lim.status()).in_flight == 2
+            await asyncio.sleep(0.1)
+        assert not first.lost
+        assert not second.lost
+        await first.release()
+        await second.release()
+        assert (await lim.status()).in_flight == 0

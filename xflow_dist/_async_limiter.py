@@ -133,7 +133,9 @@ class AsyncLimiter(LimiterBase):
         self._scripts = register(self._client)
         self._events: _Events | None = None
         self._events_lock: asyncio.Lock | None = None
-        self._beats: dict[AsyncLease, asyncio.Task[None]] = {}
+        self._held: dict[AsyncLease, float] = {}  # lease -> when its next heartbeat is due
+        self._beater: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def _run(self, op: str, argv: list[str]) -> Any:
         try:
@@ -198,27 +200,45 @@ class AsyncLimiter(LimiterBase):
 
     def _hold(self, lease_id: str, requests: float, tokens: float) -> AsyncLease:
         lease = AsyncLease(self, lease_id, requests, tokens)
-        self._beats[lease] = asyncio.create_task(self._beat(lease), name=f"xflow-heartbeat-{lease_id}")
+        self._held[lease] = time.monotonic() + self.heartbeat_interval
+        if self._beater is None or self._beater.done():
+            self._beater = asyncio.create_task(self._beat(), name="xflow-heartbeat")
         return lease
 
-    async def _beat(self, lease: AsyncLease) -> None:
-        while not lease.closed:
-            await asyncio.sleep(self.heartbeat_interval)
-            try:
-                expiry = decode_extend(await self._run("extend", [lease.id]))
-            except BackendError as exc:
-                log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
+    async def _beat(self) -> None:
+        """One task per limiter extends every held lease each third of its TTL."""
+        while self._held:
+            now = time.monotonic()
+            due = [lease for lease, at in self._held.items() if at <= now]
+            if not due:
+                await asyncio.sleep(min(self._held.values()) - now)
                 continue
-            if expiry is None:
-                lease.lost = True
-                log.warning("lease %s of budget %s expired before it was settled", lease.id, self.budget.name)
-                return
+            for lease in due:
+                self._held[lease] = now + self.heartbeat_interval
+            for lease in due:
+                if lease.closed:
+                    continue
+                try:
+                    expiry = decode_extend(await self._run("extend", [lease.id]))
+                except BackendError as exc:
+                    log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
+                    continue
+                if expiry is None:
+                    lease.lost = True
+                    self._held.pop(lease, None)
+                    log.warning("lease %s of budget %s expired before it was settled", lease.id, self.budget.name)
 
     async def _finish(self, lease: AsyncLease, op: str, argv: list[str]) -> SettleReply | None:
-        beat = self._beats.pop(lease, None)
-        if beat is not None:
-            beat.cancel()
-        raw = await asyncio.shield(self._run(op, argv))
+        self._held.pop(lease, None)
+        call = self._run(op, argv)
+        try:
+            raw = await call
+        except asyncio.CancelledError:
+            # The caller is being cancelled: the settle still goes out, in the background.
+            task = asyncio.ensure_future(self._run(op, argv))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            raise
         return decode_settle(raw) if op == "settle" else None
 
     async def _cancel_quietly(self, lease_id: str) -> None:
@@ -237,9 +257,13 @@ class AsyncLimiter(LimiterBase):
 
     async def aclose(self) -> None:
         """Stop the background tasks; close the client if this limiter made it."""
-        for beat in self._beats.values():
-            beat.cancel()
-        self._beats.clear()
+        self._held.clear()
+        if self._beater is not None:
+            self._beater.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beater
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         if self._events is not None:
             await self._events.aclose()
             self._events = None
