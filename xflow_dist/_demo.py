@@ -21,7 +21,9 @@ from typing import Any
 
 import redis
 
+from ._budget import Budget
 from ._fleet import FleetSpec, Job, Limits, Strategy, WorkerReport, load_jobs, worker_main
+from ._limiter import Limiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +163,14 @@ def run_fleet(
     jobs: list[Job],
     latency: Latency,
     *,
-    on_tick: Callable[[dict[str, Any]], None] | None = None,
+    on_tick: Callable[[dict[str, Any], float | None], None] | None = None,
     tick: float = 0.5,
 ) -> FleetResult:
-    """Run ``spec.processes`` worker processes over ``jobs`` and judge the run from the provider."""
+    """Run ``spec.processes`` worker processes over ``jobs`` and judge the run from the provider.
+
+    ``on_tick`` is called every ``tick`` seconds with the provider's stats and, for the shared
+    budget, the seconds left of its fleet-wide pause (None for the other strategies).
+    """
     run_id = uuid.uuid4().hex[:8]
     spec = replace(spec, jobs_key=f"xflow-fleet:{run_id}:jobs", budget_name=f"{spec.budget_name}-{run_id}")
     client = redis.Redis.from_url(spec.redis_url)
@@ -174,6 +180,7 @@ def run_fleet(
     results: Any = ctx.Queue()
     procs = [ctx.Process(target=worker_main, args=(spec, i, results), daemon=True) for i in range(spec.processes)]
     reports: list[WorkerReport] = []
+    watch = _watch(spec) if on_tick is not None and spec.strategy == "xflow" else None
     try:
         for p in procs:
             p.start()
@@ -182,7 +189,7 @@ def run_fleet(
             with contextlib.suppress(queue.Empty):
                 reports.append(WorkerReport(**json.loads(results.get(timeout=tick))))
             if on_tick is not None:
-                on_tick(fetch_stats(spec.provider_url))
+                on_tick(fetch_stats(spec.provider_url), watch.status().cooldown_remaining if watch else None)
         for p in procs:
             p.join(timeout=10)
     finally:
@@ -193,6 +200,8 @@ def run_fleet(
         with contextlib.suppress(redis.RedisError):
             client.delete(spec.jobs_key)
         client.close()
+        if watch is not None:
+            watch.close()
     stats = fetch_stats(spec.provider_url)
     makespan, ideal, binding, use = judge(stats, spec.limits, latency)
     reports.sort(key=lambda r: r.index)
@@ -215,6 +224,13 @@ def run_fleet(
         series=stats.get("series", {}),
         errors=[e for r in reports for e in r.errors],
     )
+
+
+def _watch(spec: FleetSpec) -> Limiter:
+    """A limiter on the fleet's budget, only to read its status (it never acquires)."""
+    limits = spec.limits
+    budget = Budget(spec.budget_name, rpm=limits.rpm, tpm=limits.tpm, max_concurrency=limits.max_concurrency)
+    return Limiter(budget, spec.redis_url)
 
 
 def fleet_spec(

@@ -153,9 +153,13 @@ def _run_live(spec: Any, jobs: list[Any], latency: Any, limits: Any, console: An
 
     started = time.monotonic()
 
-    def view(stats: dict[str, Any]) -> Table:
-        table = Table(title="xflow demo: one budget, a whole fleet", expand=False)
-        for col in ("elapsed", "jobs done", "requests/min", "tokens/min", "in flight", "429s"):
+    def view(stats: dict[str, Any], pause: float | None) -> Table:
+        table = Table(
+            title="xflow demo: one budget, a whole fleet",
+            caption="rates over the last 5 s; the provider's buckets start with a full minute",
+            expand=False,
+        )
+        for col in ("elapsed", "jobs done", "requests/min", "tokens/min", "in flight", "429s", "fleet pause"):
             table.add_column(col, justify="right")
         series = stats.get("series", {})
         window = 5
@@ -168,13 +172,14 @@ def _run_live(spec: Any, jobs: list[Any], latency: Any, limits: Any, console: An
             f"{tok:,.0f} / {limits.tpm:,.0f}",
             f"{stats['in_flight']}",
             f"{stats['requests']['rejected']}",
+            "-" if pause is None else (f"{pause:.1f}s left" if pause > 0 else "none"),
         )
         return table
 
     if not live or not console.is_terminal:
         return run_fleet(spec, jobs, latency)
     with Live(console=console, refresh_per_second=4, transient=False) as screen:
-        return run_fleet(spec, jobs, latency, on_tick=lambda stats: screen.update(view(stats)))
+        return run_fleet(spec, jobs, latency, on_tick=lambda stats, pause: screen.update(view(stats, pause)))
 
 
 def _report(result: Any, console: Any) -> None:
