@@ -8,6 +8,7 @@
 --                           cl      cooldown backoff level (0 = first 429 of a quiet period)
 --                           cr      when the backoff level resets (end of the quiet period)
 --                           seq     last ticket sequence number handed to the waiting queue
+--                           qa      latest time a queued ticket is alive until (the keys outlive it)
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start>": what the lease was charged
 --   KEYS[4] queue     ZSET  ticket id -> sequence number: FIFO of acquirers waiting for a slot
@@ -60,16 +61,17 @@ local function words(s)
 end
 
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq')
+  local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa')
   return {
     rt = tonumber(v[1]) or 0, tt = tonumber(v[2]) or 0, cu = tonumber(v[3]) or 0,
     cl = tonumber(v[4]) or 0, cr = tonumber(v[5]) or 0, seq = tonumber(v[6]) or 0,
+    qa = tonumber(v[7]) or 0,
   }
 end
 
 local function save_state(st)
   redis.call('HSET', K_STATE, 'rt', fmt(st.rt), 'tt', fmt(st.tt), 'cu', fmt(st.cu),
-    'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq)
+    'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq, 'qa', fmt(st.qa))
 end
 
 -- Earliest time a cost fits one bucket (see the header): when it holds min(cost, capacity).
@@ -135,7 +137,8 @@ local function ticket(id)
     fit = tonumber(t[5])}
 end
 
-local function save_ticket(id, t)
+local function save_ticket(st, id, t)
+  st.qa = math.max(st.qa, t.alive)
   redis.call('HSET', K_TICKETS, id, t.creq .. ' ' .. t.ctok .. ' ' .. fmt(t.alive) .. ' ' .. fmt(t.ttl) ..
     ' ' .. fmt(t.fit))
 end
@@ -168,7 +171,7 @@ local function advance(st)
         if math.abs(fit - t.fit) > 0.0000005 then
           t.fit = fit
           t.alive = math.max(t.alive, fit + t.ttl)
-          save_ticket(head, t)
+          save_ticket(st, head, t)
           redis.call('PUBLISH', CHANNEL, 'h ' .. head .. ' ' .. fmt(fit) .. ' ' .. fmt(NOW))
         end
         return
@@ -180,14 +183,14 @@ end
 -- Keys live as long as they still remember something that matters, plus a grace period.
 local function touch(st)
   local horizon = math.max(NOW, st.rt, st.tt, st.cu, st.cr)
+  if redis.call('ZCARD', K_QUEUE) > 0 then
+    horizon = math.max(horizon, st.qa)
+  end
   local last = redis.call('ZRANGE', K_LEASES, -1, -1, 'WITHSCORES')[2]
   if last then
     horizon = math.max(horizon, tonumber(last))
   end
   local ms = math.ceil((horizon - NOW + IDLE_GRACE) * 1000)
-  if redis.call('ZCARD', K_QUEUE) > 0 then
-    ms = math.max(ms, math.ceil((LEASE_TTL + IDLE_GRACE) * 1000))
-  end
   for _, k in ipairs({K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS}) do
     redis.call('PEXPIRE', k, ms)
   end

@@ -61,7 +61,7 @@ end
 if redis.call('ZSCORE', K_QUEUE, ID) then
   local t = ticket(ID)
   t.alive = math.max(NOW, t.fit) + t.ttl
-  save_ticket(ID, t)
+  save_ticket(st, ID, t)
   return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})
 end
 
@@ -80,6 +80,6 @@ end
 
 st.seq = st.seq + 1
 redis.call('ZADD', K_QUEUE, st.seq, ID)
-save_ticket(ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1})
+save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1})
 advance(st)
 return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})

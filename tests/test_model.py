@@ -1,0 +1,847 @@
+"""Model-based test: the Lua operations against a pure-Python model of the same budget.
+
+``BudgetModel`` re-implements, from the header comments of ``lua/*.lua`` and nothing else, what
+one budget remembers (a TAT per bucket, the cooldown deadline, backoff level and quiet period, the
+leases and the one FIFO queue of tickets with the fit time told to its head) and what every
+operation decides. A hypothesis state machine drives acquire / return to the queue (on time, at
+the announced fit time, late) / settle / cancel / extend / cooldown / status on fakeredis (it runs
+the very same Lua through lupa) with a fake clock, and compares every reply, every message
+published on the events channel ("g", "h", "c") and, after every step, the status snapshot.
+
+Time is deterministic: fakeredis reads ``time.time()`` both for TIME (the scripts' clock) and for
+key expiry, and both are patched to one fake clock. The clock moves in steps of 1/64 s and every
+rate, burst, cost, TTL, retry-after and jitter is chosen so that all the arithmetic, in Lua
+doubles and in the six-decimal strings the scripts store, is exact: the model uses Fractions and
+a decision on an exact boundary (a lease expiring exactly now, a start exactly at max wait) is
+the same on both sides rather than a coin flip of rounding.
+
+Key expiry is checked rather than re-implemented: when the budget's keys are found gone, the
+model must have had nothing left to remember (every bucket full, no pause, no quiet period, no
+live lease, no live ticket); it then forgets everything too.
+
+One more test replays a fixed sequence against the real redis-server, the model taking as its
+clock the ``now`` each reply reports.
+"""
+
+from __future__ import annotations
+
+import time as _time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, ClassVar
+
+import fakeredis
+import fakeredis._socket._base as _fake_socket_base
+import fakeredis.commands_mixins.server_mixin as _fake_server_mixin
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from xflow_dist import Budget, CooldownPolicy
+from xflow_dist._core import (
+    _num,
+    acquire_args,
+    budget_args,
+    channel,
+    cooldown_args,
+    decode_acquire,
+    decode_cooldown,
+    decode_settle,
+    decode_status,
+    keys,
+    settle_args,
+)
+from xflow_dist._scripts import register
+
+F = Fraction
+ZERO = F(0)
+
+
+def frac(x: float | int | str | bytes | Fraction) -> Fraction:
+    """Exact value of a number or of a decimal string (floats via repr, as the args are built)."""
+    if isinstance(x, bytes):
+        x = x.decode()
+    if isinstance(x, float):
+        x = repr(x)
+    return F(x)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Lease:
+    requests: Fraction
+    tokens: Fraction
+    start: Fraction  # its grant time: grants happen only now
+    expiry: Fraction
+
+
+@dataclass
+class Ticket:
+    requests: Fraction
+    tokens: Fraction
+    alive_until: Fraction
+    ttl: Fraction
+    fit: Fraction | None = None  # the fit time last announced to it as head
+
+
+Reply = tuple[list[Any], list[tuple[Any, ...]]]  # (reply fields, events published in order)
+
+
+@dataclass
+class BudgetModel:
+    """One budget as the Lua headers describe it. Times are Fractions of seconds of Redis time."""
+
+    request_rate: Fraction
+    token_rate: Fraction
+    burst: Fraction
+    max_concurrency: int
+    lease_ttl: Fraction
+
+    rt: Fraction = ZERO  # TAT of the request bucket
+    tt: Fraction = ZERO  # TAT of the token bucket
+    cu: Fraction = ZERO  # cooldown deadline
+    cl: int = 0  # backoff level
+    cr: Fraction = ZERO  # end of the quiet period
+    leases: dict[str, Lease] = field(default_factory=dict)
+    queue: dict[str, Ticket] = field(default_factory=dict)  # insertion order is FIFO order
+    stored: bool = False  # the keys exist (some operation other than status ran)
+
+    def reset(self) -> None:
+        self.rt = self.tt = self.cu = self.cr = ZERO
+        self.cl = 0
+        self.leases.clear()
+        self.queue.clear()
+        self.stored = False
+
+    # ---- one bucket: capacity C = rate * burst, level(t) = C - rate * max(0, TAT - t) ----------
+
+    def _level(self, tat: Fraction, rate: Fraction, now: Fraction) -> Fraction:
+        if rate == 0:
+            return ZERO
+        return rate * self.burst - rate * max(ZERO, tat - now)
+
+    def _fits_from(self, tat: Fraction, rate: Fraction, cost: Fraction, now: Fraction) -> Fraction:
+        """Earliest t >= now at which the bucket holds min(cost, C)."""
+        if rate == 0 or cost == 0:
+            return now
+        capacity = rate * self.burst
+        need = min(cost, capacity)
+        # capacity - rate * (tat - t) >= need  <=>  t >= tat - (capacity - need) / rate
+        return max(now, tat - (capacity - need) / rate)
+
+    def _fit(self, requests: Fraction, tokens: Fraction, now: Fraction) -> Fraction:
+        """Every limit at once, and never inside a pause."""
+        return max(
+            now,
+            self.cu,
+            self._fits_from(self.rt, self.request_rate, requests, now),
+            self._fits_from(self.tt, self.token_rate, tokens, now),
+        )
+
+    @staticmethod
+    def _give_back(tat: Fraction, rate: Fraction, amount: Fraction, now: Fraction) -> Fraction:
+        """Refund credit, never above capacity: the TAT does not go below now."""
+        if rate == 0 or tat <= now:
+            return tat
+        return max(now, tat - amount / rate)
+
+    # ---- leases and the queue -----------------------------------------------------------------
+
+    def _reap(self, now: Fraction) -> None:
+        """Leases whose expiry has come belong to dead holders; their charge stays."""
+        for lease_id in [i for i, lease in self.leases.items() if lease.expiry <= now]:
+            del self.leases[lease_id]
+
+    def _slot_free(self) -> bool:
+        return self.max_concurrency == 0 or len(self.leases) < self.max_concurrency
+
+    def _grant(self, lease_id: str, requests: Fraction, tokens: Fraction, now: Fraction) -> None:
+        """Charge every limited bucket now and hand out the lease."""
+        if self.request_rate:
+            self.rt = max(self.rt, now) + requests / self.request_rate
+        if self.token_rate:
+            self.tt = max(self.tt, now) + tokens / self.token_rate
+        self.leases[lease_id] = Lease(requests, tokens, now, now + self.lease_ttl)
+
+    def _head(self) -> str | None:
+        return next(iter(self.queue), None)
+
+    def _advance(self, now: Fraction, events: list[tuple[Any, ...]]) -> None:
+        """Only the head may be granted: every head that fits now is, in order; the first that does
+        not is told when it will fit (once per change of that time) and its ticket lives until
+        then plus its TTL. A dead head (not renewed in time) is dropped."""
+        while (head := self._head()) is not None:
+            ticket = self.queue[head]
+            if ticket.alive_until < now:
+                del self.queue[head]
+                continue
+            if not self._slot_free():
+                return
+            fit = self._fit(ticket.requests, ticket.tokens, now)
+            if fit <= now:
+                del self.queue[head]
+                self._grant(head, ticket.requests, ticket.tokens, now)
+                events.append(("g", head, now))
+                continue
+            if ticket.fit != fit:
+                ticket.fit = fit
+                ticket.alive_until = max(ticket.alive_until, fit + ticket.ttl)
+                events.append(("h", head, fit, now))
+            return
+
+    def _wait_hint(self, ticket_id: str, now: Fraction) -> Fraction:
+        """The head waiting for its rates: exactly until it fits; else a renewal interval, for the
+        head waiting for a slot no later than when the first lease would expire."""
+        ticket = self.queue[ticket_id]
+        is_head = self._head() == ticket_id
+        if is_head and ticket.fit is not None and ticket.fit > now:
+            return ticket.fit - now
+        hint = ticket.ttl / 2
+        if is_head and self.leases:
+            hint = min(hint, min(lease.expiry for lease in self.leases.values()) - now)
+        return max(F(1, 1000), hint)
+
+    def remembers(self, now: Fraction) -> list[str]:
+        """What the budget still has to remember at ``now`` (must be nothing when keys expire)."""
+        out = []
+        for what, t in (
+            ("request TAT", self.rt),
+            ("token TAT", self.tt),
+            ("cooldown", self.cu),
+            ("quiet period", self.cr),
+        ):
+            if t > now:
+                out.append(f"{what} {float(t):.6f} > now {float(now):.6f}")
+        out += [f"live lease {i}" for i, lease in self.leases.items() if lease.expiry > now]
+        out += [
+            f"live ticket {i} (alive until {float(t.alive_until):.6f})"
+            for i, t in self.queue.items()
+            if t.alive_until >= now
+        ]
+        return out
+
+    # ---- operations ---------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        now: Fraction,
+        lease_id: str,
+        requests: Fraction,
+        tokens: Fraction,
+        max_wait: Fraction | None,
+        may_queue: bool,
+        ticket_ttl: Fraction,
+    ) -> Reply:
+        events: list[tuple[Any, ...]] = []
+        self._reap(now)
+        self._advance(now, events)
+        self.stored = True
+        held = self.leases.get(lease_id)
+        if held is not None:
+            return ["granted", held.start, now, held.expiry], events
+        ticket = self.queue.get(lease_id)
+        if ticket is not None:  # a return: same place, renewed from now (or from its fit time)
+            ticket.alive_until = max(now, ticket.fit if ticket.fit is not None else now) + ticket.ttl
+            return ["queued", self._wait_hint(lease_id, now), now], events
+        if not self.queue and self._slot_free():
+            fit = self._fit(requests, tokens, now)
+            if fit <= now:
+                self._grant(lease_id, requests, tokens, now)
+                return ["granted", now, now, now + self.lease_ttl], events
+            if not may_queue or (max_wait is not None and fit - now > max_wait):
+                return ["refused", fit - now, now], events
+        elif not may_queue:
+            return ["refused", F(-1), now], events
+        self.queue[lease_id] = Ticket(requests, tokens, now + ticket_ttl, ticket_ttl)
+        self._advance(now, events)
+        return ["queued", self._wait_hint(lease_id, now), now], events
+
+    def settle(self, now: Fraction, lease_id: str, actual: Fraction | None) -> Reply:
+        events: list[tuple[Any, ...]] = []
+        self._reap(now)
+        self.stored = True
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            reply: list[Any] = ["unknown", ZERO, now]
+        elif actual is None:
+            reply = ["settled", ZERO, now]
+        else:
+            diff = lease.tokens - actual
+            if diff > 0:  # over-estimate: refund
+                self.tt = self._give_back(self.tt, self.token_rate, diff, now)
+            elif diff < 0 and self.token_rate:  # under-estimate: debt charged now
+                self.tt = max(self.tt, now) + (-diff) / self.token_rate
+            reply = ["settled", diff, now]
+        self._advance(now, events)
+        return reply, events
+
+    def cancel(self, now: Fraction, lease_id: str) -> Reply:
+        events: list[tuple[Any, ...]] = []
+        self._reap(now)
+        self.stored = True
+        if lease_id in self.queue:
+            del self.queue[lease_id]
+            reply: list[Any] = ["dequeued", now]
+        elif lease_id in self.leases:
+            lease = self.leases.pop(lease_id)
+            self.rt = self._give_back(self.rt, self.request_rate, lease.requests, now)
+            self.tt = self._give_back(self.tt, self.token_rate, lease.tokens, now)
+            reply = ["cancelled", now]
+        else:
+            reply = ["unknown", now]
+        self._advance(now, events)
+        return reply, events
+
+    def extend(self, now: Fraction, lease_id: str) -> Reply:
+        events: list[tuple[Any, ...]] = []
+        self._reap(now)
+        self._advance(now, events)
+        self.stored = True
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return ["lost", ZERO, now], events
+        lease.expiry = max(lease.expiry, now + self.lease_ttl)
+        return ["extended", lease.expiry, now], events
+
+    def cooldown(self, now: Fraction, retry_after: Fraction | None, policy: CooldownPolicy, draw: Fraction) -> Reply:
+        events: list[tuple[Any, ...]] = []
+        self._reap(now)
+        self.stored = True
+        if self.cu > now:  # a 429 of a call sent before this pause: same episode
+            level = self.cl
+        elif self.cr > now:  # within the quiet period after a pause: a repeat
+            level = self.cl + 1
+        else:
+            level = 0
+        pause = ZERO if retry_after is None else retry_after
+        if retry_after is None or level > 0:
+            pause = max(pause, min(frac(policy.max_backoff), frac(policy.base) * 2**level))
+        pause *= 1 + frac(policy.jitter) * draw
+        self.cu = max(self.cu, now + pause)  # never shortened
+        # the provider's bucket is empty now: zero credit now (level(now) = 0), debt kept
+        if self.request_rate:
+            self.rt = max(self.rt, now + self.burst)
+        if self.token_rate:
+            self.tt = max(self.tt, now + self.burst)
+        self.cl = level
+        self.cr = self.cu + frac(policy.quiet)  # the quiet period runs from the pause's end
+        self._advance(now, events)
+        events.append(("c", now, self.cu))
+        return ["cooldown", self.cu, now, level], events
+
+    def status(self, now: Fraction) -> list[Any]:
+        """Read-only: leases past expiry are not counted, dead tickets still are (not dropped yet)."""
+        return [
+            now,
+            self._level(self.rt, self.request_rate, now),
+            self._level(self.tt, self.token_rate, now),
+            sum(1 for lease in self.leases.values() if lease.expiry > now),
+            len(self.queue),
+            max(ZERO, self.cu - now),
+            self.cl,
+        ]
+
+
+def model_of(budget: Budget) -> BudgetModel:
+    return BudgetModel(
+        request_rate=frac(budget.request_rate or 0.0),
+        token_rate=frac(budget.token_rate or 0.0),
+        burst=frac(budget.burst),
+        max_concurrency=budget.max_concurrency or 0,
+        lease_ttl=frac(budget.lease_ttl),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing replies
+# --------------------------------------------------------------------------------------------
+
+
+def texts(raw: Any) -> list[str]:
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
+
+
+def assert_matches(what: str, got_raw: Any, want: list[Any], tol: Fraction) -> None:
+    got = texts(got_raw)
+    shown = [w if isinstance(w, str) else f"{float(w):.6f}" for w in want]
+    assert len(got) == len(want), f"{what}: got {got}, model {shown}"
+    for g, w in zip(got, want, strict=True):
+        if isinstance(w, str):
+            ok = g == w
+        elif isinstance(w, int):
+            ok = g == str(w)
+        else:
+            ok = abs(F(g) - w) <= tol
+        assert ok, f"{what}: got {got}, model {shown}"
+
+
+def assert_events(what: str, got: list[str], want: list[tuple[Any, ...]], tol: Fraction) -> None:
+    shown = [" ".join(x if isinstance(x, str) else f"{float(x):.6f}" for x in e) for e in want]
+    assert len(got) == len(want), f"{what} published {got}, model {shown}"
+    for g, w in zip(got, want, strict=True):
+        assert_matches(f"{what} published", g.split(), list(w), tol)
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic time for fakeredis
+# --------------------------------------------------------------------------------------------
+
+BASE = 1_700_000_000
+TICKS = 64  # the fake clock moves in 1/64 s: exact in binary and in six decimals
+
+
+class FakeClock:
+    """Stands in for the ``time`` module where fakeredis reads the wall clock."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def now(self) -> Fraction:
+        return BASE + F(self.ticks, TICKS)
+
+    def time(self) -> float:
+        return BASE + self.ticks / TICKS
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_time, name)
+
+
+CLOCK = FakeClock()
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    # TIME (the scripts' clock) and the per-command clock of key expiry both come from here.
+    monkeypatch.setattr(_fake_server_mixin, "time", CLOCK)
+    monkeypatch.setattr(_fake_socket_base, "time", CLOCK)
+    CLOCK.ticks = 0
+    return CLOCK
+
+
+# --------------------------------------------------------------------------------------------
+# The state machine
+# --------------------------------------------------------------------------------------------
+
+# Rates divide 64 and costs are whole, so cost / rate is a multiple of 1/64 s; bursts and TTLs
+# are multiples of 1/64 s too.
+SHAPES: dict[str, dict[str, Any]] = {
+    "requests-only": {"rps": 4, "burst": 0.0, "lease_ttl": 2.0},
+    "tokens-only-burst-mc2": {"tps": 64, "burst": 2.0, "max_concurrency": 2, "lease_ttl": 2.0},
+    "both-burst-mc2": {"rps": 2, "tps": 64, "burst": 0.5, "max_concurrency": 2, "lease_ttl": 2.0},
+    "both-burst0-mc1": {"rps": 2, "tps": 32, "burst": 0.0, "max_concurrency": 1, "lease_ttl": 1.5},
+    "both-burst-no-mc": {"rps": 4, "tps": 16, "burst": 1.0, "lease_ttl": 3.0},
+    "concurrency-only": {"max_concurrency": 2, "lease_ttl": 2.0},
+}
+
+# base and retry-after are multiples of 1/4 s and jitter * draw of 1/16: pauses stay exact
+POLICIES = st.builds(
+    CooldownPolicy,
+    base=st.sampled_from([0.25, 0.5, 1.0]),
+    max_backoff=st.sampled_from([1.0, 2.0, 4.0]),
+    quiet=st.sampled_from([0.0, 1.0, 2.0]),
+    jitter=st.sampled_from([0.0, 0.25, 0.5]),
+)
+RETRY_AFTER = st.sampled_from([None, 0.0, 0.25, 0.5, 1.0, 2.5])
+DRAWS = st.sampled_from([0.0, 0.25, 0.5, 0.75])
+MAX_WAIT = st.sampled_from([None, 0.0, 0.25, 1.0, 2.5])
+REQUESTS = st.sampled_from([0, 1, 1, 1, 2, 3])
+TOKENS = st.integers(0, 200)
+ACTUAL = st.none() | st.integers(0, 300)
+
+UNKNOWN = "never-acquired"
+EXACT = F(2, 10**6)  # six-decimal formatting of a wait of ticket_ttl / 2 is the only rounding
+
+
+class BudgetMachine(RuleBasedStateMachine):
+    shape: ClassVar[dict[str, Any]] = {}
+
+    ids = Bundle("ids")
+
+    def __init__(self) -> None:
+        super().__init__()
+        CLOCK.ticks = 0
+        self.client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        self.scripts = register(self.client)
+        self.budget = Budget("model", **self.shape)
+        self.keys = keys(self.budget)
+        self.model = model_of(self.budget)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(channel(self.budget))
+        self.policy = CooldownPolicy()
+        self.ticket_ttl = self.budget.lease_ttl
+        self.base_args = budget_args(self.budget)
+        self.costs: dict[str, tuple[int, int]] = {}
+        self.serial = 0
+
+    def teardown(self) -> None:
+        self.pubsub.close()
+        self.client.close()
+
+    @initialize(
+        policy=POLICIES,
+        ticket_ttl_share=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
+        idle_grace=st.sampled_from([10.0, 0.5]),
+    )
+    def configure(self, policy: CooldownPolicy, ticket_ttl_share: float, idle_grace: float) -> None:
+        self.policy = policy
+        self.ticket_ttl = self.budget.lease_ttl * ticket_ttl_share
+        # a short idle grace lets keys expire within a run (checked by _sync_expiry)
+        self.base_args = [*self.base_args[:6], _num(idle_grace), self.base_args[7]]
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    def _sync_expiry(self) -> None:
+        """Keys gone: the model must have had nothing left to remember, then forgets too."""
+        if self.model.stored and not self.client.exists(self.keys[0]):
+            now = CLOCK.now()
+            assert self.client.exists(*self.keys) == 0, "the budget's keys expired one by one"
+            left = list(self.model.remembers(now))
+            assert not left, f"keys expired at {float(now):.6f} while the budget remembers {left}"
+            self.model.reset()
+
+    def _run(self, op: str, argv: list[str]) -> Any:
+        self._sync_expiry()
+        return self.scripts[op](keys=self.keys, args=[*self.base_args, *argv])
+
+    def _events(self) -> list[str]:
+        out = []
+        while (msg := self.pubsub.get_message(timeout=0)) is not None:
+            if msg["type"] == "message":
+                out.append(msg["data"].decode())
+        return out
+
+    def _check(self, what: str, raw: Any, result: tuple[list[Any], list[tuple[Any, ...]]]) -> None:
+        want, events = result
+        assert_matches(what, raw, want, EXACT)
+        assert_events(what, self._events(), events, EXACT)
+
+    def _fresh(self) -> str:
+        self.serial += 1
+        return f"L{self.serial}"
+
+    def _acquire(self, lease_id: str, max_wait: float | None, may_queue: bool) -> None:
+        requests, tokens = self.costs[lease_id]
+        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, self.ticket_ttl)
+        raw = self._run("acquire", argv)
+        result = self.model.acquire(
+            CLOCK.now(),
+            lease_id,
+            F(requests),
+            F(tokens),
+            None if max_wait is None else frac(max_wait),
+            may_queue,
+            frac(self.ticket_ttl),
+        )
+        self._check(f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue})", raw, result)
+        reply, want = decode_acquire(raw), result[0]
+        assert reply.kind == want[0]
+        if reply.kind == "queued":
+            assert reply.wait == pytest.approx(float(want[1]), abs=1e-6)
+        elif reply.kind == "refused":
+            assert reply.retry_after == (None if want[1] < 0 else pytest.approx(float(want[1])))
+
+    # ---- rules ---------------------------------------------------------------------------------
+
+    @rule(target=ids, requests=REQUESTS, tokens=TOKENS, max_wait=MAX_WAIT, may_queue=st.booleans())
+    def acquire(self, requests: int, tokens: int, max_wait: float | None, may_queue: bool) -> str:
+        lease_id = self._fresh()
+        self.costs[lease_id] = (requests, tokens)
+        self._acquire(lease_id, max_wait, may_queue)
+        return lease_id
+
+    @rule(target=ids, requests=REQUESTS, tokens=TOKENS, max_wait=st.none() | MAX_WAIT)
+    def acquire_or_queue(self, requests: int, tokens: int, max_wait: float | None) -> str:
+        """The way the limiter acquires: queue for a slot when none is free."""
+        return self.acquire(requests, tokens, max_wait, True)
+
+    @rule(lease_id=ids, max_wait=MAX_WAIT)
+    def repoll(self, lease_id: str, max_wait: float | None) -> None:
+        """Acquire again with the same id: a queued ticket keeps its place, a lease is reported."""
+        self._acquire(lease_id, max_wait, True)
+
+    @rule(lease_id=ids | st.just(UNKNOWN), actual=ACTUAL)
+    def settle(self, lease_id: str, actual: int | None) -> None:
+        raw = self._run("settle", settle_args(lease_id, actual))
+        result = self.model.settle(CLOCK.now(), lease_id, None if actual is None else F(actual))
+        self._check(f"settle({lease_id}, {actual})", raw, result)
+        assert decode_settle(raw).settled == (result[0][0] == "settled")
+
+    @precondition(lambda self: self.model.leases)
+    @rule(data=st.data(), actual=ACTUAL)
+    def settle_held(self, data: st.DataObject, actual: int | None) -> None:
+        self.settle(data.draw(st.sampled_from(sorted(self.model.leases)), label="lease"), actual)
+
+    @precondition(lambda self: self.model.leases)
+    @rule(data=st.data(), actual=st.integers(0, 300))
+    def settle_held_with_usage(self, data: st.DataObject, actual: int) -> None:
+        self.settle(data.draw(st.sampled_from(sorted(self.model.leases)), label="lease"), actual)
+
+    @precondition(lambda self: self.model.leases)
+    @rule(data=st.data())
+    def extend_held(self, data: st.DataObject) -> None:
+        """A heartbeat."""
+        self.extend(data.draw(st.sampled_from(sorted(self.model.leases)), label="lease"))
+
+    @precondition(lambda self: self.model.leases or self.model.queue)
+    @rule(data=st.data())
+    def cancel_held_or_queued(self, data: st.DataObject) -> None:
+        ids = sorted(self.model.leases) + list(self.model.queue)
+        self.cancel(data.draw(st.sampled_from(ids), label="lease or ticket"))
+
+    @precondition(lambda self: self.model.queue)
+    @rule(data=st.data(), max_wait=MAX_WAIT)
+    def repoll_queued(self, data: st.DataObject, max_wait: float | None) -> None:
+        self.repoll(data.draw(st.sampled_from(list(self.model.queue)), label="ticket"), max_wait)
+
+    @precondition(lambda self: any(t.fit is not None and t.fit > CLOCK.now() for t in self.model.queue.values()))
+    @rule()
+    def head_returns_at_its_fit_time(self) -> None:
+        """The head was told when it fits: it sleeps exactly until then and comes back."""
+        head = next(iter(self.model.queue))
+        fit = self.model.queue[head].fit
+        if fit is not None and fit > CLOCK.now():
+            CLOCK.ticks = int((fit - BASE) * TICKS)
+            assert CLOCK.now() == fit
+        self._acquire(head, None, True)
+
+    @precondition(lambda self: self.model.queue)
+    @rule(late=st.integers(1, 3 * TICKS))
+    def head_returns_late(self, late: int) -> None:
+        """The head comes back some time after it was told to (or after its renewal time)."""
+        head = next(iter(self.model.queue))
+        ticket = self.model.queue[head]
+        since = ticket.fit if ticket.fit is not None and ticket.fit > CLOCK.now() else CLOCK.now()
+        CLOCK.ticks = int((since - BASE) * TICKS) + late
+        self._acquire(head, None, True)
+
+    @rule(lease_id=ids | st.just(UNKNOWN))
+    def cancel(self, lease_id: str) -> None:
+        raw = self._run("cancel", [lease_id])
+        self._check(f"cancel({lease_id})", raw, self.model.cancel(CLOCK.now(), lease_id))
+
+    @rule(lease_id=ids | st.just(UNKNOWN))
+    def extend(self, lease_id: str) -> None:
+        raw = self._run("extend", [lease_id])
+        self._check(f"extend({lease_id})", raw, self.model.extend(CLOCK.now(), lease_id))
+
+    @rule(retry_after=RETRY_AFTER, draw=DRAWS)
+    def cooldown(self, retry_after: float | None, draw: float) -> None:
+        raw = self._run("cooldown", cooldown_args(self.policy, retry_after, draw))
+        result = self.model.cooldown(
+            CLOCK.now(), None if retry_after is None else frac(retry_after), self.policy, frac(draw)
+        )
+        self._check(f"cooldown({retry_after}, draw={draw}, {self.policy})", raw, result)
+        assert decode_cooldown(raw).level == result[0][3]
+
+    @rule(ticks=st.integers(0, TICKS // 2) | st.integers(0, 3 * TICKS))
+    def advance(self, ticks: int) -> None:
+        CLOCK.ticks += ticks
+
+    @rule(ticks=st.integers(4 * TICKS, 12 * TICKS))
+    def idle(self, ticks: int) -> None:
+        """A longer silence: leases die, pauses and quiet periods end, keys may expire."""
+        CLOCK.ticks += ticks
+
+    @invariant()
+    def status_agrees(self) -> None:
+        raw = self._run("status", [])
+        want = self.model.status(CLOCK.now())
+        assert_matches("status", raw, want, EXACT)
+        assert decode_status(self.budget, raw).in_flight == want[3]
+        assert self._events() == [], "status published something"
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_lua_agrees_with_the_model(shape: str, fake_clock: FakeClock) -> None:
+    machine = type(f"Machine_{shape}", (BudgetMachine,), {"shape": SHAPES[shape]})
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=30,
+            stateful_step_count=35,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Where the scripts depart from their headers: deterministic reproductions
+# --------------------------------------------------------------------------------------------
+
+
+class Budgeted:
+    """One budget on a fresh fakeredis driven by the fake clock, for short fixed sequences."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        self.scripts = register(self.client)
+        self.budget = budget
+        self.args = budget_args(budget)  # idle grace: the library's own 10 s
+
+    def run(self, op: str, argv: list[str]) -> list[str]:
+        return texts(self.scripts[op](keys=keys(self.budget), args=[*self.args, *argv]))
+
+    def at(self, seconds: float) -> None:
+        CLOCK.ticks = round(seconds * TICKS)
+
+
+def test_keys_outlive_the_head_told_when_it_fits(fake_clock: FakeClock) -> None:
+    b = Budgeted(Budget("late-head", rps=1, max_concurrency=1, lease_ttl=30.0))
+    ttl = 30.0  # the limiter's default ticket_ttl: the budget's lease_ttl
+    b.at(0)
+    b.run("cooldown", cooldown_args(CooldownPolicy(jitter=0.0), 60.0, 0.0))  # paused until 60
+    assert b.run("acquire", acquire_args("a", 1, 0, None, True, ttl))[:2] == ["queued", "60.000000"]
+    # "a" is the head, told it fits at 60: its ticket lives until 60 + 30 = 90. The keys expire
+    # at 80 (the quiet period's end, 70, plus the 10 s idle grace).
+    b.at(82)
+    # A newcomer must not overtake the head: "a" is granted first and holds the only slot.
+    assert b.run("acquire", acquire_args("b", 1, 0, None, False, ttl))[0] == "refused"
+    b.at(85)
+    assert b.run("acquire", acquire_args("a", 1, 0, None, True, ttl))[0] == "granted"
+
+
+def test_keys_outlive_a_ticket_with_a_long_ttl(fake_clock: FakeClock) -> None:
+    b = Budgeted(Budget("long-ticket", max_concurrency=1, lease_ttl=2.0))
+    ttl = 30.0  # LimiterBase(ticket_ttl=30) with this budget sends exactly this
+    b.at(0)
+    assert b.run("acquire", acquire_args("a", 1, 0, None, True, ttl))[0] == "granted"
+    assert b.run("acquire", acquire_args("b", 1, 0, None, True, ttl))[0] == "queued"  # alive to 30
+    b.at(13)  # "a" died at 2 and nobody called since; the keys expired at 12
+    assert b.run("acquire", acquire_args("c", 1, 0, None, False, ttl))[0] == "refused"
+
+
+def test_control_the_keys_remember_the_head_within_the_grace(fake_clock: FakeClock) -> None:
+    b = Budgeted(Budget("late-head", rps=1, max_concurrency=1, lease_ttl=30.0))
+    b.at(0)
+    b.run("cooldown", cooldown_args(CooldownPolicy(jitter=0.0), 60.0, 0.0))
+    b.run("acquire", acquire_args("a", 1, 0, None, True, 30.0))
+    b.at(78)
+    assert b.run("acquire", acquire_args("b", 1, 0, None, False, 30.0))[0] == "refused"
+    assert b.run("acquire", acquire_args("a", 1, 0, None, True, 30.0))[0] == "granted"
+
+
+# --------------------------------------------------------------------------------------------
+# The real redis-server agrees with the model too
+# --------------------------------------------------------------------------------------------
+
+REAL_TOL = F(1, 10**4)  # Redis time in doubles near 1.8e9 s carries ~2e-7 s; levels are x rate
+NOW_FIELD = {"acquire": 2, "settle": 2, "cancel": 1, "extend": 2, "cooldown": 2, "status": 0}
+
+
+def test_real_redis_agrees_with_the_model(redis_url: str, name: str) -> None:
+    """A fixed sequence whose decisions all have margins of 0.1 s or more over the real time
+    that passes between its calls; the model runs at the ``now`` each reply reports."""
+    budget = Budget(name, rps=2, tps=100, burst=1.0, max_concurrency=2, lease_ttl=30.0)
+    policy = CooldownPolicy(base=1.0, max_backoff=8.0, quiet=5.0, jitter=0.5)
+    ttl = 30.0
+    model = model_of(budget)
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel(budget))
+    scripts = register(client)
+    published: list[tuple[Any, ...]] = []
+    kinds: list[str] = []
+
+    def step(op: str, argv: list[str], expect: Any = None) -> list[str]:
+        got = texts(scripts[op](keys=keys(budget), args=[*budget_args(budget), *argv]))
+        now = F(got[NOW_FIELD[op]])  # the model runs at the time Redis says it ran
+        want, events = (model.status(now), []) if op == "status" else expect(now)
+        assert_matches(f"{op}{argv}", got, want, REAL_TOL)
+        published.extend(events)
+        kinds.append(got[0] if op != "status" else "status")
+        return got
+
+    def acquire(lease_id: str, req: int, tok: int, max_wait: float | None, may_queue: bool) -> None:
+        step(
+            "acquire",
+            acquire_args(lease_id, req, tok, max_wait, may_queue, ttl),
+            lambda now: model.acquire(
+                now, lease_id, F(req), F(tok), None if max_wait is None else frac(max_wait), may_queue, frac(ttl)
+            ),
+        )
+
+    try:
+        step("status", [])
+        acquire("a", 1, 60, None, True)  # granted now
+        acquire("b", 1, 80, None, False)  # refused: its tokens fit in 0.4 s
+        acquire("b", 1, 80, 0.1, True)  # refused: beyond its max wait
+        acquire("b", 1, 80, None, True)  # queued as head, told it fits in 0.4 s
+        acquire("c", 1, 10, None, False)  # refused: a queue ahead
+        acquire("c", 1, 10, None, True)  # queued behind "b"
+        step(
+            "settle",
+            settle_args("a", 20),  # 40 tokens back: "b" is granted, "c" told its fit
+            lambda now: model.settle(now, "a", F(20)),
+        )
+        acquire("b", 1, 80, None, True)  # its lease
+        acquire("c", 1, 10, None, True)  # the head, waiting for its request
+        step("status", [])
+        step(
+            "cooldown",
+            cooldown_args(policy, 1.0, 0.5),  # paused 1.25 s: "c" told again
+            lambda now: model.cooldown(now, F(1), policy, F(1, 2)),
+        )
+        acquire("d", 1, 10, 0.5, True)  # queued behind "c" (max wait is for new heads only)
+        step("cancel", ["b"], lambda now: model.cancel(now, "b"))
+        step("extend", ["b"], lambda now: model.extend(now, "b"))
+        step("cancel", ["c"], lambda now: model.cancel(now, "c"))  # "d" becomes head
+        step("cancel", ["nobody"], lambda now: model.cancel(now, "nobody"))
+        step(
+            "cooldown",
+            cooldown_args(policy, None, 0.0),  # same episode: level 0, base 1 s
+            lambda now: model.cooldown(now, None, policy, ZERO),
+        )
+        step("settle", settle_args("b", 5), lambda now: model.settle(now, "b", F(5)))
+        acquire("d", 1, 10, None, True)
+        step("status", [])
+
+        assert kinds == [
+            "status",
+            "granted",
+            "refused",
+            "refused",
+            "queued",
+            "refused",
+            "queued",
+            "settled",
+            "granted",
+            "queued",
+            "status",
+            "cooldown",
+            "queued",
+            "cancelled",
+            "lost",
+            "dequeued",
+            "unknown",
+            "cooldown",
+            "unknown",
+            "queued",
+            "status",
+        ]
+        got_events: list[str] = []
+        deadline = _time.monotonic() + 5.0
+        while len(got_events) < len(published) and _time.monotonic() < deadline:
+            msg = pubsub.get_message(timeout=0.1)
+            if msg is not None and msg["type"] == "message":
+                got_events.append(msg["data"].decode())
+        assert {e[0] for e in published} == {"g", "h", "c"}
+        assert_events("the sequence", got_events, published, REAL_TOL)
+    finally:
+        pubsub.close()
+        client.delete(*keys(budget))
+        client.close()
