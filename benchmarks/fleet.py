@@ -2,7 +2,7 @@
 
 Same simulated provider, same job list, same processes x workers; the strategies run in turn:
   xflow  - one shared budget in Redis (AsyncLimiter), fleet-wide cooldown on 429
-  retry  - no limiter: retry each 429 after retry-after, else exponential backoff with jitter
+  retry  - no limiter: retry each 429 after exponential backoff with full jitter
   split  - a static split: each process limits itself in-process to 1/P of every limit (aiolimiter)
 
 Scenarios: tokens bind, requests bind, concurrency binds; each at P = 4 and P = 8.
@@ -44,10 +44,10 @@ def scenarios(quick: bool) -> list[tuple[Scenario, int]]:
             "requests", Limits(rpm=600, tpm=10_000_000), Latency(0.05, 0.0002), int(100 * scale) + 600,
             prompt_tokens=(10, 40), max_tokens=(8, 32),
         ),
-        # 8 slots, ~0.6-1.3 s a call: the provider's concurrency limit binds
+        # 8 slots, every call 0.8 s: the provider's concurrency limit binds (12 rounds of 8 calls)
         Scenario(
-            "concurrency", Limits(rpm=60_000, tpm=10_000_000, max_concurrency=8), Latency(0.5, 0.002),
-            int(100 * scale), max_tokens=(64, 384),
+            "concurrency", Limits(rpm=60_000, tpm=10_000_000, max_concurrency=8), Latency(0.8, 0.0),
+            96 if not quick else 48, max_tokens=(64, 384),
         ),
     ]  # fmt: skip
     return [(s, p) for s in base for p in (4, 8)]

@@ -92,8 +92,8 @@ def judge(stats: dict[str, Any], limits: Limits, latency: Latency) -> tuple[floa
         "requests": completed / (limits.rpm + limits.rpm / 60.0 * makespan) if makespan else 0.0,
     }
     if limits.max_concurrency:
-        need["concurrency"] = busy / limits.max_concurrency
-        use["concurrency"] = (need["concurrency"] + latency.base) / makespan if makespan else 0.0
+        need["concurrency"] = busy / limits.max_concurrency - latency.base  # the base is added below
+        use["concurrency"] = busy / (limits.max_concurrency * makespan) if makespan else 0.0
     binding = max(need, key=lambda k: need[k])
     ideal = need[binding] + latency.base
     return makespan, ideal, binding, use
@@ -178,12 +178,27 @@ def run_fleet(
     load_jobs(client, spec.jobs_key, jobs)
     ctx = multiprocessing.get_context("spawn")
     results: Any = ctx.Queue()
-    procs = [ctx.Process(target=worker_main, args=(spec, i, results), daemon=True) for i in range(spec.processes)]
+    ready: Any = ctx.Queue()
+    start = ctx.Event()
+    procs = [
+        ctx.Process(target=worker_main, args=(spec, i, results, ready, start), daemon=True)
+        for i in range(spec.processes)
+    ]
     reports: list[WorkerReport] = []
     watch = _watch(spec) if on_tick is not None and spec.strategy == "xflow" else None
     try:
         for p in procs:
             p.start()
+        lined_up = 0
+        ready_by = time.monotonic() + 120
+        while lined_up < len(procs) and time.monotonic() < ready_by:
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=tick)
+                lined_up += 1
+            if not any(p.is_alive() for p in procs):
+                break
+        reset_provider(spec.provider_url)  # a fresh provider, full buckets, for the run itself
+        start.set()
         deadline = time.monotonic() + spec.deadline + 30
         while len(reports) < len(procs) and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):

@@ -4,8 +4,8 @@ Used by ``xflow demo`` and ``benchmarks/fleet.py``. Each process runs ``concurre
 that pop jobs from a Redis list and call the provider under one of three strategies:
 
 - ``xflow``: one shared budget (``AsyncLimiter``), settling actual usage, fleet-wide cooldown on 429;
-- ``retry``: no limiter, retry each 429 after the provider's retry-after or an exponential backoff
-  with jitter (what the OpenAI SDK does);
+- ``retry``: no limiter, retry each 429 after an exponential backoff with full jitter (0.5 s
+  doubling per attempt, capped at 8 s), as tenacity-style retry decorators do;
 - ``split``: a static split, each process limiting itself in-process to 1/P of every limit
   (aiolimiter for rates, a semaphore for concurrency), retrying 429s like ``retry``.
 """
@@ -27,11 +27,11 @@ from ._tokens import estimate_messages_tokens
 Strategy = Literal["xflow", "retry", "split"]
 STRATEGIES: tuple[Strategy, ...] = ("xflow", "retry", "split")
 
-#: The provider's bucket is full while our first grants travel to it, so it loses the refill of that
+#: The provider's bucket is full while our first grant travels to it, so it loses the refill of that
 #: trip that our bucket keeps; a budget a fraction of a second smaller than the provider's minute
-#: starts that much lower and stays below it. A second covers the first trips of a fleet that is
-#: still starting its processes on two cores (about 1.7 % of a minute).
-DISPATCH_MARGIN = 1.0
+#: starts that much lower and stays below it. The fleet lines its processes up before it starts,
+#: so the first trip is short: a tenth of a second covers it (1/600 of the minute).
+DISPATCH_MARGIN = 0.1
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 
@@ -137,18 +137,20 @@ def retry_after_of(headers: Any) -> float | None:
     return None
 
 
-def backoff(attempt: int, retry_after: float | None, rng: random.Random) -> float:
-    """The SDK-style wait after a 429: the provider's hint, else exponential with full jitter."""
-    if retry_after is not None and retry_after <= 60:
-        return retry_after
-    return float(min(8.0, 0.5 * 2**attempt) * (0.5 + rng.random() / 2))
+def backoff(attempt: int, rng: random.Random) -> float:
+    """The baselines' wait after a 429: exponential with full jitter, not reading the provider."""
+    return float(min(8.0, 0.5 * 2**attempt) * rng.random())
 
 
-def worker_main(spec: FleetSpec, index: int, results: Any) -> None:
-    """Process entry point: work until the job list is empty, then report."""
+def worker_main(spec: FleetSpec, index: int, results: Any, ready: Any = None, start: Any = None) -> None:
+    """Process entry point: get ready, wait for the start, work until the job list is empty, report.
+
+    ``ready`` (a queue) and ``start`` (an event) line the fleet up, so that the run measures the
+    strategies rather than how long each process takes to import and connect.
+    """
     report = WorkerReport(index)
     try:
-        asyncio.run(_work(spec, report))
+        asyncio.run(_work(spec, report, ready, start))
     except KeyboardInterrupt:
         report.errors.append("interrupted")
     except Exception as exc:  # reported to the parent rather than lost in a child's stderr
@@ -156,7 +158,7 @@ def worker_main(spec: FleetSpec, index: int, results: Any) -> None:
     results.put(report.to_json())
 
 
-async def _work(spec: FleetSpec, report: WorkerReport) -> None:
+async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start: Any = None) -> None:
     import httpx
     import redis.asyncio
 
@@ -189,6 +191,14 @@ async def _work(spec: FleetSpec, report: WorkerReport) -> None:
 
     limit = httpx.Limits(max_connections=spec.concurrency + 4, max_keepalive_connections=spec.concurrency + 4)
     async with httpx.AsyncClient(base_url=spec.provider_url, timeout=120, limits=limit) as http:
+        await http.get("/stats")  # connected, and the HTTP stack warm
+        await jobs.ping()
+        if limiter is not None:
+            await limiter.status()  # scripts loaded, connection open
+        if ready is not None:
+            ready.put(report.index)
+        if start is not None:
+            await asyncio.to_thread(start.wait, spec.deadline)
 
         async def call(job: Job) -> httpx.Response:
             report.sent += 1
@@ -221,7 +231,7 @@ async def _work(spec: FleetSpec, report: WorkerReport) -> None:
                         reply = await call(job)
                     if reply.status_code == 429:
                         report.rejected += 1
-                        await asyncio.sleep(backoff(attempt, retry_after_of(reply.headers), rng))
+                        await asyncio.sleep(backoff(attempt, rng))
                         attempt += 1
                         continue
                     reply.raise_for_status()
