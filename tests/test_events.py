@@ -31,3 +31,20 @@ def test_a_fit_time_in_the_past_means_now() -> None:
 @pytest.mark.parametrize("data", [b"", b"x 1 2 3", b"g only a b", b"c a b", b"h id nan-ish 1", b"h id 1"])
 def test_unknown_or_broken_messages_are_ignored(data: bytes) -> None:
     assert parse(data) is None
+
+
+def test_mailroom_routes_notices_to_the_waiter_named_only() -> None:
+    import queue
+
+    from xflow_dist._events import Mailroom
+
+    mail: Mailroom[queue.SimpleQueue[object]] = Mailroom(queue.SimpleQueue)
+    inbox = mail.expect("a")
+    found = mail.route(b"g a 1.0")
+    assert found is not None
+    assert found[0] is inbox
+    assert found[1] == GrantNotice("a")
+    assert mail.route(b"g b 1.0") is None  # nobody here waits for b
+    assert mail.route(b"c 1.0 2.0") is None  # pauses are not for one waiter
+    mail.forget("a")
+    assert mail.route(b"h a 2.0 1.0") is None

@@ -28,7 +28,7 @@ from ._core import (
     decode_settle,
     decode_status,
 )
-from ._events import GrantNotice, HeadNotice, Notice, parse
+from ._events import Mailroom, Notice
 from ._exceptions import AcquireTimeout, BackendError
 from ._flow import RunScript, acquire_flow
 from ._lease import AsyncLease
@@ -42,7 +42,7 @@ class _Events:
 
     def __init__(self, pubsub: Any) -> None:
         self._pubsub = pubsub
-        self._inboxes: dict[str, asyncio.Queue[Notice]] = {}
+        self.mail: Mailroom[asyncio.Queue[Notice]] = Mailroom(asyncio.Queue)
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -70,19 +70,9 @@ class _Events:
                 continue
             if msg is None:
                 continue
-            notice = parse(msg["data"])
-            if isinstance(notice, GrantNotice | HeadNotice):
-                inbox = self._inboxes.get(notice.lease_id)
-                if inbox is not None:
-                    inbox.put_nowait(notice)
-
-    def expect(self, lease_id: str) -> asyncio.Queue[Notice]:
-        inbox: asyncio.Queue[Notice] = asyncio.Queue()
-        self._inboxes[lease_id] = inbox
-        return inbox
-
-    def forget(self, lease_id: str) -> None:
-        self._inboxes.pop(lease_id, None)
+            found = self.mail.route(msg["data"])
+            if found is not None:
+                found[0].put_nowait(found[1])
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -167,7 +157,7 @@ class AsyncLimiter(LimiterBase):
 
     async def _acquire(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
         hub = await self._hub()
-        inbox = hub.expect(lease_id)
+        inbox = hub.mail.expect(lease_id)
         flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
         try:
             step = next(flow)
@@ -187,7 +177,7 @@ class AsyncLimiter(LimiterBase):
             await self._cancel_quietly(lease_id)
             raise
         finally:
-            hub.forget(lease_id)
+            hub.mail.forget(lease_id)
         return self._hold(lease_id, requests, tokens)
 
     async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[AsyncLease]:

@@ -7,7 +7,11 @@ Times here are this process's ``time.monotonic()``: a message carries durations 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+Q = TypeVar("Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +56,31 @@ def parse(data: bytes | str, arrived: float | None = None) -> Notice | None:
     except (IndexError, ValueError):
         return None
     return None
+
+
+class Mailroom(Generic[Q]):
+    """Routes each notice about a ticket to the inbox of the acquirer waiting for it.
+
+    Both fronts keep one; the sync one makes ``queue.SimpleQueue`` inboxes, the async one
+    ``asyncio.Queue``.
+    """
+
+    def __init__(self, make: Callable[[], Q]) -> None:
+        self._make = make
+        self._inboxes: dict[str, Q] = {}
+
+    def expect(self, lease_id: str) -> Q:
+        inbox = self._inboxes[lease_id] = self._make()
+        return inbox
+
+    def forget(self, lease_id: str) -> None:
+        self._inboxes.pop(lease_id, None)
+
+    def route(self, data: bytes | str) -> tuple[Q, Notice] | None:
+        """The inbox a message is for, with its notice; None if nobody here waits for it."""
+        notice = parse(data)
+        if isinstance(notice, GrantNotice | HeadNotice):
+            inbox = self._inboxes.get(notice.lease_id)
+            if inbox is not None:
+                return inbox, notice
+        return None

@@ -26,7 +26,7 @@ from ._core import (
     decode_settle,
     decode_status,
 )
-from ._events import GrantNotice, HeadNotice, Notice, parse
+from ._events import Mailroom, Notice
 from ._exceptions import AcquireTimeout, BackendError
 from ._flow import AwaitNotice, RunScript, acquire_flow
 from ._lease import Lease
@@ -39,7 +39,7 @@ class _Events:
     """One subscriber thread per limiter: hands each queued acquirer the notices about its ticket."""
 
     def __init__(self, client: SyncClient, name: str) -> None:
-        self._inboxes: dict[str, queue.SimpleQueue[Notice]] = {}
+        self.mail: Mailroom[queue.SimpleQueue[Notice]] = Mailroom(queue.SimpleQueue)
         self._pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         self._pubsub.subscribe(**{name: self._on_message})
         deadline = time.monotonic() + 10.0
@@ -55,19 +55,9 @@ class _Events:
         time.sleep(0.5)
 
     def _on_message(self, message: dict[str, Any]) -> None:
-        notice = parse(message["data"])
-        if isinstance(notice, GrantNotice | HeadNotice):
-            inbox = self._inboxes.get(notice.lease_id)
-            if inbox is not None:
-                inbox.put(notice)
-
-    def expect(self, lease_id: str) -> queue.SimpleQueue[Notice]:
-        inbox: queue.SimpleQueue[Notice] = queue.SimpleQueue()
-        self._inboxes[lease_id] = inbox
-        return inbox
-
-    def forget(self, lease_id: str) -> None:
-        self._inboxes.pop(lease_id, None)
+        found = self.mail.route(message["data"])
+        if found is not None:
+            found[0].put(found[1])
 
     def close(self) -> None:
         self._thread.stop()
@@ -172,7 +162,7 @@ class Limiter(LimiterBase):
         """
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout)
         hub = self._hub()
-        inbox = hub.expect(lease_id)
+        inbox = hub.mail.expect(lease_id)
         flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
         try:
             step = next(flow)
@@ -189,7 +179,7 @@ class Limiter(LimiterBase):
             self._cancel_quietly(lease_id)
             raise
         finally:
-            hub.forget(lease_id)
+            hub.mail.forget(lease_id)
         return self._hold(lease_id, requests, tokens)
 
     @staticmethod
