@@ -22,6 +22,7 @@ from typing import Any, Literal
 import redis
 
 from ._budget import Budget
+from ._headers import parse_retry_after
 from ._tokens import estimate_messages_tokens
 
 Strategy = Literal["xflow", "retry", "split"]
@@ -120,23 +121,6 @@ def load_jobs(client: redis.Redis, key: str, jobs: list[Job]) -> None:
         client.rpush(key, *(json.dumps([j.id, j.prompt, j.max_tokens]) for j in chunk))
 
 
-def retry_after_of(headers: Any) -> float | None:
-    """The provider's wait hint: ``retry-after-ms`` when present, else ``retry-after`` seconds."""
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    seconds = headers.get("retry-after")
-    if seconds is not None:
-        try:
-            return max(0.0, float(seconds))
-        except ValueError:
-            return None
-    return None
-
-
 def backoff(attempt: int, rng: random.Random) -> float:
     """The baselines' wait after a 429: exponential with full jitter, not reading the provider."""
     return float(min(8.0, 0.5 * 2**attempt) * rng.random())
@@ -215,7 +199,7 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
                             await lease.report(actual_tokens=0)  # a rejected call uses no tokens
                             report.rejected += 1
                             report.cooldowns += 1
-                            await limiter.cooldown(retry_after=retry_after_of(reply.headers))
+                            await limiter.cooldown(retry_after=parse_retry_after(reply.headers))
                             continue
                         reply.raise_for_status()
                         used = int(reply.json()["usage"]["total_tokens"])
