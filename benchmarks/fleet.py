@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", action="append", type=int, choices=(4, 8))
     parser.add_argument("--strategy", action="append", choices=STRATEGIES)
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds one run may take at most")
+    parser.add_argument(
+        "--budget-scale", type=float, default=1.0, help="the shared budget's rates against the provider's (e.g. 1.3)"
+    )
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     chosen = [
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                         redis_url=redis_server.url,
                         limits=scenario.limits,
                         deadline=args.deadline,
+                        budget_scale=args.budget_scale,
                     )
                     result = run_fleet(spec, jobs, scenario.latency)
                     rows.append((scenario.name, processes, result))

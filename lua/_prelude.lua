@@ -9,8 +9,13 @@
 --                           cr      when the backoff level resets (end of the quiet period)
 --                           seq     last ticket sequence number handed to the waiting queue
 --                           qa      latest time a queued ticket is alive until (the keys outlive it)
+--                           kr, kt  requests and tokens taken off the levels so far by provider
+--                                   corrections (see settle.lua)
+--                           cq, ct  requests and tokens charged so far, all grants together
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
---   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start>": what the lease was charged
+--   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
+--                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
+--                           after, and the corrections and charges made by then
 --   KEYS[4] queue     ZSET  ticket id -> sequence number: FIFO of acquirers waiting for a slot
 --   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until> <ttl> <fit announced>"
 --
@@ -61,17 +66,19 @@ local function words(s)
 end
 
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa')
+  local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq', 'ct')
   return {
     rt = tonumber(v[1]) or 0, tt = tonumber(v[2]) or 0, cu = tonumber(v[3]) or 0,
     cl = tonumber(v[4]) or 0, cr = tonumber(v[5]) or 0, seq = tonumber(v[6]) or 0,
-    qa = tonumber(v[7]) or 0,
+    qa = tonumber(v[7]) or 0, kr = tonumber(v[8]) or 0, kt = tonumber(v[9]) or 0,
+    cq = tonumber(v[10]) or 0, ct = tonumber(v[11]) or 0,
   }
 end
 
 local function save_state(st)
   redis.call('HSET', K_STATE, 'rt', fmt(st.rt), 'tt', fmt(st.tt), 'cu', fmt(st.cu),
-    'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq, 'qa', fmt(st.qa))
+    'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq, 'qa', fmt(st.qa), 'kr', fmt(st.kr), 'kt', fmt(st.kt),
+    'cq', fmt(st.cq), 'ct', fmt(st.ct))
 end
 
 -- Earliest time a cost fits one bucket (see the header): when it holds min(cost, capacity).
@@ -98,6 +105,8 @@ end
 
 -- Charge every dimension now: all limits or none.
 local function charge(st, creq, ctok)
+  st.cq = st.cq + creq
+  st.ct = st.ct + ctok
   if RATE_REQ > 0 then
     st.rt = math.max(st.rt, NOW) + creq / RATE_REQ
   end
@@ -116,10 +125,20 @@ local function refund(st, creq, ctok)
   end
 end
 
+-- Credit in a bucket now (below zero: debt).
+local function level(tat, rate, burst)
+  if rate <= 0 then
+    return 0
+  end
+  return rate * burst - rate * math.max(0, tat - NOW)
+end
+
 local function grant(st, id, creq, ctok)
   charge(st, creq, ctok)
   redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, id)
-  redis.call('HSET', K_DATA, id, creq .. ' ' .. ctok .. ' ' .. fmt(NOW))
+  redis.call('HSET', K_DATA, id, creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
+    fmt(level(st.rt, RATE_REQ, BURST_REQ)) .. ' ' .. fmt(level(st.tt, RATE_TOK, BURST_TOK)) .. ' ' ..
+    fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct))
 end
 
 -- Leases past their expiry belong to dead holders: they stand charged at their estimate.

@@ -6,12 +6,6 @@
 --   cooldown seconds remaining, backoff level}. A level is credit left in the bucket (requests or
 --   tokens); below zero it is debt left by a cost larger than the burst credit.
 local st = load_state()
-local function level(tat, rate, burst)
-  if rate <= 0 then
-    return 0
-  end
-  return rate * burst - rate * math.max(0, tat - NOW)
-end
 return {
   fmt(NOW),
   fmt(level(st.rt, RATE_REQ, BURST_REQ)),

@@ -317,3 +317,30 @@ def test_a_cooldown_tells_the_head_its_later_fit(rclient: redis.Redis, name: str
     again = o.acquire(lease_id=waiting)[1]
     assert again.kind == "queued"
     assert again.now + again.wait == pytest.approx(c.until, abs=0.01)
+
+
+def _settle_seen(o: Ops, lid: str, actual: float, tokens_left: float) -> None:
+    o.run("settle", settle_args(lid, actual, None, tokens_left))
+
+
+def test_the_providers_word_corrects_the_level_down_once(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, tps=100, burst=10)  # 1,000 tokens of credit
+    a, _ = o.acquire(tokens=100)  # our level just after: 900
+    b, _ = o.acquire(tokens=100)  # our level just after: 800
+    before = o.status().tokens_available
+    # The provider had 600 left when it admitted a. It may have admitted b (granted later) first,
+    # so only 900 - 100 - 600, less one unit of its rounding, is surely a lead: 199.
+    _settle_seen(o, a, 100, 600)
+    after_a = o.status().tokens_available
+    assert after_a == pytest.approx(before - 199, abs=2)
+    # b: the provider had 500 left after it; 800 - 500 - 1 = 299 in all, 199 of it already taken
+    _settle_seen(o, b, 100, 500)
+    assert o.status().tokens_available == pytest.approx(before - 299, abs=2)
+
+
+def test_the_providers_word_never_raises_the_level(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, tps=100, burst=10)
+    a, _ = o.acquire(tokens=100)
+    before = o.status().tokens_available
+    _settle_seen(o, a, 100, 999)  # the provider had more than we thought: we stay as we are
+    assert o.status().tokens_available == pytest.approx(before, abs=1)

@@ -81,7 +81,20 @@ class LimiterBase:
     def _try_args(self, lease_id: str, requests: float, tokens: float) -> list[str]:
         return acquire_args(lease_id, requests, tokens, 0.0, False, self.ticket_ttl)
 
-    def _settle_args(self, lease_id: str, actual_tokens: float | None) -> list[str]:
+    def _settle_args(
+        self,
+        lease_id: str,
+        actual_tokens: float | None,
+        remaining_requests: float | None = None,
+        remaining_tokens: float | None = None,
+    ) -> list[str]:
+        for what, value in (("remaining_requests", remaining_requests), ("remaining_tokens", remaining_tokens)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0
+            ):
+                raise InvalidCostError(
+                    f"{what} must be finite and zero or more, not {value!r}", budget=self.budget.name
+                )
         if actual_tokens is not None and (
             isinstance(actual_tokens, bool)
             or not isinstance(actual_tokens, int | float)
@@ -93,7 +106,7 @@ class LimiterBase:
                 f"actual_tokens must be finite and zero or more, not {actual_tokens!r}",
                 budget=self.budget.name,
             )
-        return settle_args(lease_id, actual_tokens)
+        return settle_args(lease_id, actual_tokens, remaining_requests, remaining_tokens)
 
     def _cooldown_args(self, retry_after: float | None) -> list[str]:
         return cooldown_args(self.cooldown_policy, validate_retry_after(self.budget, retry_after))

@@ -79,9 +79,19 @@ def acquire_args(
     ]
 
 
-def settle_args(lease_id: str, actual_tokens: float | None) -> list[str]:
-    """ARGV[9..10] of ``settle.lua``."""
-    return [lease_id, "-1" if actual_tokens is None else _num(actual_tokens)]
+def settle_args(
+    lease_id: str,
+    actual_tokens: float | None,
+    remaining_requests: float | None = None,
+    remaining_tokens: float | None = None,
+) -> list[str]:
+    """ARGV[9..12] of ``settle.lua``: the usage, and what the provider said it had left."""
+    return [
+        lease_id,
+        "-1" if actual_tokens is None else _num(actual_tokens),
+        "-1" if remaining_requests is None else _num(remaining_requests),
+        "-1" if remaining_tokens is None else _num(remaining_tokens),
+    ]
 
 
 def cooldown_args(policy: CooldownPolicy, retry_after: float | None, draw: float | None = None) -> list[str]:

@@ -258,6 +258,7 @@ def fleet_spec(
     limits: Limits,
     deadline: float = 600.0,
     seed: int = 0,
+    budget_scale: float = 1.0,
 ) -> FleetSpec:
     return FleetSpec(
         strategy=strategy,
@@ -269,4 +270,5 @@ def fleet_spec(
         limits=limits,
         deadline=deadline,
         seed=seed,
+        budget_scale=budget_scale,
     )

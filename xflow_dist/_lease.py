@@ -48,9 +48,19 @@ class Lease(_LeaseState):
         super().__init__(lease_id, requests, tokens)
         self._limiter = limiter
 
-    def report(self, actual_tokens: float) -> SettleReply | None:
-        """Settle with the tokens really used (refund or debt) and free the slot; once only."""
-        argv = self._limiter._settle_args(self.id, actual_tokens)
+    def report(
+        self,
+        actual_tokens: float,
+        *,
+        remaining_requests: float | None = None,
+        remaining_tokens: float | None = None,
+    ) -> SettleReply | None:
+        """Settle with the tokens really used (refund or debt) and free the slot; once only.
+
+        ``remaining_*`` are what the provider said it had left when it admitted the call (its
+        ``x-ratelimit-remaining-*`` headers): the shared level is corrected down if it was ahead.
+        """
+        argv = self._limiter._settle_args(self.id, actual_tokens, remaining_requests, remaining_tokens)
         if not self._close():
             return None
         return self._limiter._finish(self, "settle", argv)
@@ -84,9 +94,19 @@ class AsyncLease(_LeaseState):
         super().__init__(lease_id, requests, tokens)
         self._limiter = limiter
 
-    async def report(self, actual_tokens: float) -> SettleReply | None:
-        """Settle with the tokens really used (refund or debt) and free the slot; once only."""
-        argv = self._limiter._settle_args(self.id, actual_tokens)
+    async def report(
+        self,
+        actual_tokens: float,
+        *,
+        remaining_requests: float | None = None,
+        remaining_tokens: float | None = None,
+    ) -> SettleReply | None:
+        """Settle with the tokens really used (refund or debt) and free the slot; once only.
+
+        ``remaining_*`` are what the provider said it had left when it admitted the call (its
+        ``x-ratelimit-remaining-*`` headers): the shared level is corrected down if it was ahead.
+        """
+        argv = self._limiter._settle_args(self.id, actual_tokens, remaining_requests, remaining_tokens)
         if not self._close():
             return None
         return await self._limiter._finish(self, "settle", argv)
