@@ -12,7 +12,8 @@ pass through untouched. Not yet here: a router to several budgets, tiktoken.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -115,11 +116,7 @@ class _AsyncLeasedStream(httpx.AsyncByteStream):
         try:
             await self._inner.aclose()
         finally:
-            kwargs = _settle_kwargs(self._response, self._scan.total)
-            if kwargs["actual_tokens"] is None:
-                await self._lease.release()
-            else:
-                await self._lease.report(**kwargs)
+            await _settle_async(self._lease, _settle_kwargs(self._response, self._scan.total))
 
 
 class _LeasedStream(httpx.SyncByteStream):
@@ -136,11 +133,7 @@ class _LeasedStream(httpx.SyncByteStream):
         try:
             self._inner.close()
         finally:
-            kwargs = _settle_kwargs(self._response, self._scan.total)
-            if kwargs["actual_tokens"] is None:
-                self._lease.release()
-            else:
-                self._lease.report(**kwargs)
+            _settle_sync(self._lease, _settle_kwargs(self._response, self._scan.total))
 
 
 def _decoded_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
@@ -153,6 +146,91 @@ def _with_stream(response: httpx.Response, stream: Any, request: httpx.Request) 
         response.status_code, headers=response.headers, stream=stream, request=request,
         extensions=response.extensions,
     )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Acquire:
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Send:
+    lease: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    response: httpx.Response
+
+
+@dataclass(frozen=True, slots=True)
+class _Settle:
+    lease: Any
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Cooldown:
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    """Hand the caller a streamed reply whose lease settles when the stream closes."""
+
+    lease: Any
+    response: httpx.Response
+
+
+_Step = _Acquire | _Send | _Read | _Settle | _Cooldown | _Hold
+
+
+def _call_flow(
+    request: httpx.Request, body: dict[str, Any], max_retries: int, default_max_tokens: int
+) -> Generator[_Step, Any, httpx.Response]:
+    """One budgeted call, written once for both transports: they run each step and send back
+    its result (the lease, the reply, the body read, the wrapped stream)."""
+    tokens = estimate_request(request.url.path, body, default_max_tokens=default_max_tokens)
+    attempt = 0
+    while True:
+        lease = yield _Acquire(tokens)
+        response: httpx.Response = yield _Send(lease)
+        if response.status_code == 429:
+            content: bytes = yield _Read(response)
+            yield _Settle(lease, {"actual_tokens": 0})  # rejected calls use no tokens
+            yield _Cooldown(parse_retry_after(response.headers))
+            if attempt < max_retries:
+                attempt += 1
+                continue
+            return _read_reply(response, content, request)
+        if body.get("stream") and response.status_code < 400:
+            held: httpx.Response = yield _Hold(lease, response)
+            return held
+        content = yield _Read(response)
+        used = _usage(content) if response.status_code < 400 else 0
+        yield _Settle(lease, _settle_kwargs(response, used))
+        return _read_reply(response, content, request)
+
+
+def _read_reply(response: httpx.Response, content: bytes, request: httpx.Request) -> httpx.Response:
+    return httpx.Response(
+        response.status_code, headers=_decoded_headers(response), content=content, request=request,
+        extensions=response.extensions,
+    )  # fmt: skip
+
+
+async def _settle_async(lease: AsyncLease, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("actual_tokens") is None:
+        await lease.release()
+    else:
+        await lease.report(**kwargs)
+
+
+def _settle_sync(lease: Lease, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("actual_tokens") is None:
+        lease.release()
+    else:
+        lease.report(**kwargs)
 
 
 class AsyncRateLimitedTransport(httpx.AsyncBaseTransport):
@@ -176,42 +254,35 @@ class AsyncRateLimitedTransport(httpx.AsyncBaseTransport):
         body = _limited(request)
         if body is None:
             return await self._inner.handle_async_request(request)
-        tokens = estimate_request(request.url.path, body, default_max_tokens=self.default_max_tokens)
-        for attempt in range(self.max_retries + 1):
-            lease = await self.limiter.acquire(tokens=tokens)
+        flow = _call_flow(request, body, self.max_retries, self.default_max_tokens)
+        step = next(flow)
+        try:
+            while True:
+                step = flow.send(await self._run(step, request))
+        except StopIteration as done:
+            reply: httpx.Response = done.value
+            return reply
+
+    async def _run(self, step: _Step, request: httpx.Request) -> Any:
+        if isinstance(step, _Acquire):
+            return await self.limiter.acquire(tokens=step.tokens)
+        if isinstance(step, _Send):
             try:
-                response = await self._inner.handle_async_request(request)
+                return await self._inner.handle_async_request(request)
             except BaseException:
-                await lease.release()  # the attempt may have reached the provider: it is charged
+                await step.lease.release()  # the attempt may have reached the provider: it is charged
                 raise
-            if response.status_code == 429:
-                content = await response.aread()
-                await response.aclose()
-                await lease.report(actual_tokens=0)  # rejected calls use no tokens
-                await self.limiter.cooldown(retry_after=parse_retry_after(response.headers))
-                if attempt < self.max_retries:
-                    continue
-                return httpx.Response(
-                    429, headers=_decoded_headers(response), content=content, request=request,
-                    extensions=response.extensions,
-                )  # fmt: skip
-            if body.get("stream") and response.status_code < 400:
-                stream = response.stream
-                assert isinstance(stream, httpx.AsyncByteStream)
-                return _with_stream(response, _AsyncLeasedStream(stream, lease, response), request)
-            content = await response.aread()
-            await response.aclose()
-            used = _usage(content) if response.status_code < 400 else 0
-            kwargs = _settle_kwargs(response, used)
-            if kwargs["actual_tokens"] is None:
-                await lease.release()
-            else:
-                await lease.report(**kwargs)
-            return httpx.Response(
-                response.status_code, headers=_decoded_headers(response), content=content, request=request,
-                extensions=response.extensions,
-            )  # fmt: skip
-        raise AssertionError("unreachable: the last attempt returns")
+        if isinstance(step, _Read):
+            content = await step.response.aread()
+            await step.response.aclose()
+            return content
+        if isinstance(step, _Settle):
+            return await _settle_async(step.lease, step.kwargs)
+        if isinstance(step, _Cooldown):
+            return await self.limiter.cooldown(retry_after=step.retry_after)
+        stream = step.response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        return _with_stream(step.response, _AsyncLeasedStream(stream, step.lease, step.response), request)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -237,42 +308,35 @@ class RateLimitedTransport(httpx.BaseTransport):
         body = _limited(request)
         if body is None:
             return self._inner.handle_request(request)
-        tokens = estimate_request(request.url.path, body, default_max_tokens=self.default_max_tokens)
-        for attempt in range(self.max_retries + 1):
-            lease = self.limiter.acquire(tokens=tokens)
+        flow = _call_flow(request, body, self.max_retries, self.default_max_tokens)
+        step = next(flow)
+        try:
+            while True:
+                step = flow.send(self._run(step, request))
+        except StopIteration as done:
+            reply: httpx.Response = done.value
+            return reply
+
+    def _run(self, step: _Step, request: httpx.Request) -> Any:
+        if isinstance(step, _Acquire):
+            return self.limiter.acquire(tokens=step.tokens)
+        if isinstance(step, _Send):
             try:
-                response = self._inner.handle_request(request)
+                return self._inner.handle_request(request)
             except BaseException:
-                lease.release()
+                step.lease.release()
                 raise
-            if response.status_code == 429:
-                content = response.read()
-                response.close()
-                lease.report(actual_tokens=0)
-                self.limiter.cooldown(retry_after=parse_retry_after(response.headers))
-                if attempt < self.max_retries:
-                    continue
-                return httpx.Response(
-                    429, headers=_decoded_headers(response), content=content, request=request,
-                    extensions=response.extensions,
-                )  # fmt: skip
-            if body.get("stream") and response.status_code < 400:
-                stream = response.stream
-                assert isinstance(stream, httpx.SyncByteStream)
-                return _with_stream(response, _LeasedStream(stream, lease, response), request)
-            content = response.read()
-            response.close()
-            used = _usage(content) if response.status_code < 400 else 0
-            kwargs = _settle_kwargs(response, used)
-            if kwargs["actual_tokens"] is None:
-                lease.release()
-            else:
-                lease.report(**kwargs)
-            return httpx.Response(
-                response.status_code, headers=_decoded_headers(response), content=content, request=request,
-                extensions=response.extensions,
-            )  # fmt: skip
-        raise AssertionError("unreachable: the last attempt returns")
+        if isinstance(step, _Read):
+            content = step.response.read()
+            step.response.close()
+            return content
+        if isinstance(step, _Settle):
+            return _settle_sync(step.lease, step.kwargs)
+        if isinstance(step, _Cooldown):
+            return self.limiter.cooldown(retry_after=step.retry_after)
+        stream = step.response.stream
+        assert isinstance(stream, httpx.SyncByteStream)
+        return _with_stream(step.response, _LeasedStream(stream, step.lease, step.response), request)
 
     def close(self) -> None:
         self._inner.close()
