@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+import tiktoken
 
-from xflow_dist import AsyncLimiter, Budget, Limiter
-from xflow_dist.httpx import AsyncRateLimitedTransport, RateLimitedTransport, estimate_request
+from xflow_dist import AsyncLimiter, Budget, ConfigurationError, Limiter, _tokens
+from xflow_dist._transport import _usage
+from xflow_dist.httpx import (
+    AsyncRateLimitedTransport,
+    Call,
+    NoRouteError,
+    RateLimitedTransport,
+    Router,
+    estimate_request,
+)
 from xflow_dist.simulator import SimulatorConfig, SimulatorServer
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
@@ -111,3 +123,125 @@ def test_sync_transport(sim: SimulatorServer, redis_url: str, name: str) -> None
                 assert lim.status().in_flight == 1
                 assert sum(1 for _ in streamed.iter_lines()) > 1
         assert lim.status().in_flight == 0
+
+
+def test_responses_api_input_items_and_nested_usage_are_understood() -> None:
+    items = {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "abcdabcd"}]}]}
+    assert estimate_request("/v1/responses", {**items, "max_output_tokens": 5}) == 2 + 5
+    assert _usage(b'{"type": "response.completed", "response": {"usage": {"total_tokens": 42}}}') == 42
+    assert _usage(b'{"usage": {"total_tokens": true}}') is None
+
+
+@pytest.fixture
+def byte_tokenizer(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A real tiktoken encoding in which every byte is a token: offline, and easy to count."""
+    encoding = tiktoken.Encoding(
+        "bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={}
+    )
+    monkeypatch.setattr(tiktoken, "encoding_for_model", lambda model: encoding)
+    monkeypatch.setattr(_tokens, "_tiktoken_failed", False)
+    _tokens.tiktoken_counter.cache_clear()
+    yield
+    _tokens.tiktoken_counter.cache_clear()
+
+
+@pytest.mark.usefixtures("byte_tokenizer")
+def test_tiktoken_counts_the_prompt_when_it_has_the_models_encoding() -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "twelve bytes"}], "max_tokens": 10}
+    assert estimate_request("/v1/chat/completions", body) == 3 + 4 + 12 + 10  # priming, framing, text, bound
+    assert estimate_request("/v1/embeddings", {"model": "e", "input": ["abc", "de"]}) == 5
+
+
+def test_without_tiktokens_encoding_the_heuristic_stands_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(model: str) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "encoding_for_model", offline)
+    monkeypatch.setattr(_tokens, "_tiktoken_failed", False)
+    _tokens.tiktoken_counter.cache_clear()
+    try:
+        assert estimate_request("/v1/embeddings", {"model": "e", "input": "twelve bytes"}) == 3
+        assert _tokens._tiktoken_failed  # and it is not asked again
+    finally:
+        _tokens.tiktoken_counter.cache_clear()
+
+
+def test_a_tokenizer_given_to_the_transport_is_used(redis_url: str, name: str) -> None:
+    seen: list[str] = []
+
+    def count(text: str) -> int:
+        seen.append(text)
+        return 100
+
+    body = {"model": "m", "input": "hello"}
+    assert estimate_request("/v1/embeddings", body, tokenizer=count) == 100
+    assert seen == ["hello"]
+
+
+def test_the_router_tries_choose_then_models_then_hosts_then_default() -> None:
+    def choose(call: Call) -> str | None:
+        return "chosen" if call.body.get("user") == "vip" else None
+
+    router = Router({"gpt-4o": "exact", "gpt-4o*": "pattern"}, {"api.example.com": "host"}, choose=choose)
+    call = Call("gpt-4o", "other.host", "/v1/chat/completions", {})
+    assert router.route(call) == "exact"
+    assert router.route(Call("gpt-4o-mini", "other.host", "/v1/chat/completions", {})) == "pattern"
+    assert router.route(Call("o3", "API.example.com", "/v1/chat/completions", {})) == "host"
+    assert router.route(Call("gpt-4o", "x", "/v1/chat/completions", {"user": "vip"})) == "chosen"
+    with pytest.raises(NoRouteError, match="o3"):
+        router.route(Call("o3", "other.host", "/v1/chat/completions", {}))
+    assert Router({"a": "x"}, default="d").route(Call(None, "h", "/", {})) == "d"
+    with pytest.raises(ConfigurationError):
+        Router()
+
+
+def test_an_unrouted_call_is_refused_before_it_spends_or_goes_out(
+    sim: SimulatorServer, redis_url: str, name: str
+) -> None:
+    with Limiter(Budget(name, rpm=60, burst=60), redis_url) as lim:
+        transport = RateLimitedTransport(Router({"only-this": lim}))
+        with httpx.Client(transport=transport, base_url=sim.url) as client, pytest.raises(NoRouteError):
+            client.post("/v1/chat/completions", json=CHAT)
+        assert lim.status().requests_available == pytest.approx(60, abs=0.1)
+    assert sim.stats()["requests"]["completed"] == 0
+
+
+def _wait_until(check: object, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_stream_the_caller_drops_unclosed_settles_when_collected(
+    sim: SimulatorServer, redis_url: str, name: str
+) -> None:
+    body = {**CHAT, "max_tokens": 200, "stream": True}
+    lim = Limiter(Budget(name, tpm=60_000, burst=60, max_concurrency=1), redis_url)
+    with lim, httpx.Client(transport=RateLimitedTransport(lim), base_url=sim.url) as client:
+        reply = client.send(client.build_request("POST", "/v1/chat/completions", json=body), stream=True)
+        next(reply.iter_bytes())
+        assert lim.status().in_flight == 1
+        del reply  # never closed: the caller just forgets it
+        gc.collect()
+        assert _wait_until(lambda: lim.status().in_flight == 0)
+        assert lim.acquire(tokens=1, timeout=5).release() is not None  # and the slot is usable again
+
+
+async def test_an_async_stream_dropped_unclosed_settles_on_its_loop(
+    sim: SimulatorServer, redis_url: str, name: str
+) -> None:
+    body = {**CHAT, "max_tokens": 200, "stream": True}
+    lim = AsyncLimiter(Budget(name, tpm=60_000, burst=60, max_concurrency=1), redis_url)
+    async with lim, httpx.AsyncClient(transport=AsyncRateLimitedTransport(lim), base_url=sim.url) as client:
+        reply = await client.send(client.build_request("POST", "/v1/chat/completions", json=body), stream=True)
+        assert (await lim.status()).in_flight == 1
+        del reply
+        gc.collect()
+        for _ in range(500):  # bounded: up to 10 s
+            if (await lim.status()).in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await lim.status()).in_flight == 0

@@ -1,0 +1,434 @@
+"""One budgeted LLM call, written once for httpx and httpx2 and for the sync and async transports.
+
+The two HTTP libraries share an API under different module names (openai 1.x/2.x use ``httpx``,
+3.x ``httpx2``), so everything here takes the module as ``http`` and only ``xflow_dist.httpx`` and
+``xflow_dist.httpx2`` bind it. ``_call_flow`` is the whole policy as a generator of steps; each
+transport runs the steps with its own I/O and sends back the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, ClassVar, Generic, TypeVar
+
+from ._async_limiter import AsyncLimiter
+from ._headers import parse_limit_headers, parse_retry_after
+from ._lease import AsyncLease, Lease
+from ._limiter import Limiter
+from ._router import Call, Router
+from ._tokens import TokenCounter, estimate_messages_tokens, estimate_text_tokens, tiktoken_counter
+
+__all__ = ["AsyncTransportCore", "SyncTransportCore", "estimate_request"]
+
+_PATHS = ("/chat/completions", "/completions", "/embeddings", "/responses")
+
+L = TypeVar("L")
+
+
+def _counter(model: object, tokenizer: TokenCounter | None) -> TokenCounter:
+    if tokenizer is not None:
+        return tokenizer
+    return tiktoken_counter(model if isinstance(model, str) else None) or estimate_text_tokens
+
+
+def _text_tokens(value: Any, count: TokenCounter) -> int:
+    """Tokens of a prompt or input: a string, a list of them, or message items with text parts."""
+    if isinstance(value, str):
+        return count(value)
+    if isinstance(value, list):
+        return sum(_text_tokens(v, count) for v in value)
+    if isinstance(value, Mapping):
+        return sum(_text_tokens(value.get(key), count) for key in ("content", "text", "input"))
+    return 0
+
+
+def _bound(body: Mapping[str, Any], default: int) -> int:
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return default
+
+
+def estimate_request(
+    path: str, body: Mapping[str, Any], *, default_max_tokens: int = 1024, tokenizer: TokenCounter | None = None
+) -> int:
+    """What the provider charges at admission: prompt tokens plus the output bound (``max_tokens``,
+    ``max_completion_tokens`` or ``max_output_tokens``, else ``default_max_tokens``) times ``n``;
+    embeddings have no output. Prompt tokens are ``tokenizer``'s count if given, else tiktoken's
+    for the body's model where it is installed and has the encoding, else 4 bytes a token."""
+    count = _counter(body.get("model"), tokenizer)
+    if path.endswith("/embeddings"):
+        return max(1, _text_tokens(body.get("input"), count))
+    messages = body.get("messages") if path.endswith("/chat/completions") else body.get("input")
+    if isinstance(messages, list) and messages and all(isinstance(m, Mapping) for m in messages):
+        prompt = estimate_messages_tokens(messages, count) if path.endswith("/chat/completions") else (
+            _text_tokens(messages, count)
+        )  # fmt: skip
+    else:
+        prompt = _text_tokens(body.get("prompt", body.get("input")), count)
+    n = body.get("n", 1)
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+    return prompt + _bound(body, default_max_tokens) * n
+
+
+def _limited(http: Any, request: Any) -> dict[str, Any] | None:
+    """The JSON body of a request to budget, or None for one to pass through."""
+    if request.method != "POST" or not request.url.path.endswith(_PATHS):
+        return None
+    try:
+        body = json.loads(request.content or b"{}")
+    except (ValueError, http.RequestNotRead):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _usage(data: bytes) -> int | None:
+    """``usage.total_tokens`` of a reply or a stream event (the Responses API nests it in ``response``)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    usage = doc.get("usage")
+    if not isinstance(usage, dict) and isinstance(doc.get("response"), dict):
+        usage = doc["response"].get("usage")
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return int(total) if isinstance(total, int | float) and not isinstance(total, bool) else None
+
+
+class _UsageScanner:
+    """Finds the last ``usage`` in a server-sent event stream, chunk by chunk."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.total: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            line = line.strip()
+            if line.startswith(b"data:") and b'"usage"' in line:
+                found = _usage(line[5:].strip())
+                if found is not None:
+                    self.total = found
+
+
+def _settle_kwargs(response: Any, used: int | None) -> dict[str, Any]:
+    facts = parse_limit_headers(response.headers)
+    return {
+        "actual_tokens": used,
+        "remaining_requests": facts.requests_remaining,
+        "remaining_tokens": facts.tokens_remaining,
+    }
+
+
+def _settle_sync(lease: Lease, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("actual_tokens") is None:
+        lease.release()
+    else:
+        lease.report(**kwargs)
+
+
+async def _settle_async(lease: AsyncLease, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("actual_tokens") is None:
+        await lease.release()
+    else:
+        await lease.report(**kwargs)
+
+
+# -- streamed replies: the lease is held until the stream closes, or until it is garbage --
+
+_ORPHANS: set[asyncio.Task[None]] = set()
+
+
+def _abandon_sync(inner: Any, lease: Lease, kwargs: dict[str, Any]) -> None:
+    """The caller dropped a stream without closing it: close it and settle, from the collector."""
+    try:
+        inner.close()
+    finally:
+        _settle_sync(lease, kwargs)
+
+
+async def _settle_orphan(inner: Any, lease: AsyncLease, kwargs: dict[str, Any]) -> None:
+    try:
+        await inner.aclose()
+    finally:
+        await _settle_async(lease, kwargs)
+
+
+def _abandon_async(loop: asyncio.AbstractEventLoop, inner: Any, lease: AsyncLease, kwargs: dict[str, Any]) -> None:
+    """As ``_abandon_sync``, but the settle must run on the lease's loop, which may be another thread's."""
+    if loop.is_closed():
+        return  # the limiter's loop is gone: the lease expires by its TTL
+
+    def spawn() -> None:
+        task = loop.create_task(_settle_orphan(inner, lease, kwargs))
+        _ORPHANS.add(task)
+        task.add_done_callback(_ORPHANS.discard)
+
+    loop.call_soon_threadsafe(spawn)
+
+
+class _SyncLeased:
+    def __init__(self, inner: Any, lease: Lease, response: Any) -> None:
+        self._inner, self._lease = inner, lease
+        self._kwargs = _settle_kwargs(response, None)
+        self._scan = _UsageScanner()
+        self._abandoned = weakref.finalize(self, _abandon_sync, inner, lease, self._kwargs)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            self._scan.feed(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self._abandoned.detach()
+        try:
+            self._inner.close()
+        finally:
+            _settle_sync(self._lease, {**self._kwargs, "actual_tokens": self._scan.total})
+
+
+class _AsyncLeased:
+    def __init__(self, inner: Any, lease: AsyncLease, response: Any) -> None:
+        self._inner, self._lease = inner, lease
+        self._kwargs = _settle_kwargs(response, None)
+        self._scan = _UsageScanner()
+        loop = asyncio.get_running_loop()
+        self._abandoned = weakref.finalize(self, _abandon_async, loop, inner, lease, self._kwargs)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._scan.feed(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        self._abandoned.detach()
+        try:
+            await self._inner.aclose()
+        finally:
+            await _settle_async(self._lease, {**self._kwargs, "actual_tokens": self._scan.total})
+
+
+@cache
+def _stream_class(logic: type, base: type) -> type:
+    """``logic`` bound to one library's stream base class, which its responses check for."""
+    return type(f"Leased{base.__name__}", (logic, base), {})
+
+
+# -- the call flow --
+
+
+@dataclass(frozen=True, slots=True)
+class _Acquire:
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Send:
+    lease: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    response: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Settle:
+    lease: Any
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Cooldown:
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    """Hand the caller a streamed reply whose lease settles when the stream closes."""
+
+    lease: Any
+    response: Any
+
+
+_Step = _Acquire | _Send | _Read | _Settle | _Cooldown | _Hold
+
+
+def _decoded_headers(response: Any) -> list[tuple[bytes, bytes]]:
+    """The headers of a reply whose body was read (and so decoded): no encoding, no length."""
+    return [(k, v) for k, v in response.headers.raw if k.lower() not in (b"content-encoding", b"content-length")]
+
+
+def _call_flow(
+    http: Any, request: Any, body: dict[str, Any], tokens: int, max_retries: int
+) -> Generator[_Step, Any, Any]:
+    """One budgeted call: acquire, send, settle; on 429 settle at zero, cool the fleet down and
+    retry within ``max_retries``, each attempt acquiring (and so charged) again."""
+    attempt = 0
+    while True:
+        lease = yield _Acquire(tokens)
+        response = yield _Send(lease)
+        if response.status_code == 429:
+            content: bytes = yield _Read(response)
+            yield _Settle(lease, _settle_kwargs(response, 0))  # rejected calls use no tokens
+            yield _Cooldown(parse_retry_after(response.headers))
+            if attempt < max_retries:
+                attempt += 1
+                continue
+            return _read_reply(http, response, content, request)
+        if body.get("stream") and response.status_code < 400:
+            return (yield _Hold(lease, response))
+        content = yield _Read(response)
+        used = _usage(content) if response.status_code < 400 else 0
+        yield _Settle(lease, _settle_kwargs(response, used))
+        return _read_reply(http, response, content, request)
+
+
+def _read_reply(http: Any, response: Any, content: bytes, request: Any) -> Any:
+    return http.Response(
+        response.status_code, headers=_decoded_headers(response), content=content, request=request,
+        extensions=response.extensions,
+    )  # fmt: skip
+
+
+class _TransportCore(Generic[L]):
+    """What both transports hold: where calls go, how they are routed and estimated."""
+
+    http: ClassVar[Any]
+
+    def __init__(
+        self,
+        limiter: L | Router[L],
+        transport: Any = None,
+        *,
+        max_retries: int = 3,
+        default_max_tokens: int = 1024,
+        tokenizer: TokenCounter | None = None,
+    ) -> None:
+        self.router: Router[L] = limiter if isinstance(limiter, Router) else Router(default=limiter)
+        self.max_retries = max_retries
+        self.default_max_tokens = default_max_tokens
+        self.tokenizer = tokenizer
+        self._inner = transport if transport is not None else self._default_transport()
+
+    def _default_transport(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def limiter(self) -> L:
+        """The default limiter (the only one, when the transport was given a limiter, not a router)."""
+        if self.router.default is None:
+            raise AttributeError("this transport routes calls to several limiters and has no default")
+        return self.router.default
+
+    def _plan(self, request: Any, body: dict[str, Any]) -> tuple[L, Generator[_Step, Any, Any]]:
+        model = body.get("model")
+        call = Call(model if isinstance(model, str) else None, request.url.host, request.url.path, body)
+        limiter = self.router.route(call)
+        tokens = estimate_request(
+            request.url.path, body, default_max_tokens=self.default_max_tokens, tokenizer=self.tokenizer
+        )
+        return limiter, _call_flow(self.http, request, body, tokens, self.max_retries)
+
+
+class SyncTransportCore(_TransportCore[Limiter]):
+    """The blocking transport, for any httpx-like module set as ``http``."""
+
+    def _default_transport(self) -> Any:
+        return self.http.HTTPTransport()
+
+    def handle_request(self, request: Any) -> Any:
+        body = _limited(self.http, request)
+        if body is None:
+            return self._inner.handle_request(request)
+        limiter, flow = self._plan(request, body)
+        step = next(flow)
+        try:
+            while True:
+                step = flow.send(self._run(limiter, step, request))
+        except StopIteration as done:
+            return done.value
+
+    def _run(self, limiter: Limiter, step: _Step, request: Any) -> Any:
+        if isinstance(step, _Acquire):
+            return limiter.acquire(tokens=step.tokens)
+        if isinstance(step, _Send):
+            try:
+                return self._inner.handle_request(request)
+            except BaseException:
+                step.lease.release()  # the attempt may have reached the provider: it is charged
+                raise
+        if isinstance(step, _Read):
+            try:
+                return step.response.read()
+            finally:
+                step.response.close()
+        if isinstance(step, _Settle):
+            return _settle_sync(step.lease, step.kwargs)
+        if isinstance(step, _Cooldown):
+            return limiter.cooldown(retry_after=step.retry_after)
+        stream = _stream_class(_SyncLeased, self.http.SyncByteStream)(step.response.stream, step.lease, step.response)
+        return self.http.Response(
+            step.response.status_code, headers=step.response.headers, stream=stream, request=request,
+            extensions=step.response.extensions,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class AsyncTransportCore(_TransportCore[AsyncLimiter]):
+    """The asyncio transport, for any httpx-like module set as ``http``."""
+
+    def _default_transport(self) -> Any:
+        return self.http.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: Any) -> Any:
+        body = _limited(self.http, request)
+        if body is None:
+            return await self._inner.handle_async_request(request)
+        limiter, flow = self._plan(request, body)
+        step = next(flow)
+        try:
+            while True:
+                step = flow.send(await self._run(limiter, step, request))
+        except StopIteration as done:
+            return done.value
+
+    async def _run(self, limiter: AsyncLimiter, step: _Step, request: Any) -> Any:
+        if isinstance(step, _Acquire):
+            return await limiter.acquire(tokens=step.tokens)
+        if isinstance(step, _Send):
+            try:
+                return await self._inner.handle_async_request(request)
+            except BaseException:
+                await step.lease.release()
+                raise
+        if isinstance(step, _Read):
+            try:
+                return await step.response.aread()
+            finally:
+                await step.response.aclose()
+        if isinstance(step, _Settle):
+            return await _settle_async(step.lease, step.kwargs)
+        if isinstance(step, _Cooldown):
+            return await limiter.cooldown(retry_after=step.retry_after)
+        cls = _stream_class(_AsyncLeased, self.http.AsyncByteStream)
+        stream = cls(step.response.stream, step.lease, step.response)
+        return self.http.Response(
+            step.response.status_code, headers=step.response.headers, stream=stream, request=request,
+            extensions=step.response.extensions,
+        )  # fmt: skip
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

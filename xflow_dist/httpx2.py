@@ -1,0 +1,29 @@
+"""The transports of :mod:`xflow_dist.httpx` for httpx2, the HTTP library of the openai SDK 3.x.
+
+``OpenAI(http_client=httpx2.Client(transport=RateLimitedTransport(limiter)))``; everything else,
+routing and settling included, is as documented for httpx.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import ClassVar
+
+import httpx2
+
+from ._router import Call, NoRouteError, Router
+from ._transport import AsyncTransportCore, SyncTransportCore, estimate_request
+
+__all__ = ["AsyncRateLimitedTransport", "Call", "NoRouteError", "RateLimitedTransport", "Router", "estimate_request"]
+
+
+class AsyncRateLimitedTransport(AsyncTransportCore, httpx2.AsyncBaseTransport):
+    """``httpx2.AsyncClient(transport=AsyncRateLimitedTransport(limiter_or_router))``."""
+
+    http: ClassVar[ModuleType] = httpx2
+
+
+class RateLimitedTransport(SyncTransportCore, httpx2.BaseTransport):
+    """``httpx2.Client(transport=RateLimitedTransport(limiter_or_router))``."""
+
+    http: ClassVar[ModuleType] = httpx2
