@@ -12,6 +12,7 @@ from ._exceptions import (
     ConfigurationError,
     CostTooLargeError,
     InvalidCostError,
+    NoRouteError,
     XflowError,
 )
 from ._lease import AsyncLease, Lease
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidCostError",
     "Lease",
     "Limiter",
+    "NoRouteError",
     "SettleReply",
     "Status",
     "XflowError",

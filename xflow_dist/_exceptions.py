@@ -2,10 +2,14 @@
 
     XflowError
     ├── ConfigurationError        bad budget, policy or setting (also a ValueError)
+    │   └── NoRouteError          a transport's Router has no budget for a call
     ├── InvalidCostError          negative, NaN or infinite cost (also a ValueError)
     │   └── CostTooLargeError     a cost no bucket of the budget can ever hold
     ├── AcquireTimeout            no grant before the deadline (also a TimeoutError)
-    └── BackendError              Redis failed or could not be reached
+    ├── BackendError              Redis failed or could not be reached
+    ├── RetryException            raised by a call to have compat's auto_backoff retry it
+    ├── OutsideTaskError          report_token_usage outside a compat task (also a RuntimeError)
+    └── InvalidTaskError          not a coroutine where compat must own one (also a TypeError)
 
 Every error names the budget it concerns where there is one; waits carry ``retry_after``.
 """
@@ -18,6 +22,10 @@ __all__ = [
     "ConfigurationError",
     "CostTooLargeError",
     "InvalidCostError",
+    "InvalidTaskError",
+    "NoRouteError",
+    "OutsideTaskError",
+    "RetryException",
     "XflowError",
 ]
 
@@ -52,3 +60,26 @@ class AcquireTimeout(XflowError, TimeoutError):
 
 class BackendError(XflowError):
     """Redis failed, was unreachable, or answered something unexpected."""
+
+
+class NoRouteError(ConfigurationError):
+    """A call to an LLM endpoint matched no route of a transport's Router, which has no default."""
+
+
+class RetryException(XflowError):
+    """Raised by a call to have ``xflow_dist.compat.auto_backoff`` retry it (XtremeFlow's name).
+
+    ``retry_after`` is the provider's wait in seconds; None lets the decorator's backoff decide.
+    """
+
+    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OutsideTaskError(XflowError, RuntimeError):
+    """A per-task call (``report_token_usage``) made outside a task started by a compat scheduler."""
+
+
+class InvalidTaskError(XflowError, TypeError):
+    """Not a coroutine where one is needed: ``start_task`` and ``kv_batch`` must own what they run."""

@@ -7,15 +7,11 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Generic, TypeVar
 
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, NoRouteError
 
 __all__ = ["Call", "NoRouteError", "Router"]
 
 L = TypeVar("L")
-
-
-class NoRouteError(ConfigurationError):
-    """A call to an LLM endpoint matched no route and the router has no default."""
 
 
 @dataclass(frozen=True, slots=True)

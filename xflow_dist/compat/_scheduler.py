@@ -1,0 +1,415 @@
+"""XtremeFlow's schedulers over a shared budget: the same calls, one budget for the whole fleet.
+
+A task started by ``start_task`` acquires requests, tokens and a concurrency slot jointly from an
+``AsyncLimiter`` before its coroutine runs; ``report_token_usage`` settles that lease, found
+through a context variable; ``auto_backoff`` cools the whole fleet down on a retryable error and
+acquires again for every retry. Locally, ``start_task`` keeps XtremeFlow's back-pressure: it
+waits while ``max_concurrency`` tasks of this scheduler are alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio
+import redis.asyncio.cluster
+
+from .._async_limiter import AsyncLimiter
+from .._backend import RedisLike, _check_url
+from .._budget import Budget, CooldownPolicy
+from .._core import validate_cost
+from .._exceptions import BackendError, ConfigurationError, InvalidTaskError, OutsideTaskError, RetryException
+from .._headers import parse_retry_after
+from .._lease import AsyncLease
+
+__all__ = [
+    "ExecutionContext",
+    "RequestRateScheduler",
+    "TaskScheduler",
+    "TokenRateScheduler",
+    "auto_backoff",
+    "get_context",
+    "report_token_usage",
+]
+
+log = logging.getLogger("xflow_dist")
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+#: The name given to a budget kept in memory when no Redis is named: it is private anyway.
+_MEMORY_NAME = "xtremeflow"
+
+#: The pause is exactly what ``auto_backoff`` asks for: its own per-attempt doubling is the backoff.
+_EXACT_PAUSE = CooldownPolicy(quiet=0.0, jitter=0.0)
+
+
+class ExecutionContext:
+    """What a task started by ``start_task`` carries (XtremeFlow's name): its scheduler, its
+    estimate (``extra["estimated_tokens"]``, as XtremeFlow kept it) and the lease it holds."""
+
+    __slots__ = ("_dispatched", "_limiter", "extra", "lease", "scheduler")
+
+    def __init__(self, scheduler: TaskScheduler, limiter: AsyncLimiter, estimated_tokens: float) -> None:
+        self.scheduler = scheduler
+        self.extra: dict[str, Any] = {"estimated_tokens": estimated_tokens}
+        #: The lease of the current attempt; a retry replaces it. None until the first grant.
+        self.lease: AsyncLease | None = None
+        self._limiter = limiter
+        self._dispatched = False
+
+    @property
+    def estimated_tokens(self) -> float:
+        return float(self.extra["estimated_tokens"])
+
+    async def _retry(self, wait: float) -> None:
+        """Pause the fleet for ``wait`` seconds, settle the failed attempt, acquire the next one."""
+        if wait > 0:
+            await self._limiter.cooldown(retry_after=wait)
+        await _release_quietly(self.lease)
+        self.lease = await self._limiter.acquire(tokens=self.estimated_tokens)
+
+
+_current: contextvars.ContextVar[ExecutionContext | None] = contextvars.ContextVar(
+    "xflow_dist_compat_task", default=None
+)
+
+
+def get_context() -> ExecutionContext | None:
+    """The context of the task started by ``start_task`` that is running now, or None."""
+    return _current.get()
+
+
+async def _release_quietly(lease: AsyncLease | None) -> None:
+    """Settle at the estimate; if Redis fails, the lease expires with its TTL, charged as it was."""
+    if lease is None:
+        return
+    try:
+        await lease.release()
+    except BackendError as exc:
+        log.warning("could not settle lease %s: %s; it expires with its TTL", lease.id, exc)
+
+
+@dataclass(slots=True)
+class _Runtime:
+    """What belongs to one event loop: the limiter (its connections and tasks) and the local slots."""
+
+    loop: asyncio.AbstractEventLoop
+    limiter: AsyncLimiter
+    slots: asyncio.Semaphore | None
+
+
+def _check_redis(target: RedisLike | None) -> None:
+    if target is None or isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
+        return
+    if isinstance(target, str):
+        _check_url(target)
+        return
+    raise ConfigurationError(f"redis must be a URL or a redis.asyncio.Redis client, not {target!r}")
+
+
+class TaskScheduler:
+    """XtremeFlow's ``TaskScheduler``: at most ``max_concurrency`` calls in flight, fleet-wide.
+
+    ``redis`` (a URL or a ``redis.asyncio.Redis``) and ``name`` make the budget shared by every
+    scheduler of the same name; without them the budget lives in this process's memory, as
+    XtremeFlow's did. ``await start_task(coro)`` waits while ``max_concurrency`` tasks of this
+    scheduler are alive, then returns the ``asyncio.Task`` that acquires and runs ``coro``.
+    A 429 pauses the fleet exactly as long as ``auto_backoff`` asks, as XtremeFlow paused;
+    ``cooldown_policy`` adds the budget's own escalation and jitter instead.
+    """
+
+    def __init__(
+        self,
+        max_concurrency: int | None,
+        *,
+        redis: RedisLike | None = None,
+        name: str | None = None,
+        cooldown_policy: CooldownPolicy | None = None,
+    ) -> None:
+        self._setup(max_concurrency=max_concurrency, redis=redis, name=name, cooldown_policy=cooldown_policy)
+
+    def _setup(
+        self,
+        *,
+        max_concurrency: int | None,
+        redis: RedisLike | None,
+        name: str | None,
+        cooldown_policy: CooldownPolicy | None,
+        rps: float | None = None,
+        rpm: float | None = None,
+        tps: float | None = None,
+        tpm: float | None = None,
+        burst_ratio: float = 0.0,
+    ) -> None:
+        _check_redis(redis)
+        if redis is not None and name is None:
+            raise ConfigurationError("a shared budget needs a name=: schedulers of the same name share it")
+        if cooldown_policy is not None and not isinstance(cooldown_policy, CooldownPolicy):
+            raise ConfigurationError(f"cooldown_policy must be a CooldownPolicy, not {cooldown_policy!r}")
+        self.budget = Budget(
+            name or _MEMORY_NAME,
+            rps=rps,
+            rpm=rpm,
+            tps=tps,
+            tpm=tpm,
+            max_concurrency=max_concurrency,
+            burst=burst_ratio,
+        )
+        # Each scheduler without a Redis gets a memory server of its own: independent, like XtremeFlow's.
+        self._redis: RedisLike = redis if redis is not None else f"memory://xtremeflow-{uuid.uuid4().hex}"
+        self._cooldown_policy = cooldown_policy or _EXACT_PAUSE
+        self._rt: _Runtime | None = None
+        self.active_tasks = 0
+        self.total_completed = 0
+        self.pending_tasks: set[asyncio.Task[Any]] = set()
+
+    def _runtime(self) -> _Runtime:
+        """The limiter and local slots of the running loop, made on first use in that loop."""
+        loop = asyncio.get_running_loop()
+        if self._rt is None or self._rt.loop is not loop:
+            limit = self.budget.max_concurrency
+            self._rt = _Runtime(
+                loop,
+                AsyncLimiter(self.budget, self._redis, cooldown_policy=self._cooldown_policy),
+                asyncio.Semaphore(limit) if limit is not None else None,
+            )
+        return self._rt
+
+    @property
+    def limiter(self) -> AsyncLimiter:
+        """The ``AsyncLimiter`` this scheduler uses in the running loop (for ``status()``, ``cooldown()``)."""
+        return self._runtime().limiter
+
+    async def start_task(self, coro: Coroutine[Any, Any, T], estimated_tokens: float = 0) -> asyncio.Task[T]:
+        """Wait for a local slot, then return the task that acquires and runs ``coro``.
+
+        The task acquires one request, ``estimated_tokens`` and a fleet-wide concurrency slot in
+        one step, runs ``coro`` with the lease in its context, and settles at the estimate unless
+        ``report_token_usage`` settled first. Cancelled before it ran, it gives the reservation
+        back and closes ``coro``. Bad input raises here, before Redis is touched.
+        """
+        if not asyncio.iscoroutine(coro):
+            raise InvalidTaskError(f"start_task needs a coroutine, not {coro!r}", budget=self.budget.name)
+        try:
+            validate_cost(self.budget, 1, estimated_tokens)
+            rt = self._runtime()
+            if rt.slots is not None:
+                await rt.slots.acquire()
+        except BaseException:
+            coro.close()
+            raise
+        ctx = ExecutionContext(self, rt.limiter, float(estimated_tokens))
+        context = contextvars.copy_context()
+        context.run(_current.set, ctx)
+        task = asyncio.create_task(self._execute(coro, ctx), context=context)
+        self.active_tasks += 1
+        self.pending_tasks.add(task)
+        task.add_done_callback(functools.partial(self._task_done, coro, ctx, rt.slots))
+        return task
+
+    @staticmethod
+    async def _execute(coro: Coroutine[Any, Any, T], ctx: ExecutionContext) -> T:
+        ctx.lease = await ctx._limiter.acquire(tokens=ctx.estimated_tokens)
+        ctx._dispatched = True
+        try:
+            return await coro
+        finally:
+            await _release_quietly(ctx.lease)  # a no-op when report_token_usage settled it
+
+    def _task_done(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        ctx: ExecutionContext,
+        slots: asyncio.Semaphore | None,
+        task: asyncio.Task[Any],
+    ) -> None:
+        if not ctx._dispatched:
+            coro.close()  # cancelled or failed before it ran: no "never awaited" warning
+        self.pending_tasks.discard(task)
+        self.active_tasks -= 1
+        self.total_completed += 1
+        if slots is not None:
+            slots.release()
+
+    async def wait_pending(self) -> None:
+        """Wait for every task started so far (their errors are left in the tasks)."""
+        while self.pending_tasks:  # including any started meanwhile
+            await asyncio.gather(*self.pending_tasks, return_exceptions=True)
+
+    async def notify_rate_limit_exceeded(self, retry_after: float) -> None:
+        """Pause the whole fleet for ``retry_after`` seconds (XtremeFlow's name; a coroutine here)."""
+        await self._runtime().limiter.cooldown(retry_after=retry_after)
+
+    async def aclose(self) -> None:
+        """Wait for the pending tasks, then close this loop's limiter (and its connections).
+
+        ``async with scheduler:`` does this on the way out, cancelling the tasks if the block failed.
+        """
+        await self.wait_pending()
+        rt, self._rt = self._rt, None
+        if rt is not None:
+            await rt.limiter.aclose()
+
+    async def __aenter__(self) -> TaskScheduler:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:  # the block failed: its tasks are not waited for, as in a TaskGroup
+            for task in self.pending_tasks:
+                task.cancel()
+        await self.aclose()
+
+
+class RequestRateScheduler(TaskScheduler):
+    """XtremeFlow's ``RequestRateScheduler``: ``max_rps`` (or ``max_rpm``) and concurrency, jointly.
+
+    ``burst_ratio`` is seconds of credit: 0 paces one start every 1/rate; after idle, up to
+    rate x burst_ratio start at once.
+    """
+
+    def __init__(
+        self,
+        max_rps: float | None = None,
+        max_concurrency: int | None = None,
+        burst_ratio: float = 0.0,
+        *,
+        max_rpm: float | None = None,
+        redis: RedisLike | None = None,
+        name: str | None = None,
+        cooldown_policy: CooldownPolicy | None = None,
+    ) -> None:
+        self._setup(
+            max_concurrency=max_concurrency,
+            redis=redis,
+            name=name,
+            cooldown_policy=cooldown_policy,
+            rps=max_rps,
+            rpm=max_rpm,
+            burst_ratio=burst_ratio,
+        )
+
+
+class TokenRateScheduler(RequestRateScheduler):
+    """XtremeFlow's ``TokenRateScheduler``: tokens, requests and concurrency, reserved jointly.
+
+    ``start_task(coro, estimated_tokens=n)`` reserves ``n`` tokens; ``report_token_usage(actual)``
+    inside the task refunds an over-estimate or charges the rest.
+    """
+
+    def __init__(
+        self,
+        max_tps: float | None = None,
+        max_rps: float | None = None,
+        max_concurrency: int | None = None,
+        burst_ratio: float = 0.0,
+        *,
+        max_tpm: float | None = None,
+        max_rpm: float | None = None,
+        redis: RedisLike | None = None,
+        name: str | None = None,
+        cooldown_policy: CooldownPolicy | None = None,
+    ) -> None:
+        self._setup(
+            max_concurrency=max_concurrency,
+            redis=redis,
+            name=name,
+            cooldown_policy=cooldown_policy,
+            rps=max_rps,
+            rpm=max_rpm,
+            tps=max_tps,
+            tpm=max_tpm,
+            burst_ratio=burst_ratio,
+        )
+
+
+async def report_token_usage(actual: float) -> None:
+    """Settle the running task's lease with the tokens really used: refund or debt; once only.
+
+    A second call in the same attempt changes nothing. Outside a task started by ``start_task``
+    it raises ``OutsideTaskError``.
+    """
+    ctx = _current.get()
+    if ctx is None:
+        raise OutsideTaskError("report_token_usage must be called inside a task started by a scheduler's start_task")
+    if ctx.lease is None:
+        raise OutsideTaskError("report_token_usage was called before the task's lease was granted")
+    await ctx.lease.report(actual_tokens=actual)  # validates, then a no-op if already settled
+
+
+def _wait_of(exc: BaseException) -> float | None:
+    """The provider's wait carried by an exception: ``retry_after``, else its response's headers."""
+    value = getattr(exc, "retry_after", None)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value) if math.isfinite(value) and value >= 0 else None
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if isinstance(headers, Mapping):
+        return parse_retry_after(headers)
+    return None
+
+
+def auto_backoff(
+    retry_for: type[Exception] | Sequence[type[Exception]] | None = None,
+    max_retries: int = 3,
+    base_retry_after: float = 2.0,
+    exponential: bool = True,
+) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Coroutine[Any, Any, T]]]:
+    """Retry a call that raises ``retry_for`` (default ``RetryException``) up to ``max_retries`` times.
+
+    Each retry pauses the whole fleet (``limiter.cooldown``) for the exception's ``retry_after``
+    (or its response's ``retry-after``), else ``base_retry_after`` doubled per attempt when
+    ``exponential``; then the failed attempt is settled at its estimate and the retry acquires
+    again, so every attempt is charged. Outside a task started by ``start_task`` it does not
+    retry, as in XtremeFlow: there is no budget to charge.
+    """
+    types: tuple[type[Exception], ...]
+    if retry_for is None:
+        types = (RetryException,)
+    elif isinstance(retry_for, type):
+        types = (retry_for,)
+    else:
+        types = tuple(retry_for)
+    if not types or not all(isinstance(t, type) and issubclass(t, Exception) for t in types):
+        raise ConfigurationError(f"retry_for must be exception classes, not {retry_for!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigurationError(f"max_retries must be a whole number, zero or more, not {max_retries!r}")
+    if (
+        isinstance(base_retry_after, bool)
+        or not isinstance(base_retry_after, int | float)
+        or not math.isfinite(base_retry_after)
+        or base_retry_after < 0
+    ):
+        raise ConfigurationError(f"base_retry_after must be finite seconds, zero or more, not {base_retry_after!r}")
+
+    def decorator(func: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        @functools.wraps(func)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            attempt = 0
+            while True:
+                try:
+                    return await func(*args, **kwargs)
+                except types as exc:
+                    ctx = _current.get()
+                    if attempt >= max_retries or ctx is None:
+                        raise
+                    wait = _wait_of(exc)
+                    if wait is None:
+                        wait = base_retry_after * (2**attempt if exponential else 1)
+                    attempt += 1
+                    log.warning("Retrying in %.1fs (attempt %d/%d): %s", wait, attempt, max_retries, exc)
+                    await ctx._retry(wait)
+
+        return wrapper
+
+    return decorator
