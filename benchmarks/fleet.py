@@ -8,6 +8,12 @@ Same simulated provider, same job list, same processes x workers; the strategies
 Scenarios: tokens bind, requests bind, concurrency binds; each at P = 4 and P = 8.
 Figures come from the provider's own ledger. Loopback only; every run is bounded by --deadline.
 
+The shared budget (xflow) is, by default, configured with the provider's real limits. Learning:
+  --budget-scale 1.3   configure it 30 % above them (the fleet learns the real ones from the headers)
+  --learn              configure no rates at all (concurrency only): the headers teach them
+  --probe              with --learn: the budget probes, one call at a time until the first reply
+  --remaining-only     settle with x-ratelimit-remaining-* only, not the limits (as Azure sends them)
+
     python benchmarks/fleet.py [--quick] [--json FILE] [--scenario NAME ...] [--strategy NAME ...]
 """
 
@@ -64,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget-scale", type=float, default=1.0, help="the shared budget's rates against the provider's (e.g. 1.3)"
     )
+    parser.add_argument("--learn", action="store_true", help="the shared budget configures no rates: it learns them")
+    parser.add_argument("--probe", action="store_true", help="with --learn: one call at a time until the first reply")
+    parser.add_argument(
+        "--remaining-only", action="store_true", help="settle with the remaining counts only, not the limits"
+    )
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     chosen = [
@@ -76,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with EmbeddedRedis(allow_fake=False) as redis_server:
         print(f"redis: {redis_server.kind} at {redis_server.url}; {args.concurrency} workers per process")
+        print(f"shared budget: {_budget_mode(args)}")
         for scenario, processes in chosen:
             jobs = make_jobs(scenario.jobs, seed=7, prompt_tokens=scenario.prompt_tokens,
                              max_tokens=scenario.max_tokens)  # fmt: skip
@@ -90,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                         limits=scenario.limits,
                         deadline=args.deadline,
                         budget_scale=args.budget_scale,
+                        budget_rates=not args.learn,
+                        probe=args.probe,
+                        report_limits=not args.remaining_only,
                     )
                     result = run_fleet(spec, jobs, scenario.latency)
                     rows.append((scenario.name, processes, result))
@@ -100,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump([{"scenario": s, **r.to_dict()} for s, _, r in rows], fh, indent=2)
     return 0
+
+
+def _budget_mode(args: argparse.Namespace) -> str:
+    if args.learn:
+        rates = "no rates configured, learned from the headers" + (", probing first" if args.probe else "")
+    else:
+        rates = f"rates configured at {args.budget_scale:g}x the provider's"
+    told = "remaining only" if args.remaining_only else "remaining and limits"
+    return f"{rates}; settles with the provider's {told}"
 
 
 def _line(scenario: str, processes: int, r: FleetResult) -> str:

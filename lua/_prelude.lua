@@ -10,25 +10,36 @@
 --                           seq     last ticket sequence number handed to the waiting queue
 --                           qa      latest time a queued ticket is alive until (the keys outlive it)
 --                           kr, kt  requests and tokens taken off the levels so far by provider
---                                   corrections (see settle.lua)
+--                                   corrections and tighter learned rates (see settle.lua)
 --                           cq, ct  requests and tokens charged so far, all grants together
+--                           lr, lt  request and token limits learned from the provider, per minute
+--                                   as its headers give them (0: none learned yet)
+--                           lu      learned limits are remembered until then (the keys outlive it)
+--                           pb      probe: 0 none, 1 one call at a time until the first settle or
+--                                   learned limit, 2 over
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
---                           after, and the corrections and charges made by then
+--                           after ("u" where that bucket had no rate), and the corrections and
+--                           charges made by then
 --   KEYS[4] queue     ZSET  ticket id -> sequence number: FIFO of acquirers waiting for a slot
 --   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until> <ttl> <fit announced>"
 --
 -- Every script starts with the same budget block:
---   ARGV[1] request rate, requests per second (0: no request limit)
+--   ARGV[1] configured request rate, requests per second (0: none configured)
 --   ARGV[2] request burst, seconds of credit
---   ARGV[3] token rate, tokens per second (0: no token limit)
+--   ARGV[3] configured token rate, tokens per second (0: none configured)
 --   ARGV[4] token burst, seconds of credit
 --   ARGV[5] max concurrency, leases (0: no concurrency limit)
 --   ARGV[6] lease time to live, seconds
 --   ARGV[7] idle grace, seconds the keys outlive the last thing they still have to remember
 --   ARGV[8] events channel: grants to queued tickets and cooldowns are published there
 -- Operation arguments follow from ARGV[9].
+--
+-- The rate of a bucket is the configured one, lowered to the learned limit (lr / 60, lt / 60) once
+-- the provider has told it; with neither, that dimension is not limited. A rate that changes is
+-- applied by rescale(), which never invents credit, and the head of the queue is told its new fit
+-- time by the advance() that ends the same script.
 --
 -- A bucket of rate r and burst b (capacity C = r * b) is kept as one number, its TAT: the level
 -- at time t is C - r * max(0, TAT - t). A cost c fits once the bucket holds min(c, C) (all of it,
@@ -41,9 +52,9 @@
 -- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
 -- a refund or that return grants it ("g <id> <now>") together with every next head that fits too.
 local K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local RATE_REQ = tonumber(ARGV[1])
+local CFG_RATE_REQ = tonumber(ARGV[1])
 local BURST_REQ = tonumber(ARGV[2])
-local RATE_TOK = tonumber(ARGV[3])
+local CFG_RATE_TOK = tonumber(ARGV[3])
 local BURST_TOK = tonumber(ARGV[4])
 local MAX_CONC = tonumber(ARGV[5])
 local LEASE_TTL = tonumber(ARGV[6])
@@ -52,6 +63,9 @@ local CHANNEL = ARGV[8]
 
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+
+-- The rates in force and whether the budget probes; set from the state by apply_limits().
+local RATE_REQ, RATE_TOK, PROBING = CFG_RATE_REQ, CFG_RATE_TOK, false
 
 local function fmt(x)
   return string.format('%.6f', x)
@@ -65,20 +79,42 @@ local function words(s)
   return out
 end
 
+-- The configured rate, lowered to the learned limit (per minute) if there is one.
+local function effective(configured, per_minute)
+  local learned = per_minute / 60
+  if learned > 0 and (configured <= 0 or learned < configured) then
+    return learned
+  end
+  return configured
+end
+
+local function apply_limits(st)
+  RATE_REQ = effective(CFG_RATE_REQ, st.lr)
+  RATE_TOK = effective(CFG_RATE_TOK, st.lt)
+  PROBING = st.pb == 1
+end
+
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq', 'ct')
-  return {
+  local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq', 'ct',
+    'lr', 'lt', 'lu', 'pb')
+  local st = {
     rt = tonumber(v[1]) or 0, tt = tonumber(v[2]) or 0, cu = tonumber(v[3]) or 0,
     cl = tonumber(v[4]) or 0, cr = tonumber(v[5]) or 0, seq = tonumber(v[6]) or 0,
     qa = tonumber(v[7]) or 0, kr = tonumber(v[8]) or 0, kt = tonumber(v[9]) or 0,
     cq = tonumber(v[10]) or 0, ct = tonumber(v[11]) or 0,
+    lr = tonumber(v[12]) or 0, lt = tonumber(v[13]) or 0, lu = tonumber(v[14]) or 0, pb = tonumber(v[15]) or 0,
   }
+  apply_limits(st)
+  return st
 end
 
 local function save_state(st)
   redis.call('HSET', K_STATE, 'rt', fmt(st.rt), 'tt', fmt(st.tt), 'cu', fmt(st.cu),
     'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq, 'qa', fmt(st.qa), 'kr', fmt(st.kr), 'kt', fmt(st.kt),
     'cq', fmt(st.cq), 'ct', fmt(st.ct))
+  if st.lr > 0 or st.lt > 0 or st.pb > 0 then -- absent reads as 0: a budget that never learns skips them
+    redis.call('HSET', K_STATE, 'lr', fmt(st.lr), 'lt', fmt(st.lt), 'lu', fmt(st.lu), 'pb', st.pb)
+  end
 end
 
 -- Earliest time a cost fits one bucket (see the header): when it holds min(cost, capacity).
@@ -99,8 +135,13 @@ local function fit_time(st, creq, ctok)
     dim_fit(st.tt, ctok, RATE_TOK, BURST_TOK))
 end
 
+-- A free slot: below max concurrency, and none at all in flight while the budget probes.
 local function slot_free()
-  return MAX_CONC <= 0 or redis.call('ZCARD', K_LEASES) < MAX_CONC
+  if MAX_CONC <= 0 and not PROBING then
+    return true
+  end
+  local n = redis.call('ZCARD', K_LEASES)
+  return (MAX_CONC <= 0 or n < MAX_CONC) and not (PROBING and n > 0)
 end
 
 -- Charge every dimension now: all limits or none.
@@ -133,12 +174,71 @@ local function level(tat, rate, burst)
   return rate * burst - rate * math.max(0, tat - NOW)
 end
 
+-- A level as the lease data keeps it: "u" (unknown) where the bucket has no rate.
+local function snapshot(tat, rate, burst)
+  if rate <= 0 then
+    return 'u'
+  end
+  return fmt(level(tat, rate, burst))
+end
+
 local function grant(st, id, creq, ctok)
   charge(st, creq, ctok)
   redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, id)
   redis.call('HSET', K_DATA, id, creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
-    fmt(level(st.rt, RATE_REQ, BURST_REQ)) .. ' ' .. fmt(level(st.tt, RATE_TOK, BURST_TOK)) .. ' ' ..
+    snapshot(st.rt, RATE_REQ, BURST_REQ) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK) .. ' ' ..
     fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct))
+end
+
+-- Seconds rounded up to the microsecond (what the state keeps), so that rounding never adds credit.
+local function ceil_us(x)
+  return math.ceil(x * 1000000 - 0.001) / 1000000
+end
+
+-- The TAT of a bucket whose rate changes from r1 to r2, and how far its level drops, such that no
+-- credit is invented. Tighter: the debt (what has not refilled yet, in units) stays and takes longer
+-- to refill; the level drops by the capacity lost, (r1 - r2) * burst. Looser: the level stays, and
+-- the larger capacity fills at the new rate. From no rate (nothing was known): the bucket starts at
+-- its capacity less everything granted so far, `charged`, and never below zero (an empty bucket).
+local function rescale(tat, r1, r2, burst, charged)
+  if r2 <= 0 or r1 == r2 then
+    return tat, 0
+  end
+  if r1 <= 0 then
+    local capacity = r2 * burst
+    return NOW + ceil_us(math.min(capacity, charged) / r2), 0
+  end
+  local debt = math.max(0, tat - NOW)
+  if r2 < r1 then
+    return NOW + ceil_us(debt * r1 / r2), (r1 - r2) * burst
+  end
+  return NOW + ceil_us(burst - (burst - debt) * r1 / r2), 0
+end
+
+-- Adopt the limits the provider reported (per minute; 0 or less: not reported), relaxing as well
+-- as tightening; the rates in force are the configured ones lowered to them. A level dropped by a
+-- tighter rate counts as a correction (kr, kt), as settle.lua's provider correction requires.
+local function learn(st, per_min_req, per_min_tok, memory)
+  if per_min_req <= 0 and per_min_tok <= 0 then
+    return
+  end
+  local old_req, old_tok = RATE_REQ, RATE_TOK
+  if per_min_req > 0 then
+    st.lr = per_min_req
+  end
+  if per_min_tok > 0 then
+    st.lt = per_min_tok
+  end
+  st.lu = math.max(st.lu, NOW + memory)
+  if st.pb == 1 then
+    st.pb = 2
+  end
+  apply_limits(st)
+  local drop
+  st.rt, drop = rescale(st.rt, old_req, RATE_REQ, BURST_REQ, st.cq)
+  st.kr = st.kr + drop
+  st.tt, drop = rescale(st.tt, old_tok, RATE_TOK, BURST_TOK, st.ct)
+  st.kt = st.kt + drop
 end
 
 -- Leases past their expiry belong to dead holders: they stand charged at their estimate.
@@ -202,6 +302,9 @@ end
 -- Keys live as long as they still remember something that matters, plus a grace period.
 local function touch(st)
   local horizon = math.max(NOW, st.rt, st.tt, st.cu, st.cr)
+  if st.lr > 0 or st.lt > 0 then
+    horizon = math.max(horizon, st.lu)
+  end
   if redis.call('ZCARD', K_QUEUE) > 0 then
     horizon = math.max(horizon, st.qa)
   end

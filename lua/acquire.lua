@@ -10,6 +10,8 @@
 --          nothing (-1: any wait)
 -- ARGV[13] "1" to queue when it cannot be granted now, "0" to refuse instead
 -- ARGV[14] ticket time to live, seconds: a queued ticket not renewed within it is dropped
+-- ARGV[15] "1": the budget probes: while it has learned no limit, it grants one call at a time
+--          until the first settle or learned limit (see settle.lua); "0" (or absent): no probe
 --
 -- Reply, all strings:
 --   {"granted", start, now, expiry}  the lease exists, charged now (start = its grant time)
@@ -20,15 +22,27 @@
 --                                    (granted: the lease exists)
 --   {"refused", retry_after, now}    nothing charged; retry_after is exact when the refusal is for
 --                                    the rates, "-1" when it is for a slot or a queue ahead
+--   {"too_large", most, now, what}   nothing charged: a new arrival's cost of `what` ("requests" or
+--                                    "tokens") is more than the limits in force, learned ones included,
+--                                    can ever grant: `most`, a minute of the rate or the burst if
+--                                    longer (the configured limits alone are checked by the client)
 local ID = ARGV[9]
 local CREQ = tonumber(ARGV[10])
 local CTOK = tonumber(ARGV[11])
 local MAX_WAIT = tonumber(ARGV[12])
 local MAY_QUEUE = ARGV[13] == '1'
 local TICKET_TTL = tonumber(ARGV[14])
+local PROBE = ARGV[15] == '1'
 
 reap()
 local st = load_state()
+if PROBE and st.pb == 0 then
+  st.pb = 1
+  if st.lr > 0 or st.lt > 0 then
+    st.pb = 2 -- limits are known already: nothing to probe
+  end
+  apply_limits(st)
+end
 advance(st)
 
 local function finish(reply)
@@ -63,6 +77,22 @@ if redis.call('ZSCORE', K_QUEUE, ID) then
   t.alive = math.max(NOW, t.fit) + t.ttl
   save_ticket(st, ID, t)
   return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})
+end
+
+-- The most one grant may cost (providers' buckets hold one minute), -1 where nothing limits it.
+local function most(rate, burst, floor)
+  if rate <= 0 then
+    return -1
+  end
+  return math.max(floor, rate * math.max(burst, 60))
+end
+
+local most_req, most_tok = most(RATE_REQ, BURST_REQ, 1), most(RATE_TOK, BURST_TOK, 0)
+if most_req >= 0 and CREQ > most_req then
+  return finish({'too_large', fmt(most_req), fmt(NOW), 'requests'})
+end
+if most_tok >= 0 and CTOK > most_tok then
+  return finish({'too_large', fmt(most_tok), fmt(NOW), 'tokens'})
 end
 
 if redis.call('ZCARD', K_QUEUE) == 0 and slot_free() then

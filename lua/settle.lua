@@ -1,56 +1,86 @@
--- settle.lua: close a lease with the actual usage; its slot and any refund go to the queue at once.
+-- settle.lua: close a lease with the actual usage and what the provider said about its limits; its
+-- slot and any refund go to the queue at once. Without a lease (id ""), only learn.
 --
 -- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
--- ARGV[9]  lease id
+-- ARGV[9]  lease id; "" for a reply that was not leased (limiter.learn): learn from it, settle nothing
 -- ARGV[10] actual tokens used ("-1": keep the estimate)
 -- ARGV[11] requests the provider said remain in its bucket when it admitted this call ("-1": unknown)
 -- ARGV[12] tokens the provider said remain ("-1": unknown)
+-- ARGV[13] the provider's request limit, requests per minute ("-1": not reported)
+-- ARGV[14] the provider's token limit, tokens per minute ("-1": not reported)
+-- ARGV[15] seconds the learned limits are remembered after this report (the keys outlive them)
 --
--- The difference to the estimate is settled on the token bucket: an over-estimate is refunded
+-- First the limits are learned (see learn() in _prelude.lua): the rates in force become the
+-- configured ones lowered to the provider's, relaxing as well as tightening, and a bucket whose rate
+-- changes is rescaled without inventing credit. A settle of a lease, learned or not, ends a probe.
+--
+-- Then the provider's word corrects the shared level down, never up. When the provider admitted this
+-- call it had SEEN left; it may already have charged any call granted after this one (calls overtake
+-- each other on the way), so only a lead beyond all of them is surely real: the level just after this
+-- grant, less every charge granted and correction made since (a tighter rate's drop included), less
+-- SEEN and one unit of the provider's rounding. That much is taken off now. Where the bucket had no
+-- rate when the lease was granted, and for a reply without a lease, there is no level after the
+-- grant to start from: the level is only capped at SEEN plus that unit.
+--
+-- Last, the difference to the estimate is settled on the token bucket: an over-estimate is refunded
 -- (never above capacity), an under-estimate is charged as debt that later arrivals wait out.
--- The provider's word corrects the shared level down, never up. When the provider admitted this
--- call it had SEEN left; it may already have charged any call granted after this one (calls
--- overtake each other on the way), so only a lead beyond all of them is surely real: the level
--- just after this grant, less every charge granted and correction made since, less SEEN and one
--- unit of the provider's rounding. That much is taken off now.
--- Idempotent: a lease already settled, cancelled or expired is left alone.
+-- Idempotent: a lease already settled, cancelled or expired is left alone; the limits it reports are
+-- still learned (they are facts whatever became of the lease), the remaining counts are not.
 --
--- Reply: {"settled", tokens refunded (negative: debt charged), now} or {"unknown", "0", now}
+-- Reply: {"settled" | "unknown" | "learned", tokens refunded (negative: debt charged; "0" unless
+-- settled), now, request limit in force, token limit in force} with limits per minute, "0": none.
 local ID = ARGV[9]
 local ACTUAL = tonumber(ARGV[10])
 local SEEN_REQ = tonumber(ARGV[11] or '-1')
 local SEEN_TOK = tonumber(ARGV[12] or '-1')
+local LIMIT_REQ = tonumber(ARGV[13] or '-1')
+local LIMIT_TOK = tonumber(ARGV[14] or '-1')
+local MEMORY = tonumber(ARGV[15] or '0')
 
 -- Providers report whole units (rounded down), so only a lead of more than one unit is a lead.
+-- `snap` is the level just after the grant (nil: unknown), `k0` and `c0` the corrections and
+-- charges made by then; with no snapshot the level is capped at seen + 1.
+local function corrected(tat, rate, burst, k, seen, snap, k0, c, c0)
+  if seen < 0 or rate <= 0 then
+    return tat, k
+  end
+  local ahead
+  if snap then
+    ahead = snap - (k - k0) - (c - c0) - (seen + 1)
+  else
+    ahead = level(tat, rate, burst) - (seen + 1)
+  end
+  if ahead > 0 then
+    return math.max(tat, NOW) + ahead / rate, k + ahead
+  end
+  return tat, k
+end
+
 local function correct(st, w)
-  local lr, lt, kr, kt = tonumber(w[4]), tonumber(w[5]), tonumber(w[6]), tonumber(w[7])
   local cq, ct = tonumber(w[8]), tonumber(w[9])
   if not ct then
     return
   end
-  if SEEN_REQ >= 0 and RATE_REQ > 0 then
-    local ahead = lr - (st.kr - kr) - (st.cq - cq) - (SEEN_REQ + 1)
-    if ahead > 0 then
-      st.rt = math.max(st.rt, NOW) + ahead / RATE_REQ
-      st.kr = st.kr + ahead
-    end
-  end
-  if SEEN_TOK >= 0 and RATE_TOK > 0 then
-    local ahead = lt - (st.kt - kt) - (st.ct - ct) - (SEEN_TOK + 1)
-    if ahead > 0 then
-      st.tt = math.max(st.tt, NOW) + ahead / RATE_TOK
-      st.kt = st.kt + ahead
-    end
-  end
+  st.rt, st.kr = corrected(st.rt, RATE_REQ, BURST_REQ, st.kr, SEEN_REQ, tonumber(w[4]), tonumber(w[6]), st.cq, cq)
+  st.tt, st.kt = corrected(st.tt, RATE_TOK, BURST_TOK, st.kt, SEEN_TOK, tonumber(w[5]), tonumber(w[7]), st.ct, ct)
 end
 
 reap()
 local st = load_state()
-local held = redis.call('HGET', K_DATA, ID)
+learn(st, LIMIT_REQ, LIMIT_TOK, MEMORY)
+local held = ID ~= '' and redis.call('HGET', K_DATA, ID)
 local reply = {'unknown', '0', fmt(NOW)}
-if held then
+if ID == '' then
+  st.rt, st.kr = corrected(st.rt, RATE_REQ, BURST_REQ, st.kr, SEEN_REQ)
+  st.tt, st.kt = corrected(st.tt, RATE_TOK, BURST_TOK, st.kt, SEEN_TOK)
+  reply = {'learned', '0', fmt(NOW)}
+elseif held then
   redis.call('ZREM', K_LEASES, ID)
   redis.call('HDEL', K_DATA, ID)
+  if st.pb == 1 then
+    st.pb = 2
+    apply_limits(st)
+  end
   local w = words(held)
   correct(st, w)
   local est = tonumber(w[2])
@@ -66,6 +96,8 @@ if held then
     reply = {'settled', '0', fmt(NOW)}
   end
 end
+reply[4] = fmt(RATE_REQ * 60)
+reply[5] = fmt(RATE_TOK * 60)
 advance(st)
 save_state(st)
 touch(st)

@@ -20,6 +20,7 @@ def test_unlimited_dimensions_are_none() -> None:
     assert b.request_rate is None
     assert b.token_rate is None
     assert b.max_tokens_per_request == math.inf
+    assert b.probe is False  # learned limits only lower what is configured; the probe is opt-in
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "{tag}", "x" * 201, "tab\t", "é", None, 3])
@@ -44,6 +45,8 @@ def test_bad_names_are_refused(bad: object) -> None:
         {"max_concurrency": 2.5},
         {"rpm": 10, "rps": 1},
         {"tpm": 10, "tps": 1},
+        {"probe": "yes"},
+        {"probe": 1},
     ],
 )
 def test_bad_limits_are_refused(kwargs: dict[str, object]) -> None:

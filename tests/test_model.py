@@ -25,6 +25,7 @@ clock the ``now`` each reply reports.
 
 from __future__ import annotations
 
+import math
 import time as _time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -87,6 +88,11 @@ class Lease:
     tokens: Fraction
     start: Fraction  # its grant time: grants happen only now
     expiry: Fraction
+    # for the provider's correction: the levels just after the grant (None where no rate), and the
+    # corrections (kr, kt) and charges (cq, ct) made by then
+    snap_requests: Fraction | None = None
+    snap_tokens: Fraction | None = None
+    marks: tuple[Fraction, Fraction, Fraction, Fraction] = (ZERO, ZERO, ZERO, ZERO)
 
 
 @dataclass
@@ -101,12 +107,25 @@ class Ticket:
 Reply = tuple[list[Any], list[tuple[Any, ...]]]  # (reply fields, events published in order)
 
 
+def ceil_us(x: Fraction) -> Fraction:
+    """Seconds rounded up to the microsecond, as the scripts round a rescaled TAT."""
+    return F(math.ceil(x * 10**6 - F(1, 1000)), 10**6)
+
+
+def effective(configured: Fraction, per_minute: Fraction) -> Fraction:
+    """The configured rate lowered to the learned limit, or the learned one where none is configured."""
+    learned = per_minute / 60
+    if learned > 0 and (configured <= 0 or learned < configured):
+        return learned
+    return configured
+
+
 @dataclass
 class BudgetModel:
     """One budget as the Lua headers describe it. Times are Fractions of seconds of Redis time."""
 
-    request_rate: Fraction
-    token_rate: Fraction
+    configured_request_rate: Fraction
+    configured_token_rate: Fraction
     burst: Fraction
     max_concurrency: int
     lease_ttl: Fraction
@@ -116,16 +135,38 @@ class BudgetModel:
     cu: Fraction = ZERO  # cooldown deadline
     cl: int = 0  # backoff level
     cr: Fraction = ZERO  # end of the quiet period
+    kr: Fraction = ZERO  # requests / tokens taken off the levels by corrections and tighter rates
+    kt: Fraction = ZERO
+    cq: Fraction = ZERO  # requests / tokens charged so far
+    ct: Fraction = ZERO
+    lr: Fraction = ZERO  # limits learned from the provider, per minute (0: none)
+    lt: Fraction = ZERO
+    lu: Fraction = ZERO  # learned limits remembered until
+    pb: int = 0  # probe: 0 none, 1 probing, 2 over
     leases: dict[str, Lease] = field(default_factory=dict)
     queue: dict[str, Ticket] = field(default_factory=dict)  # insertion order is FIFO order
     stored: bool = False  # the keys exist (some operation other than status ran)
 
     def reset(self) -> None:
         self.rt = self.tt = self.cu = self.cr = ZERO
-        self.cl = 0
+        self.kr = self.kt = self.cq = self.ct = self.lr = self.lt = self.lu = ZERO
+        self.cl = self.pb = 0
         self.leases.clear()
         self.queue.clear()
         self.stored = False
+
+    @property
+    def request_rate(self) -> Fraction:
+        """The rate in force: the configured one lowered to the learned limit."""
+        return effective(self.configured_request_rate, self.lr)
+
+    @property
+    def token_rate(self) -> Fraction:
+        return effective(self.configured_token_rate, self.lt)
+
+    @property
+    def probing(self) -> bool:
+        return self.pb == 1
 
     # ---- one bucket: capacity C = rate * burst, level(t) = C - rate * max(0, TAT - t) ----------
 
@@ -167,15 +208,93 @@ class BudgetModel:
             del self.leases[lease_id]
 
     def _slot_free(self) -> bool:
+        """Below max concurrency, and none at all in flight while the budget probes."""
+        if self.probing and self.leases:
+            return False
         return self.max_concurrency == 0 or len(self.leases) < self.max_concurrency
 
     def _grant(self, lease_id: str, requests: Fraction, tokens: Fraction, now: Fraction) -> None:
-        """Charge every limited bucket now and hand out the lease."""
+        """Charge every limited bucket now and hand out the lease (remembering the levels after)."""
+        self.cq += requests
+        self.ct += tokens
         if self.request_rate:
             self.rt = max(self.rt, now) + requests / self.request_rate
         if self.token_rate:
             self.tt = max(self.tt, now) + tokens / self.token_rate
-        self.leases[lease_id] = Lease(requests, tokens, now, now + self.lease_ttl)
+        self.leases[lease_id] = Lease(
+            requests,
+            tokens,
+            now,
+            now + self.lease_ttl,
+            self._level(self.rt, self.request_rate, now) if self.request_rate else None,
+            self._level(self.tt, self.token_rate, now) if self.token_rate else None,
+            (self.kr, self.kt, self.cq, self.ct),
+        )
+
+    # ---- learning from the provider -------------------------------------------------------------
+
+    def _rescale(
+        self, tat: Fraction, r1: Fraction, r2: Fraction, charged: Fraction, now: Fraction
+    ) -> tuple[Fraction, Fraction]:
+        """A rate change that invents no credit: tighter keeps the debt (the level drops by the
+        capacity lost), looser keeps the level; from no rate, the capacity less all charged so far."""
+        if r2 <= 0 or r1 == r2:
+            return tat, ZERO
+        b = self.burst
+        if r1 <= 0:
+            return now + ceil_us(min(r2 * b, charged) / r2), ZERO
+        debt = max(ZERO, tat - now)
+        if r2 < r1:
+            return now + ceil_us(debt * r1 / r2), (r1 - r2) * b
+        return now + ceil_us(b - (b - debt) * r1 / r2), ZERO
+
+    def rescaled(self, dim: str, per_minute: Fraction, now: Fraction) -> Fraction:
+        """The TAT a dimension would have after learning ``per_minute`` (for choosing exact cases)."""
+        if dim == "requests":
+            old, new = self.request_rate, effective(self.configured_request_rate, per_minute)
+            return self._rescale(self.rt, old, new, self.cq, now)[0]
+        old, new = self.token_rate, effective(self.configured_token_rate, per_minute)
+        return self._rescale(self.tt, old, new, self.ct, now)[0]
+
+    def _learn(self, limit_req: Fraction | None, limit_tok: Fraction | None, memory: Fraction, now: Fraction) -> None:
+        if not limit_req and not limit_tok:
+            return
+        old_req, old_tok = self.request_rate, self.token_rate
+        if limit_req:
+            self.lr = limit_req
+        if limit_tok:
+            self.lt = limit_tok
+        self.lu = max(self.lu, now + memory)
+        if self.pb == 1:
+            self.pb = 2
+        self.rt, drop = self._rescale(self.rt, old_req, self.request_rate, self.cq, now)
+        self.kr += drop
+        self.tt, drop = self._rescale(self.tt, old_tok, self.token_rate, self.ct, now)
+        self.kt += drop
+
+    def _corrected(
+        self,
+        tat: Fraction,
+        rate: Fraction,
+        k: Fraction,
+        seen: Fraction | None,
+        now: Fraction,
+        snap: Fraction | None = None,
+        k0: Fraction = ZERO,
+        c: Fraction = ZERO,
+        c0: Fraction = ZERO,
+    ) -> tuple[Fraction, Fraction]:
+        """The provider had ``seen`` left: a lead beyond every later charge and correction (and one
+        unit of its rounding) is taken off; with no snapshot, the level is capped at seen + 1."""
+        if seen is None or rate <= 0:
+            return tat, k
+        if snap is not None:
+            ahead = snap - (k - k0) - (c - c0) - (seen + 1)
+        else:
+            ahead = self._level(tat, rate, now) - (seen + 1)
+        if ahead > 0:
+            return max(tat, now) + ahead / rate, k + ahead
+        return tat, k
 
     def _head(self) -> str | None:
         return next(iter(self.queue), None)
@@ -223,6 +342,7 @@ class BudgetModel:
             ("token TAT", self.tt),
             ("cooldown", self.cu),
             ("quiet period", self.cr),
+            ("learned limits", self.lu if self.lr or self.lt else ZERO),
         ):
             if t > now:
                 out.append(f"{what} {float(t):.6f} > now {float(now):.6f}")
@@ -245,9 +365,12 @@ class BudgetModel:
         max_wait: Fraction | None,
         may_queue: bool,
         ticket_ttl: Fraction,
+        probe: bool = False,
     ) -> Reply:
         events: list[tuple[Any, ...]] = []
         self._reap(now)
+        if probe and self.pb == 0:  # the first acquire of a probing budget: one call at a time
+            self.pb = 2 if self.lr or self.lt else 1
         self._advance(now, events)
         self.stored = True
         held = self.leases.get(lease_id)
@@ -257,6 +380,14 @@ class BudgetModel:
         if ticket is not None:  # a return: same place, renewed from now (or from its fit time)
             ticket.alive_until = max(now, ticket.fit if ticket.fit is not None else now) + ticket.ttl
             return ["queued", self._wait_hint(lease_id, now), now], events
+        # a cost the limits in force can never grant (a minute, or the burst if longer) is refused
+        for what, cost, rate, floor in (
+            ("requests", requests, self.request_rate, F(1)),
+            ("tokens", tokens, self.token_rate, ZERO),
+        ):
+            most = max(floor, rate * max(self.burst, F(60)))
+            if rate > 0 and cost > most:
+                return ["too_large", most, now, what], events
         if not self.queue and self._slot_free():
             fit = self._fit(requests, tokens, now)
             if fit <= now:
@@ -270,22 +401,48 @@ class BudgetModel:
         self._advance(now, events)
         return ["queued", self._wait_hint(lease_id, now), now], events
 
-    def settle(self, now: Fraction, lease_id: str, actual: Fraction | None) -> Reply:
+    def settle(
+        self,
+        now: Fraction,
+        lease_id: str,
+        actual: Fraction | None,
+        seen: tuple[Fraction | None, Fraction | None] = (None, None),
+        limits: tuple[Fraction | None, Fraction | None] = (None, None),
+        memory: Fraction = ZERO,
+    ) -> Reply:
+        """Learn the limits, then correct (down) by what the provider had left, then refund or
+        charge debt. Lease id "" only learns (and caps the levels at what was left plus a unit)."""
         events: list[tuple[Any, ...]] = []
         self._reap(now)
         self.stored = True
-        lease = self.leases.pop(lease_id, None)
-        if lease is None:
-            reply: list[Any] = ["unknown", ZERO, now]
-        elif actual is None:
-            reply = ["settled", ZERO, now]
+        self._learn(limits[0], limits[1], memory, now)
+        lease = None if lease_id == "" else self.leases.pop(lease_id, None)
+        if lease_id == "":
+            self.rt, self.kr = self._corrected(self.rt, self.request_rate, self.kr, seen[0], now)
+            self.tt, self.kt = self._corrected(self.tt, self.token_rate, self.kt, seen[1], now)
+            reply: list[Any] = ["learned", ZERO, now]
+        elif lease is None:
+            reply = ["unknown", ZERO, now]
         else:
-            diff = lease.tokens - actual
-            if diff > 0:  # over-estimate: refund
-                self.tt = self._give_back(self.tt, self.token_rate, diff, now)
-            elif diff < 0 and self.token_rate:  # under-estimate: debt charged now
-                self.tt = max(self.tt, now) + (-diff) / self.token_rate
-            reply = ["settled", diff, now]
+            if self.pb == 1:
+                self.pb = 2
+            kr0, kt0, cq0, ct0 = lease.marks
+            self.rt, self.kr = self._corrected(
+                self.rt, self.request_rate, self.kr, seen[0], now, lease.snap_requests, kr0, self.cq, cq0
+            )
+            self.tt, self.kt = self._corrected(
+                self.tt, self.token_rate, self.kt, seen[1], now, lease.snap_tokens, kt0, self.ct, ct0
+            )
+            if actual is None:
+                reply = ["settled", ZERO, now]
+            else:
+                diff = lease.tokens - actual
+                if diff > 0:  # over-estimate: refund
+                    self.tt = self._give_back(self.tt, self.token_rate, diff, now)
+                elif diff < 0 and self.token_rate:  # under-estimate: debt charged now
+                    self.tt = max(self.tt, now) + (-diff) / self.token_rate
+                reply = ["settled", diff, now]
+        reply += [self.request_rate * 60, self.token_rate * 60]
         self._advance(now, events)
         return reply, events
 
@@ -353,13 +510,18 @@ class BudgetModel:
             len(self.queue),
             max(ZERO, self.cu - now),
             self.cl,
+            self.request_rate * 60,
+            self.token_rate * 60,
+            self.lr,
+            self.lt,
+            1 if self.probing else 0,
         ]
 
 
 def model_of(budget: Budget) -> BudgetModel:
     return BudgetModel(
-        request_rate=frac(budget.request_rate or 0.0),
-        token_rate=frac(budget.token_rate or 0.0),
+        configured_request_rate=frac(budget.request_rate or 0.0),
+        configured_token_rate=frac(budget.token_rate or 0.0),
         burst=frac(budget.burst),
         max_concurrency=budget.max_concurrency or 0,
         lease_ttl=frac(budget.lease_ttl),
@@ -462,6 +624,12 @@ REQUESTS = st.sampled_from([0, 1, 1, 1, 2, 3])
 TOKENS = st.integers(0, 200)
 ACTUAL = st.none() | st.integers(0, 300)
 
+# learned limits per minute: rates of whole powers of two per second, so times stay on the grid
+LEARN_REQUESTS = [60, 120, 240, 480]
+LEARN_TOKENS = [120, 480, 960, 1920, 3840]
+SEEN_REQUESTS = st.none() | st.integers(0, 1) | st.integers(0, 6)  # small: the level is often ahead
+SEEN_TOKENS = st.none() | st.integers(0, 16) | st.integers(0, 200)
+
 UNKNOWN = "never-acquired"
 EXACT = F(2, 10**6)  # six-decimal formatting of a wait of ticket_ttl / 2 is the only rounding
 
@@ -486,6 +654,8 @@ class BudgetMachine(RuleBasedStateMachine):
         self.base_args = budget_args(self.budget)
         self.costs: dict[str, tuple[int, int]] = {}
         self.serial = 0
+        self.probe = False
+        self.memory = 5.0
 
     def teardown(self) -> None:
         self.pubsub.close()
@@ -495,9 +665,15 @@ class BudgetMachine(RuleBasedStateMachine):
         policy=POLICIES,
         ticket_ttl_share=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
         idle_grace=st.sampled_from([10.0, 0.5]),
+        probe=st.booleans(),
+        memory=st.sampled_from([0.5, 5.0]),
     )
-    def configure(self, policy: CooldownPolicy, ticket_ttl_share: float, idle_grace: float) -> None:
+    def configure(
+        self, policy: CooldownPolicy, ticket_ttl_share: float, idle_grace: float, probe: bool, memory: float
+    ) -> None:
         self.policy = policy
+        self.probe = probe  # the budget's probe flag, sent with every acquire
+        self.memory = memory  # how long learned limits are remembered (short: the keys may expire)
         self.ticket_ttl = self.budget.lease_ttl * ticket_ttl_share
         # a short idle grace lets keys expire within a run (checked by _sync_expiry)
         self.base_args = [*self.base_args[:6], _num(idle_grace), self.base_args[7]]
@@ -535,7 +711,7 @@ class BudgetMachine(RuleBasedStateMachine):
 
     def _acquire(self, lease_id: str, max_wait: float | None, may_queue: bool) -> None:
         requests, tokens = self.costs[lease_id]
-        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, self.ticket_ttl)
+        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, self.ticket_ttl, self.probe)
         raw = self._run("acquire", argv)
         result = self.model.acquire(
             CLOCK.now(),
@@ -545,6 +721,7 @@ class BudgetMachine(RuleBasedStateMachine):
             None if max_wait is None else frac(max_wait),
             may_queue,
             frac(self.ticket_ttl),
+            self.probe,
         )
         self._check(f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue})", raw, result)
         reply, want = decode_acquire(raw), result[0]
@@ -553,6 +730,8 @@ class BudgetMachine(RuleBasedStateMachine):
             assert reply.wait == pytest.approx(float(want[1]), abs=1e-6)
         elif reply.kind == "refused":
             assert reply.retry_after == (None if want[1] < 0 else pytest.approx(float(want[1])))
+        elif reply.kind == "too_large":
+            assert reply.most == pytest.approx(float(want[1])) and reply.dimension == want[3]
 
     # ---- rules ---------------------------------------------------------------------------------
 
@@ -589,6 +768,68 @@ class BudgetMachine(RuleBasedStateMachine):
     @rule(data=st.data(), actual=st.integers(0, 300))
     def settle_held_with_usage(self, data: st.DataObject, actual: int) -> None:
         self.settle(data.draw(st.sampled_from(sorted(self.model.leases)), label="lease"), actual)
+
+    # ---- learning from the provider ----------------------------------------------------------
+
+    def _exact_limits(self, data: st.DataObject, settling: str | None, seen: tuple[Any, Any]) -> list[Any]:
+        """Limits to report, per minute or None, drawn among those that keep every time on the 1/64 s
+        grid: any tighter (or first) limit; a looser one only where no lease's correction spans it
+        and the rescaled TAT lands on the grid. (Looser limits off the grid: tests/test_learning.py.)"""
+        now = CLOCK.now()
+        out: list[Any] = []
+        for i, (dim, choices) in enumerate((("requests", LEARN_REQUESTS), ("tokens", LEARN_TOKENS))):
+            current = self.model.request_rate if dim == "requests" else self.model.token_rate
+            allowed: list[Any] = [None]
+            for per_minute in choices:
+                configured = self.model.configured_request_rate if i == 0 else self.model.configured_token_rate
+                rate = effective(configured, F(per_minute))
+                if current == 0 or rate <= current:
+                    allowed.append(per_minute)
+                    continue
+                others = [lease for lease in self.model.leases if lease != settling]
+                spans = others or (settling is not None and seen[i] is not None)
+                tat = self.model.rescaled(dim, F(per_minute), now)
+                if not spans and (tat * TICKS).denominator == 1:
+                    allowed.append(per_minute)
+            out.append(data.draw(st.sampled_from(allowed), label=f"{dim} limit"))
+        return out
+
+    def _settle_reporting(self, lease_id: str, actual: int | None, seen: tuple[Any, Any], limits: list[Any]) -> None:
+        argv = settle_args(lease_id, actual, seen[0], seen[1], limits[0], limits[1], self.memory)
+        raw = self._run("settle", argv)
+        result = self.model.settle(
+            CLOCK.now(),
+            lease_id,
+            None if actual is None else F(actual),
+            (None if seen[0] is None else F(seen[0]), None if seen[1] is None else F(seen[1])),
+            (None if limits[0] is None else F(limits[0]), None if limits[1] is None else F(limits[1])),
+            frac(self.memory),
+        )
+        self._check(f"settle({lease_id!r}, {actual}, seen={seen}, limits={limits})", raw, result)
+
+    @precondition(lambda self: self.model.leases)
+    @rule(data=st.data(), actual=ACTUAL, seen_requests=SEEN_REQUESTS, seen_tokens=SEEN_TOKENS)
+    def settle_with_the_providers_word(
+        self, data: st.DataObject, actual: int | None, seen_requests: int | None, seen_tokens: int | None
+    ) -> None:
+        """A reply's headers: what the provider had left when it admitted the call, and its limits."""
+        lease_id = data.draw(st.sampled_from(sorted(self.model.leases)), label="lease")
+        seen = (seen_requests, seen_tokens)
+        self._settle_reporting(lease_id, actual, seen, self._exact_limits(data, lease_id, seen))
+
+    @rule(data=st.data(), seen_requests=SEEN_REQUESTS, seen_tokens=SEEN_TOKENS)
+    def learn_without_a_lease(self, data: st.DataObject, seen_requests: int | None, seen_tokens: int | None) -> None:
+        """limiter.learn: a reply that holds no lease."""
+        seen = (seen_requests, seen_tokens)
+        self._settle_reporting("", None, seen, self._exact_limits(data, None, seen))
+
+    @rule(lease_id=ids | st.just(UNKNOWN), seen_tokens=SEEN_TOKENS)
+    def stale_settle_with_limits(self, lease_id: str, seen_tokens: int | None) -> None:
+        """A settle of a lease that may be gone: its remaining counts are ignored, tighter limits learned."""
+        if lease_id in self.model.leases:
+            return
+        limits = [None, min(LEARN_TOKENS)]
+        self._settle_reporting(lease_id, 5, (None, seen_tokens), limits)
 
     @precondition(lambda self: self.model.leases)
     @rule(data=st.data())
@@ -673,6 +914,45 @@ def test_lua_agrees_with_the_model(shape: str, fake_clock: FakeClock) -> None:
         settings=settings(
             max_examples=30,
             stateful_step_count=35,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+class LearningMachine(BudgetMachine):
+    """The same machine, with the provider's word three times as likely: more settles that learn a
+    limit and correct the level, so rescaled buckets meet held leases, the queue and the probe."""
+
+    @precondition(lambda self: self.model.leases)
+    @rule(data=st.data(), actual=ACTUAL, seen_requests=SEEN_REQUESTS, seen_tokens=SEEN_TOKENS)
+    def settle_with_the_providers_word_again(
+        self, data: st.DataObject, actual: int | None, seen_requests: int | None, seen_tokens: int | None
+    ) -> None:
+        self.settle_with_the_providers_word(data, actual, seen_requests, seen_tokens)
+
+    @precondition(lambda self: self.model.leases)
+    @rule(data=st.data(), actual=ACTUAL, seen_requests=SEEN_REQUESTS, seen_tokens=SEEN_TOKENS)
+    def settle_with_the_providers_word_once_more(
+        self, data: st.DataObject, actual: int | None, seen_requests: int | None, seen_tokens: int | None
+    ) -> None:
+        self.settle_with_the_providers_word(data, actual, seen_requests, seen_tokens)
+
+    @rule(data=st.data(), seen_requests=SEEN_REQUESTS, seen_tokens=SEEN_TOKENS)
+    def learn_without_a_lease_again(
+        self, data: st.DataObject, seen_requests: int | None, seen_tokens: int | None
+    ) -> None:
+        self.learn_without_a_lease(data, seen_requests, seen_tokens)
+
+
+@pytest.mark.parametrize("shape", ["tokens-only-burst-mc2", "both-burst-mc2", "both-burst-no-mc", "concurrency-only"])
+def test_lua_agrees_with_the_model_while_learning(shape: str, fake_clock: FakeClock) -> None:
+    machine = type(f"LearningMachine_{shape}", (LearningMachine,), {"shape": SHAPES[shape]})
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=30,
+            stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),

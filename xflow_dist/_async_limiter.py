@@ -29,8 +29,9 @@ from ._core import (
     decode_status,
 )
 from ._events import Mailroom, Notice
-from ._exceptions import AcquireTimeout, BackendError
+from ._exceptions import AcquireTimeout, BackendError, CostTooLargeError
 from ._flow import RunScript, acquire_flow
+from ._headers import LimitFacts
 from ._lease import AsyncLease
 from ._scripts import register
 
@@ -171,7 +172,7 @@ class AsyncLimiter(LimiterBase):
                     step = flow.send(notice)
         except StopIteration:
             pass
-        except AcquireTimeout:
+        except (AcquireTimeout, CostTooLargeError):
             raise
         except BaseException:
             await self._cancel_quietly(lease_id)
@@ -185,7 +186,7 @@ class AsyncLimiter(LimiterBase):
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
         reply = decode_acquire(await self._run("acquire", self._try_args(lease_id, requests, tokens)))
         if reply.kind != "granted":
-            return self._refused(reply)
+            return self._refused(reply, requests, tokens)
         return Decision(True, self._hold(lease_id, requests, tokens))
 
     def _hold(self, lease_id: str, requests: float, tokens: float) -> AsyncLease:
@@ -236,6 +237,23 @@ class AsyncLimiter(LimiterBase):
             await asyncio.shield(self._run("cancel", [lease_id]))
         except BackendError as exc:  # the lease, if any, expires with its TTL
             log.warning("could not give back reservation %s: %s", lease_id, exc)
+
+    async def learn(
+        self,
+        facts: LimitFacts | None = None,
+        *,
+        limit_requests: float | None = None,
+        limit_tokens: float | None = None,
+        remaining_requests: float | None = None,
+        remaining_tokens: float | None = None,
+    ) -> SettleReply:
+        """Learn from a provider's reply that holds no lease (a call made outside the budget).
+
+        ``facts`` are its parsed headers (``parse_limit_headers``); keywords override them. Limits are
+        per minute; what remains caps the shared levels. Returns the limits in force after it.
+        """
+        argv = self._learn_args(facts, limit_requests, limit_tokens, remaining_requests, remaining_tokens)
+        return decode_settle(await self._run("settle", argv))
 
     async def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""

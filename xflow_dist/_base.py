@@ -15,10 +15,12 @@ from ._core import (
     cooldown_args,
     keys,
     settle_args,
+    too_large_error,
     validate_cost,
     validate_retry_after,
 )
 from ._exceptions import ConfigurationError, InvalidCostError
+from ._headers import LimitFacts
 
 L = TypeVar("L")
 
@@ -79,7 +81,54 @@ class LimiterBase:
         return uuid.uuid4().hex, requests, tokens
 
     def _try_args(self, lease_id: str, requests: float, tokens: float) -> list[str]:
-        return acquire_args(lease_id, requests, tokens, 0.0, False, self.ticket_ttl)
+        return acquire_args(lease_id, requests, tokens, 0.0, False, self.ticket_ttl, self.budget.probe)
+
+    def _check_facts(
+        self,
+        remaining_requests: float | None,
+        remaining_tokens: float | None,
+        limit_requests: float | None,
+        limit_tokens: float | None,
+    ) -> None:
+        for what, value, zero_ok in (
+            ("remaining_requests", remaining_requests, True),
+            ("remaining_tokens", remaining_tokens, True),
+            ("limit_requests", limit_requests, False),
+            ("limit_tokens", limit_tokens, False),
+        ):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+                or (value == 0 and not zero_ok)
+            ):
+                bound = "zero or more" if zero_ok else "more than zero (per minute)"
+                raise InvalidCostError(f"{what} must be finite and {bound}, not {value!r}", budget=self.budget.name)
+
+    def _learn_args(
+        self,
+        facts: LimitFacts | None,
+        limit_requests: float | None,
+        limit_tokens: float | None,
+        remaining_requests: float | None,
+        remaining_tokens: float | None,
+    ) -> list[str]:
+        """``settle.lua`` without a lease: learn the limits (and cap the levels at the remaining)."""
+        if facts is not None:
+            if not isinstance(facts, LimitFacts):
+                raise InvalidCostError(f"facts must be a LimitFacts, not {facts!r}", budget=self.budget.name)
+            # A provider's odd header (a limit of 0) is no fact to learn; a caller's own argument is checked.
+            if limit_requests is None:
+                limit_requests = facts.request_limit or None
+            if limit_tokens is None:
+                limit_tokens = facts.token_limit or None
+            if remaining_requests is None:
+                remaining_requests = facts.requests_remaining
+            if remaining_tokens is None:
+                remaining_tokens = facts.tokens_remaining
+        self._check_facts(remaining_requests, remaining_tokens, limit_requests, limit_tokens)
+        return settle_args("", None, remaining_requests, remaining_tokens, limit_requests, limit_tokens)
 
     def _settle_args(
         self,
@@ -87,14 +136,10 @@ class LimiterBase:
         actual_tokens: float | None,
         remaining_requests: float | None = None,
         remaining_tokens: float | None = None,
+        limit_requests: float | None = None,
+        limit_tokens: float | None = None,
     ) -> list[str]:
-        for what, value in (("remaining_requests", remaining_requests), ("remaining_tokens", remaining_tokens)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0
-            ):
-                raise InvalidCostError(
-                    f"{what} must be finite and zero or more, not {value!r}", budget=self.budget.name
-                )
+        self._check_facts(remaining_requests, remaining_tokens, limit_requests, limit_tokens)
         if actual_tokens is not None and (
             isinstance(actual_tokens, bool)
             or not isinstance(actual_tokens, int | float)
@@ -106,13 +151,14 @@ class LimiterBase:
                 f"actual_tokens must be finite and zero or more, not {actual_tokens!r}",
                 budget=self.budget.name,
             )
-        return settle_args(lease_id, actual_tokens, remaining_requests, remaining_tokens)
+        return settle_args(lease_id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens)
 
     def _cooldown_args(self, retry_after: float | None) -> list[str]:
         return cooldown_args(self.cooldown_policy, validate_retry_after(self.budget, retry_after))
 
-    @staticmethod
-    def _refused(reply: AcquireReply) -> Decision[L]:
+    def _refused(self, reply: AcquireReply, requests: float, tokens: float) -> Decision[L]:
+        if reply.kind == "too_large":
+            raise too_large_error(self.budget, requests, tokens, reply)
         return Decision(False, None, reply.retry_after)
 
     @property

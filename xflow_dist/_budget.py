@@ -41,6 +41,12 @@ class Budget:
     ``burst`` is seconds of credit per dimension: 0 paces evenly (one request every 1/rate),
     60 lets a per-minute budget spend a whole minute at once, as OpenAI's own buckets do.
     A lease not settled or heartbeaten within ``lease_ttl`` seconds is presumed dead and freed.
+
+    Limits the provider reports (``lease.report(limit_requests=..., limit_tokens=...)``) are
+    learned by the whole fleet: the rates in force are the configured ones lowered to them, or
+    them alone where none is configured. ``probe=True`` grants one call at a time until the first
+    call is settled or a limit is learned, so that a budget without configured rates does not
+    send a first wave the provider may not hold.
     """
 
     name: str
@@ -51,6 +57,7 @@ class Budget:
     max_concurrency: int | None = field(default=None, kw_only=True)
     burst: float = field(default=0.0, kw_only=True)
     lease_ttl: float = field(default=30.0, kw_only=True)
+    probe: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -66,6 +73,8 @@ class Budget:
             raise ConfigurationError(
                 f"max_concurrency must be a whole number of at least 1, not {mc!r}", budget=self.name
             )
+        if not isinstance(self.probe, bool):
+            raise ConfigurationError(f"probe must be True or False, not {self.probe!r}", budget=self.name)
         _per_second(self.name, self.rpm, self.rps, "requests")
         _per_second(self.name, self.tpm, self.tps, "tokens")
 

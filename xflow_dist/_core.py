@@ -13,6 +13,9 @@ from ._exceptions import BackendError, CostTooLargeError, InvalidCostError
 #: Seconds the keys of a budget outlive the last thing they still have to remember.
 IDLE_GRACE = 10.0
 
+#: Seconds the limits learned from the provider are remembered after the last report of them.
+LEARN_MEMORY = 3600.0
+
 
 def keys(budget: Budget) -> list[str]:
     """The five keys of a budget, in the order every script expects (see ``lua/_prelude.lua``)."""
@@ -66,9 +69,15 @@ def validate_cost(budget: Budget, requests: float, tokens: float) -> tuple[float
 
 
 def acquire_args(
-    lease_id: str, requests: float, tokens: float, max_wait: float | None, may_queue: bool, ticket_ttl: float
+    lease_id: str,
+    requests: float,
+    tokens: float,
+    max_wait: float | None,
+    may_queue: bool,
+    ticket_ttl: float,
+    probe: bool = False,
 ) -> list[str]:
-    """ARGV[9..14] of ``acquire.lua``."""
+    """ARGV[9..15] of ``acquire.lua``."""
     return [
         lease_id,
         _num(requests),
@@ -76,7 +85,12 @@ def acquire_args(
         "-1" if max_wait is None else _num(max(0.0, max_wait)),
         "1" if may_queue else "0",
         _num(ticket_ttl),
+        "1" if probe else "0",
     ]
+
+
+def _opt(x: float | None) -> str:
+    return "-1" if x is None else _num(x)
 
 
 def settle_args(
@@ -84,13 +98,20 @@ def settle_args(
     actual_tokens: float | None,
     remaining_requests: float | None = None,
     remaining_tokens: float | None = None,
+    limit_requests: float | None = None,
+    limit_tokens: float | None = None,
+    memory: float = LEARN_MEMORY,
 ) -> list[str]:
-    """ARGV[9..12] of ``settle.lua``: the usage, and what the provider said it had left."""
+    """ARGV[9..15] of ``settle.lua``: the usage, what the provider said it had left and its limits
+    (per minute). ``lease_id=""`` only learns (``limiter.learn``)."""
     return [
         lease_id,
-        "-1" if actual_tokens is None else _num(actual_tokens),
-        "-1" if remaining_requests is None else _num(remaining_requests),
-        "-1" if remaining_tokens is None else _num(remaining_tokens),
+        _opt(actual_tokens),
+        _opt(remaining_requests),
+        _opt(remaining_tokens),
+        _opt(limit_requests),
+        _opt(limit_tokens),
+        _num(memory),
     ]
 
 
@@ -126,12 +147,14 @@ def _strings(raw: Any, size: int, op: str) -> list[str]:
 class AcquireReply:
     """What ``acquire.lua`` decided; ``wait`` is how long a queued ticket sleeps before it comes back."""
 
-    kind: str  # "granted" | "queued" | "refused"
+    kind: str  # "granted" | "queued" | "refused" | "too_large"
     now: float
     start: float = 0.0
     expiry: float = 0.0
     wait: float = 0.0
     retry_after: float | None = None
+    most: float = 0.0  # too_large: the most one grant of ``dimension`` may cost under the learned limits
+    dimension: str = ""
 
 
 def decode_acquire(raw: Any) -> AcquireReply:
@@ -144,19 +167,43 @@ def decode_acquire(raw: Any) -> AcquireReply:
     if kind == "refused":
         wait = float(rest[0])
         return AcquireReply(kind, float(rest[1]), retry_after=None if wait < 0 else wait)
+    if kind == "too_large" and len(rest) >= 3:
+        return AcquireReply(kind, float(rest[1]), most=float(rest[0]), dimension=rest[2])
     raise BackendError(f"unexpected reply from acquire: {raw!r}")
+
+
+def too_large_error(budget: Budget, requests: float, tokens: float, reply: AcquireReply) -> CostTooLargeError:
+    """The error for a cost the learned limits can never grant."""
+    cost = requests if reply.dimension == "requests" else tokens
+    return CostTooLargeError(
+        f"{cost:g} {reply.dimension or 'tokens'} can never fit budget {budget.name!r}: under the limits learned from "
+        f"the provider it grants at most {reply.most:g} to one request",
+        budget=budget.name,
+    )
+
+
+def _limit(text: str) -> float | None:
+    value = float(text)
+    return value if value > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
 class SettleReply:
+    """What a settle did: ``refunded`` tokens (negative: debt charged), and the limits in force after
+    it, per minute (None: that dimension is not limited), learned ones included."""
+
     settled: bool
     refunded: float
     now: float
+    rpm: float | None = None
+    tpm: float | None = None
 
 
 def decode_settle(raw: Any) -> SettleReply:
-    kind, refunded, now = _strings(raw, 3, "settle")[:3]
-    return SettleReply(kind == "settled", float(refunded), float(now))
+    fields = _strings(raw, 3, "settle")
+    kind, refunded, now = fields[:3]
+    rpm, tpm = (_limit(fields[3]), _limit(fields[4])) if len(fields) >= 5 else (None, None)
+    return SettleReply(kind == "settled", float(refunded), float(now), rpm, tpm)
 
 
 def decode_cancel(raw: Any) -> str:
@@ -189,7 +236,12 @@ def decode_cooldown(raw: Any) -> CooldownReply:
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """A snapshot of one budget. A level below zero is debt left by a cost above the burst credit."""
+    """A snapshot of one budget. A level below zero is debt left by a cost above the burst credit.
+
+    ``rpm`` / ``tpm`` are the limits in force (the configured ones lowered to the learned ones),
+    ``learned_rpm`` / ``learned_tpm`` what the provider last reported; all per minute, None where
+    there is none. ``probing``: the budget grants one call at a time until it learns its limits.
+    """
 
     budget: str
     now: float
@@ -199,17 +251,29 @@ class Status:
     queued: int
     cooldown_remaining: float
     backoff_level: int
+    rpm: float | None = None
+    tpm: float | None = None
+    learned_rpm: float | None = None
+    learned_tpm: float | None = None
+    probing: bool = False
 
 
 def decode_status(budget: Budget, raw: Any) -> Status:
-    now, req, tok, in_flight, queued, cooldown, level = _strings(raw, 7, "status")[:7]
+    fields = _strings(raw, 12, "status")
+    now, req, tok, in_flight, queued, cooldown, level = fields[:7]
+    rpm, tpm, learned_rpm, learned_tpm = (_limit(x) for x in fields[7:11])
     return Status(
         budget=budget.name,
         now=float(now),
-        requests_available=None if budget.request_rate is None else float(req),
-        tokens_available=None if budget.token_rate is None else float(tok),
+        requests_available=None if rpm is None else float(req),
+        tokens_available=None if tpm is None else float(tok),
         in_flight=int(in_flight),
         queued=int(queued),
         cooldown_remaining=float(cooldown),
         backoff_level=int(level),
+        rpm=rpm,
+        tpm=tpm,
+        learned_rpm=learned_rpm,
+        learned_tpm=learned_tpm,
+        probing=fields[11] == "1",
     )

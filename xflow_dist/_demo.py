@@ -259,6 +259,9 @@ def fleet_spec(
     deadline: float = 600.0,
     seed: int = 0,
     budget_scale: float = 1.0,
+    budget_rates: bool = True,
+    probe: bool = False,
+    report_limits: bool = True,
 ) -> FleetSpec:
     return FleetSpec(
         strategy=strategy,
@@ -271,4 +274,7 @@ def fleet_spec(
         deadline=deadline,
         seed=seed,
         budget_scale=budget_scale,
+        budget_rates=budget_rates,
+        probe=probe,
+        report_limits=report_limits,
     )

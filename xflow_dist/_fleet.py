@@ -3,7 +3,8 @@
 Used by ``xflow demo`` and ``benchmarks/fleet.py``. Each process runs ``concurrency`` coroutines
 that pop jobs from a Redis list and call the provider under one of three strategies:
 
-- ``xflow``: one shared budget (``AsyncLimiter``), settling actual usage, fleet-wide cooldown on 429;
+- ``xflow``: one shared budget (``AsyncLimiter``), settling actual usage and the provider's rate-limit
+  headers (remaining and limits: the fleet learns the provider's limits), fleet-wide cooldown on 429;
 - ``retry``: no limiter, retry each 429 after an exponential backoff with full jitter (0.5 s
   doubling per attempt, capped at 8 s), as tenacity-style retry decorators do;
 - ``split``: a static split, each process limiting itself in-process to 1/P of every limit
@@ -96,6 +97,9 @@ class FleetSpec:
     deadline: float = 600.0  # seconds a worker may run at most
     seed: int = 0
     budget_scale: float = 1.0  # the shared budget's rates against the provider's (1.3: set 30 % too high)
+    budget_rates: bool = True  # False: the budget configures no rates and learns them from the headers
+    probe: bool = False  # with budget_rates=False: one call at a time until the first reply teaches them
+    report_limits: bool = True  # False: settle with the remaining counts only (as Azure sends no limits)
 
 
 @dataclass(slots=True)
@@ -158,13 +162,18 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
     rate_tok: Any = None
     slots: asyncio.Semaphore | None = None
     if spec.strategy == "xflow":
-        budget = Budget(
-            spec.budget_name,
-            rpm=limits.rpm * spec.budget_scale,
-            tpm=limits.tpm * spec.budget_scale,
-            max_concurrency=limits.max_concurrency,
-            burst=60 - DISPATCH_MARGIN,
-        )
+        if spec.budget_rates:
+            budget = Budget(
+                spec.budget_name,
+                rpm=limits.rpm * spec.budget_scale,
+                tpm=limits.tpm * spec.budget_scale,
+                max_concurrency=limits.max_concurrency,
+                burst=60 - DISPATCH_MARGIN,
+            )
+        else:  # no rates: the provider's headers teach them (concurrency is in no header)
+            budget = Budget(
+                spec.budget_name, max_concurrency=limits.max_concurrency, burst=60 - DISPATCH_MARGIN, probe=spec.probe
+            )
         limiter = AsyncLimiter(budget, spec.redis_url)
     elif spec.strategy == "split":
         from aiolimiter import AsyncLimiter as LocalLimiter
@@ -196,19 +205,25 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
                 if limiter is not None:
                     async with limiter.acquire(tokens=job.estimate) as lease:
                         reply = await call(job)
+                        seen = parse_limit_headers(reply.headers)
+                        learned = {
+                            "limit_requests": seen.request_limit or None,
+                            "limit_tokens": seen.token_limit or None,
+                        } if spec.report_limits else {}  # fmt: skip
                         if reply.status_code == 429:
-                            await lease.report(actual_tokens=0)  # a rejected call uses no tokens
+                            # A rejected call uses no tokens; what remains is not this call's, its limits are.
+                            await lease.report(actual_tokens=0, **learned)
                             report.rejected += 1
                             report.cooldowns += 1
                             await limiter.cooldown(retry_after=parse_retry_after(reply.headers))
                             continue
                         reply.raise_for_status()
                         used = int(reply.json()["usage"]["total_tokens"])
-                        seen = parse_limit_headers(reply.headers)
                         await lease.report(
                             actual_tokens=used,
                             remaining_requests=seen.requests_remaining,
                             remaining_tokens=seen.tokens_remaining,
+                            **learned,
                         )
                 else:
                     if rate_req is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._budget import Budget
-from ._core import acquire_args, decode_acquire
+from ._core import acquire_args, decode_acquire, too_large_error
 from ._events import GrantNotice, HeadNotice, Notice
 from ._exceptions import AcquireTimeout
 
@@ -51,10 +51,16 @@ def acquire_flow(
             yield RunScript("cancel", [lease_id])
             raise AcquireTimeout(f"no grant from budget {budget.name!r} within {timeout:g}s", budget=budget.name)
         reply = decode_acquire(
-            (yield RunScript("acquire", acquire_args(lease_id, requests, tokens, remaining, True, ticket_ttl)))
+            (
+                yield RunScript(
+                    "acquire", acquire_args(lease_id, requests, tokens, remaining, True, ticket_ttl, budget.probe)
+                )
+            )
         )
         if reply.kind == "granted":
             return
+        if reply.kind == "too_large":
+            raise too_large_error(budget, requests, tokens, reply)
         if reply.kind == "refused":
             wait = reply.retry_after if reply.retry_after is not None else float("nan")
             raise AcquireTimeout(

@@ -54,22 +54,39 @@ class Lease(_LeaseState):
         *,
         remaining_requests: float | None = None,
         remaining_tokens: float | None = None,
+        limit_requests: float | None = None,
+        limit_tokens: float | None = None,
     ) -> SettleReply | None:
         """Settle with the tokens really used (refund or debt) and free the slot; once only.
 
         ``remaining_*`` are what the provider said it had left when it admitted the call (its
         ``x-ratelimit-remaining-*`` headers): the shared level is corrected down if it was ahead.
+        ``limit_*`` are its limits per minute (``x-ratelimit-limit-*``): the whole fleet learns them,
+        and the rates in force become the budget's own lowered to them.
         """
-        argv = self._limiter._settle_args(self.id, actual_tokens, remaining_requests, remaining_tokens)
+        argv = self._limiter._settle_args(
+            self.id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens
+        )
         if not self._close():
             return None
         return self._limiter._finish(self, "settle", argv)
 
-    def release(self) -> SettleReply | None:
-        """Settle at the estimate (the call was made, its usage unknown) and free the slot."""
+    def release(
+        self,
+        *,
+        remaining_requests: float | None = None,
+        remaining_tokens: float | None = None,
+        limit_requests: float | None = None,
+        limit_tokens: float | None = None,
+    ) -> SettleReply | None:
+        """Settle at the estimate (the call was made, its usage unknown) and free the slot; the
+        provider's word, if any, is taken as by ``report``."""
+        argv = self._limiter._settle_args(
+            self.id, None, remaining_requests, remaining_tokens, limit_requests, limit_tokens
+        )
         if not self._close():
             return None
-        return self._limiter._finish(self, "settle", self._limiter._settle_args(self.id, None))
+        return self._limiter._finish(self, "settle", argv)
 
     def cancel(self) -> None:
         """Give the whole reservation back: the call was never made."""
@@ -100,22 +117,39 @@ class AsyncLease(_LeaseState):
         *,
         remaining_requests: float | None = None,
         remaining_tokens: float | None = None,
+        limit_requests: float | None = None,
+        limit_tokens: float | None = None,
     ) -> SettleReply | None:
         """Settle with the tokens really used (refund or debt) and free the slot; once only.
 
         ``remaining_*`` are what the provider said it had left when it admitted the call (its
         ``x-ratelimit-remaining-*`` headers): the shared level is corrected down if it was ahead.
+        ``limit_*`` are its limits per minute (``x-ratelimit-limit-*``): the whole fleet learns them,
+        and the rates in force become the budget's own lowered to them.
         """
-        argv = self._limiter._settle_args(self.id, actual_tokens, remaining_requests, remaining_tokens)
+        argv = self._limiter._settle_args(
+            self.id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens
+        )
         if not self._close():
             return None
         return await self._limiter._finish(self, "settle", argv)
 
-    async def release(self) -> SettleReply | None:
-        """Settle at the estimate (the call was made, its usage unknown) and free the slot."""
+    async def release(
+        self,
+        *,
+        remaining_requests: float | None = None,
+        remaining_tokens: float | None = None,
+        limit_requests: float | None = None,
+        limit_tokens: float | None = None,
+    ) -> SettleReply | None:
+        """Settle at the estimate (the call was made, its usage unknown) and free the slot; the
+        provider's word, if any, is taken as by ``report``."""
+        argv = self._limiter._settle_args(
+            self.id, None, remaining_requests, remaining_tokens, limit_requests, limit_tokens
+        )
         if not self._close():
             return None
-        return await self._limiter._finish(self, "settle", self._limiter._settle_args(self.id, None))
+        return await self._limiter._finish(self, "settle", argv)
 
     async def cancel(self) -> None:
         """Give the whole reservation back: the call was never made."""

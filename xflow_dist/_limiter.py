@@ -27,8 +27,9 @@ from ._core import (
     decode_status,
 )
 from ._events import Mailroom, Notice
-from ._exceptions import AcquireTimeout, BackendError
+from ._exceptions import AcquireTimeout, BackendError, CostTooLargeError
 from ._flow import AwaitNotice, RunScript, acquire_flow
+from ._headers import LimitFacts
 from ._lease import Lease
 from ._scripts import register
 
@@ -173,7 +174,7 @@ class Limiter(LimiterBase):
                     step = flow.send(self._await_notice(inbox, step))
         except StopIteration:
             pass
-        except AcquireTimeout:
+        except (AcquireTimeout, CostTooLargeError):
             raise
         except BaseException:
             self._cancel_quietly(lease_id)
@@ -194,7 +195,7 @@ class Limiter(LimiterBase):
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
         reply = decode_acquire(self._run("acquire", self._try_args(lease_id, requests, tokens)))
         if reply.kind != "granted":
-            return self._refused(reply)
+            return self._refused(reply, requests, tokens)
         return Decision(True, self._hold(lease_id, requests, tokens))
 
     def _hold(self, lease_id: str, requests: float, tokens: float) -> Lease:
@@ -221,6 +222,23 @@ class Limiter(LimiterBase):
             self._run("cancel", [lease_id])
         except BackendError as exc:  # the lease, if any, expires with its TTL
             log.warning("could not give back reservation %s: %s", lease_id, exc)
+
+    def learn(
+        self,
+        facts: LimitFacts | None = None,
+        *,
+        limit_requests: float | None = None,
+        limit_tokens: float | None = None,
+        remaining_requests: float | None = None,
+        remaining_tokens: float | None = None,
+    ) -> SettleReply:
+        """Learn from a provider's reply that holds no lease (a call made outside the budget).
+
+        ``facts`` are its parsed headers (``parse_limit_headers``); keywords override them. Limits are
+        per minute; what remains caps the shared levels. Returns the limits in force after it.
+        """
+        argv = self._learn_args(facts, limit_requests, limit_tokens, remaining_requests, remaining_tokens)
+        return decode_settle(self._run("settle", argv))
 
     def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""

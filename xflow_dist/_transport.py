@@ -127,21 +127,27 @@ def _settle_kwargs(response: Any, used: int | None) -> dict[str, Any]:
         "actual_tokens": used,
         "remaining_requests": facts.requests_remaining,
         "remaining_tokens": facts.tokens_remaining,
+        # the provider's limits per minute, learned by the whole fleet; a header of 0 is no limit to learn
+        "limit_requests": facts.request_limit or None,
+        "limit_tokens": facts.token_limit or None,
     }
 
 
 def _settle_sync(lease: Lease, kwargs: dict[str, Any]) -> None:
-    if kwargs.get("actual_tokens") is None:
-        lease.release()
+    """Report the usage when it is known, else release at the estimate; the headers count either way."""
+    used, facts = kwargs["actual_tokens"], {k: v for k, v in kwargs.items() if k != "actual_tokens"}
+    if used is None:
+        lease.release(**facts)
     else:
-        lease.report(**kwargs)
+        lease.report(used, **facts)
 
 
 async def _settle_async(lease: AsyncLease, kwargs: dict[str, Any]) -> None:
-    if kwargs.get("actual_tokens") is None:
-        await lease.release()
+    used, facts = kwargs["actual_tokens"], {k: v for k, v in kwargs.items() if k != "actual_tokens"}
+    if used is None:
+        await lease.release(**facts)
     else:
-        await lease.report(**kwargs)
+        await lease.report(used, **facts)
 
 
 # -- streamed replies: the lease is held until the stream closes, or until it is garbage --
