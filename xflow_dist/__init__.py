@@ -15,6 +15,7 @@ from ._exceptions import (
     NoRouteError,
     XflowError,
 )
+from ._headers import LimitFacts, parse_limit_headers, parse_retry_after
 from ._lease import AsyncLease, Lease
 from ._limiter import Limiter
 
@@ -33,10 +34,13 @@ __all__ = [
     "Decision",
     "InvalidCostError",
     "Lease",
+    "LimitFacts",
     "Limiter",
     "NoRouteError",
     "SettleReply",
     "Status",
     "XflowError",
     "__version__",
+    "parse_limit_headers",
+    "parse_retry_after",
 ]
