@@ -1,5 +1,6 @@
-"""The ``xflow`` command: ``xflow demo`` (a fleet sharing one budget against a simulated provider)
-and ``xflow simulate`` (the provider alone). Settings come from flags here, at the edge."""
+"""The ``xflow`` command: ``xflow demo`` (a fleet sharing one budget against a simulated provider),
+``xflow simulate`` (the provider alone) and ``xflow settings`` (what ``XFLOW_*`` configures).
+Settings come from flags and the environment here, at the edge."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     sub.add_parser("simulate", help="serve the simulated provider (see: xflow simulate --help)", add_help=False)
+    p = sub.add_parser("settings", help="show the settings XFLOW_* variables give (passwords masked)")
+    p.add_argument("--status", action="store_true", help="also show each budget's live status from Redis")
     args, rest = parser.parse_known_args(argv)
     if args.command == "simulate":
         try:
@@ -53,7 +56,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return simulate(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "settings":
+        return show_settings(args.status)
     return demo(args)
+
+
+def show_settings(status: bool) -> int:
+    """Print the effective settings; with ``status``, each budget's snapshot. 2: bad settings."""
+    try:
+        from .settings import Settings
+    except ImportError:
+        print("xflow settings needs pydantic-settings: pip install 'xflow-dist[settings]'", file=sys.stderr)
+        return 2
+    from ._exceptions import XflowError
+    from ._limiter import Limiter
+
+    try:
+        settings = Settings.load()
+        print(settings.describe())
+        if status:
+            for budget in settings.all_budgets():
+                with Limiter(budget, settings.redis_url) as limiter:
+                    print(limiter.status())
+    except XflowError as exc:
+        print(f"xflow settings: {exc}", file=sys.stderr)
+        return 2 if not status else 1
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:
