@@ -145,14 +145,14 @@ local function slot_free()
 end
 
 -- Charge every dimension now: all limits or none.
-local function charge(st, creq, ctok)
+local function charge(st, creq, ctok, at)
   st.cq = st.cq + creq
   st.ct = st.ct + ctok
   if RATE_REQ > 0 then
-    st.rt = math.max(st.rt, NOW) + creq / RATE_REQ
+    st.rt = math.max(st.rt, at) + creq / RATE_REQ
   end
   if RATE_TOK > 0 then
-    st.tt = math.max(st.tt, NOW) + ctok / RATE_TOK
+    st.tt = math.max(st.tt, at) + ctok / RATE_TOK
   end
 end
 
@@ -182,8 +182,15 @@ local function snapshot(tat, rate, burst)
   return fmt(level(tat, rate, burst))
 end
 
-local function grant(st, id, creq, ctok)
-  charge(st, creq, ctok)
+-- A grant is charged as of ``at``: now, or for a head told its fit time and granted after it, that
+-- time (up to LATE_CREDIT back). The head needs a round trip and a wake-up to come back; charging
+-- from now would let a full bucket (burst 0 above all) overflow meanwhile, and a queue paced at 1/r
+-- would run at 1/(1/r + round trip). Like GCRA's booked start times, that keeps the queue on its
+-- schedule; a grant can then be at most LATE_CREDIT behind the time it is charged at.
+local LATE_CREDIT = 0.0625
+
+local function grant(st, id, creq, ctok, at)
+  charge(st, creq, ctok, at or NOW)
   redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, id)
   redis.call('HSET', K_DATA, id, creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
     snapshot(st.rt, RATE_REQ, BURST_REQ) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK) .. ' ' ..
@@ -284,7 +291,11 @@ local function advance(st)
       local fit = fit_time(st, t.creq, t.ctok)
       if fit <= NOW then
         dequeue(head)
-        grant(st, head, t.creq, t.ctok)
+        local at = NOW
+        if t.fit >= 0 and t.fit < NOW then
+          at = math.max(t.fit, NOW - LATE_CREDIT)
+        end
+        grant(st, head, t.creq, t.ctok, at)
         redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW))
       else
         if math.abs(fit - t.fit) > 0.0000005 then

@@ -669,3 +669,18 @@ def test_readme_example_in_two_processes_sharing_one_budget(
         pytest.skip("two processes need the real redis-server")
     code = _readme_example().replace(_README_URL_LINE, f'redis="{redis_url}", name="{name}",')
     _check_rate(_run_example(code, 2, tmp_path), 30)  # 10 a second between them, not each
+
+
+async def test_hundreds_of_tasks_at_once_queue_for_redis_connections_instead_of_failing(
+    redis_url: str, name: str
+) -> None:
+    # redis-py's default pool raises past 100 connections in use; the limiter's pool makes them wait
+    async def job() -> None:
+        await asyncio.sleep(0)
+
+    async with RequestRateScheduler(max_rps=10_000, max_concurrency=1_000, redis=redis_url, name=name) as s:
+        await (await s.start_task(job()))  # connected and listening: the next ones all run at once
+        tasks = [await s.start_task(job()) for _ in range(300)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r for r in results if r is not None] == []
+    assert s.total_completed == 301

@@ -66,6 +66,8 @@ from xflow_dist._scripts import register
 
 F = Fraction
 ZERO = F(0)
+#: how far back a late head of the queue may be charged (lua/_prelude.lua)
+LATE_CREDIT = F(1, 16)
 
 
 def frac(x: float | int | str | bytes | Fraction) -> Fraction:
@@ -213,14 +215,18 @@ class BudgetModel:
             return False
         return self.max_concurrency == 0 or len(self.leases) < self.max_concurrency
 
-    def _grant(self, lease_id: str, requests: Fraction, tokens: Fraction, now: Fraction) -> None:
-        """Charge every limited bucket now and hand out the lease (remembering the levels after)."""
+    def _grant(
+        self, lease_id: str, requests: Fraction, tokens: Fraction, now: Fraction, at: Fraction | None = None
+    ) -> None:
+        """Charge every limited bucket as of ``at`` (default now) and hand out the lease
+        (remembering the levels after, now)."""
+        start = now if at is None else at
         self.cq += requests
         self.ct += tokens
         if self.request_rate:
-            self.rt = max(self.rt, now) + requests / self.request_rate
+            self.rt = max(self.rt, start) + requests / self.request_rate
         if self.token_rate:
-            self.tt = max(self.tt, now) + tokens / self.token_rate
+            self.tt = max(self.tt, start) + tokens / self.token_rate
         self.leases[lease_id] = Lease(
             requests,
             tokens,
@@ -313,7 +319,10 @@ class BudgetModel:
             fit = self._fit(ticket.requests, ticket.tokens, now)
             if fit <= now:
                 del self.queue[head]
-                self._grant(head, ticket.requests, ticket.tokens, now)
+                # a head told its fit time is charged as of then, up to LATE_CREDIT back
+                late = ticket.fit is not None and ticket.fit < now
+                at = max(ticket.fit, now - LATE_CREDIT) if late and ticket.fit is not None else now
+                self._grant(head, ticket.requests, ticket.tokens, now, at)
                 events.append(("g", head, now))
                 continue
             if ticket.fit != fit:

@@ -113,6 +113,23 @@ def test_even_pacing_at_burst_zero_queues_the_next_for_one_interval(rclient: red
     assert again.start >= r.now + r.wait - 1e-6  # never before the exact fit time
 
 
+def test_a_head_granted_late_is_charged_as_of_its_fit_time(rclient: redis.Redis, name: str) -> None:
+    # burst 0: no credit to absorb the head's round trip, so charging from "now" would lose it
+    o = ops(rclient, name, rps=10)
+    assert o.acquire()[1].kind == "granted"
+    ticket, r = o.acquire()
+    fit = r.now + r.wait
+    o.wait_redis_until(fit + 0.03)  # the head comes back at least 30 ms late
+    late = o.acquire(lease_id=ticket)[1]
+    assert late.kind == "granted"
+    _, nxt = o.acquire(max_wait=0, queue=False)
+    assert nxt.kind == "refused"
+    # the queue stays on its schedule: the next fits at fit + 1/rate (or the credit's bound), not
+    # at the late grant + 1/rate
+    assert nxt.now + nxt.retry_after == pytest.approx(max(fit, late.now - 0.0625) + 0.1, abs=0.002)
+    assert nxt.now + nxt.retry_after < late.now + 0.1 - 0.02
+
+
 def test_refusal_is_exact_and_charges_nothing(rclient: redis.Redis, name: str) -> None:
     o = ops(rclient, name, rps=100, tps=100, burst=1)
     assert o.acquire(tokens=100)[1].kind == "granted"

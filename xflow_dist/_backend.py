@@ -37,6 +37,10 @@ def _memory_server(url: str) -> Any:
         return _memory_servers[name]
 
 
+#: the pool of a client made from a URL: up to 64 connections, then callers queue for one
+_POOL: dict[str, Any] = {"max_connections": 64, "timeout": None}
+
+
 def _check_url(url: str) -> str:
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix", "memory"):
@@ -51,7 +55,9 @@ def sync_client(target: RedisLike) -> tuple[SyncClient, bool]:
             import fakeredis
 
             return fakeredis.FakeRedis(server=_memory_server(target)), True
-        return redis.Redis.from_url(target), True
+        # a blocking pool: callers beyond max_connections wait for a connection instead of failing
+        # (redis-py's default pool raises past 100, which a busy process reaches at once)
+        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(target, **_POOL)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         raise ConfigurationError("Limiter needs a sync redis.Redis; use AsyncLimiter for asyncio")
     if isinstance(target, redis.Redis | redis.cluster.RedisCluster):
@@ -66,7 +72,7 @@ def async_client(target: RedisLike) -> tuple[AsyncClient, bool]:
             import fakeredis
 
             return fakeredis.FakeAsyncRedis(server=_memory_server(target)), True
-        return redis.asyncio.Redis.from_url(target), True
+        return redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(target, **_POOL)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         return target, False
     if isinstance(target, redis.Redis | redis.cluster.RedisCluster):
