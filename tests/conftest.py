@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from xflow_dist._backend import sync_client
 from xflow_dist._embedded import EmbeddedRedis
 
 _REQUIRE = os.environ.get("XFLOW_REQUIRE_REDIS", "") not in ("", "0")
@@ -68,3 +69,11 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 def url(request: pytest.FixtureRequest, redis_url: str) -> str:
     """Both backends: the spawned Redis and the embedded ``memory://``."""
     return redis_url if request.param == "redis" else f"memory://{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def rclient(url: str) -> Iterator[redis.Redis]:
+    """A sync client of ``url``'s backend, for calling the scripts directly."""
+    client, _ = sync_client(url)
+    yield client
+    client.close()

@@ -12,12 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
+from _helpers import Ops, ops
 
 from xflow_dist import (
     AsyncLimiter,
@@ -26,63 +25,14 @@ from xflow_dist import (
     InvalidCostError,
     Limiter,
 )
-from xflow_dist._backend import sync_client
 from xflow_dist._core import (
     LEARN_MEMORY,
-    acquire_args,
-    budget_args,
     channel,
-    decode_acquire,
     decode_settle,
-    decode_status,
     keys,
     settle_args,
 )
 from xflow_dist._headers import parse_limit_headers
-from xflow_dist._scripts import register
-
-
-class Ops:
-    """Direct script calls for one budget, with the Redis time of each reply."""
-
-    def __init__(self, client: redis.Redis, budget: Budget) -> None:
-        self.client = client
-        self.budget = budget
-        self.scripts = register(client)
-
-    def run(self, op: str, argv: list[str]) -> Any:
-        return self.scripts[op](keys=keys(self.budget), args=budget_args(self.budget) + argv)
-
-    def acquire(self, tokens: float = 0, requests: float = 1, *, queue: bool = True, lease_id: str | None = None):
-        lid = lease_id or uuid.uuid4().hex
-        argv = acquire_args(lid, requests, tokens, None, queue, 30.0, self.budget.probe)
-        return lid, decode_acquire(self.run("acquire", argv))
-
-    def settle(self, lid: str, actual: float | None = None, **facts: float):
-        argv = settle_args(
-            lid,
-            actual,
-            facts.get("remaining_requests"),
-            facts.get("remaining_tokens"),
-            facts.get("limit_requests"),
-            facts.get("limit_tokens"),
-        )
-        return decode_settle(self.run("settle", argv))
-
-    def status(self):
-        return decode_status(self.budget, self.run("status", []))
-
-
-@pytest.fixture
-def rclient(url: str) -> Iterator[redis.Redis]:
-    client, _ = sync_client(url)
-    yield client
-    client.close()
-
-
-def ops(rclient: redis.Redis, name: str, **limits: Any) -> Ops:
-    return Ops(rclient, Budget(name, **limits))
-
 
 # ---- sharing -----------------------------------------------------------------------------------
 

@@ -2,94 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 import redis
+from _helpers import Ops, ops
 
-from xflow_dist import Budget, CooldownPolicy
-from xflow_dist._backend import sync_client
+from xflow_dist import CooldownPolicy
 from xflow_dist._core import (
-    acquire_args,
-    budget_args,
-    cooldown_args,
-    decode_acquire,
-    decode_cooldown,
-    decode_extend,
-    decode_settle,
-    decode_status,
-    keys,
     settle_args,
 )
-from xflow_dist._scripts import register
-
-
-class Ops:
-    """Direct calls of the scripts for one budget."""
-
-    def __init__(self, client: redis.Redis, budget: Budget) -> None:
-        self.client = client
-        self.budget = budget
-        self.scripts = register(client)
-
-    def run(self, op: str, argv: list[str]) -> Any:
-        return self.scripts[op](keys=keys(self.budget), args=budget_args(self.budget) + argv)
-
-    def acquire(
-        self,
-        tokens: float = 0,
-        requests: float = 1,
-        *,
-        max_wait: float | None = None,
-        queue: bool = True,
-        lease_id: str | None = None,
-        ticket_ttl: float = 30.0,
-    ):
-        lid = lease_id or uuid.uuid4().hex
-        reply = decode_acquire(self.run("acquire", acquire_args(lid, requests, tokens, max_wait, queue, ticket_ttl)))
-        return lid, reply
-
-    def settle(self, lid: str, actual: float | None = None):
-        return decode_settle(self.run("settle", settle_args(lid, actual)))
-
-    def cancel(self, lid: str) -> str:
-        return self.run("cancel", [lid])[0].decode()
-
-    def extend(self, lid: str) -> float | None:
-        return decode_extend(self.run("extend", [lid]))
-
-    def cooldown(self, retry_after: float | None, draw: float = 0.0, policy: CooldownPolicy | None = None):
-        return decode_cooldown(self.run("cooldown", cooldown_args(policy or CooldownPolicy(), retry_after, draw)))
-
-    def status(self):
-        return decode_status(self.budget, self.run("status", []))
-
-    def redis_now(self) -> float:
-        sec, usec = self.client.time()
-        return sec + usec / 1e6
-
-    def wait_redis_until(self, t: float) -> None:
-        """Let Redis time pass ``t``, checking the server's own clock (bounded)."""
-        import time
-
-        for _ in range(2_000):
-            if self.redis_now() > t:
-                return
-            time.sleep(0.005)
-        raise AssertionError("Redis time did not advance")
-
-
-@pytest.fixture
-def rclient(url: str) -> Iterator[redis.Redis]:
-    client, _ = sync_client(url)
-    yield client
-    client.close()
-
-
-def ops(rclient: redis.Redis, name: str, **limits: Any) -> Ops:
-    return Ops(rclient, Budget(name, **limits))
 
 
 def test_grant_within_burst_starts_now(rclient: redis.Redis, name: str) -> None:
