@@ -17,13 +17,16 @@ import platform
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
 import xflow_dist
+from xflow_dist._demo import Latency
 from xflow_dist._embedded import EmbeddedRedis
+from xflow_dist._fleet import Limits
 
 HERE = Path(__file__).resolve().parent
 
@@ -246,3 +249,15 @@ def report_error(conn: Any, exc: BaseException) -> None:
 
     with contextlib.suppress(Exception):
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One fleet run's provider and job list, shared by the fleet benchmarks."""
+
+    name: str
+    limits: Limits
+    latency: Latency
+    jobs: int
+    prompt_tokens: tuple[int, int] = (50, 400)
+    max_tokens: tuple[int, int] = (64, 384)

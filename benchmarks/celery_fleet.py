@@ -24,7 +24,6 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import source_state  # noqa: E402  (benchmarks/, the script's own directory)
+from _common import Scenario, source_state  # noqa: E402  (benchmarks/, the script's own directory)
 from celery import Celery  # type: ignore[import-untyped]  # noqa: E402
 
 from workers.fleet import start_nodes, stop_nodes  # noqa: E402
@@ -41,16 +40,6 @@ from xflow_dist._embedded import EmbeddedRedis  # noqa: E402
 from xflow_dist._fleet import Job, Limits, make_jobs  # noqa: E402
 
 STRATEGIES = ("xflow", "rate_limit")
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    limits: Limits
-    latency: Latency
-    jobs: int
-    prompt_tokens: tuple[int, int] = (50, 400)
-    max_tokens: tuple[int, int] = (64, 384)
 
 
 SCENARIOS = [

@@ -23,21 +23,12 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+
+from _common import Scenario
 
 from xflow_dist._demo import FleetResult, Latency, fleet_spec, run_fleet, simulator_process
 from xflow_dist._embedded import EmbeddedRedis
 from xflow_dist._fleet import STRATEGIES, Limits, make_jobs
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    limits: Limits
-    latency: Latency
-    jobs: int
-    prompt_tokens: tuple[int, int] = (50, 400)
-    max_tokens: tuple[int, int] = (64, 384)
 
 
 def scenarios(quick: bool) -> list[tuple[Scenario, int]]:
