@@ -34,7 +34,9 @@
 --   ARGV[6] lease time to live, seconds
 --   ARGV[7] idle grace, seconds the keys outlive the last thing they still have to remember
 --   ARGV[8] events channel: grants to queued tickets and cooldowns are published there
--- Operation arguments follow from ARGV[9].
+--   ARGV[9] claim window, seconds: a grant to a queued ticket is provisional until its holder claims
+--           it (acquire.lua with the same id) within this window; unclaimed, it is taken back
+-- Operation arguments follow from ARGV[10].
 --
 -- The rate of a bucket is the configured one, lowered to the learned limit (lr / 60, lt / 60) once
 -- the provider has told it; with neither, that dimension is not limited. A rate that changes is
@@ -60,6 +62,7 @@ local MAX_CONC = tonumber(ARGV[5])
 local LEASE_TTL = tonumber(ARGV[6])
 local IDLE_GRACE = tonumber(ARGV[7])
 local CHANNEL = ARGV[8]
+local CLAIM_WINDOW = tonumber(ARGV[9])
 
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) + tonumber(clock[2]) / 1000000

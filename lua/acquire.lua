@@ -1,16 +1,16 @@
 -- acquire.lua: grant requests, tokens and a concurrency lease jointly, now, all or nothing; or
 -- queue for them, first come first served.
 --
--- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
--- ARGV[9]  id: lease id, also the ticket id while queued; calling again with the same id is a
+-- KEYS and ARGV[1..9]: the budget block described in _prelude.lua.
+-- ARGV[10]  id: lease id, also the ticket id while queued; calling again with the same id is a
 --          return to the queue that keeps the ticket's place (and renews it)
--- ARGV[10] requests to charge (count, usually 1)
--- ARGV[11] tokens to charge (estimate)
--- ARGV[12] max wait, seconds: a new arrival whose exact wait is longer is refused, charging
+-- ARGV[11] requests to charge (count, usually 1)
+-- ARGV[12] tokens to charge (estimate)
+-- ARGV[13] max wait, seconds: a new arrival whose exact wait is longer is refused, charging
 --          nothing (-1: any wait)
--- ARGV[13] "1" to queue when it cannot be granted now, "0" to refuse instead
--- ARGV[14] ticket time to live, seconds: a queued ticket not renewed within it is dropped
--- ARGV[15] "1": the budget probes: while it has learned no limit, it grants one call at a time
+-- ARGV[14] "1" to queue when it cannot be granted now, "0" to refuse instead
+-- ARGV[15] ticket time to live, seconds: a queued ticket not renewed within it is dropped
+-- ARGV[16] "1": the budget probes: while it has learned no limit, it grants one call at a time
 --          until the first settle or learned limit (see settle.lua); "0" (or absent): no probe
 --
 -- Reply, all strings:
@@ -26,13 +26,13 @@
 --                                    "tokens") is more than the limits in force, learned ones included,
 --                                    can ever grant: `most`, a minute of the rate or the burst if
 --                                    longer (the configured limits alone are checked by the client)
-local ID = ARGV[9]
-local CREQ = tonumber(ARGV[10])
-local CTOK = tonumber(ARGV[11])
-local MAX_WAIT = tonumber(ARGV[12])
-local MAY_QUEUE = ARGV[13] == '1'
-local TICKET_TTL = tonumber(ARGV[14])
-local PROBE = ARGV[15] == '1'
+local ID = ARGV[10]
+local CREQ = tonumber(ARGV[11])
+local CTOK = tonumber(ARGV[12])
+local MAX_WAIT = tonumber(ARGV[13])
+local MAY_QUEUE = ARGV[14] == '1'
+local TICKET_TTL = tonumber(ARGV[15])
+local PROBE = ARGV[16] == '1'
 
 reap()
 local st = load_state()

@@ -1,14 +1,14 @@
 -- cancel.lua: give back a grant or a ticket that was never used (a timeout or a cancelled caller).
 --
--- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
--- ARGV[9] lease or ticket id
+-- KEYS and ARGV[1..9]: the budget block described in _prelude.lua.
+-- ARGV[10] lease or ticket id
 --
 -- A queued ticket leaves the queue. A granted lease is removed and its whole charge, requests and
 -- tokens, is refunded (never above capacity); its slot and credit go to the queue at once.
 -- Idempotent: an unknown id changes nothing.
 --
 -- Reply: {"cancelled" | "dequeued" | "unknown", now}
-local ID = ARGV[9]
+local ID = ARGV[10]
 
 reap()
 local st = load_state()

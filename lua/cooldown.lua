@@ -1,12 +1,12 @@
 -- cooldown.lua: a 429 was seen; pause the whole fleet until the provider allows again.
 --
--- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
--- ARGV[9]  retry-after from the provider, seconds ("-1": none given)
--- ARGV[10] base backoff, seconds: the pause without a retry-after, doubled per repeated 429
--- ARGV[11] max backoff, seconds: caps the doubling, never a provider's retry-after
--- ARGV[12] quiet period, seconds after a pause ends within which another 429 counts as a repeat
--- ARGV[13] jitter fraction: the pause is lengthened by up to this share of itself
--- ARGV[14] jitter draw in [0, 1), chosen by the caller (scripts stay deterministic)
+-- KEYS and ARGV[1..9]: the budget block described in _prelude.lua.
+-- ARGV[10]  retry-after from the provider, seconds ("-1": none given)
+-- ARGV[11] base backoff, seconds: the pause without a retry-after, doubled per repeated 429
+-- ARGV[12] max backoff, seconds: caps the doubling, never a provider's retry-after
+-- ARGV[13] quiet period, seconds after a pause ends within which another 429 counts as a repeat
+-- ARGV[14] jitter fraction: the pause is lengthened by up to this share of itself
+-- ARGV[15] jitter draw in [0, 1), chosen by the caller (scripts stay deterministic)
 --
 -- The pause honours retry-after as given for a first 429 and backs off exponentially from `base`
 -- when 429s repeat; 429s of calls sent before the pause began do not count as repeats; jitter only
@@ -16,12 +16,12 @@
 --
 -- Reply: {"cooldown", until (Redis time), now, backoff level}
 -- Also published on the events channel as "c <now> <until>".
-local RETRY_AFTER = tonumber(ARGV[9])
-local BASE = tonumber(ARGV[10])
-local MAX_BACKOFF = tonumber(ARGV[11])
-local QUIET = tonumber(ARGV[12])
-local JITTER = tonumber(ARGV[13])
-local DRAW = tonumber(ARGV[14])
+local RETRY_AFTER = tonumber(ARGV[10])
+local BASE = tonumber(ARGV[11])
+local MAX_BACKOFF = tonumber(ARGV[12])
+local QUIET = tonumber(ARGV[13])
+local JITTER = tonumber(ARGV[14])
+local DRAW = tonumber(ARGV[15])
 
 reap()
 local st = load_state()

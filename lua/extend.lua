@@ -1,11 +1,11 @@
 -- extend.lua: heartbeat of a long call; the lease lives another lease TTL from now.
 --
--- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
--- ARGV[9] lease id
+-- KEYS and ARGV[1..9]: the budget block described in _prelude.lua.
+-- ARGV[10] lease id
 --
 -- A lease that already expired is lost for good (its slot may have gone to someone else).
 -- Reply: {"extended", expiry, now} or {"lost", "0", now}
-local ID = ARGV[9]
+local ID = ARGV[10]
 
 reap()
 local st = load_state()

@@ -1,14 +1,14 @@
 -- settle.lua: close a lease with the actual usage and what the provider said about its limits; its
 -- slot and any refund go to the queue at once. Without a lease (id ""), only learn.
 --
--- KEYS and ARGV[1..8]: the budget block described in _prelude.lua.
--- ARGV[9]  lease id; "" for a reply that was not leased (limiter.learn): learn from it, settle nothing
--- ARGV[10] actual tokens used ("-1": keep the estimate)
--- ARGV[11] requests the provider said remain in its bucket when it admitted this call ("-1": unknown)
--- ARGV[12] tokens the provider said remain ("-1": unknown)
--- ARGV[13] the provider's request limit, requests per minute ("-1": not reported)
--- ARGV[14] the provider's token limit, tokens per minute ("-1": not reported)
--- ARGV[15] seconds the learned limits are remembered after this report (the keys outlive them)
+-- KEYS and ARGV[1..9]: the budget block described in _prelude.lua.
+-- ARGV[10]  lease id; "" for a reply that was not leased (limiter.learn): learn from it, settle nothing
+-- ARGV[11] actual tokens used ("-1": keep the estimate)
+-- ARGV[12] requests the provider said remain in its bucket when it admitted this call ("-1": unknown)
+-- ARGV[13] tokens the provider said remain ("-1": unknown)
+-- ARGV[14] the provider's request limit, requests per minute ("-1": not reported)
+-- ARGV[15] the provider's token limit, tokens per minute ("-1": not reported)
+-- ARGV[16] seconds the learned limits are remembered after this report (the keys outlive them)
 --
 -- First the limits are learned (see learn() in _prelude.lua): the rates in force become the
 -- configured ones lowered to the provider's, relaxing as well as tightening, and a bucket whose rate
@@ -29,13 +29,13 @@
 --
 -- Reply: {"settled" | "unknown" | "learned", tokens refunded (negative: debt charged; "0" unless
 -- settled), now, request limit in force, token limit in force} with limits per minute, "0": none.
-local ID = ARGV[9]
-local ACTUAL = tonumber(ARGV[10])
-local SEEN_REQ = tonumber(ARGV[11] or '-1')
-local SEEN_TOK = tonumber(ARGV[12] or '-1')
-local LIMIT_REQ = tonumber(ARGV[13] or '-1')
-local LIMIT_TOK = tonumber(ARGV[14] or '-1')
-local MEMORY = tonumber(ARGV[15] or '0')
+local ID = ARGV[10]
+local ACTUAL = tonumber(ARGV[11])
+local SEEN_REQ = tonumber(ARGV[12] or '-1')
+local SEEN_TOK = tonumber(ARGV[13] or '-1')
+local LIMIT_REQ = tonumber(ARGV[14] or '-1')
+local LIMIT_TOK = tonumber(ARGV[15] or '-1')
+local MEMORY = tonumber(ARGV[16] or '0')
 
 -- Providers report whole units (rounded down), so only a lead of more than one unit is a lead.
 -- `snap` is the level just after the grant (nil: unknown), `k0` and `c0` the corrections and

@@ -685,7 +685,7 @@ class BudgetMachine(RuleBasedStateMachine):
         self.memory = memory  # how long learned limits are remembered (short: the keys may expire)
         self.ticket_ttl = self.budget.lease_ttl * ticket_ttl_share
         # a short idle grace lets keys expire within a run (checked by _sync_expiry)
-        self.base_args = [*self.base_args[:6], _num(idle_grace), self.base_args[7]]
+        self.base_args = [*self.base_args[:6], _num(idle_grace), *self.base_args[7:]]
 
     # ---- plumbing ------------------------------------------------------------------------------
 

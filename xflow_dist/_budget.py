@@ -41,6 +41,9 @@ class Budget:
     ``burst`` is seconds of credit per dimension: 0 paces evenly (one request every 1/rate),
     60 lets a per-minute budget spend a whole minute at once, as OpenAI's own buckets do.
     A lease not settled or heartbeaten within ``lease_ttl`` seconds is presumed dead and freed.
+    A grant made to a queued waiter is provisional: its holder claims it within ``claim_window``
+    seconds (never more than ``lease_ttl``) or it is taken back and refunded, so a waiter that died
+    in the queue costs the fleet that window, not a lease TTL.
 
     Limits the provider reports (``lease.report(limit_requests=..., limit_tokens=...)``) are
     learned by the whole fleet: the rates in force are the configured ones lowered to them, or
@@ -57,6 +60,7 @@ class Budget:
     max_concurrency: int | None = field(default=None, kw_only=True)
     burst: float = field(default=0.0, kw_only=True)
     lease_ttl: float = field(default=30.0, kw_only=True)
+    claim_window: float = field(default=0.5, kw_only=True)
     probe: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -68,6 +72,7 @@ class Budget:
             _positive(self.name, key, getattr(self, key))
         _positive(self.name, "burst", self.burst, zero_ok=True)
         _positive(self.name, "lease_ttl", self.lease_ttl)
+        _positive(self.name, "claim_window", self.claim_window)
         mc = self.max_concurrency
         if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
             raise ConfigurationError(

@@ -29,7 +29,7 @@ def channel(budget: Budget) -> str:
 
 
 def budget_args(budget: Budget) -> list[str]:
-    """ARGV[1..8], the budget block every script starts with."""
+    """ARGV[1..9], the budget block every script starts with."""
     return [
         _num(budget.request_rate or 0.0),
         _num(budget.burst),
@@ -39,6 +39,7 @@ def budget_args(budget: Budget) -> list[str]:
         _num(budget.lease_ttl),
         _num(IDLE_GRACE),
         channel(budget),
+        _num(min(budget.claim_window, budget.lease_ttl)),
     ]
 
 
@@ -77,7 +78,7 @@ def acquire_args(
     ticket_ttl: float,
     probe: bool = False,
 ) -> list[str]:
-    """ARGV[9..15] of ``acquire.lua``."""
+    """ARGV[10..16] of ``acquire.lua``."""
     return [
         lease_id,
         _num(requests),
@@ -102,7 +103,7 @@ def settle_args(
     limit_tokens: float | None = None,
     memory: float = LEARN_MEMORY,
 ) -> list[str]:
-    """ARGV[9..15] of ``settle.lua``: the usage, what the provider said it had left and its limits
+    """ARGV[10..16] of ``settle.lua``: the usage, what the provider said it had left and its limits
     (per minute). ``lease_id=""`` only learns (``limiter.learn``)."""
     return [
         lease_id,
@@ -116,7 +117,7 @@ def settle_args(
 
 
 def cooldown_args(policy: CooldownPolicy, retry_after: float | None, draw: float | None = None) -> list[str]:
-    """ARGV[9..14] of ``cooldown.lua``; the jitter draw is made here so scripts stay deterministic."""
+    """ARGV[10..15] of ``cooldown.lua``; the jitter draw is made here so scripts stay deterministic."""
     return [
         "-1" if retry_after is None else _num(retry_after),
         _num(policy.base),
