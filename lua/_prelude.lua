@@ -97,6 +97,20 @@ local function apply_limits(st)
   PROBING = st.pb == 1
 end
 
+-- Give credit back; a TAT never goes below now, so a refund never lifts a bucket above capacity.
+local function refund(st, creq, ctok)
+  if RATE_REQ > 0 and st.rt > NOW then
+    st.rt = math.max(NOW, st.rt - creq / RATE_REQ)
+  end
+  if RATE_TOK > 0 and st.tt > NOW then
+    st.tt = math.max(NOW, st.tt - ctok / RATE_TOK)
+  end
+end
+
+-- Charges of unclaimed provisional grants that reap() removed; load_state() refunds them, as a
+-- cancel would, once the rates in force are known.
+local REAPED_REQ, REAPED_TOK = 0, 0
+
 local function load_state()
   local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq', 'ct',
     'lr', 'lt', 'lu', 'pb')
@@ -108,6 +122,10 @@ local function load_state()
     lr = tonumber(v[12]) or 0, lt = tonumber(v[13]) or 0, lu = tonumber(v[14]) or 0, pb = tonumber(v[15]) or 0,
   }
   apply_limits(st)
+  if REAPED_REQ > 0 or REAPED_TOK > 0 then
+    refund(st, REAPED_REQ, REAPED_TOK)
+    REAPED_REQ, REAPED_TOK = 0, 0
+  end
   return st
 end
 
@@ -159,16 +177,6 @@ local function charge(st, creq, ctok, at)
   end
 end
 
--- Give credit back; a TAT never goes below now, so a refund never lifts a bucket above capacity.
-local function refund(st, creq, ctok)
-  if RATE_REQ > 0 and st.rt > NOW then
-    st.rt = math.max(NOW, st.rt - creq / RATE_REQ)
-  end
-  if RATE_TOK > 0 and st.tt > NOW then
-    st.tt = math.max(NOW, st.tt - ctok / RATE_TOK)
-  end
-end
-
 -- Credit in a bucket now (below zero: debt).
 local function level(tat, rate, burst)
   if rate <= 0 then
@@ -192,12 +200,30 @@ end
 -- schedule; a grant can then be at most LATE_CREDIT behind the time it is charged at.
 local LATE_CREDIT = 0.0625
 
-local function grant(st, id, creq, ctok, at)
+-- A grant to a queued ticket is provisional (``provisional`` true): it expires after the claim window
+-- unless its holder claims it (acquire.lua with the same id), and is then refunded (see reap()).
+local function grant(st, id, creq, ctok, at, provisional)
   charge(st, creq, ctok, at or NOW)
-  redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, id)
-  redis.call('HSET', K_DATA, id, creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
+  local data = creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
     snapshot(st.rt, RATE_REQ, BURST_REQ) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK) .. ' ' ..
-    fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct))
+    fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct)
+  if provisional then
+    redis.call('ZADD', K_LEASES, NOW + CLAIM_WINDOW, id)
+    data = data .. ' p'
+  else
+    redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, id)
+  end
+  redis.call('HSET', K_DATA, id, data)
+end
+
+-- Claim a provisional grant: the lease lives a lease TTL from now and stands charged. True if it was one.
+local function claim(id, held)
+  if string.sub(held, -2) ~= ' p' then
+    return false
+  end
+  redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, id)
+  redis.call('HSET', K_DATA, id, string.sub(held, 1, -3))
+  return true
 end
 
 -- Seconds rounded up to the microsecond (what the state keeps), so that rounding never adds credit.
@@ -251,10 +277,18 @@ local function learn(st, per_min_req, per_min_tok, memory)
   st.kt = st.kt + drop
 end
 
--- Leases past their expiry belong to dead holders: they stand charged at their estimate.
+-- Leases past their expiry belong to dead holders: they stand charged at their estimate, except
+-- provisional grants never claimed (the holder never called the provider): what they were charged
+-- is kept in REAPED_REQ / REAPED_TOK and refunded by load_state(), which every script calls after reap().
 local function reap()
   local dead = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW)
   for _, id in ipairs(dead) do
+    local held = redis.call('HGET', K_DATA, id)
+    if held and string.sub(held, -2) == ' p' then
+      local w = words(held)
+      REAPED_REQ = REAPED_REQ + tonumber(w[1])
+      REAPED_TOK = REAPED_TOK + tonumber(w[2])
+    end
     redis.call('ZREM', K_LEASES, id)
     redis.call('HDEL', K_DATA, id)
   end
@@ -289,6 +323,19 @@ local function advance(st)
     if t.alive < NOW then
       dequeue(head)
     elseif not slot_free() then
+      -- A provisional grant left unclaimed frees its slot when its claim window ends, and no other
+      -- call may come then: the head is told to come back at that time (once per change).
+      local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
+      local data = first[1] and redis.call('HGET', K_DATA, first[1])
+      if data and string.sub(data, -2) == ' p' then
+        local at = tonumber(first[2])
+        if math.abs(at - t.fit) > 0.0000005 then
+          t.fit = at
+          t.alive = math.max(t.alive, at + t.ttl)
+          save_ticket(st, head, t)
+          redis.call('PUBLISH', CHANNEL, 'h ' .. head .. ' ' .. fmt(at) .. ' ' .. fmt(NOW))
+        end
+      end
       return
     else
       local fit = fit_time(st, t.creq, t.ctok)
@@ -298,7 +345,7 @@ local function advance(st)
         if t.fit >= 0 and t.fit < NOW then
           at = math.max(t.fit, NOW - LATE_CREDIT)
         end
-        grant(st, head, t.creq, t.ctok, at)
+        grant(st, head, t.creq, t.ctok, at, true)
         redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW))
       else
         if math.abs(fit - t.fit) > 0.0000005 then

@@ -3,7 +3,8 @@
 --
 -- KEYS and ARGV[1..9]: the budget block described in _prelude.lua.
 -- ARGV[10]  id: lease id, also the ticket id while queued; calling again with the same id is a
---          return to the queue that keeps the ticket's place (and renews it)
+--          return to the queue that keeps the ticket's place (and renews it), or, once the ticket
+--          was granted, the claim of that provisional grant (the lease then lives a lease TTL)
 -- ARGV[11] requests to charge (count, usually 1)
 -- ARGV[12] tokens to charge (estimate)
 -- ARGV[13] max wait, seconds: a new arrival whose exact wait is longer is refused, charging
@@ -19,7 +20,9 @@
 --                                    exact for the head waiting for its rates, else a renewal
 --                                    interval. Meanwhile the events channel announces "h <id> <fit>
 --                                    <now>" (the ticket is head and fits at <fit>) or "g <id> <now>"
---                                    (granted: the lease exists)
+--                                    (granted provisionally: the holder claims it by calling again
+--                                    with the same id within the claim window, or it is taken back
+--                                    and refunded)
 --   {"refused", retry_after, now}    nothing charged; retry_after is exact when the refusal is for
 --                                    the rates, "-1" when it is for a slot or a queue ahead
 --   {"too_large", most, now, what}   nothing charged: a new arrival's cost of `what` ("requests" or
@@ -52,14 +55,15 @@ local function finish(reply)
 end
 
 -- The head waiting for its rates comes back exactly when it fits; any other ticket comes back
--- to renew itself, and the head waiting for a slot also when the first lease would expire.
+-- to renew itself; the head also comes back when the first lease would expire (a provisional grant
+-- left unclaimed gives its slot and charge back then, and nothing else would announce it).
 local function wait_hint(id)
   local t = ticket(id)
   local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
-  if head == id and t.fit > NOW then
-    return t.fit - NOW
-  end
   local hint = t.ttl / 2
+  if head == id and t.fit > NOW then
+    hint = t.fit - NOW
+  end
   local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2]
   if head == id and first then
     hint = math.min(hint, tonumber(first) - NOW)
@@ -69,6 +73,7 @@ end
 
 local held = redis.call('HGET', K_DATA, ID)
 if held then
+  claim(ID, held)
   return finish({'granted', words(held)[3], fmt(NOW), fmt(redis.call('ZSCORE', K_LEASES, ID))})
 end
 

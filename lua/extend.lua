@@ -3,7 +3,8 @@
 -- KEYS and ARGV[1..9]: the budget block described in _prelude.lua.
 -- ARGV[10] lease id
 --
--- A lease that already expired is lost for good (its slot may have gone to someone else).
+-- A lease that already expired is lost for good (its slot may have gone to someone else). A
+-- provisional grant is claimed by its first heartbeat, as by acquire.lua.
 -- Reply: {"extended", expiry, now} or {"lost", "0", now}
 local ID = ARGV[10]
 
@@ -13,6 +14,7 @@ advance(st)
 local reply = {'lost', '0', fmt(NOW)}
 local expiry = redis.call('ZSCORE', K_LEASES, ID)
 if expiry then
+  claim(ID, redis.call('HGET', K_DATA, ID) or '')
   local new_expiry = math.max(tonumber(expiry), NOW + LEASE_TTL)
   redis.call('ZADD', K_LEASES, new_expiry, ID)
   reply = {'extended', fmt(new_expiry), fmt(NOW)}

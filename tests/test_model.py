@@ -95,6 +95,7 @@ class Lease:
     snap_requests: Fraction | None = None
     snap_tokens: Fraction | None = None
     marks: tuple[Fraction, Fraction, Fraction, Fraction] = (ZERO, ZERO, ZERO, ZERO)
+    provisional: bool = False  # granted to a queued ticket and not claimed yet
 
 
 @dataclass
@@ -131,6 +132,7 @@ class BudgetModel:
     burst: Fraction
     max_concurrency: int
     lease_ttl: Fraction
+    claim_window: Fraction
 
     rt: Fraction = ZERO  # TAT of the request bucket
     tt: Fraction = ZERO  # TAT of the token bucket
@@ -205,9 +207,13 @@ class BudgetModel:
     # ---- leases and the queue -----------------------------------------------------------------
 
     def _reap(self, now: Fraction) -> None:
-        """Leases whose expiry has come belong to dead holders; their charge stays."""
+        """Leases whose expiry has come belong to dead holders; their charge stays, except that of a
+        provisional grant never claimed (its holder never called), which is refunded."""
         for lease_id in [i for i, lease in self.leases.items() if lease.expiry <= now]:
-            del self.leases[lease_id]
+            lease = self.leases.pop(lease_id)
+            if lease.provisional:
+                self.rt = self._give_back(self.rt, self.request_rate, lease.requests, now)
+                self.tt = self._give_back(self.tt, self.token_rate, lease.tokens, now)
 
     def _slot_free(self) -> bool:
         """Below max concurrency, and none at all in flight while the budget probes."""
@@ -216,7 +222,13 @@ class BudgetModel:
         return self.max_concurrency == 0 or len(self.leases) < self.max_concurrency
 
     def _grant(
-        self, lease_id: str, requests: Fraction, tokens: Fraction, now: Fraction, at: Fraction | None = None
+        self,
+        lease_id: str,
+        requests: Fraction,
+        tokens: Fraction,
+        now: Fraction,
+        at: Fraction | None = None,
+        provisional: bool = False,
     ) -> None:
         """Charge every limited bucket as of ``at`` (default now) and hand out the lease
         (remembering the levels after, now)."""
@@ -231,10 +243,11 @@ class BudgetModel:
             requests,
             tokens,
             now,
-            now + self.lease_ttl,
+            now + (self.claim_window if provisional else self.lease_ttl),
             self._level(self.rt, self.request_rate, now) if self.request_rate else None,
             self._level(self.tt, self.token_rate, now) if self.token_rate else None,
             (self.kr, self.kt, self.cq, self.ct),
+            provisional,
         )
 
     # ---- learning from the provider -------------------------------------------------------------
@@ -315,6 +328,12 @@ class BudgetModel:
                 del self.queue[head]
                 continue
             if not self._slot_free():
+                # an unclaimed provisional grant frees its slot at its expiry: the head comes back then
+                first = min(self.leases.items(), key=lambda item: (item[1].expiry, item[0]), default=None)
+                if first is not None and first[1].provisional and ticket.fit != first[1].expiry:
+                    ticket.fit = first[1].expiry
+                    ticket.alive_until = max(ticket.alive_until, ticket.fit + ticket.ttl)
+                    events.append(("h", head, ticket.fit, now))
                 return
             fit = self._fit(ticket.requests, ticket.tokens, now)
             if fit <= now:
@@ -322,7 +341,7 @@ class BudgetModel:
                 # a head told its fit time is charged as of then, up to LATE_CREDIT back
                 late = ticket.fit is not None and ticket.fit < now
                 at = max(ticket.fit, now - LATE_CREDIT) if late and ticket.fit is not None else now
-                self._grant(head, ticket.requests, ticket.tokens, now, at)
+                self._grant(head, ticket.requests, ticket.tokens, now, at, provisional=True)
                 events.append(("g", head, now))
                 continue
             if ticket.fit != fit:
@@ -332,13 +351,13 @@ class BudgetModel:
             return
 
     def _wait_hint(self, ticket_id: str, now: Fraction) -> Fraction:
-        """The head waiting for its rates: exactly until it fits; else a renewal interval, for the
-        head waiting for a slot no later than when the first lease would expire."""
+        """The head waiting for its rates: exactly until it fits; else a renewal interval; the head
+        no later than when the first lease would expire (an unclaimed grant's credit comes back then)."""
         ticket = self.queue[ticket_id]
         is_head = self._head() == ticket_id
-        if is_head and ticket.fit is not None and ticket.fit > now:
-            return ticket.fit - now
         hint = ticket.ttl / 2
+        if is_head and ticket.fit is not None and ticket.fit > now:
+            hint = ticket.fit - now
         if is_head and self.leases:
             hint = min(hint, min(lease.expiry for lease in self.leases.values()) - now)
         return max(F(1, 1000), hint)
@@ -384,6 +403,9 @@ class BudgetModel:
         self.stored = True
         held = self.leases.get(lease_id)
         if held is not None:
+            if held.provisional:  # the holder claims its grant: it lives a lease TTL from now
+                held.provisional = False
+                held.expiry = now + self.lease_ttl
             return ["granted", held.start, now, held.expiry], events
         ticket = self.queue.get(lease_id)
         if ticket is not None:  # a return: same place, renewed from now (or from its fit time)
@@ -481,6 +503,7 @@ class BudgetModel:
         if lease is None:
             return ["lost", ZERO, now], events
         lease.expiry = max(lease.expiry, now + self.lease_ttl)
+        lease.provisional = False  # a heartbeat claims a provisional grant too
         return ["extended", lease.expiry, now], events
 
     def cooldown(self, now: Fraction, retry_after: Fraction | None, policy: CooldownPolicy, draw: Fraction) -> Reply:
@@ -534,6 +557,7 @@ def model_of(budget: Budget) -> BudgetModel:
         burst=frac(budget.burst),
         max_concurrency=budget.max_concurrency or 0,
         lease_ttl=frac(budget.lease_ttl),
+        claim_window=frac(min(budget.claim_window, budget.lease_ttl)),
     )
 
 
@@ -877,6 +901,14 @@ class BudgetMachine(RuleBasedStateMachine):
         since = ticket.fit if ticket.fit is not None and ticket.fit > CLOCK.now() else CLOCK.now()
         CLOCK.ticks = int((since - BASE) * TICKS) + late
         self._acquire(head, None, True)
+
+    @precondition(lambda self: any(lease.provisional for lease in self.model.leases.values()))
+    @rule(late=st.integers(0, 2))
+    def holder_never_claims(self, late: int) -> None:
+        """A waiter granted in the queue died before claiming: its grant expires and is refunded."""
+        expiry = min(lease.expiry for lease in self.model.leases.values() if lease.provisional)
+        CLOCK.ticks = max(CLOCK.ticks, int((expiry - BASE) * TICKS) + late)
+        self.cancel(UNKNOWN)
 
     @rule(lease_id=ids | st.just(UNKNOWN))
     def cancel(self, lease_id: str) -> None:
