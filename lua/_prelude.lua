@@ -306,6 +306,11 @@ local function save_ticket(st, id, t)
     ' ' .. fmt(t.fit))
 end
 
+-- The process an id belongs to: ids are "<process>.<unique>" (an id without a dot is its own).
+local function owner_of(id)
+  return string.match(id, '^([^.]+)%.') or id
+end
+
 local function dequeue(id)
   redis.call('ZREM', K_QUEUE, id)
   redis.call('HDEL', K_TICKETS, id)
@@ -325,15 +330,27 @@ local function advance(st)
     elseif not slot_free() then
       -- A provisional grant left unclaimed frees its slot when its claim window ends, and no other
       -- call may come then: the head is told to come back at that time (once per change).
+      -- The first waiter of another process than the grant's is told (that process may be dead
+      -- with all its tickets; ids are "<process>.<unique>"), among the first 16, else the head.
       local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
       local data = first[1] and redis.call('HGET', K_DATA, first[1])
       if data and string.sub(data, -2) == ' p' then
         local at = tonumber(first[2])
-        if math.abs(at - t.fit) > 0.0000005 then
-          t.fit = at
-          t.alive = math.max(t.alive, at + t.ttl)
-          save_ticket(st, head, t)
-          redis.call('PUBLISH', CHANNEL, 'h ' .. head .. ' ' .. fmt(at) .. ' ' .. fmt(NOW))
+        local target, tk = head, t
+        local owner = owner_of(first[1])
+        if owner_of(head) == owner then
+          for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, 1, 15)) do
+            if owner_of(id) ~= owner then
+              target, tk = id, ticket(id)
+              break
+            end
+          end
+        end
+        if math.abs(at - tk.fit) > 0.0000005 then
+          tk.fit = at
+          tk.alive = math.max(tk.alive, at + tk.ttl)
+          save_ticket(st, target, tk)
+          redis.call('PUBLISH', CHANNEL, 'h ' .. target .. ' ' .. fmt(at) .. ' ' .. fmt(NOW))
         end
       end
       return

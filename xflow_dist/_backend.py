@@ -13,7 +13,10 @@ from urllib.parse import urlsplit
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.retry
+import redis.backoff
 import redis.cluster
+import redis.retry
 
 from ._exceptions import ConfigurationError
 
@@ -37,8 +40,25 @@ def _memory_server(url: str) -> Any:
         return _memory_servers[name]
 
 
-#: the pool of a client made from a URL: up to 64 connections, then callers queue for one
-_POOL: dict[str, Any] = {"max_connections": 64, "timeout": None}
+#: Seconds any one Redis call of a client made from a URL may take: connecting, waiting for a pooled
+#: connection, and waiting for a reply each give up after this (``io_timeout`` of the limiters).
+IO_TIMEOUT = 1.0
+
+#: Pooled connections idle longer than this are checked with a PING before they are used again.
+HEALTH_CHECK_INTERVAL = 10.0
+
+
+def _pool_options(io_timeout: float, retry: Any) -> dict[str, Any]:
+    """Set here, not left to redis-py, whose defaults changed across versions (no socket timeout
+    before 5.x defaults, unbounded pool waits, retries with backoff)."""
+    return {
+        "max_connections": 64,  # then callers queue for a connection, up to io_timeout
+        "timeout": io_timeout,
+        "socket_timeout": io_timeout,
+        "socket_connect_timeout": io_timeout,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        "retry": retry,  # none: the limiter retries what is safe to retry (see _base.RETRIED)
+    }
 
 
 def _check_url(url: str) -> str:
@@ -48,7 +68,7 @@ def _check_url(url: str) -> str:
     return scheme
 
 
-def sync_client(target: RedisLike) -> tuple[SyncClient, bool]:
+def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[SyncClient, bool]:
     """A sync client for ``target`` and whether the limiter owns (and so closes) it."""
     if isinstance(target, str):
         if _check_url(target) == "memory":
@@ -57,7 +77,8 @@ def sync_client(target: RedisLike) -> tuple[SyncClient, bool]:
             return fakeredis.FakeRedis(server=_memory_server(target)), True
         # a blocking pool: callers beyond max_connections wait for a connection instead of failing
         # (redis-py's default pool raises past 100, which a busy process reaches at once)
-        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(target, **_POOL)), True
+        options = _pool_options(io_timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(target, **options)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         raise ConfigurationError("Limiter needs a sync redis.Redis; use AsyncLimiter for asyncio")
     if isinstance(target, redis.Redis | redis.cluster.RedisCluster):
@@ -65,14 +86,15 @@ def sync_client(target: RedisLike) -> tuple[SyncClient, bool]:
     raise ConfigurationError(f"redis must be a URL or a redis.Redis client, not {target!r}")
 
 
-def async_client(target: RedisLike) -> tuple[AsyncClient, bool]:
+def async_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[AsyncClient, bool]:
     """An asyncio client for ``target`` and whether the limiter owns (and so closes) it."""
     if isinstance(target, str):
         if _check_url(target) == "memory":
             import fakeredis
 
             return fakeredis.FakeAsyncRedis(server=_memory_server(target)), True
-        return redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(target, **_POOL)), True
+        options = _pool_options(io_timeout, redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
+        return redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(target, **options)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         return target, False
     if isinstance(target, redis.Redis | redis.cluster.RedisCluster):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
 import math
+import os
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import redis
+
+from ._backend import IO_TIMEOUT
 from ._budget import Budget, CooldownPolicy
 from ._core import (
     AcquireReply,
@@ -19,10 +26,12 @@ from ._core import (
     validate_cost,
     validate_retry_after,
 )
-from ._exceptions import ConfigurationError, InvalidCostError
+from ._exceptions import BackendError, ConfigurationError, InvalidCostError
 from ._headers import LimitFacts
 
 L = TypeVar("L")
+
+log = logging.getLogger("xflow_dist")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,47 @@ def _check_seconds(name: str, value: float | None) -> float | None:
     return float(value)
 
 
+def transient(exc: BaseException) -> bool:
+    """A Redis failure that may pass (a cut connection, a timeout), as opposed to a refusal.
+
+    Every operation is idempotent by its id (acquire renews or claims, settle and cancel happen
+    once, extend only lengthens), so a transient failure may be retried without double counting.
+    """
+    cause = exc.__cause__ if isinstance(exc, BackendError) else exc
+    return isinstance(cause, redis.ConnectionError | redis.TimeoutError | OSError)
+
+
+#: Every limiter alive in this process: restarted in a forked child, closed at interpreter exit.
+_LIVE: weakref.WeakSet[LimiterBase] = weakref.WeakSet()
+
+
+#: This process's part of every lease id ("<process>.<unique>"): when a grant goes unclaimed, the
+#: scripts wake a waiter of another process first (the whole process may be dead). New after a fork.
+_PROCESS = [uuid.uuid4().hex[:12]]
+
+
+def _after_fork_in_child() -> None:
+    _PROCESS[0] = uuid.uuid4().hex[:12]
+    for limiter in list(_LIVE):
+        limiter._after_fork()
+
+
+def _close_at_exit() -> None:
+    for limiter in list(_LIVE):
+        try:
+            limiter._close_at_exit()
+        except Exception as exc:  # exiting anyway: what is not given back expires with its TTL
+            log.warning("xflow_dist: closing %r at exit failed: %s", limiter, exc)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
+
+#: Retries of a settle, cancel or give-back start this long after the failure, doubling to RETRY_MAX.
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+
+
 class LimiterBase:
     """Inputs checked and script arguments built once for both fronts."""
 
@@ -58,6 +108,7 @@ class LimiterBase:
         *,
         cooldown_policy: CooldownPolicy | None = None,
         ticket_ttl: float | None = None,
+        io_timeout: float = IO_TIMEOUT,
     ) -> None:
         if not isinstance(budget, Budget):
             raise ConfigurationError(f"budget must be a Budget, not {budget!r}")
@@ -66,6 +117,10 @@ class LimiterBase:
         ttl = _check_seconds("ticket_ttl", ticket_ttl)
         if ttl == 0 or (ttl is not None and math.isinf(ttl)):
             raise ConfigurationError(f"ticket_ttl must be finite and more than zero, not {ticket_ttl!r}")
+        io = _check_seconds("io_timeout", io_timeout)
+        if not io or math.isinf(io):
+            raise ConfigurationError(f"io_timeout must be finite and more than zero, not {io_timeout!r}")
+        self.io_timeout = io
         self.budget = budget
         self.cooldown_policy = cooldown_policy or CooldownPolicy()
         self.ticket_ttl = ttl or budget.lease_ttl
@@ -78,7 +133,7 @@ class LimiterBase:
     def _prepare(self, requests: float, tokens: float, timeout: float | None) -> tuple[str, float, float]:
         requests, tokens = validate_cost(self.budget, requests, tokens)
         _check_seconds("timeout", timeout)
-        return uuid.uuid4().hex, requests, tokens
+        return f"{_PROCESS[0]}.{uuid.uuid4().hex}", requests, tokens
 
     def _try_args(self, lease_id: str, requests: float, tokens: float) -> list[str]:
         return acquire_args(lease_id, requests, tokens, 0.0, False, self.ticket_ttl, self.budget.probe)
@@ -160,6 +215,17 @@ class LimiterBase:
         if reply.kind == "too_large":
             raise too_large_error(self.budget, requests, tokens, reply)
         return Decision(False, None, reply.retry_after)
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's threads, sockets and leases (overridden)."""
+
+    def _close_at_exit(self) -> None:
+        """At interpreter exit: give back what is still held (overridden)."""
+
+    @property
+    def retry_window(self) -> float:
+        """How long a failed settle or give-back is retried: past it the lease or ticket is gone anyway."""
+        return max(self.budget.lease_ttl, self.ticket_ttl)
 
     @property
     def heartbeat_interval(self) -> float:

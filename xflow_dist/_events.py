@@ -38,7 +38,12 @@ class CooldownNotice:
     arrived: float
 
 
-Notice = GrantNotice | HeadNotice | CooldownNotice
+@dataclass(frozen=True, slots=True)
+class Resubscribed:
+    """The events connection came back: notices sent meanwhile are lost, so every waiter asks again."""
+
+
+Notice = GrantNotice | HeadNotice | CooldownNotice | Resubscribed
 
 
 def parse(data: bytes | str, arrived: float | None = None) -> Notice | None:
@@ -75,6 +80,10 @@ class Mailroom(Generic[Q]):
 
     def forget(self, lease_id: str) -> None:
         self._inboxes.pop(lease_id, None)
+
+    def everyone(self) -> list[Q]:
+        """Every inbox: after a reconnect each waiter is sent ``Resubscribed``."""
+        return list(self._inboxes.values())
 
     def route(self, data: bytes | str) -> tuple[Q, Notice] | None:
         """The inbox a message is for, with its notice; None if nobody here waits for it."""

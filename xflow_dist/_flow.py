@@ -13,7 +13,7 @@ from typing import Any
 
 from ._budget import Budget
 from ._core import acquire_args, decode_acquire, too_large_error
-from ._events import GrantNotice, HeadNotice, Notice
+from ._events import GrantNotice, HeadNotice, Notice, Resubscribed
 from ._exceptions import AcquireTimeout
 
 
@@ -33,7 +33,15 @@ class AwaitNotice:
     timeout: float
 
 
-Step = RunScript | AwaitNotice
+@dataclass(frozen=True, slots=True)
+class GiveBack:
+    """The deadline passed: give the ticket (or an unclaimed grant) back, without holding the caller
+    longer than one bounded attempt; send back nothing."""
+
+    lease_id: str
+
+
+Step = RunScript | AwaitNotice | GiveBack
 
 
 def acquire_flow(
@@ -44,19 +52,22 @@ def acquire_flow(
     timeout: float | None,
     ticket_ttl: float,
 ) -> Generator[Step, Any, None]:
+    """Acquire, queue, sleep until the fit time or a notice, and claim a grant made in the queue.
+
+    ``timeout=0`` tries once and never queues. A grant made to the queued ticket is provisional
+    until this flow claims it (acquire again with the same id), and so is every return after a
+    reconnect: the same call renews the ticket, claims a grant, or re-enters a ticket that Redis lost.
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
+    first = True
     while True:
         remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            yield RunScript("cancel", [lease_id])
+        if remaining is not None and remaining <= 0 and not first:
+            yield GiveBack(lease_id)
             raise AcquireTimeout(f"no grant from budget {budget.name!r} within {timeout:g}s", budget=budget.name)
-        reply = decode_acquire(
-            (
-                yield RunScript(
-                    "acquire", acquire_args(lease_id, requests, tokens, remaining, True, ticket_ttl, budget.probe)
-                )
-            )
-        )
+        first = False
+        argv = acquire_args(lease_id, requests, tokens, remaining, timeout != 0, ticket_ttl, budget.probe)
+        reply = decode_acquire((yield RunScript("acquire", argv)))
         if reply.kind == "granted":
             return
         if reply.kind == "too_large":
@@ -68,7 +79,8 @@ def acquire_flow(
                 budget=budget.name,
                 retry_after=reply.retry_after,
             )
-        # Queued: sleep until the exact fit time (or the renewal time), unless a notice comes first.
+        # Queued: sleep until the exact fit time (or the renewal time), unless a notice comes first;
+        # a grant or a reconnect sends the flow straight back to Redis (to claim, or to ask again).
         wake = time.monotonic() + reply.wait
         while True:
             until = wake if deadline is None else min(wake, deadline)
@@ -76,7 +88,7 @@ def acquire_flow(
             if left <= 0:
                 break
             notice: Notice | None = yield AwaitNotice(lease_id, left)
-            if isinstance(notice, GrantNotice):
-                return
+            if isinstance(notice, GrantNotice | Resubscribed):
+                break
             if isinstance(notice, HeadNotice):
                 wake = notice.arrived + notice.delay

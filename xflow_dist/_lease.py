@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 class _LeaseState:
-    __slots__ = ("_closed", "id", "lost", "requests", "tokens")
+    __slots__ = ("__weakref__", "_closed", "id", "lost", "requests", "tokens")
 
     def __init__(self, lease_id: str, requests: float, tokens: float) -> None:
         self.id = lease_id

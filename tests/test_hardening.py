@@ -1,0 +1,233 @@
+"""Ways a fleet meets production: dead waiters, lost notices, frozen Redis, cut sockets, fork, GC.
+
+Each test runs against a real ``redis-server`` (the suite's, or one of its own where it freezes
+it) and bounds every wait; several use real OS processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from xflow_dist import AcquireTimeout, AsyncLimiter, BackendError, Budget, Limiter
+from xflow_dist._embedded import EmbeddedRedis
+
+
+@pytest.fixture
+def redis_server(real_redis: bool) -> Iterator[EmbeddedRedis]:
+    """A redis-server of this test's own, which it may freeze or stop."""
+    if not real_redis:
+        pytest.skip("needs a redis-server binary")
+    server = EmbeddedRedis(allow_fake=False).start()
+    yield server
+    if server._proc is not None:
+        os.kill(server._proc.pid, signal.SIGCONT)
+    server.stop()
+
+
+def _until(predicate: object, timeout: float = 10.0) -> None:
+    """Wait for a condition on counts, bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+def _acquire_in_thread(limiter: Limiter, timeout: float) -> tuple[threading.Thread, dict[str, object]]:
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["lease"] = limiter.acquire(timeout=timeout)
+            out["at"] = time.monotonic()
+        except Exception as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_timeout_zero_tries_once(redis_url: str, name: str) -> None:
+    with Limiter(Budget(name, rps=10, burst=1), redis_url) as lim:
+        lease = lim.acquire(timeout=0)  # the bucket holds 10: granted at once
+        lease.release()
+        for _ in range(9):
+            lim.acquire(timeout=0).release()
+        with pytest.raises(AcquireTimeout) as caught:
+            lim.acquire(timeout=0)
+        assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 0.11
+        assert lim.status().queued == 0
+
+
+async def test_timeout_zero_tries_once_async(redis_url: str, name: str) -> None:
+    async with AsyncLimiter(Budget(name, max_concurrency=1), redis_url) as lim:
+        lease = await lim.acquire(timeout=0)
+        with pytest.raises(AcquireTimeout):
+            await lim.acquire(timeout=0)
+        assert (await lim.status()).queued == 0
+        await lease.release()
+
+
+_WAITERS = textwrap.dedent(
+    """
+    import sys, threading, time
+    from xflow_dist import Budget, Limiter
+    lim = Limiter(Budget(sys.argv[1], max_concurrency=1), sys.argv[2])
+    for _ in range(2):
+        threading.Thread(target=lim.acquire, kwargs={"timeout": 60}, daemon=True).start()
+    time.sleep(60)
+    """
+)
+
+
+def test_a_process_killed_while_queued_costs_a_claim_window_per_waiter(redis_url: str, name: str) -> None:
+    """Two queued waiters of a SIGKILLed process reach the head in turn; each grant to them stays
+    unclaimed and is taken back after the claim window (0.5 s), not held for a lease TTL (30 s)."""
+    with Limiter(Budget(name, max_concurrency=1), redis_url) as lim:
+        held = lim.acquire()
+        child = subprocess.Popen([sys.executable, "-c", _WAITERS, name, redis_url])
+        try:
+            _until(lambda: lim.status().queued == 2)
+        finally:
+            child.kill()
+            child.wait(timeout=10)
+        thread, out = _acquire_in_thread(lim, timeout=10)
+        _until(lambda: lim.status().queued == 3)
+        released = time.monotonic()
+        held.release()
+        thread.join(timeout=15)
+        assert "lease" in out, out.get("error")
+        waited = float(out["at"]) - released  # type: ignore[arg-type]
+        assert waited < 2 * 0.5 + 1.0, f"granted {waited:.2f}s after the release"
+        out["lease"].release()  # type: ignore[attr-defined]
+        s = lim.status()
+        assert (s.in_flight, s.queued) == (0, 0)
+
+
+def test_a_waiter_whose_notice_was_lost_asks_again_when_the_events_connection_returns(
+    redis_url: str, name: str, client: redis.Redis
+) -> None:
+    budget = Budget(name, max_concurrency=1)
+    with Limiter(budget, redis_url) as holder, Limiter(budget, redis_url) as waiter:
+        held = holder.acquire()
+        thread, out = _acquire_in_thread(waiter, timeout=10)
+        _until(lambda: holder.status().queued == 1)
+        client.client_kill_filter(_type="pubsub")  # every subscriber's connection is cut
+        released = time.monotonic()
+        held.release()  # its grant notice goes out while the waiter's subscriber is away
+        thread.join(timeout=15)
+        assert "lease" in out, out.get("error")
+        waited = float(out["at"]) - released  # type: ignore[arg-type]
+        assert waited < 1.5, f"granted {waited:.2f}s after the release"
+        out["lease"].release()  # type: ignore[attr-defined]
+        assert holder.status().in_flight == 0
+
+
+def test_acquire_with_a_timeout_returns_in_bounded_time_while_redis_is_frozen(
+    redis_server: EmbeddedRedis, name: str
+) -> None:
+    io_timeout = 0.5
+    with Limiter(Budget(name, max_concurrency=1), redis_server.url, io_timeout=io_timeout) as lim:
+        held = lim.acquire()
+        assert redis_server._proc is not None
+        pid = redis_server._proc.pid
+        freezer = threading.Timer(0.5, os.kill, (pid, signal.SIGSTOP))
+        started = time.monotonic()
+        freezer.start()
+        with pytest.raises((AcquireTimeout, BackendError)):
+            lim.acquire(timeout=2.0)  # queued, then Redis freezes under it
+        took = time.monotonic() - started
+        assert took < 2.0 + io_timeout + 0.5, f"acquire(timeout=2) took {took:.2f}s"
+        started = time.monotonic()
+        with pytest.raises(BackendError):
+            lim.acquire(timeout=2.0)  # frozen from the start: the first call gives up
+        took = time.monotonic() - started
+        assert took < io_timeout + 0.5, f"took {took:.2f}s"
+        os.kill(pid, signal.SIGCONT)
+        # the give-backs are retried in the background once Redis answers again
+        _until(lambda: lim.status().queued == 0)
+        held.release()
+        assert lim.status().in_flight == 0
+
+
+def test_a_settle_on_a_cut_connection_is_retried(redis_url: str, name: str, client: redis.Redis) -> None:
+    with Limiter(Budget(name, tps=1_000, burst=1, max_concurrency=4), redis_url) as lim:
+        leases = [lim.acquire(tokens=100) for _ in range(4)]
+        client.client_kill_filter(_type="normal", skipme=True)  # every pooled connection is dead
+        for lease in leases:
+            lease.report(actual_tokens=10)
+        assert lim.status().in_flight == 0
+
+
+def test_a_dropped_lease_is_settled_when_collected(redis_url: str, name: str) -> None:
+    with Limiter(Budget(name, max_concurrency=2), redis_url) as lim:
+        lease = lim.acquire()
+        assert lim.status().in_flight == 1
+        del lease
+        gc.collect()
+        _until(lambda: lim.status().in_flight == 0)
+
+
+def test_close_gives_back_the_leases_still_held(redis_url: str, name: str) -> None:
+    lim = Limiter(Budget(name, max_concurrency=2), redis_url)
+    lim.acquire()
+    lim.close()
+    with Limiter(Budget(name, max_concurrency=2), redis_url) as other:
+        assert other.status().in_flight == 0
+
+
+def _child_after_fork(lim: Limiter, results: multiprocessing.Queue[str]) -> None:
+    try:
+        first = lim.acquire(timeout=5)
+        time.sleep(2.5)  # longer than the 1 s lease TTL: only the child's own heartbeats keep it
+        alive = lim.status().in_flight
+        got: dict[str, object] = {}
+
+        def second() -> None:
+            got["lease"] = lim.acquire(timeout=5)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while lim.status().queued < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.release()  # the queued acquire is woken by the grant notice
+        thread.join(timeout=5)
+        ok = "lease" in got
+        if ok:
+            got["lease"].release()  # type: ignore[attr-defined]
+        results.put(f"{alive} {ok}")
+    except Exception as exc:
+        results.put(f"error {exc!r}")
+
+
+def test_a_forked_child_runs_its_own_heartbeats_and_notices(redis_url: str, name: str) -> None:
+    with Limiter(Budget(name, max_concurrency=3, lease_ttl=1.0), redis_url) as lim:
+        parents = lim.acquire()  # the parent's threads run before the fork
+        ctx = multiprocessing.get_context("fork")
+        results: multiprocessing.Queue[str] = ctx.Queue()
+        child = ctx.Process(target=_child_after_fork, args=(lim, results))
+        child.start()
+        try:
+            answer = results.get(timeout=20)
+        finally:
+            child.join(timeout=10)
+        # 2 in flight after 2.5 s: the child's lease and the parent's, each kept by its own process
+        assert answer == "2 True", answer
+        assert lim.status().in_flight == 1  # the child never touched the parent's lease
+        parents.release()
+        assert lim.status().in_flight == 0
