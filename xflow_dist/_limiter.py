@@ -21,13 +21,15 @@ from ._core import (
     Status,
     channel,
     decode_acquire,
+    decode_configure,
     decode_cooldown,
     decode_extend,
     decode_settle,
     decode_status,
+    script_error,
 )
 from ._events import Mailroom, Notice
-from ._exceptions import AcquireTimeout, BackendError, CostTooLargeError
+from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import AwaitNotice, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import Lease
@@ -107,7 +109,7 @@ class _Heartbeats:
                 try:
                     if not self._limiter._extend(lease):
                         self.remove(lease)
-                except BackendError as exc:
+                except XflowError as exc:  # a backend failure, or limits reconfigured meanwhile
                     log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
 
     def close(self) -> None:
@@ -144,7 +146,7 @@ class Limiter(LimiterBase):
         try:
             return self._scripts[op](keys=self._keys, args=self._argv(argv))
         except redis.RedisError as exc:
-            raise BackendError(f"{op} on budget {self.budget.name!r} failed: {exc}", budget=self.budget.name) from exc
+            raise script_error(self.budget, op, exc) from exc
 
     def _hub(self) -> _Events:
         with self._events_lock:
@@ -174,7 +176,7 @@ class Limiter(LimiterBase):
                     step = flow.send(self._await_notice(inbox, step))
         except StopIteration:
             pass
-        except (AcquireTimeout, CostTooLargeError):
+        except (AcquireTimeout, CostTooLargeError, BudgetConflictError):
             raise
         except BaseException:
             self._cancel_quietly(lease_id)
@@ -243,6 +245,20 @@ class Limiter(LimiterBase):
     def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
         return decode_cooldown(self._run("cooldown", self._cooldown_args(retry_after)))
+
+    def reconfigure(self, budget: Budget) -> str | None:
+        """Change this budget's limits for the whole fleet, live, to ``budget``'s (the same name).
+
+        Redis stores the new limits and rescales the buckets without inventing credit; from then on
+        every process still using the old limits is refused with ``BudgetConflictError``. Returns the
+        limits stored before (described), or None where none were.
+        """
+        old = self._adopt(budget)
+        try:
+            return decode_configure(self._run("configure", []))
+        except BaseException:
+            self._adopt(old)
+            raise
 
     def status(self) -> Status:
         """A read-only snapshot: levels, leases in flight, queue, cooldown."""
