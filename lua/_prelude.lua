@@ -17,6 +17,8 @@
 --                           lu      learned limits are remembered until then (the keys outlive it)
 --                           pb      probe: 0 none, 1 one call at a time until the first settle or
 --                                   learned limit, 2 over
+--                           cf      the limits the keys were made with (see below; configure.lua
+--                                   replaces them)
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
