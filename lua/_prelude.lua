@@ -17,6 +17,8 @@
 --                           lu      learned limits are remembered until then (the keys outlive it)
 --                           pb      probe: 0 none, 1 one call at a time until the first settle or
 --                                   learned limit, 2 over
+--                           cf      the limits the keys were made with (see below; configure.lua
+--                                   replaces them)
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
@@ -38,6 +40,21 @@
 --           it (acquire.lua with the same id) within this window; unclaimed, it is taken back
 -- Operation arguments follow from ARGV[10].
 --
+-- Every argument is checked before anything is written (Redis does not roll back a script that
+-- fails halfway), and a call with a bad one is refused with the error reply
+-- "XFLOW_BADARG ARGV[<i>] <name>: got <value>, expected <what>", changing nothing. Numbers are plain
+-- decimals (no hex, nan, inf or spaces), finite and bounded: units (requests, tokens, rates per
+-- second, limits per minute, leases) at most MAX_UNITS, seconds (and the jitter fraction) at most
+-- MAX_SECONDS, and a rate or limit that is not 0 (-1) at least MIN_RATE; ids and the channel are 1 to
+-- MAX_TEXT bytes with no space or control character; flags are exactly "0" or "1". Only the
+-- arguments a script documents are accepted.
+--
+-- The limits of a budget (ARGV[1..6] and ARGV[9]: not the idle grace nor the channel) are stored in
+-- the state (`cf`) when its keys are made. A call with other limits is refused before anything is
+-- written with "XFLOW_CONFLICT stored <limits>; given <limits>" (seven numbers each, in the order of
+-- the block), so that two deployments never mix their limits silently; only configure.lua replaces
+-- them. Once the keys expire (the budget was idle), any limits may start afresh.
+--
 -- The rate of a bucket is the configured one, lowered to the learned limit (lr / 60, lt / 60) once
 -- the provider has told it; with neither, that dimension is not limited. A rate that changes is
 -- applied by rescale(), which never invents credit, and the head of the queue is told its new fit
@@ -54,15 +71,112 @@
 -- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
 -- a refund or that return grants it ("g <id> <now>") together with every next head that fits too.
 local K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local CFG_RATE_REQ = tonumber(ARGV[1])
-local BURST_REQ = tonumber(ARGV[2])
-local CFG_RATE_TOK = tonumber(ARGV[3])
-local BURST_TOK = tonumber(ARGV[4])
-local MAX_CONC = tonumber(ARGV[5])
-local LEASE_TTL = tonumber(ARGV[6])
-local IDLE_GRACE = tonumber(ARGV[7])
-local CHANNEL = ARGV[8]
-local CLAIM_WINDOW = tonumber(ARGV[9])
+local MAX_UNITS, MAX_SECONDS, MIN_RATE, MAX_TEXT = 1e15, 1e9, 1e-6, 256
+
+-- A plain decimal within bounds: its value, else nil (tonumber alone takes hex, nan, inf, 1e309).
+local function decimal(s)
+  if type(s) ~= 'string' or #s > 40 or not s:gsub('[eE][%+%-]?%d+$', '', 1):find('^%-?%d*%.?%d*$') then
+    return nil
+  end
+  local x = tonumber(s)
+  if x and x == x and x ~= math.huge and x ~= -math.huge then
+    return x
+  end
+end
+
+-- The kinds of argument: what is expected, and a check giving the value or nil.
+local function number_kind(what, ok)
+  return {what = what, check = function(s)
+    local x = decimal(s)
+    if x and ok(x) then
+      return x
+    end
+  end}
+end
+local function text_kind(what, empty_ok)
+  return {what = what, check = function(s)
+    if #s <= MAX_TEXT and (empty_ok or #s > 0) and not s:find('[%s%c]') then
+      return s
+    end
+  end}
+end
+local UNITS = number_kind('a number in [0, 1e15]', function(x) return x >= 0 and x <= MAX_UNITS end)
+local UNITS_OR_UNSET = number_kind('-1 or a number in [0, 1e15]',
+  function(x) return x == -1 or (x >= 0 and x <= MAX_UNITS) end)
+local COUNT = number_kind('a whole number in [0, 1e15]',
+  function(x) return x >= 0 and x <= MAX_UNITS and x == math.floor(x) end)
+local RATE = number_kind('0 or a rate in [1e-6, 1e15]',
+  function(x) return x == 0 or (x >= MIN_RATE and x <= MAX_UNITS) end)
+local LIMIT_OR_UNSET = number_kind('-1 or a limit in [1e-6, 1e15]',
+  function(x) return x == -1 or (x >= MIN_RATE and x <= MAX_UNITS) end)
+local SECONDS = number_kind('seconds in [0, 1e9]', function(x) return x >= 0 and x <= MAX_SECONDS end)
+local POSITIVE_SECONDS = number_kind('seconds in (0, 1e9]', function(x) return x > 0 and x <= MAX_SECONDS end)
+local SECONDS_OR_UNSET = number_kind('-1 or seconds in [0, 1e9]',
+  function(x) return x == -1 or (x >= 0 and x <= MAX_SECONDS) end)
+local FACTOR = number_kind('a number in [0, 1e9]', function(x) return x >= 0 and x <= MAX_SECONDS end)
+local DRAW = number_kind('a number in [0, 1)', function(x) return x >= 0 and x < 1 end)
+local FLAG = {what = '"0" or "1"', check = function(s) if s == '0' or s == '1' then return s == '1' end end}
+local TEXT = text_kind('1 to 256 bytes, no space or control character', false)
+local TEXT_OR_EMPTY = text_kind('"" or 1 to 256 bytes, no space or control character', true)
+
+-- ARGV[first..] checked against `spec`, one {name, kind[, value when absent]} per argument in order:
+-- the values, or nil and the refusal. With `more`, arguments may follow (the budget block).
+local function checked(first, spec, more)
+  local values = {}
+  for i, arg in ipairs(spec) do
+    local n = first + i - 1
+    local raw = ARGV[n] or arg[3]
+    local value = nil
+    if raw then
+      value = arg[2].check(raw)
+    end
+    if value == nil then
+      local got = raw and string.format('%q', raw:sub(1, 40)):gsub('%c', '?') or 'nothing'
+      return nil, string.format('XFLOW_BADARG ARGV[%d] %s: got %s, expected %s', n, arg[1], got, arg[2].what)
+    end
+    values[i] = value
+  end
+  local last = first + #spec - 1
+  if not more and #ARGV > last then
+    return nil, string.format('XFLOW_BADARG ARGV[%d]: unexpected, this script takes %d arguments', last + 1, last)
+  end
+  return values
+end
+
+local BLOCK, REFUSAL = checked(1, {
+  {'request rate', RATE},
+  {'request burst', SECONDS},
+  {'token rate', RATE},
+  {'token burst', SECONDS},
+  {'max concurrency', COUNT},
+  {'lease ttl', POSITIVE_SECONDS},
+  {'idle grace', SECONDS},
+  {'channel', TEXT},
+  {'claim window', POSITIVE_SECONDS},
+}, true)
+if REFUSAL then
+  return redis.error_reply(REFUSAL)
+end
+local CFG_RATE_REQ, BURST_REQ, CFG_RATE_TOK, BURST_TOK, MAX_CONC, LEASE_TTL, IDLE_GRACE, CHANNEL, CLAIM_WINDOW =
+  unpack(BLOCK)
+
+-- The limits of this call as the state keeps them (`cf`).
+local CONFIG = string.format('%.17g %.17g %.17g %.17g %.17g %.17g %.17g', CFG_RATE_REQ, BURST_REQ, CFG_RATE_TOK,
+  BURST_TOK, MAX_CONC, LEASE_TTL, CLAIM_WINDOW)
+
+-- The operation arguments ARGV[10..] checked against `spec` (see checked()), then the limits of this
+-- call against the stored ones: the values, or nil and the refusal. Reads only.
+local function operation_args(spec)
+  local values, refusal = checked(10, spec)
+  if refusal then
+    return nil, refusal
+  end
+  local stored = redis.call('HGET', K_STATE, 'cf')
+  if stored and stored ~= CONFIG then
+    return nil, 'XFLOW_CONFLICT stored ' .. stored .. '; given ' .. CONFIG
+  end
+  return values
+end
 
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -132,7 +246,7 @@ end
 local function save_state(st)
   redis.call('HSET', K_STATE, 'rt', fmt(st.rt), 'tt', fmt(st.tt), 'cu', fmt(st.cu),
     'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq, 'qa', fmt(st.qa), 'kr', fmt(st.kr), 'kt', fmt(st.kt),
-    'cq', fmt(st.cq), 'ct', fmt(st.ct))
+    'cq', fmt(st.cq), 'ct', fmt(st.ct), 'cf', CONFIG)
   if st.lr > 0 or st.lt > 0 or st.pb > 0 then -- absent reads as 0: a budget that never learns skips them
     redis.call('HSET', K_STATE, 'lr', fmt(st.lr), 'lt', fmt(st.lt), 'lu', fmt(st.lu), 'pb', st.pb)
   end
@@ -236,15 +350,24 @@ end
 -- to refill; the level drops by the capacity lost, (r1 - r2) * burst. Looser: the level stays, and
 -- the larger capacity fills at the new rate. From no rate (nothing was known): the bucket starts at
 -- its capacity less everything granted so far, `charged`, and never below zero (an empty bucket).
-local function rescale(tat, r1, r2, burst, charged)
-  if r2 <= 0 or r1 == r2 then
+-- A burst that changes too (configure.lua: burst2) follows the same rule: the debt stays, and the
+-- level never rises: min(level, new capacity - debt).
+local function rescale(tat, r1, r2, burst, charged, burst2)
+  burst2 = burst2 or burst
+  if r2 <= 0 or (r1 == r2 and burst == burst2) then
     return tat, 0
   end
   if r1 <= 0 then
-    local capacity = r2 * burst
+    local capacity = r2 * burst2
     return NOW + ceil_us(math.min(capacity, charged) / r2), 0
   end
   local debt = math.max(0, tat - NOW)
+  if burst2 ~= burst then
+    local owed = debt * r1
+    local before = r1 * burst - owed
+    local after = math.min(before, r2 * burst2 - owed)
+    return NOW + ceil_us(burst2 - after / r2), before - after
+  end
   if r2 < r1 then
     return NOW + ceil_us(debt * r1 / r2), (r1 - r2) * burst
   end
@@ -390,7 +513,8 @@ local function touch(st)
   if last then
     horizon = math.max(horizon, tonumber(last))
   end
-  local ms = math.ceil((horizon - NOW + IDLE_GRACE) * 1000)
+  -- capped, so that PEXPIRE takes it even for a debt of centuries (a rate of 1e-6 owed 1e15)
+  local ms = math.ceil((math.min(horizon - NOW, 1e11) + IDLE_GRACE) * 1000)
   for _, k in ipairs({K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS}) do
     redis.call('PEXPIRE', k, ms)
   end

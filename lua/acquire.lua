@@ -29,13 +29,21 @@
 --                                    "tokens") is more than the limits in force, learned ones included,
 --                                    can ever grant: `most`, a minute of the rate or the burst if
 --                                    longer (the configured limits alone are checked by the client)
-local ID = ARGV[10]
-local CREQ = tonumber(ARGV[11])
-local CTOK = tonumber(ARGV[12])
-local MAX_WAIT = tonumber(ARGV[13])
-local MAY_QUEUE = ARGV[14] == '1'
-local TICKET_TTL = tonumber(ARGV[15])
-local PROBE = ARGV[16] == '1'
+-- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
+-- nothing changed.
+local A, REFUSED = operation_args({
+  {'id', TEXT},
+  {'requests', UNITS},
+  {'tokens', UNITS},
+  {'max wait', SECONDS_OR_UNSET},
+  {'may queue', FLAG},
+  {'ticket ttl', POSITIVE_SECONDS},
+  {'probe', FLAG, '0'},
+})
+if REFUSED then
+  return redis.error_reply(REFUSED)
+end
+local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE = unpack(A)
 
 reap()
 local st = load_state()

@@ -8,7 +8,15 @@
 -- Idempotent: an unknown id changes nothing.
 --
 -- Reply: {"cancelled" | "dequeued" | "unknown", now}
-local ID = ARGV[10]
+-- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
+-- nothing changed.
+local A, REFUSED = operation_args({
+  {'id', TEXT},
+})
+if REFUSED then
+  return redis.error_reply(REFUSED)
+end
+local ID = A[1]
 
 reap()
 local st = load_state()

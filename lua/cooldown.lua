@@ -16,12 +16,20 @@
 --
 -- Reply: {"cooldown", until (Redis time), now, backoff level}
 -- Also published on the events channel as "c <now> <until>".
-local RETRY_AFTER = tonumber(ARGV[10])
-local BASE = tonumber(ARGV[11])
-local MAX_BACKOFF = tonumber(ARGV[12])
-local QUIET = tonumber(ARGV[13])
-local JITTER = tonumber(ARGV[14])
-local DRAW = tonumber(ARGV[15])
+-- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
+-- nothing changed.
+local A, REFUSED = operation_args({
+  {'retry after', SECONDS_OR_UNSET},
+  {'base backoff', POSITIVE_SECONDS},
+  {'max backoff', POSITIVE_SECONDS},
+  {'quiet period', SECONDS},
+  {'jitter fraction', FACTOR},
+  {'jitter draw', DRAW},
+})
+if REFUSED then
+  return redis.error_reply(REFUSED)
+end
+local RETRY_AFTER, BASE, MAX_BACKOFF, QUIET, JITTER, DRAW = unpack(A)
 
 reap()
 local st = load_state()

@@ -6,7 +6,15 @@
 -- A lease that already expired is lost for good (its slot may have gone to someone else). A
 -- provisional grant is claimed by its first heartbeat, as by acquire.lua.
 -- Reply: {"extended", expiry, now} or {"lost", "0", now}
-local ID = ARGV[10]
+-- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
+-- nothing changed.
+local A, REFUSED = operation_args({
+  {'id', TEXT},
+})
+if REFUSED then
+  return redis.error_reply(REFUSED)
+end
+local ID = A[1]
 
 reap()
 local st = load_state()

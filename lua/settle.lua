@@ -29,13 +29,21 @@
 --
 -- Reply: {"settled" | "unknown" | "learned", tokens refunded (negative: debt charged; "0" unless
 -- settled), now, request limit in force, token limit in force} with limits per minute, "0": none.
-local ID = ARGV[10]
-local ACTUAL = tonumber(ARGV[11])
-local SEEN_REQ = tonumber(ARGV[12] or '-1')
-local SEEN_TOK = tonumber(ARGV[13] or '-1')
-local LIMIT_REQ = tonumber(ARGV[14] or '-1')
-local LIMIT_TOK = tonumber(ARGV[15] or '-1')
-local MEMORY = tonumber(ARGV[16] or '0')
+-- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
+-- nothing changed.
+local A, REFUSED = operation_args({
+  {'id', TEXT_OR_EMPTY},
+  {'actual tokens', UNITS_OR_UNSET},
+  {'remaining requests', UNITS_OR_UNSET},
+  {'remaining tokens', UNITS_OR_UNSET},
+  {'request limit', LIMIT_OR_UNSET},
+  {'token limit', LIMIT_OR_UNSET},
+  {'limit memory', SECONDS},
+})
+if REFUSED then
+  return redis.error_reply(REFUSED)
+end
+local ID, ACTUAL, SEEN_REQ, SEEN_TOK, LIMIT_REQ, LIMIT_TOK, MEMORY = unpack(A)
 
 -- Providers report whole units (rounded down), so only a lead of more than one unit is a lead.
 -- `snap` is the level just after the grant (nil: unknown), `k0` and `c0` the corrections and

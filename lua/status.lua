@@ -8,6 +8,12 @@
 --   (requests or tokens); below zero it is debt left by a cost larger than the burst credit. Limits
 --   are per minute, "0" where there is none; the limit in force is the configured one lowered to the
 --   learned one. Probing is "1" while the budget grants one call at a time to learn its limits.
+-- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
+-- nothing changed.
+local _, REFUSED = operation_args({})
+if REFUSED then
+  return redis.error_reply(REFUSED)
+end
 local st = load_state()
 return {
   fmt(NOW),

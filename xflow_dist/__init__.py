@@ -9,10 +9,12 @@ from ._core import CooldownReply, SettleReply, Status
 from ._exceptions import (
     AcquireTimeout,
     BackendError,
+    BudgetConflictError,
     ConfigurationError,
     CostTooLargeError,
     InvalidCostError,
     NoRouteError,
+    ScriptArgumentError,
     XflowError,
 )
 from ._headers import LimitFacts, parse_limit_headers, parse_retry_after
@@ -27,6 +29,7 @@ __all__ = [
     "AsyncLimiter",
     "BackendError",
     "Budget",
+    "BudgetConflictError",
     "ConfigurationError",
     "CooldownPolicy",
     "CooldownReply",
@@ -37,6 +40,7 @@ __all__ = [
     "LimitFacts",
     "Limiter",
     "NoRouteError",
+    "ScriptArgumentError",
     "SettleReply",
     "Status",
     "XflowError",

@@ -24,13 +24,15 @@ from ._core import (
     Status,
     channel,
     decode_acquire,
+    decode_configure,
     decode_cooldown,
     decode_extend,
     decode_settle,
     decode_status,
+    script_error,
 )
 from ._events import Mailroom, Notice, Resubscribed
-from ._exceptions import AcquireTimeout, BackendError, CostTooLargeError
+from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import AsyncLease
@@ -154,13 +156,9 @@ class AsyncLimiter(LimiterBase):
                 return await self._scripts[op](keys=self._keys, args=self._argv(argv))
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
-                    raise BackendError(
-                        f"{op} on budget {self.budget.name!r} failed: {exc}", budget=self.budget.name
-                    ) from exc
+                    raise script_error(self.budget, op, exc) from exc
             except redis.RedisError as exc:
-                raise BackendError(
-                    f"{op} on budget {self.budget.name!r} failed: {exc}", budget=self.budget.name
-                ) from exc
+                raise script_error(self.budget, op, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _hub(self) -> _Events:
@@ -204,7 +202,7 @@ class AsyncLimiter(LimiterBase):
                     step = flow.send(notice)
         except StopIteration:
             pass
-        except (AcquireTimeout, CostTooLargeError):
+        except (AcquireTimeout, CostTooLargeError, BudgetConflictError):
             raise
         except BackendError as exc:
             await self._give_back(lease_id, now=not transient(exc))
@@ -265,7 +263,7 @@ class AsyncLimiter(LimiterBase):
                     continue
                 try:
                     expiry = decode_extend(await self._run("extend", [lid]))
-                except BackendError as exc:
+                except XflowError as exc:  # a backend failure, or limits reconfigured meanwhile
                     log.warning("heartbeat of lease %s failed: %s", lid, exc)
                     continue
                 if expiry is None:
@@ -349,6 +347,20 @@ class AsyncLimiter(LimiterBase):
     async def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
         return decode_cooldown(await self._run("cooldown", self._cooldown_args(retry_after)))
+
+    async def reconfigure(self, budget: Budget) -> str | None:
+        """Change this budget's limits for the whole fleet, live, to ``budget``'s (the same name).
+
+        Redis stores the new limits and rescales the buckets without inventing credit; from then on
+        every process still using the old limits is refused with ``BudgetConflictError``. Returns the
+        limits stored before (described), or None where none were.
+        """
+        old = self._adopt(budget)
+        try:
+            return decode_configure(await self._run("configure", []))
+        except BaseException:
+            self._adopt(old)
+            raise
 
     async def status(self) -> Status:
         """A read-only snapshot: levels, leases in flight, queue, cooldown."""

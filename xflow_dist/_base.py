@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 import redis
 
 from ._backend import IO_TIMEOUT
-from ._budget import Budget, CooldownPolicy
+from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy
 from ._core import (
     AcquireReply,
     acquire_args,
@@ -115,8 +115,10 @@ class LimiterBase:
         if cooldown_policy is not None and not isinstance(cooldown_policy, CooldownPolicy):
             raise ConfigurationError(f"cooldown_policy must be a CooldownPolicy, not {cooldown_policy!r}")
         ttl = _check_seconds("ticket_ttl", ticket_ttl)
-        if ttl == 0 or (ttl is not None and math.isinf(ttl)):
-            raise ConfigurationError(f"ticket_ttl must be finite and more than zero, not {ticket_ttl!r}")
+        if ttl == 0 or (ttl is not None and ttl > MAX_SECONDS):
+            raise ConfigurationError(
+                f"ticket_ttl must be more than zero and at most {MAX_SECONDS:g}, not {ticket_ttl!r}"
+            )
         io = _check_seconds("io_timeout", io_timeout)
         if not io or math.isinf(io):
             raise ConfigurationError(f"io_timeout must be finite and more than zero, not {io_timeout!r}")
@@ -129,6 +131,18 @@ class LimiterBase:
 
     def _argv(self, argv: list[str]) -> list[str]:
         return self._budget_args + argv
+
+    def _adopt(self, budget: Budget) -> Budget:
+        """Make ``budget`` (the same name, other limits) this limiter's; returns the one it replaces."""
+        if not isinstance(budget, Budget):
+            raise ConfigurationError(f"budget must be a Budget, not {budget!r}")
+        if budget.name != self.budget.name:
+            raise ConfigurationError(
+                f"reconfigure changes the limits of budget {self.budget.name!r}, not {budget.name!r}",
+                budget=self.budget.name,
+            )
+        old, self.budget, self._budget_args = self.budget, budget, budget_args(budget)
+        return old
 
     def _prepare(self, requests: float, tokens: float, timeout: float | None) -> tuple[str, float, float]:
         requests, tokens = validate_cost(self.budget, requests, tokens)
@@ -145,21 +159,20 @@ class LimiterBase:
         limit_requests: float | None,
         limit_tokens: float | None,
     ) -> None:
-        for what, value, zero_ok in (
-            ("remaining_requests", remaining_requests, True),
-            ("remaining_tokens", remaining_tokens, True),
-            ("limit_requests", limit_requests, False),
-            ("limit_tokens", limit_tokens, False),
+        for what, value, low in (
+            ("remaining_requests", remaining_requests, 0.0),
+            ("remaining_tokens", remaining_tokens, 0.0),
+            ("limit_requests", limit_requests, MIN_RATE),
+            ("limit_tokens", limit_tokens, MIN_RATE),
         ):
             if value is not None and (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or not math.isfinite(value)
-                or value < 0
-                or (value == 0 and not zero_ok)
+                or not low <= value <= MAX_UNITS
             ):
-                bound = "zero or more" if zero_ok else "more than zero (per minute)"
-                raise InvalidCostError(f"{what} must be finite and {bound}, not {value!r}", budget=self.budget.name)
+                bound = f"from {low:g} to {MAX_UNITS:g}" + (" (per minute)" if low else "")
+                raise InvalidCostError(f"{what} must be finite, {bound}, not {value!r}", budget=self.budget.name)
 
     def _learn_args(
         self,
@@ -200,10 +213,10 @@ class LimiterBase:
             or not isinstance(actual_tokens, int | float)
             or math.isnan(actual_tokens)
             or math.isinf(actual_tokens)
-            or actual_tokens < 0
+            or not 0 <= actual_tokens <= MAX_UNITS
         ):
             raise InvalidCostError(
-                f"actual_tokens must be finite and zero or more, not {actual_tokens!r}",
+                f"actual_tokens must be finite, from 0 to {MAX_UNITS:g}, not {actual_tokens!r}",
                 budget=self.budget.name,
             )
         return settle_args(lease_id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens)

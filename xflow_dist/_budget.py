@@ -15,14 +15,23 @@ _NAME = re.compile(r"[A-Za-z0-9._:/@+=-]{1,200}")
 #: Providers' buckets hold one minute of their rate: no single request may cost more.
 PROVIDER_WINDOW = 60.0
 
+#: Bounds the scripts enforce (``lua/_prelude.lua``), checked here first: no cost, usage, rate (per
+#: second) or limit (per minute) above MAX_UNITS, no duration above MAX_SECONDS (about 31.7 years),
+#: no rate or limit below MIN_RATE (one request per 11.6 days).
+MAX_UNITS = 1e15
+MAX_SECONDS = 1e9
+MIN_RATE = 1e-6
 
-def _positive(budget: str | None, field_name: str, value: float | None, *, zero_ok: bool = False) -> None:
+
+def _positive(
+    budget: str | None, field_name: str, value: float | None, *, zero_ok: bool = False, top: float = MAX_SECONDS
+) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{field_name} must be a number, not {value!r}", budget=budget)
-    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not zero_ok):
-        bound = "zero or more" if zero_ok else "more than zero"
+    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not zero_ok) or value > top:
+        bound = ("zero or more" if zero_ok else "more than zero") + ("" if math.isinf(top) else f", at most {top:g}")
         raise ConfigurationError(f"{field_name} must be finite and {bound}, not {value!r}", budget=budget)
 
 
@@ -69,19 +78,23 @@ class Budget:
                 f"budget name must be 1-200 characters of letters, digits and ._:/@+=-, not {self.name!r}"
             )
         for key in ("rpm", "rps", "tpm", "tps"):
-            _positive(self.name, key, getattr(self, key))
+            _positive(self.name, key, getattr(self, key), top=math.inf)
         _positive(self.name, "burst", self.burst, zero_ok=True)
         _positive(self.name, "lease_ttl", self.lease_ttl)
         _positive(self.name, "claim_window", self.claim_window)
         mc = self.max_concurrency
-        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= MAX_UNITS):
             raise ConfigurationError(
-                f"max_concurrency must be a whole number of at least 1, not {mc!r}", budget=self.name
+                f"max_concurrency must be a whole number from 1 to {MAX_UNITS:g}, not {mc!r}", budget=self.name
             )
         if not isinstance(self.probe, bool):
             raise ConfigurationError(f"probe must be True or False, not {self.probe!r}", budget=self.name)
-        _per_second(self.name, self.rpm, self.rps, "requests")
-        _per_second(self.name, self.tpm, self.tps, "tokens")
+        for what, rate in (("requests", self.request_rate), ("tokens", self.token_rate)):
+            if rate is not None and not MIN_RATE <= rate <= MAX_UNITS:
+                raise ConfigurationError(
+                    f"the {what} rate must be from {MIN_RATE:g} to {MAX_UNITS:g} per second, not {rate!r}",
+                    budget=self.name,
+                )
 
     @property
     def request_rate(self) -> float | None:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from ._budget import Budget, CooldownPolicy
-from ._exceptions import BackendError, CostTooLargeError, InvalidCostError
+from ._budget import MAX_SECONDS, MAX_UNITS, Budget, CooldownPolicy
+from ._exceptions import (
+    BackendError,
+    BudgetConflictError,
+    CostTooLargeError,
+    InvalidCostError,
+    ScriptArgumentError,
+    XflowError,
+)
 
 #: Seconds the keys of a budget outlive the last thing they still have to remember.
 IDLE_GRACE = 10.0
@@ -52,8 +60,10 @@ def validate_cost(budget: Budget, requests: float, tokens: float) -> tuple[float
     for what, value in (("requests", requests), ("tokens", tokens)):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidCostError(f"{what} must be a number, not {value!r}", budget=budget.name)
-        if math.isnan(value) or math.isinf(value) or value < 0:
-            raise InvalidCostError(f"{what} must be finite and zero or more, not {value!r}", budget=budget.name)
+        if math.isnan(value) or math.isinf(value) or value < 0 or value > MAX_UNITS:
+            raise InvalidCostError(
+                f"{what} must be finite, zero or more and at most {MAX_UNITS:g}, not {value!r}", budget=budget.name
+            )
     if tokens > budget.max_tokens_per_request:
         raise CostTooLargeError(
             f"{tokens:g} tokens can never fit budget {budget.name!r}: it grants at most "
@@ -78,12 +88,12 @@ def acquire_args(
     ticket_ttl: float,
     probe: bool = False,
 ) -> list[str]:
-    """ARGV[10..16] of ``acquire.lua``."""
+    """ARGV[10..16] of ``acquire.lua``; a max wait beyond the scripts' bound is no bound at all."""
     return [
         lease_id,
         _num(requests),
         _num(tokens),
-        "-1" if max_wait is None else _num(max(0.0, max_wait)),
+        "-1" if max_wait is None or max_wait > MAX_SECONDS else _num(max(0.0, max_wait)),
         "1" if may_queue else "0",
         _num(ticket_ttl),
         "1" if probe else "0",
@@ -135,7 +145,59 @@ def validate_retry_after(budget: Budget, retry_after: float | None) -> float | N
         raise InvalidCostError(f"retry_after must be a number, not {retry_after!r}", budget=budget.name)
     if math.isnan(retry_after) or math.isinf(retry_after) or retry_after < 0:
         raise InvalidCostError(f"retry_after must be finite and zero or more, not {retry_after!r}", budget=budget.name)
-    return float(retry_after)
+    return min(float(retry_after), MAX_SECONDS)  # longer is no different: the scripts' bound
+
+
+#: The error replies of the scripts (lua/_prelude.lua): a refused argument, other stored limits.
+_BADARG = re.compile(r"XFLOW_BADARG (.*)", re.S)
+_CONFLICT = re.compile(r"XFLOW_CONFLICT stored (.*?); given (.*)", re.S)
+_LIMIT_NAMES = (
+    "request rate",
+    "request burst",
+    "token rate",
+    "token burst",
+    "max concurrency",
+    "lease TTL",
+    "claim window",
+)
+
+
+def describe_limits(text: str) -> str:
+    """The seven numbers of a budget's stored limits (``cf``), as a person reads a Budget."""
+    try:
+        rreq, breq, rtok, btok, conc, ttl, claim = (float(w) for w in text.split())
+    except ValueError:
+        return repr(text)
+
+    def g(x: float) -> str:
+        return f"{round(x, 9):g}"
+
+    parts = [f"rpm={g(rreq * 60)}" if rreq > 0 else "rpm=None", f"tpm={g(rtok * 60)}" if rtok > 0 else "tpm=None"]
+    parts += [f"burst={g(breq)}"] if breq == btok else [f"request burst={g(breq)}", f"token burst={g(btok)}"]
+    parts += [f"max_concurrency={int(conc) if conc > 0 else None}", f"lease_ttl={g(ttl)}", f"claim_window={g(claim)}"]
+    return ", ".join(parts)
+
+
+def script_error(budget: Budget, op: str, exc: Exception) -> XflowError:
+    """The error for a failed script call: a refused argument, a limits conflict, else the backend's."""
+    message = str(exc)
+    conflict = _CONFLICT.search(message)
+    if conflict:
+        stored, given = describe_limits(conflict[1]), describe_limits(conflict[2])
+        return BudgetConflictError(
+            f"budget {budget.name!r} is in use with other limits: Redis holds ({stored}), this process has "
+            f"({given}); use the same limits, another budget name, or reconfigure() to change them for the "
+            "whole fleet",
+            budget=budget.name,
+            stored=stored,
+            given=given,
+        )
+    bad = _BADARG.search(message)
+    if bad:
+        return ScriptArgumentError(
+            f"{op} on budget {budget.name!r} refused its arguments: {bad[1]}", budget=budget.name
+        )
+    return BackendError(f"{op} on budget {budget.name!r} failed: {exc}", budget=budget.name)
 
 
 def _strings(raw: Any, size: int, op: str) -> list[str]:
@@ -205,6 +267,12 @@ def decode_settle(raw: Any) -> SettleReply:
     kind, refunded, now = fields[:3]
     rpm, tpm = (_limit(fields[3]), _limit(fields[4])) if len(fields) >= 5 else (None, None)
     return SettleReply(kind == "settled", float(refunded), float(now), rpm, tpm)
+
+
+def decode_configure(raw: Any) -> str | None:
+    """The limits the budget had before (described), or None where none were stored."""
+    previous = _strings(raw, 3, "configure")[2]
+    return describe_limits(previous) if previous else None
 
 
 def decode_cancel(raw: Any) -> str:

@@ -21,8 +21,7 @@ from typing import Any
 
 import redis
 
-from ._budget import Budget
-from ._fleet import FleetSpec, Job, Limits, Strategy, WorkerReport, load_jobs, worker_main
+from ._fleet import FleetSpec, Job, Limits, Strategy, WorkerReport, fleet_budget, load_jobs, worker_main
 from ._limiter import Limiter
 
 
@@ -243,9 +242,7 @@ def run_fleet(
 
 def _watch(spec: FleetSpec) -> Limiter:
     """A limiter on the fleet's budget, only to read its status (it never acquires)."""
-    limits = spec.limits
-    budget = Budget(spec.budget_name, rpm=limits.rpm, tpm=limits.tpm, max_concurrency=limits.max_concurrency)
-    return Limiter(budget, spec.redis_url)
+    return Limiter(fleet_budget(spec), spec.redis_url)  # the workers' limits: other ones would be refused
 
 
 def fleet_spec(

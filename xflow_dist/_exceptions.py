@@ -2,9 +2,11 @@
 
     XflowError
     ├── ConfigurationError        bad budget, policy or setting (also a ValueError)
-    │   └── NoRouteError          a transport's Router has no budget for a call
-    ├── InvalidCostError          negative, NaN or infinite cost (also a ValueError)
+    │   ├── NoRouteError          a transport's Router has no budget for a call
+    │   └── BudgetConflictError   the fleet already uses this budget name with other limits
+    ├── InvalidCostError          negative, NaN, infinite or absurdly large cost (also a ValueError)
     │   └── CostTooLargeError     a cost no bucket of the budget can ever hold
+    ├── ScriptArgumentError       a Lua script refused its arguments, changing nothing (also a ValueError)
     ├── AcquireTimeout            no grant before the deadline (also a TimeoutError)
     ├── BackendError              Redis failed or could not be reached
     ├── RetryException            raised by a call to have compat's auto_backoff retry it
@@ -19,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "AcquireTimeout",
     "BackendError",
+    "BudgetConflictError",
     "ConfigurationError",
     "CostTooLargeError",
     "InvalidCostError",
@@ -26,6 +29,7 @@ __all__ = [
     "NoRouteError",
     "OutsideTaskError",
     "RetryException",
+    "ScriptArgumentError",
     "XflowError",
 ]
 
@@ -60,6 +64,27 @@ class AcquireTimeout(XflowError, TimeoutError):
 
 class BackendError(XflowError):
     """Redis failed, was unreachable, or answered something unexpected."""
+
+
+class BudgetConflictError(ConfigurationError):
+    """The budget's keys in Redis hold other limits than this process's: two deployments share a name.
+
+    ``stored`` and ``given`` describe both (rpm, tpm, burst, ...). Nothing was changed. Use the same
+    limits, another budget name, or ``reconfigure()`` to change them for the whole fleet.
+    """
+
+    def __init__(self, message: str, *, budget: str | None = None, stored: str = "", given: str = "") -> None:
+        super().__init__(message, budget=budget)
+        self.stored = stored
+        self.given = given
+
+
+class ScriptArgumentError(XflowError, ValueError):
+    """A Lua script refused an argument (not finite, out of range, wrong type): nothing was changed.
+
+    The Python side checks the same bounds first, so this means a caller that bypassed them (the
+    scripts are an interface of their own, see docs/lua.md) or a bug worth reporting.
+    """
 
 
 class NoRouteError(ConfigurationError):

@@ -102,6 +102,23 @@ class FleetSpec:
     report_limits: bool = True  # False: settle with the remaining counts only (as Azure sends no limits)
 
 
+def fleet_budget(spec: FleetSpec) -> Budget:
+    """The budget every xflow worker of the fleet shares (one set of limits under one name)."""
+    limits = spec.limits
+    if spec.budget_rates:
+        return Budget(
+            spec.budget_name,
+            rpm=limits.rpm * spec.budget_scale,
+            tpm=limits.tpm * spec.budget_scale,
+            max_concurrency=limits.max_concurrency,
+            burst=60 - DISPATCH_MARGIN,
+        )
+    # no rates: the provider's headers teach them (concurrency is in no header)
+    return Budget(
+        spec.budget_name, max_concurrency=limits.max_concurrency, burst=60 - DISPATCH_MARGIN, probe=spec.probe
+    )
+
+
 @dataclass(slots=True)
 class WorkerReport:
     """What one process did."""
@@ -162,19 +179,7 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
     rate_tok: Any = None
     slots: asyncio.Semaphore | None = None
     if spec.strategy == "xflow":
-        if spec.budget_rates:
-            budget = Budget(
-                spec.budget_name,
-                rpm=limits.rpm * spec.budget_scale,
-                tpm=limits.tpm * spec.budget_scale,
-                max_concurrency=limits.max_concurrency,
-                burst=60 - DISPATCH_MARGIN,
-            )
-        else:  # no rates: the provider's headers teach them (concurrency is in no header)
-            budget = Budget(
-                spec.budget_name, max_concurrency=limits.max_concurrency, burst=60 - DISPATCH_MARGIN, probe=spec.probe
-            )
-        limiter = AsyncLimiter(budget, spec.redis_url)
+        limiter = AsyncLimiter(fleet_budget(spec), spec.redis_url)
     elif spec.strategy == "split":
         from aiolimiter import AsyncLimiter as LocalLimiter
 

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ._budget import MAX_UNITS
 from ._durations import parse_duration
 
 __all__ = ["LimitFacts", "parse_limit_headers", "parse_retry_after"]
@@ -55,7 +56,7 @@ def _number(text: str | None) -> float | None:
         value = float(text.strip())
     except ValueError:
         return None
-    return value if math.isfinite(value) and value >= 0 else None
+    return value if math.isfinite(value) and 0 <= value <= MAX_UNITS else None  # beyond: no fact to learn
 
 
 def _duration(text: str | None) -> float | None:

@@ -23,13 +23,15 @@ from ._core import (
     Status,
     channel,
     decode_acquire,
+    decode_configure,
     decode_cooldown,
     decode_extend,
     decode_settle,
     decode_status,
+    script_error,
 )
 from ._events import Mailroom, Notice, Resubscribed
-from ._exceptions import AcquireTimeout, BackendError, CostTooLargeError
+from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import AwaitNotice, GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import Lease
@@ -177,7 +179,7 @@ class _Upkeep:
         try:
             if not self._limiter._extend(lease):
                 self.remove(lease_id)
-        except BackendError as exc:
+        except XflowError as exc:  # a backend failure, or limits reconfigured meanwhile
             log.warning("heartbeat of lease %s failed: %s", lease_id, exc)
 
     def _retry(self, key: str, retry: _Retry) -> None:
@@ -241,13 +243,9 @@ class Limiter(LimiterBase):
                 return self._scripts[op](keys=self._keys, args=self._argv(argv))
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
-                    raise BackendError(
-                        f"{op} on budget {self.budget.name!r} failed: {exc}", budget=self.budget.name
-                    ) from exc
+                    raise script_error(self.budget, op, exc) from exc
             except redis.RedisError as exc:
-                raise BackendError(
-                    f"{op} on budget {self.budget.name!r} failed: {exc}", budget=self.budget.name
-                ) from exc
+                raise script_error(self.budget, op, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _hub(self) -> _Events:
@@ -283,7 +281,7 @@ class Limiter(LimiterBase):
                     step = flow.send(self._await_notice(inbox, step))
         except StopIteration:
             pass
-        except (AcquireTimeout, CostTooLargeError):
+        except (AcquireTimeout, CostTooLargeError, BudgetConflictError):
             raise
         except BackendError as exc:
             self._give_back(lease_id, now=not transient(exc))
@@ -382,6 +380,20 @@ class Limiter(LimiterBase):
     def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
         return decode_cooldown(self._run("cooldown", self._cooldown_args(retry_after)))
+
+    def reconfigure(self, budget: Budget) -> str | None:
+        """Change this budget's limits for the whole fleet, live, to ``budget``'s (the same name).
+
+        Redis stores the new limits and rescales the buckets without inventing credit; from then on
+        every process still using the old limits is refused with ``BudgetConflictError``. Returns the
+        limits stored before (described), or None where none were.
+        """
+        old = self._adopt(budget)
+        try:
+            return decode_configure(self._run("configure", []))
+        except BaseException:
+            self._adopt(old)
+            raise
 
     def status(self) -> Status:
         """A read-only snapshot: levels, leases in flight, queue, cooldown."""
