@@ -152,6 +152,60 @@ def test_failure_settles_at_the_estimate(app: Celery, name: str, error: BaseExce
     assert _level(work.limiter) <= 600 + 5  # the estimate stands charged: the call may have been made
 
 
+def test_retry_from_the_body_settles_each_attempt_at_the_estimate(app: Celery, name: str) -> None:
+    attempts: list[int] = []
+
+    @rate_limited_task(
+        app, shared=False, budget=Budget(name, tps=10, burst=100, max_concurrency=1), cost=300, usage=None
+    )
+    def work(self: Any) -> int:
+        attempts.append(self.request.retries)
+        if len(attempts) == 1:
+            raise self.retry(countdown=0, max_retries=1)
+        return len(attempts)
+
+    assert work.apply().get() == 2
+    assert attempts == [0, 1]
+    assert work.limiter.status().in_flight == 0, "the retried attempt gave its slot back"
+    assert 400 - 1 <= _level(work.limiter) <= 400 + 10, "each attempt charged its estimate"
+
+
+@pytest.mark.parametrize("module", ["httpx", "httpx2"])
+@pytest.mark.parametrize("error", ["ReadTimeout", "SoftTimeLimitExceeded"])
+def test_a_later_call_failing_mid_read_gives_its_own_lease_back(
+    app: Celery, name: str, module: str, error: str
+) -> None:
+    """The task's lease pays the first call; a second call acquires its own, which a read error
+    (or the soft time limit striking while the body streams in) must give back, not leave held."""
+    http_lib = pytest.importorskip(module)
+    failure = SoftTimeLimitExceeded() if error == "SoftTimeLimitExceeded" else http_lib.ReadTimeout("slow")
+
+    class Broken(http_lib.SyncByteStream):  # type: ignore[misc,name-defined]
+        def __iter__(self) -> Iterator[bytes]:
+            yield b'{"choices": ['
+            raise failure
+
+    replies = iter(
+        [http_lib.Response(200, json={"usage": {"total_tokens": 20}}), http_lib.Response(200, stream=Broken())]
+    )
+    inner = http_lib.MockTransport(lambda request: next(replies))
+    body = {"model": "m", "messages": [], "max_tokens": 93}  # estimate: 3 + 4 + 93 = 100 tokens
+
+    @rate_limited_task(
+        app, shared=False, budget=Budget(name, tps=10, burst=100, max_concurrency=2), cost=100, max_retries=0
+    )
+    def work(self: Any) -> None:
+        transport = self.transport(inner, http=module, tokenizer=lambda text: 1)
+        with http_lib.Client(base_url="https://api.example/v1", transport=transport) as http:
+            assert http.post("/chat/completions", json=body).status_code == 200
+            http.post("/chat/completions", json=body)
+
+    result = work.apply()
+    assert result.failed()
+    assert work.limiter.status().in_flight == 0, "the second call's lease was left held"
+    assert 1000 - 120 - 1 <= _level(work.limiter) <= 1000 - 120 + 10, "20 used, then 100 at the estimate"
+
+
 def test_called_as_a_function_acquires_too(app: Celery, name: str) -> None:
     @rate_limited_task(app, shared=False, budget=Budget(name, tps=100, burst=10), cost=lambda n: n)
     def work(self: Any, n: int) -> int:
@@ -437,6 +491,40 @@ def test_sigterm_in_a_prefork_child_releases_its_leases(redis_url: str, name: st
             assert child.exitcode == -signal.SIGTERM, "the child still dies of the signal"
             assert limiter.status().in_flight == 0, "released at once, not after the 30 s TTL"
             assert limiter_for(budget, redis_url) is parent_limiter, "the child's limiter was its own"
+        finally:
+            if child.is_alive():
+                child.kill()
+                child.join()
+
+
+def _holder_with_the_lock(redis_url: str, budget: Budget, ready: Any) -> None:
+    import xflow_dist.celery as xcelery
+
+    limiter = limiter_for(budget, redis_url)
+    _held.add(limiter.acquire(tokens=100, timeout=10))
+    _on_process_init()
+    with xcelery._lock:  # the main thread is inside limiter_for, say, when the signal comes
+        ready.put(os.getpid())
+        time.sleep(60)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_sigterm_while_the_main_thread_holds_the_lock_cannot_deadlock(redis_url: str, name: str) -> None:
+    budget = Budget(name, tps=10, burst=100, max_concurrency=1, lease_ttl=30.0)
+    with Limiter(budget, redis_url) as limiter:
+        ready = _FORK.Queue()
+        child = _FORK.Process(target=_holder_with_the_lock, args=(redis_url, budget, ready))
+        child.start()
+        try:
+            ready.get(timeout=20)
+            assert limiter.status().in_flight == 1
+            assert child.pid is not None
+            os.kill(child.pid, signal.SIGTERM)
+            child.join(timeout=10)  # the handler waits at most 2 s for the release
+            assert child.exitcode == -signal.SIGTERM, "the handler deadlocked on the lock the main thread holds"
+            assert limiter.status().in_flight == 0, "released at once, not after the 30 s TTL"
+            assert 900 - 1 <= _level(limiter) <= 900 + 10, "released at the estimate"
         finally:
             if child.is_alive():
                 child.kill()

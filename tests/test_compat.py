@@ -399,6 +399,113 @@ async def test_leaving_the_block_on_an_error_cancels_its_tasks() -> None:
     assert inspect.getcoroutinestate(never) == inspect.CORO_CLOSED
 
 
+def _tokens_left(status: Any) -> float:
+    assert status.in_flight == 0, "the slot is free again"
+    assert status.tokens_available is not None
+    return float(status.tokens_available)
+
+
+def _shared(redis_url: str, name: str) -> TokenRateScheduler:
+    """600 tokens of credit refilling 10 a second: a level near 400 means one 200-token estimate charged."""
+    return TokenRateScheduler(max_tps=10, burst_ratio=60, max_concurrency=2, redis=redis_url, name=name)
+
+
+async def test_a_task_raising_after_acquire_is_charged_its_estimate(redis_url: str, name: str) -> None:
+    async def call() -> None:
+        raise ValueError("the provider call failed")
+
+    async with _shared(redis_url, name) as s:
+        with pytest.raises(ValueError, match="provider"):
+            await (await s.start_task(call(), estimated_tokens=200))
+        assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
+
+
+async def test_a_task_cancelled_mid_call_by_wait_for_is_charged_its_estimate(redis_url: str, name: str) -> None:
+    running = asyncio.Event()
+
+    async def call() -> None:
+        running.set()
+        await asyncio.Event().wait()  # the provider never answers
+
+    async with _shared(redis_url, name) as s:
+        task = await s.start_task(call(), estimated_tokens=200)
+        await asyncio.wait_for(running.wait(), timeout=10)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(task, timeout=0.05)
+        assert task.cancelled()
+        assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
+
+
+@pytest.mark.parametrize("where", ["pause", "reacquire"])
+async def test_cancelled_inside_auto_backoff_leaves_nothing_held(redis_url: str, name: str, where: str) -> None:
+    """Cancelled during the fleet pause (the failed attempt not yet settled) or while the retry
+    waits for its grant: nothing stays held or queued; the retry is charged nothing."""
+    failed = asyncio.Event()
+
+    @auto_backoff(max_retries=3)
+    async def call() -> None:
+        failed.set()
+        raise RetryException("429", retry_after=30 if where == "pause" else 0)
+
+    async with _shared(redis_url, name) as s:
+        holder = None
+        if where == "reacquire":
+            holder = await s.limiter.acquire(tokens=400)  # with the task's 200, no credit is left for its retry
+        task = await s.start_task(call(), estimated_tokens=200)
+        await asyncio.wait_for(failed.wait(), timeout=10)
+        for _ in range(500):  # bounded: until the pause is on, or the retry is queued
+            status = await s.limiter.status()
+            if (status.cooldown_remaining > 0) if where == "pause" else status.queued == 1:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail(f"never reached the {where}")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        status = await s.limiter.status()
+        assert (status.queued, status.in_flight) == (0, 0 if holder is None else 1)
+        if holder is not None:
+            await holder.cancel()
+            # the failed attempt charged its estimate, the cancelled retry nothing
+            assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
+
+
+async def test_cancelled_while_report_token_usage_settles_the_settle_still_lands(
+    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xflow_dist import AsyncLimiter
+
+    reporting = asyncio.Event()
+    real_run = AsyncLimiter._run
+    stalled: list[str] = []
+
+    async def run(self: AsyncLimiter, op: str, argv: list[str]) -> Any:
+        if op == "settle" and not stalled:  # the first settle hangs before it reaches Redis
+            stalled.append(op)
+            reporting.set()
+            await asyncio.Event().wait()
+        return await real_run(self, op, argv)
+
+    monkeypatch.setattr(AsyncLimiter, "_run", run)
+
+    async def call() -> None:
+        await report_token_usage(50)
+
+    async with _shared(redis_url, name) as s:
+        task = await s.start_task(call(), estimated_tokens=200)
+        await asyncio.wait_for(reporting.wait(), timeout=10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):  # bounded: the settle goes out again in the background
+            status = await s.limiter.status()
+            if status.in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert 550 - 1 <= _tokens_left(status) <= 550 + 10, "settled with the usage reported, not the estimate"
+
+
 # --------------------------------------------------------------------------------------------
 # Bad arguments raise before Redis is touched
 # --------------------------------------------------------------------------------------------

@@ -222,9 +222,10 @@ def test_a_stream_the_caller_drops_unclosed_settles_when_collected(
     lim = Limiter(Budget(name, tpm=60_000, burst=60, max_concurrency=1), redis_url)
     with lim, httpx.Client(transport=RateLimitedTransport(lim), base_url=sim.url) as client:
         reply = client.send(client.build_request("POST", "/v1/chat/completions", json=body), stream=True)
-        next(reply.iter_bytes())
+        chunks = reply.iter_bytes()
+        next(chunks)
         assert lim.status().in_flight == 1
-        del reply  # never closed: the caller just forgets it
+        del reply, chunks  # never closed: the caller just forgets it
         gc.collect()
         assert _wait_until(lambda: lim.status().in_flight == 0)
         assert lim.acquire(tokens=1, timeout=5).release() is not None  # and the slot is usable again

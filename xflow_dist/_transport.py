@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import weakref
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
@@ -24,6 +26,8 @@ from ._router import Call, Router
 from ._tokens import TokenCounter, estimate_messages_tokens, estimate_text_tokens, tiktoken_counter
 
 __all__ = ["AsyncTransportCore", "SyncTransportCore", "estimate_request"]
+
+log = logging.getLogger("xflow_dist")
 
 _PATHS = ("/chat/completions", "/completions", "/embeddings", "/responses")
 
@@ -100,7 +104,9 @@ def _usage(data: bytes) -> int | None:
     if not isinstance(usage, dict) and isinstance(doc.get("response"), dict):
         usage = doc["response"].get("usage")
     total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    return int(total) if isinstance(total, int | float) and not isinstance(total, bool) else None
+    if not isinstance(total, int | float) or isinstance(total, bool) or not math.isfinite(total) or total < 0:
+        return None  # a provider's odd number is no usage: the call settles at its estimate
+    return int(total)
 
 
 class _UsageScanner:
@@ -183,19 +189,47 @@ def _abandon_async(loop: asyncio.AbstractEventLoop, inner: Any, lease: AsyncLeas
     loop.call_soon_threadsafe(spawn)
 
 
+def _quietly(settle: Callable[[], object]) -> None:
+    """Settle on the way out of a failure: a settle that fails too is logged, the first error stands."""
+    try:
+        settle()
+    except Exception as exc:  # the caller gets the error that ended the call
+        log.warning("could not settle a lease after a failed call (it expires with its TTL): %r", exc)
+
+
+async def _aquietly(settle: Awaitable[object]) -> None:
+    try:
+        await settle
+    except Exception as exc:
+        log.warning("could not settle a lease after a failed call (it expires with its TTL): %r", exc)
+
+
 class _SyncLeased:
+    """The reply's stream, holding its lease: the lease settles when the stream ends — read to the
+    end, failed (a read error), left (the caller stopped iterating), closed, or collected."""
+
     def __init__(self, inner: Any, lease: Lease, response: Any) -> None:
         self._inner, self._lease = inner, lease
         self._kwargs = _settle_kwargs(response, None)
         self._scan = _UsageScanner()
+        self._closed = False
         self._abandoned = weakref.finalize(self, _abandon_sync, inner, lease, self._kwargs)
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._inner:
-            self._scan.feed(chunk)
-            yield chunk
+        # An iteration, once over, cannot resume (httpx refuses to read a stream twice): settle now.
+        try:
+            for chunk in self._inner:
+                self._scan.feed(chunk)
+                yield chunk
+        except BaseException:  # a read error, or the caller left (GeneratorExit): keep its exception
+            _quietly(self.close)
+            raise
+        self.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._abandoned.detach()
         try:
             self._inner.close()
@@ -204,19 +238,30 @@ class _SyncLeased:
 
 
 class _AsyncLeased:
+    """As ``_SyncLeased``; a cancelled iteration settles too (the settle outlives a second cancel)."""
+
     def __init__(self, inner: Any, lease: AsyncLease, response: Any) -> None:
         self._inner, self._lease = inner, lease
         self._kwargs = _settle_kwargs(response, None)
         self._scan = _UsageScanner()
+        self._closed = False
         loop = asyncio.get_running_loop()
         self._abandoned = weakref.finalize(self, _abandon_async, loop, inner, lease, self._kwargs)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            self._scan.feed(chunk)
-            yield chunk
+        try:
+            async for chunk in self._inner:
+                self._scan.feed(chunk)
+                yield chunk
+        except BaseException:  # a read error, a cancellation, or the caller left
+            await _aquietly(self.aclose())
+            raise
+        await self.aclose()
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._abandoned.detach()
         try:
             await self._inner.aclose()
@@ -347,6 +392,43 @@ class _TransportCore(Generic[L]):
         return limiter, _call_flow(self.http, request, body, tokens, self.max_retries)
 
 
+class _Holding:
+    """What the driver must give back if the call ends by an exception: the lease the flow was
+    granted and has neither settled nor handed to a stream, and the reply it got for it, if any."""
+
+    __slots__ = ("lease", "response")
+
+    def __init__(self) -> None:
+        self.lease: Any = None
+        self.response: Any = None
+
+    def saw(self, step: _Step, result: Any) -> None:
+        if isinstance(step, _Acquire):
+            self.lease, self.response = result, None
+        elif isinstance(step, _Send):
+            self.response = result
+        elif isinstance(step, _Hold):
+            self.lease = None  # the stream settles it now
+
+    def owed(self, http: Any, step: _Step, exc: BaseException) -> tuple[Any, dict[str, Any] | None]:
+        """The lease to settle and how: None to cancel it (the request surely never left: the
+        connection to the provider could not be made, or no pooled one came free), else the
+        settle's keywords, at the estimate with the reply's headers if one came."""
+        lease = self.lease
+        if lease is None or lease.closed:
+            return None, None
+        if isinstance(step, _Send) and isinstance(exc, _never_sent(http)):
+            return lease, None
+        facts = _settle_kwargs(self.response, None) if self.response is not None else {"actual_tokens": None}
+        return lease, facts
+
+
+@cache
+def _never_sent(http: Any) -> tuple[type[BaseException], ...]:
+    """Errors of sending that mean the request was not written: no connection, none free, a bad URL."""
+    return (http.ConnectError, http.ConnectTimeout, http.PoolTimeout, http.UnsupportedProtocol)
+
+
 class SyncTransportCore(_TransportCore[Limiter]):
     """The blocking transport, for any httpx-like module set as ``http``."""
 
@@ -358,22 +440,28 @@ class SyncTransportCore(_TransportCore[Limiter]):
         if body is None:
             return self._inner.handle_request(request)
         limiter, flow = self._plan(request, body)
+        holding = _Holding()
         step = next(flow)
         try:
             while True:
-                step = flow.send(self._run(limiter, step, request))
+                result = self._run(limiter, step, request)
+                holding.saw(step, result)
+                step = flow.send(result)
         except StopIteration as done:
             return done.value
+        except BaseException as exc:  # any error, KeyboardInterrupt or SystemExit: give the lease back
+            lease, facts = holding.owed(self.http, step, exc)
+            if lease is not None:
+                _quietly(lease.cancel if facts is None else lambda: _settle_sync(lease, facts))
+            raise
+        finally:
+            flow.close()
 
     def _run(self, limiter: Limiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):
             return limiter.acquire(tokens=step.tokens)
         if isinstance(step, _Send):
-            try:
-                return self._inner.handle_request(request)
-            except BaseException:
-                step.lease.release()  # the attempt may have reached the provider: it is charged
-                raise
+            return self._inner.handle_request(request)
         if isinstance(step, _Read):
             try:
                 return step.response.read()
@@ -404,22 +492,28 @@ class AsyncTransportCore(_TransportCore[AsyncLimiter]):
         if body is None:
             return await self._inner.handle_async_request(request)
         limiter, flow = self._plan(request, body)
+        holding = _Holding()
         step = next(flow)
         try:
             while True:
-                step = flow.send(await self._run(limiter, step, request))
+                result = await self._run(limiter, step, request)
+                holding.saw(step, result)
+                step = flow.send(result)
         except StopIteration as done:
             return done.value
+        except BaseException as exc:  # a cancellation too: the settle runs (and survives a second cancel)
+            lease, facts = holding.owed(self.http, step, exc)
+            if lease is not None:
+                await _aquietly(lease.cancel() if facts is None else _settle_async(lease, facts))
+            raise
+        finally:
+            flow.close()
 
     async def _run(self, limiter: AsyncLimiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):
             return await limiter.acquire(tokens=step.tokens)
         if isinstance(step, _Send):
-            try:
-                return await self._inner.handle_async_request(request)
-            except BaseException:
-                await step.lease.release()
-                raise
+            return await self._inner.handle_async_request(request)
         if isinstance(step, _Read):
             try:
                 return await step.response.aread()

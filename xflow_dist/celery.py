@@ -39,6 +39,7 @@ import inspect
 import logging
 import math
 import os
+import select
 import signal
 import threading
 from collections.abc import Callable, Hashable, Mapping
@@ -111,13 +112,13 @@ _held: set[Lease] = set()
 
 def _after_fork_in_child() -> None:
     """A forked child inherits the parent's limiters without their threads: forget them."""
-    global _lock
+    global _lock, _exit_releaser
     _lock = threading.Lock()
     _limiters.clear()
     _held.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    if _exit_releaser is not None:
+        _exit_releaser.forget()
+        _exit_releaser = None
 
 
 def limiter_for(budget: Budget, redis: RedisLike, cooldown: CooldownPolicy | None = None) -> Limiter:
@@ -130,27 +131,72 @@ def limiter_for(budget: Budget, redis: RedisLike, cooldown: CooldownPolicy | Non
         return limiter
 
 
+def _release(leases: list[Lease]) -> None:
+    for lease in leases:
+        try:
+            lease.release()
+        except XflowError as exc:
+            log.warning("could not release lease %s at exit: %s", lease.id, exc)
+
+
 def _release_held(timeout: float) -> None:
     """Settle every lease this process holds at its estimate, within ``timeout`` seconds.
 
-    Runs in a thread of its own: a signal handler may have interrupted the main thread inside the
-    Redis client, holding its locks; then the thread gives up and the leases expire with their TTL.
+    Takes no lock here (``set.copy`` is one step under the GIL) and releases from a thread of its
+    own: if the Redis client is stuck or its locks are taken, the thread gives up at ``timeout``
+    and the leases expire with their TTL.
     """
-    with _lock:
-        leases = list(_held)
-    if not leases:
-        return
+    leases = list(_held.copy())
+    if leases:
+        worker = threading.Thread(target=_release, args=(leases,), name="xflow-release", daemon=True)
+        worker.start()
+        worker.join(timeout)
 
-    def release() -> None:
-        for lease in leases:
-            try:
-                lease.release()
-            except XflowError as exc:
-                log.warning("could not release lease %s at exit: %s", lease.id, exc)
 
-    worker = threading.Thread(target=release, name="xflow-release", daemon=True)
-    worker.start()
-    worker.join(timeout)
+class _ExitReleaser:
+    """A thread, started before any signal can come, that releases the held leases when asked.
+
+    A signal handler runs in the main thread between two of its bytecodes, perhaps while that
+    thread holds a lock, ours or any other (``threading`` takes one to start a thread). So the
+    handler takes none: it writes a byte to a pipe and polls another for the answer, system calls
+    that lock nothing and that a second signal may interrupt and re-enter safely.
+    """
+
+    def __init__(self) -> None:
+        self._ask_r, self._ask_w = os.pipe()
+        self._done_r, self._done_w = os.pipe()
+        for fd in (self._ask_w, self._done_r, self._done_w):
+            os.set_blocking(fd, False)  # a write never blocks; an answer is polled for
+        self._thread = threading.Thread(target=self._serve, name="xflow-exit-release", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while os.read(self._ask_r, 1):
+            _release(list(_held.copy()))
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._done_w, b"\0")
+
+    def release(self, timeout: float) -> bool:
+        """From a signal handler: have the held leases released; True if done within ``timeout``."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._ask_w, b"\0")
+        poller = select.poll()
+        poller.register(self._done_r, select.POLLIN)
+        if not poller.poll(timeout * 1000):  # PEP 475: resumed, with the time left, after a signal
+            return False
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._done_r, 64)
+        return True
+
+    def forget(self) -> None:
+        """In a forked child: the thread did not come along; close the inherited pipes."""
+        for fd in (self._ask_r, self._ask_w, self._done_r, self._done_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+_exit_releaser: _ExitReleaser | None = None
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _close_all() -> None:
@@ -165,7 +211,9 @@ def _close_all() -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    _release_held(timeout=2.0)
+    releaser = _exit_releaser
+    if releaser is not None:
+        releaser.release(timeout=2.0)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)  # die of the signal, exactly as without this handler
 
@@ -173,6 +221,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def _on_process_init(**_: Any) -> None:
     # Prefork children only (this signal is sent nowhere else): Celery resets SIGTERM to its
     # default there, so a terminated child would die holding its leases.
+    global _exit_releaser
+    if _exit_releaser is None:
+        _exit_releaser = _ExitReleaser()
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
@@ -337,29 +388,30 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             finally:
                 self.pop_request()
         limiter = self.limiter
-        lease = self._admit(limiter, self._price("cost", args, kwargs), self._price("requests", args, kwargs))
         request = self.request
+        lease: Lease | None = None
+        run: _Run | None = None
         try:
-            with _lock:
-                _held.add(lease)
+            lease = self._admit(limiter, self._price("cost", args, kwargs), self._price("requests", args, kwargs))
             run = _Run(limiter, lease)
+            _held.add(lease)  # one step under the GIL: no lock, which a signal handler could find taken
             request.xflow_run = run  # the body's context is a copy of this one: it sees the same run
             result = super().__call__(*args, **kwargs)
         except BaseException as exc:
-            found = _throttled(exc, self._policy().rate_limit_errors)
-            if found is not None:
+            found = _throttled(exc, self._policy().rate_limit_errors) if run is not None else None
+            if run is not None and found is not None:
                 self._after_429(run, found, exc)  # raises Retry, or exc itself once out of retries
             raise
         else:
-            self._settle(lease, result)
+            self._settle(run.lease, result)
             return result
         finally:
-            with _lock:
+            if lease is not None:
                 _held.discard(lease)
-            try:
-                lease.release()  # at the estimate, unless the body or _settle settled it already
-            except XflowError as exc:
-                log.warning("could not release lease %s (it expires with its TTL): %s", lease.id, exc)
+                try:
+                    lease.release()  # at the estimate, unless the body or _settle settled it already
+                except XflowError as exc:
+                    log.warning("could not release lease %s (it expires with its TTL): %s", lease.id, exc)
             request.xflow_run = None
 
     def _policy(self) -> TaskPolicy:
