@@ -7,10 +7,13 @@
 -- ARGV[13] quiet period, seconds after a pause ends within which another 429 counts as a repeat
 -- ARGV[14] jitter fraction: the pause is lengthened by up to this share of itself
 -- ARGV[15] jitter draw in [0, 1), chosen by the caller (scripts stay deterministic)
+-- ARGV[16] max pause, seconds (finite, more than zero): no pause this call sets is longer, retry-after
+--          and jitter included
 --
--- The pause honours retry-after as given for a first 429 and backs off exponentially from `base`
--- when 429s repeat; 429s of calls sent before the pause began do not count as repeats; jitter only
--- ever lengthens it; an existing longer pause is never shortened. Nothing is granted before it ends.
+-- The pause honours retry-after as given for a first 429 (up to the max pause) and backs off
+-- exponentially from `base` when 429s repeat; 429s of calls sent before the pause began do not count
+-- as repeats; jitter only ever lengthens it; an existing longer pause is never shortened (only
+-- clear_cooldown.lua ends one early). Nothing is granted before it ends.
 -- A 429 means the provider's bucket is empty now: both buckets drop to zero credit now and refill
 -- during the pause, so that dispatch resumes paced (the refill, then the rate), not as a herd.
 --
@@ -22,6 +25,10 @@ local MAX_BACKOFF = tonumber(ARGV[12])
 local QUIET = tonumber(ARGV[13])
 local JITTER = tonumber(ARGV[14])
 local DRAW = tonumber(ARGV[15])
+local MAX_PAUSE = tonumber(ARGV[16])
+if not MAX_PAUSE or MAX_PAUSE ~= MAX_PAUSE or MAX_PAUSE <= 0 or MAX_PAUSE == math.huge then
+  return redis.error_reply('ERR xflow cooldown: ARGV[16] (max pause) must be finite seconds, more than zero')
+end
 
 reap()
 local st = load_state()
@@ -35,7 +42,7 @@ local backoff = 0
 if RETRY_AFTER < 0 or level > 0 then
   backoff = math.min(MAX_BACKOFF, BASE * 2 ^ level)
 end
-local pause = math.max(RETRY_AFTER, backoff) * (1 + JITTER * DRAW)
+local pause = math.min(MAX_PAUSE, math.max(RETRY_AFTER, backoff) * (1 + JITTER * DRAW))
 st.cu = math.max(st.cu, NOW + pause)
 if RATE_REQ > 0 then
   st.rt = math.max(st.rt, NOW + BURST_REQ)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from ._exceptions import ConfigurationError, InvalidCostError
 from ._headers import LimitFacts
 
 L = TypeVar("L")
+
+log = logging.getLogger("xflow_dist")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ class LimiterBase:
         self.ticket_ttl = ttl or budget.lease_ttl
         self._keys = keys(budget)
         self._budget_args = budget_args(budget)
+        self._warned_capped = False
 
     def _argv(self, argv: list[str]) -> list[str]:
         return self._budget_args + argv
@@ -154,7 +158,20 @@ class LimiterBase:
         return settle_args(lease_id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens)
 
     def _cooldown_args(self, retry_after: float | None) -> list[str]:
-        return cooldown_args(self.cooldown_policy, validate_retry_after(self.budget, retry_after))
+        """The script's arguments, a retry-after beyond the policy's ``max_pause`` capped to it
+        (said once per limiter at warning, then at debug: a fleet may see it on every 429)."""
+        retry_after = validate_retry_after(self.budget, retry_after)
+        cap = self.cooldown_policy.max_pause
+        if retry_after is not None and retry_after > cap:
+            level = logging.DEBUG if self._warned_capped else logging.WARNING
+            self._warned_capped = True
+            log.log(
+                level,
+                "budget %s: the provider asked for a %.0fs pause; capped at max_pause=%gs (CooldownPolicy)",
+                self.budget.name, retry_after, cap,
+            )  # fmt: skip
+            retry_after = cap
+        return cooldown_args(self.cooldown_policy, retry_after)
 
     def _refused(self, reply: AcquireReply, requests: float, tokens: float) -> Decision[L]:
         if reply.kind == "too_large":

@@ -117,7 +117,7 @@ def settle_args(
 
 
 def cooldown_args(policy: CooldownPolicy, retry_after: float | None, draw: float | None = None) -> list[str]:
-    """ARGV[10..15] of ``cooldown.lua``; the jitter draw is made here so scripts stay deterministic."""
+    """ARGV[10..16] of ``cooldown.lua``; the jitter draw is made here so scripts stay deterministic."""
     return [
         "-1" if retry_after is None else _num(retry_after),
         _num(policy.base),
@@ -125,6 +125,7 @@ def cooldown_args(policy: CooldownPolicy, retry_after: float | None, draw: float
         _num(policy.quiet),
         _num(policy.jitter),
         _num(random.random() if draw is None else draw),
+        _num(policy.max_pause),
     ]
 
 

@@ -70,6 +70,7 @@ class CooldownSettings(BaseModel):
     max_backoff: float = 60.0
     quiet: float = 10.0
     jitter: float = 0.1
+    max_pause: float = 300.0
 
     @model_validator(mode="after")
     def _valid(self) -> CooldownSettings:
@@ -77,7 +78,9 @@ class CooldownSettings(BaseModel):
         return self
 
     def to_policy(self) -> CooldownPolicy:
-        return CooldownPolicy(base=self.base, max_backoff=self.max_backoff, quiet=self.quiet, jitter=self.jitter)
+        return CooldownPolicy(
+            base=self.base, max_backoff=self.max_backoff, quiet=self.quiet, jitter=self.jitter, max_pause=self.max_pause
+        )
 
 
 class CelerySettings(BaseModel):
