@@ -259,6 +259,11 @@ class AsyncLimiter(LimiterBase):
         """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
         return decode_cooldown(await self._run("cooldown", self._cooldown_args(retry_after)))
 
+    async def clear_cooldown(self) -> CooldownReply:
+        """End the fleet-wide pause now and reset its backoff; the buckets stay as the 429 left them,
+        so dispatch resumes paced. Returns the pause that was ended (``remaining`` 0: none)."""
+        return self._cleared(await self._run("clear_cooldown", []))
+
     async def status(self) -> Status:
         """A read-only snapshot: levels, leases in flight, queue, cooldown."""
         return decode_status(self.budget, await self._run("status", []))

@@ -11,9 +11,11 @@ from typing import Generic, TypeVar
 from ._budget import Budget, CooldownPolicy
 from ._core import (
     AcquireReply,
+    CooldownReply,
     acquire_args,
     budget_args,
     cooldown_args,
+    decode_clear_cooldown,
     keys,
     settle_args,
     too_large_error,
@@ -172,6 +174,13 @@ class LimiterBase:
             )  # fmt: skip
             retry_after = cap
         return cooldown_args(self.cooldown_policy, retry_after)
+
+    def _cleared(self, raw: object) -> CooldownReply:
+        """The reply of ``clear_cooldown.lua``: the pause it ended."""
+        reply = decode_clear_cooldown(raw)
+        if reply.remaining > 0:
+            log.info("budget %s: cooldown cleared %.3fs early", self.budget.name, reply.remaining)
+        return reply
 
     def _refused(self, reply: AcquireReply, requests: float, tokens: float) -> Decision[L]:
         if reply.kind == "too_large":

@@ -236,6 +236,15 @@ def decode_cooldown(raw: Any) -> CooldownReply:
     return CooldownReply(float(until), float(now), int(level))
 
 
+def decode_clear_cooldown(raw: Any) -> CooldownReply:
+    """The pause ``clear_cooldown.lua`` ended, as it stood: ``remaining`` is what was cut short
+    (0: there was none)."""
+    kind, until, now, level = _strings(raw, 4, "clear_cooldown")[:4]
+    if kind != "cleared":
+        raise BackendError(f"unexpected reply from clear_cooldown: {raw!r}")
+    return CooldownReply(float(until), float(now), int(level))
+
+
 @dataclass(frozen=True, slots=True)
 class Status:
     """A snapshot of one budget. A level below zero is debt left by a cost above the burst credit.

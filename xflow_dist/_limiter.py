@@ -244,6 +244,11 @@ class Limiter(LimiterBase):
         """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
         return decode_cooldown(self._run("cooldown", self._cooldown_args(retry_after)))
 
+    def clear_cooldown(self) -> CooldownReply:
+        """End the fleet-wide pause now and reset its backoff; the buckets stay as the 429 left them,
+        so dispatch resumes paced. Returns the pause that was ended (``remaining`` 0: none)."""
+        return self._cleared(self._run("clear_cooldown", []))
+
     def status(self) -> Status:
         """A read-only snapshot: levels, leases in flight, queue, cooldown."""
         return decode_status(self.budget, self._run("status", []))

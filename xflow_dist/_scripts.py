@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-OPS = ("acquire", "cancel", "cooldown", "extend", "settle", "status")
+OPS = ("acquire", "cancel", "clear_cooldown", "cooldown", "extend", "settle", "status")
 
 
 def lua_dir() -> Path:
