@@ -13,6 +13,7 @@ from ._exceptions import (
     CostTooLargeError,
     InvalidCostError,
     NoRouteError,
+    QuotaExhaustedError,
     XflowError,
 )
 from ._headers import LimitFacts, parse_limit_headers, parse_retry_after
@@ -37,6 +38,7 @@ __all__ = [
     "LimitFacts",
     "Limiter",
     "NoRouteError",
+    "QuotaExhaustedError",
     "SettleReply",
     "Status",
     "XflowError",

@@ -7,6 +7,7 @@
     │   └── CostTooLargeError     a cost no bucket of the budget can ever hold
     ├── AcquireTimeout            no grant before the deadline (also a TimeoutError)
     ├── BackendError              Redis failed or could not be reached
+    ├── QuotaExhaustedError       a 429 that means the account's quota (billing) is spent, not its rate
     ├── RetryException            raised by a call to have compat's auto_backoff retry it
     ├── OutsideTaskError          report_token_usage outside a compat task (also a RuntimeError)
     └── InvalidTaskError          not a coroutine where compat must own one (also a TypeError)
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidTaskError",
     "NoRouteError",
     "OutsideTaskError",
+    "QuotaExhaustedError",
     "RetryException",
     "XflowError",
 ]
@@ -60,6 +62,16 @@ class AcquireTimeout(XflowError, TimeoutError):
 
 class BackendError(XflowError):
     """Redis failed, was unreachable, or answered something unexpected."""
+
+
+class QuotaExhaustedError(XflowError):
+    """The provider refused a call because the account's quota is spent (OpenAI's 429 with code
+    ``insufficient_quota``): waiting cannot help, so the call is not retried and the fleet is not
+    paused. ``provider_message`` is the provider's own words."""
+
+    def __init__(self, message: str, *, budget: str | None = None, provider_message: str = "") -> None:
+        super().__init__(message, budget=budget)
+        self.provider_message = provider_message or message
 
 
 class NoRouteError(ConfigurationError):
