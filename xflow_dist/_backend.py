@@ -16,6 +16,7 @@ import redis.asyncio.cluster
 import redis.cluster
 
 from ._exceptions import ConfigurationError
+from ._redact import redact_url
 
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
@@ -42,10 +43,28 @@ _POOL: dict[str, Any] = {"max_connections": 64, "timeout": None}
 
 
 def _check_url(url: str) -> str:
-    scheme = urlsplit(url).scheme
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: it does not parse") from None
     if scheme not in ("redis", "rediss", "unix", "memory"):
-        raise ConfigurationError(f"redis must be a redis://, rediss://, unix:// or memory:// URL, not {url!r}")
+        raise ConfigurationError(
+            f"redis must be a redis://, rediss://, unix:// or memory:// URL, not {redact_url(url)!r}"
+        )
     return scheme
+
+
+def _pool(cls: Any, url: str) -> Any:
+    """A blocking pool for ``url``; a URL redis-py cannot read is a ConfigurationError that shows it
+    with its password masked (redis-py's own ValueError may quote a piece of it)."""
+    try:
+        return cls.from_url(url, **_POOL)
+    except ValueError as exc:
+        # not redis-py's message: it may quote a piece of a password that holds an unencoded "@" or "/"
+        raise ConfigurationError(
+            f"bad Redis URL {redact_url(url)!r}: check its port and database number, and percent-encode "
+            f"the password ({type(exc).__name__})"
+        ) from None
 
 
 def sync_client(target: RedisLike) -> tuple[SyncClient, bool]:
@@ -57,7 +76,7 @@ def sync_client(target: RedisLike) -> tuple[SyncClient, bool]:
             return fakeredis.FakeRedis(server=_memory_server(target)), True
         # a blocking pool: callers beyond max_connections wait for a connection instead of failing
         # (redis-py's default pool raises past 100, which a busy process reaches at once)
-        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(target, **_POOL)), True
+        return redis.Redis.from_pool(_pool(redis.BlockingConnectionPool, target)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         raise ConfigurationError("Limiter needs a sync redis.Redis; use AsyncLimiter for asyncio")
     if isinstance(target, redis.Redis | redis.cluster.RedisCluster):
@@ -72,7 +91,7 @@ def async_client(target: RedisLike) -> tuple[AsyncClient, bool]:
             import fakeredis
 
             return fakeredis.FakeAsyncRedis(server=_memory_server(target)), True
-        return redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(target, **_POOL)), True
+        return redis.asyncio.Redis.from_pool(_pool(redis.asyncio.BlockingConnectionPool, target)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         return target, False
     if isinstance(target, redis.Redis | redis.cluster.RedisCluster):
