@@ -7,10 +7,13 @@
 -- ARGV[13] quiet period, seconds after a pause ends within which another 429 counts as a repeat
 -- ARGV[14] jitter fraction: the pause is lengthened by up to this share of itself
 -- ARGV[15] jitter draw in [0, 1), chosen by the caller (scripts stay deterministic)
+-- ARGV[16] max pause, seconds (finite, more than zero): no pause this call sets is longer, retry-after
+--          and jitter included
 --
--- The pause honours retry-after as given for a first 429 and backs off exponentially from `base`
--- when 429s repeat; 429s of calls sent before the pause began do not count as repeats; jitter only
--- ever lengthens it; an existing longer pause is never shortened. Nothing is granted before it ends.
+-- The pause honours retry-after as given for a first 429 (up to the max pause) and backs off
+-- exponentially from `base` when 429s repeat; 429s of calls sent before the pause began do not count
+-- as repeats; jitter only ever lengthens it; an existing longer pause is never shortened (only
+-- clear_cooldown.lua ends one early). Nothing is granted before it ends.
 -- A 429 means the provider's bucket is empty now: both buckets drop to zero credit now and refill
 -- during the pause, so that dispatch resumes paced (the refill, then the rate), not as a herd.
 --
@@ -25,11 +28,12 @@ local A, REFUSED = operation_args({
   {'quiet period', SECONDS},
   {'jitter fraction', FACTOR},
   {'jitter draw', DRAW},
+  {'max pause', POSITIVE_SECONDS},
 })
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
-local RETRY_AFTER, BASE, MAX_BACKOFF, QUIET, JITTER, DRAW = unpack(A)
+local RETRY_AFTER, BASE, MAX_BACKOFF, QUIET, JITTER, DRAW, MAX_PAUSE = unpack(A)
 
 reap()
 local st = load_state()
@@ -43,7 +47,7 @@ local backoff = 0
 if RETRY_AFTER < 0 or level > 0 then
   backoff = math.min(MAX_BACKOFF, BASE * 2 ^ level)
 end
-local pause = math.max(RETRY_AFTER, backoff) * (1 + JITTER * DRAW)
+local pause = math.min(MAX_PAUSE, math.max(RETRY_AFTER, backoff) * (1 + JITTER * DRAW))
 st.cu = math.max(st.cu, NOW + pause)
 if RATE_REQ > 0 then
   st.rt = math.max(st.rt, NOW + BURST_REQ)

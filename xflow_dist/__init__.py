@@ -14,6 +14,7 @@ from ._exceptions import (
     CostTooLargeError,
     InvalidCostError,
     NoRouteError,
+    QuotaExhaustedError,
     ScriptArgumentError,
     XflowError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "LimitFacts",
     "Limiter",
     "NoRouteError",
+    "QuotaExhaustedError",
     "ScriptArgumentError",
     "SettleReply",
     "Status",

@@ -361,6 +361,10 @@ class AsyncLimiter(LimiterBase):
         except BaseException:
             self._adopt(old)
             raise
+    async def clear_cooldown(self) -> CooldownReply:
+        """End the fleet-wide pause now and reset its backoff; the buckets stay as the 429 left them,
+        so dispatch resumes paced. Returns the pause that was ended (``remaining`` 0: none)."""
+        return self._cleared(await self._run("clear_cooldown", []))
 
     async def status(self) -> Status:
         """A read-only snapshot: levels, leases in flight, queue, cooldown."""

@@ -19,6 +19,7 @@ import redis.cluster
 import redis.retry
 
 from ._exceptions import ConfigurationError
+from ._redact import redact_url
 
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
@@ -62,10 +63,28 @@ def _pool_options(io_timeout: float, retry: Any) -> dict[str, Any]:
 
 
 def _check_url(url: str) -> str:
-    scheme = urlsplit(url).scheme
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: it does not parse") from None
     if scheme not in ("redis", "rediss", "unix", "memory"):
-        raise ConfigurationError(f"redis must be a redis://, rediss://, unix:// or memory:// URL, not {url!r}")
+        raise ConfigurationError(
+            f"redis must be a redis://, rediss://, unix:// or memory:// URL, not {redact_url(url)!r}"
+        )
     return scheme
+
+
+def _pool(cls: Any, url: str, options: dict[str, Any]) -> Any:
+    """A blocking pool for ``url``; a URL redis-py cannot read is a ConfigurationError that shows it
+    with its password masked (redis-py's own ValueError may quote a piece of it)."""
+    try:
+        return cls.from_url(url, **options)
+    except ValueError as exc:
+        # not redis-py's message: it may quote a piece of a password that holds an unencoded "@" or "/"
+        raise ConfigurationError(
+            f"bad Redis URL {redact_url(url)!r}: check its port and database number, and percent-encode "
+            f"the password ({type(exc).__name__})"
+        ) from None
 
 
 def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[SyncClient, bool]:
@@ -78,7 +97,7 @@ def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Sync
         # a blocking pool: callers beyond max_connections wait for a connection instead of failing
         # (redis-py's default pool raises past 100, which a busy process reaches at once)
         options = _pool_options(io_timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0))
-        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(target, **options)), True
+        return redis.Redis.from_pool(_pool(redis.BlockingConnectionPool, target, options)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         raise ConfigurationError("Limiter needs a sync redis.Redis; use AsyncLimiter for asyncio")
     if isinstance(target, redis.Redis | redis.cluster.RedisCluster):
@@ -94,7 +113,7 @@ def async_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Asy
 
             return fakeredis.FakeAsyncRedis(server=_memory_server(target)), True
         options = _pool_options(io_timeout, redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
-        return redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(target, **options)), True
+        return redis.asyncio.Redis.from_pool(_pool(redis.asyncio.BlockingConnectionPool, target, options)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         return target, False
     if isinstance(target, redis.Redis | redis.cluster.RedisCluster):

@@ -17,9 +17,11 @@ from ._backend import IO_TIMEOUT
 from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy
 from ._core import (
     AcquireReply,
+    CooldownReply,
     acquire_args,
     budget_args,
     cooldown_args,
+    decode_clear_cooldown,
     keys,
     settle_args,
     too_large_error,
@@ -128,6 +130,7 @@ class LimiterBase:
         self.ticket_ttl = ttl or budget.lease_ttl
         self._keys = keys(budget)
         self._budget_args = budget_args(budget)
+        self._warned_capped = False
 
     def _argv(self, argv: list[str]) -> list[str]:
         return self._budget_args + argv
@@ -222,7 +225,27 @@ class LimiterBase:
         return settle_args(lease_id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens)
 
     def _cooldown_args(self, retry_after: float | None) -> list[str]:
-        return cooldown_args(self.cooldown_policy, validate_retry_after(self.budget, retry_after))
+        """The script's arguments, a retry-after beyond the policy's ``max_pause`` capped to it
+        (said once per limiter at warning, then at debug: a fleet may see it on every 429)."""
+        retry_after = validate_retry_after(self.budget, retry_after)
+        cap = self.cooldown_policy.max_pause
+        if retry_after is not None and retry_after > cap:
+            level = logging.DEBUG if self._warned_capped else logging.WARNING
+            self._warned_capped = True
+            log.log(
+                level,
+                "budget %s: the provider asked for a %.0fs pause; capped at max_pause=%gs (CooldownPolicy)",
+                self.budget.name, retry_after, cap,
+            )  # fmt: skip
+            retry_after = cap
+        return cooldown_args(self.cooldown_policy, retry_after)
+
+    def _cleared(self, raw: object) -> CooldownReply:
+        """The reply of ``clear_cooldown.lua``: the pause it ended."""
+        reply = decode_clear_cooldown(raw)
+        if reply.remaining > 0:
+            log.info("budget %s: cooldown cleared %.3fs early", self.budget.name, reply.remaining)
+        return reply
 
     def _refused(self, reply: AcquireReply, requests: float, tokens: float) -> Decision[L]:
         if reply.kind == "too_large":

@@ -124,19 +124,26 @@ class CooldownPolicy:
     """How the fleet pauses after a 429.
 
     A first 429 pauses exactly the provider's retry-after (or ``base`` seconds without one);
-    a 429 within ``quiet`` seconds after a pause ends doubles the pause, up to ``max_backoff``
-    (a provider's retry-after is always honoured in full). ``jitter`` lengthens, never shortens.
+    a 429 within ``quiet`` seconds after a pause ends doubles the pause, up to ``max_backoff``.
+    ``jitter`` lengthens, never shortens. No pause, retry-after and jitter included, is ever longer
+    than ``max_pause``: per-minute providers ask for a minute at most, so a longer retry-after is a
+    daily quota or a confused proxy, and it should not stop a whole fleet for hours.
     """
 
     base: float = 1.0
     max_backoff: float = 60.0
     quiet: float = 10.0
     jitter: float = 0.1
+    max_pause: float = 300.0
 
     def __post_init__(self) -> None:
-        for key in ("base", "max_backoff"):
+        for key in ("base", "max_backoff", "max_pause"):
             _positive(None, key, getattr(self, key))
         for key in ("quiet", "jitter"):
             _positive(None, key, getattr(self, key), zero_ok=True)
         if self.max_backoff < self.base:
             raise ConfigurationError("max_backoff must be at least base")
+        if self.max_pause < self.max_backoff:
+            raise ConfigurationError(
+                f"max_pause ({self.max_pause:g}s) must be at least max_backoff ({self.max_backoff:g}s)"
+            )

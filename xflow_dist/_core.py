@@ -127,7 +127,7 @@ def settle_args(
 
 
 def cooldown_args(policy: CooldownPolicy, retry_after: float | None, draw: float | None = None) -> list[str]:
-    """ARGV[10..15] of ``cooldown.lua``; the jitter draw is made here so scripts stay deterministic."""
+    """ARGV[10..16] of ``cooldown.lua``; the jitter draw is made here so scripts stay deterministic."""
     return [
         "-1" if retry_after is None else _num(retry_after),
         _num(policy.base),
@@ -135,6 +135,7 @@ def cooldown_args(policy: CooldownPolicy, retry_after: float | None, draw: float
         _num(policy.quiet),
         _num(policy.jitter),
         _num(random.random() if draw is None else draw),
+        _num(policy.max_pause),
     ]
 
 
@@ -300,6 +301,15 @@ class CooldownReply:
 
 def decode_cooldown(raw: Any) -> CooldownReply:
     _, until, now, level = _strings(raw, 4, "cooldown")[:4]
+    return CooldownReply(float(until), float(now), int(level))
+
+
+def decode_clear_cooldown(raw: Any) -> CooldownReply:
+    """The pause ``clear_cooldown.lua`` ended, as it stood: ``remaining`` is what was cut short
+    (0: there was none)."""
+    kind, until, now, level = _strings(raw, 4, "clear_cooldown")[:4]
+    if kind != "cleared":
+        raise BackendError(f"unexpected reply from clear_cooldown: {raw!r}")
     return CooldownReply(float(until), float(now), int(level))
 
 

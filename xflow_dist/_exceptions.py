@@ -9,6 +9,7 @@
     ├── ScriptArgumentError       a Lua script refused its arguments, changing nothing (also a ValueError)
     ├── AcquireTimeout            no grant before the deadline (also a TimeoutError)
     ├── BackendError              Redis failed or could not be reached
+    ├── QuotaExhaustedError       a 429 that means the account's quota (billing) is spent, not its rate
     ├── RetryException            raised by a call to have compat's auto_backoff retry it
     ├── OutsideTaskError          report_token_usage outside a compat task (also a RuntimeError)
     └── InvalidTaskError          not a coroutine where compat must own one (also a TypeError)
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidTaskError",
     "NoRouteError",
     "OutsideTaskError",
+    "QuotaExhaustedError",
     "RetryException",
     "ScriptArgumentError",
     "XflowError",
@@ -85,6 +87,14 @@ class ScriptArgumentError(XflowError, ValueError):
     The Python side checks the same bounds first, so this means a caller that bypassed them (the
     scripts are an interface of their own, see docs/lua.md) or a bug worth reporting.
     """
+class QuotaExhaustedError(XflowError):
+    """The provider refused a call because the account's quota is spent (OpenAI's 429 with code
+    ``insufficient_quota``): waiting cannot help, so the call is not retried and the fleet is not
+    paused. ``provider_message`` is the provider's own words."""
+
+    def __init__(self, message: str, *, budget: str | None = None, provider_message: str = "") -> None:
+        super().__init__(message, budget=budget)
+        self.provider_message = provider_message or message
 
 
 class NoRouteError(ConfigurationError):

@@ -394,6 +394,10 @@ class Limiter(LimiterBase):
         except BaseException:
             self._adopt(old)
             raise
+    def clear_cooldown(self) -> CooldownReply:
+        """End the fleet-wide pause now and reset its backoff; the buckets stay as the 429 left them,
+        so dispatch resumes paced. Returns the pause that was ended (``remaining`` 0: none)."""
+        return self._cleared(self._run("clear_cooldown", []))
 
     def status(self) -> Status:
         """A read-only snapshot: levels, leases in flight, queue, cooldown."""

@@ -22,6 +22,7 @@ from ._async_limiter import AsyncLimiter
 from ._headers import parse_limit_headers, parse_retry_after
 from ._lease import AsyncLease, Lease
 from ._limiter import Limiter
+from ._quota import quota_error, quota_in_body
 from ._router import Call, Router
 from ._tokens import TokenCounter, estimate_messages_tokens, estimate_text_tokens, tiktoken_counter
 
@@ -321,10 +322,11 @@ def _decoded_headers(response: Any) -> list[tuple[bytes, bytes]]:
 
 
 def _call_flow(
-    http: Any, request: Any, body: dict[str, Any], tokens: int, max_retries: int
+    http: Any, request: Any, body: dict[str, Any], tokens: int, max_retries: int, budget: str | None = None
 ) -> Generator[_Step, Any, Any]:
     """One budgeted call: acquire, send, settle; on 429 settle at zero, cool the fleet down and
-    retry within ``max_retries``, each attempt acquiring (and so charged) again."""
+    retry within ``max_retries``, each attempt acquiring (and so charged) again. A 429 that says
+    the quota is exhausted raises ``QuotaExhaustedError`` instead: no pause, no retry."""
     attempt = 0
     while True:
         lease = yield _Acquire(tokens)
@@ -332,6 +334,9 @@ def _call_flow(
         if response.status_code == 429:
             content: bytes = yield _Read(response)
             yield _Settle(lease, _settle_kwargs(response, 0))  # rejected calls use no tokens
+            quota = quota_in_body(content)
+            if quota is not None:
+                raise quota_error(budget, quota)
             yield _Cooldown(parse_retry_after(response.headers))
             if attempt < max_retries:
                 attempt += 1
@@ -389,7 +394,8 @@ class _TransportCore(Generic[L]):
         tokens = estimate_request(
             request.url.path, body, default_max_tokens=self.default_max_tokens, tokenizer=self.tokenizer
         )
-        return limiter, _call_flow(self.http, request, body, tokens, self.max_retries)
+        name = getattr(getattr(limiter, "budget", None), "name", None)
+        return limiter, _call_flow(self.http, request, body, tokens, self.max_retries, name)
 
 
 class _Holding:

@@ -24,7 +24,9 @@ and a SIGKILLed one's leases expire within the budget's ``lease_ttl``. A provide
 exception with ``status_code`` 429 or a ``response`` whose ``status_code`` is 429, as openai's
 ``RateLimitError`` and httpx's / httpx2's ``HTTPStatusError`` have, or one of
 ``TaskPolicy.rate_limit_errors``) starts the fleet-wide cooldown and retries the task after it;
-those retries do count against ``max_retries``.
+those retries do count against ``max_retries``. A 429 whose body says the account's quota is spent
+(OpenAI's ``insufficient_quota``) neither pauses the fleet nor retries: the task fails with
+``QuotaExhaustedError`` (its cause the provider's exception), its lease settled at zero tokens.
 
 Limiters are made lazily, one per budget in each worker process (after the fork), and closed at
 worker shutdown. Nothing here reads the environment: pass ``Settings`` values in (see
@@ -56,10 +58,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._backend import RedisLike
 from ._budget import Budget, CooldownPolicy
 from ._core import CooldownReply
-from ._exceptions import AcquireTimeout, ConfigurationError, XflowError
+from ._exceptions import AcquireTimeout, ConfigurationError, QuotaExhaustedError, XflowError
 from ._headers import parse_retry_after
 from ._lease import Lease
 from ._limiter import Limiter
+from ._quota import quota_error, quota_in_exception
 
 __all__ = ["RateLimitedTask", "TaskPolicy", "limiter_for", "openai_usage", "rate_limited_task"]
 
@@ -398,6 +401,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             request.xflow_run = run  # the body's context is a copy of this one: it sees the same run
             result = super().__call__(*args, **kwargs)
         except BaseException as exc:
+            quota = quota_in_exception(exc)
+            if quota is not None and run is not None:
+                self._after_quota(run, quota, exc)  # raises QuotaExhaustedError: no pause, no retry
             found = _throttled(exc, self._policy().rate_limit_errors) if run is not None else None
             if run is not None and found is not None:
                 self._after_429(run, found, exc)  # raises Retry, or exc itself once out of retries
@@ -465,6 +471,16 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         finally:
             request.retries += 1
         return retry
+
+    def _after_quota(self, run: _Run, message: str, exc: BaseException) -> None:
+        """Charge the refused call nothing and fail the task: waiting cannot buy quota back."""
+        try:
+            run.lease.report(actual_tokens=0)  # no-op if the transport settled it already
+        except XflowError as err:
+            log.warning("could not settle lease %s (it expires with its TTL): %s", run.lease.id, err)
+        if isinstance(exc, QuotaExhaustedError):
+            raise exc
+        raise quota_error(run.limiter.budget.name, message) from exc
 
     def _after_429(self, run: _Run, found: _Throttled, exc: BaseException) -> None:
         """Charge the refused call nothing, pause the fleet, and retry after the pause (counted)."""

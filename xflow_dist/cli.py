@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
 
+from ._redact import redact_text, redact_url
+
 _NEEDS = "xflow demo needs the demo extra: pip install 'xflow-dist[demo]'"
 
 
@@ -79,7 +81,7 @@ def show_settings(status: bool) -> int:
                 with Limiter(budget, settings.redis_url) as limiter:
                     print(limiter.status())
     except XflowError as exc:
-        print(f"xflow settings: {exc}", file=sys.stderr)
+        print(f"xflow settings: {redact_text(str(exc))}", file=sys.stderr)
         return 2 if not status else 1
     return 0
 
@@ -118,11 +120,11 @@ def demo(args: argparse.Namespace) -> int:
                 redis_url, redis_kind = embedded.url, embedded.kind
             provider = stack.enter_context(simulator_process(limits, latency, seed=args.seed))
         except (XflowError, RuntimeError, OSError) as exc:
-            console.print(f"[red]xflow demo could not start: {exc}[/red]")
+            console.print(f"[red]xflow demo could not start: {redact_text(str(exc))}[/red]")
             return 1
         console.print(
             f"[bold]xflow demo[/bold]: {args.processes} processes x {args.concurrency} workers, {len(jobs)} jobs; "
-            f"provider {provider} ({_limits_text(limits)}); Redis {redis_url} ({redis_kind}); "
+            f"provider {provider} ({_limits_text(limits)}); Redis {redact_url(redis_url)} ({redis_kind}); "
             f"strategy {args.strategy}"
         )
         spec = fleet_spec(
@@ -157,13 +159,16 @@ def demo(args: argparse.Namespace) -> int:
 def _check_redis(url: str) -> None:
     import redis
 
-    from ._exceptions import BackendError
+    from ._exceptions import BackendError, ConfigurationError
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    except ValueError:
+        raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}") from None
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise BackendError(f"cannot reach Redis at {url}: {exc}") from exc
+        raise BackendError(f"cannot reach Redis at {redact_url(url)}: {redact_text(str(exc))}") from exc
     finally:
         client.close()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import urlsplit, urlunsplit
 
 try:
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ._budget import Budget, CooldownPolicy
 from ._exceptions import ConfigurationError
+from ._redact import redact_url
 
 if TYPE_CHECKING:
     from .celery import TaskPolicy
@@ -70,6 +70,7 @@ class CooldownSettings(BaseModel):
     max_backoff: float = 60.0
     quiet: float = 10.0
     jitter: float = 0.1
+    max_pause: float = 300.0
 
     @model_validator(mode="after")
     def _valid(self) -> CooldownSettings:
@@ -77,7 +78,9 @@ class CooldownSettings(BaseModel):
         return self
 
     def to_policy(self) -> CooldownPolicy:
-        return CooldownPolicy(base=self.base, max_backoff=self.max_backoff, quiet=self.quiet, jitter=self.jitter)
+        return CooldownPolicy(
+            base=self.base, max_backoff=self.max_backoff, quiet=self.quiet, jitter=self.jitter, max_pause=self.max_pause
+        )
 
 
 class CelerySettings(BaseModel):
@@ -155,20 +158,26 @@ class Settings(BaseSettings):
         )
 
     def describe(self) -> str:
-        """The effective settings as JSON, passwords masked: safe to print or log."""
-        data = self.model_dump(mode="json")
-        data["redis_url"] = mask_url(self.redis_url)
-        return json.dumps(data, indent=2, sort_keys=True)
+        """The effective settings as JSON, passwords masked in every URL (a worker's broker and
+        result backend too) and secrets as pydantic shows them: safe to print or log."""
+        return json.dumps(_masked(self.model_dump(mode="json")), indent=2, sort_keys=True)
+
+    def __repr_args__(self) -> Any:
+        """``repr`` and ``str`` show URLs with their passwords masked."""
+        for key, value in super().__repr_args__():
+            yield key, redact_url(value) if isinstance(value, str) else value
+
+
+def _masked(data: Any) -> Any:
+    if isinstance(data, str):
+        return redact_url(data)
+    if isinstance(data, dict):
+        return {key: _masked(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_masked(value) for value in data]
+    return data
 
 
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """``url`` with any password replaced by ``***`` (``xflow_dist._redact.redact_url``)."""
+    return redact_url(url)

@@ -27,9 +27,17 @@ from .._async_limiter import AsyncLimiter
 from .._backend import RedisLike, _check_url
 from .._budget import Budget, CooldownPolicy
 from .._core import validate_cost
-from .._exceptions import BackendError, ConfigurationError, InvalidTaskError, OutsideTaskError, RetryException
+from .._exceptions import (
+    BackendError,
+    ConfigurationError,
+    InvalidTaskError,
+    OutsideTaskError,
+    QuotaExhaustedError,
+    RetryException,
+)
 from .._headers import parse_retry_after
 from .._lease import AsyncLease
+from .._quota import quota_error, quota_in_exception
 
 __all__ = [
     "ExecutionContext",
@@ -371,7 +379,9 @@ def auto_backoff(
     (or its response's ``retry-after``), else ``base_retry_after`` doubled per attempt when
     ``exponential``; then the failed attempt is settled at its estimate and the retry acquires
     again, so every attempt is charged. Outside a task started by ``start_task`` it does not
-    retry, as in XtremeFlow: there is no budget to charge.
+    retry, as in XtremeFlow: there is no budget to charge. A 429 whose body says the quota is
+    spent (OpenAI's ``insufficient_quota``) is never retried and pauses nothing: it raises
+    ``QuotaExhaustedError`` from the call's exception.
     """
     types: tuple[type[Exception], ...]
     if retry_for is None:
@@ -401,6 +411,12 @@ def auto_backoff(
                     return await func(*args, **kwargs)
                 except types as exc:
                     ctx = _current.get()
+                    quota = quota_in_exception(exc)
+                    if isinstance(exc, QuotaExhaustedError):
+                        raise
+                    if quota is not None:
+                        budget = ctx.scheduler.budget.name if ctx is not None else None
+                        raise quota_error(budget, quota) from exc
                     if attempt >= max_retries or ctx is None:
                         raise
                     wait = _wait_of(exc)
