@@ -610,7 +610,8 @@ def test_fleet_of_prefork_workers_shares_the_budget_and_survives_a_kill(
     assert admitted >= JOBS
     assert rejected <= 3, f"{rejected} requests answered 429"
     assert stats["peak_in_flight"] <= MAX_CONC
-    with Limiter(Budget(name, rpm=RPM, max_concurrency=MAX_CONC, burst=59.9), redis_url) as limiter:
+    fleet_budget = Budget(name, rpm=RPM, tpm=1_000_000, max_concurrency=MAX_CONC, burst=59.9, lease_ttl=3)
+    with Limiter(fleet_budget, redis_url) as limiter:
         assert limiter.status().in_flight == 0, "the killed node's leases outlived their TTL"
     print(
         f"\ncelery fleet: {JOBS} jobs in {elapsed:.1f}s on 2 nodes x 3 (node 1 SIGKILLed at {killed_at:.1f}s), "
