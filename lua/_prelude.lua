@@ -73,51 +73,62 @@
 local K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local MAX_UNITS, MAX_SECONDS, MIN_RATE, MAX_TEXT = 1e15, 1e9, 1e-6, 256
 
--- A plain decimal within bounds: its value, else nil (tonumber alone takes hex, nan, inf, 1e309).
-local function decimal(s)
-  if type(s) ~= 'string' or #s > 40 or not s:gsub('[eE][%+%-]?%d+$', '', 1):find('^%-?%d*%.?%d*$') then
+-- The kinds of argument, each [lo, hi] (")": hi excluded, "(": lo excluded), with -1 ("unset") or 0
+-- accepted where said; "text" (ids, the channel), "flag".
+local UNITS, UNITS_OR_UNSET, COUNT = 'a number in [0, 1e15]', '-1 or a number in [0, 1e15]', 'a whole number in [0, 1e15]'
+local RATE, LIMIT_OR_UNSET = '0 or a rate in [1e-6, 1e15]', '-1 or a limit in [1e-6, 1e15]'
+local SECONDS, POSITIVE_SECONDS = 'seconds in [0, 1e9]', 'seconds in (0, 1e9]'
+local SECONDS_OR_UNSET, FACTOR, DRAW = '-1 or seconds in [0, 1e9]', 'a number in [0, 1e9]', 'a number in [0, 1)'
+local FLAG = '"0" or "1"'
+local TEXT = '1 to 256 bytes, no space or control character'
+local TEXT_OR_EMPTY = '"" or 1 to 256 bytes, no space or control character'
+local CHECKED = 'checked before' -- a limit the same as the stored one
+
+-- The value of argument `s` of `kind`, or nil. Numbers are plain finite decimals: tonumber alone
+-- would take hex, nan, inf, 1e309 and surrounding spaces.
+local function value_of(kind, s)
+  if kind == CHECKED then
+    return tonumber(s)
+  elseif kind == FLAG then
+    if s == '0' or s == '1' then
+      return s == '1'
+    end
+    return nil
+  elseif kind == TEXT or kind == TEXT_OR_EMPTY then
+    if #s <= MAX_TEXT and (#s > 0 or kind == TEXT_OR_EMPTY) and not s:find('[%s%c]') then
+      return s
+    end
     return nil
   end
   local x = tonumber(s)
-  if x and x == x and x ~= math.huge and x ~= -math.huge then
+  if not x or x ~= x or #s > 40 or s:find('[^%d%.eE%+%-]') then
+    return nil
+  end
+  local ok
+  if kind == UNITS then
+    ok = x >= 0 and x <= MAX_UNITS
+  elseif kind == UNITS_OR_UNSET then
+    ok = x == -1 or (x >= 0 and x <= MAX_UNITS)
+  elseif kind == COUNT then
+    ok = x >= 0 and x <= MAX_UNITS and x == math.floor(x)
+  elseif kind == RATE then
+    ok = x == 0 or (x >= MIN_RATE and x <= MAX_UNITS)
+  elseif kind == LIMIT_OR_UNSET then
+    ok = x == -1 or (x >= MIN_RATE and x <= MAX_UNITS)
+  elseif kind == SECONDS or kind == FACTOR then
+    ok = x >= 0 and x <= MAX_SECONDS
+  elseif kind == POSITIVE_SECONDS then
+    ok = x > 0 and x <= MAX_SECONDS
+  elseif kind == SECONDS_OR_UNSET then
+    ok = x == -1 or (x >= 0 and x <= MAX_SECONDS)
+  elseif kind == DRAW then
+    ok = x >= 0 and x < 1
+  end
+  if ok then
     return x
   end
+  return nil
 end
-
--- The kinds of argument: what is expected, and a check giving the value or nil.
-local function number_kind(what, ok)
-  return {what = what, check = function(s)
-    local x = decimal(s)
-    if x and ok(x) then
-      return x
-    end
-  end}
-end
-local function text_kind(what, empty_ok)
-  return {what = what, check = function(s)
-    if #s <= MAX_TEXT and (empty_ok or #s > 0) and not s:find('[%s%c]') then
-      return s
-    end
-  end}
-end
-local UNITS = number_kind('a number in [0, 1e15]', function(x) return x >= 0 and x <= MAX_UNITS end)
-local UNITS_OR_UNSET = number_kind('-1 or a number in [0, 1e15]',
-  function(x) return x == -1 or (x >= 0 and x <= MAX_UNITS) end)
-local COUNT = number_kind('a whole number in [0, 1e15]',
-  function(x) return x >= 0 and x <= MAX_UNITS and x == math.floor(x) end)
-local RATE = number_kind('0 or a rate in [1e-6, 1e15]',
-  function(x) return x == 0 or (x >= MIN_RATE and x <= MAX_UNITS) end)
-local LIMIT_OR_UNSET = number_kind('-1 or a limit in [1e-6, 1e15]',
-  function(x) return x == -1 or (x >= MIN_RATE and x <= MAX_UNITS) end)
-local SECONDS = number_kind('seconds in [0, 1e9]', function(x) return x >= 0 and x <= MAX_SECONDS end)
-local POSITIVE_SECONDS = number_kind('seconds in (0, 1e9]', function(x) return x > 0 and x <= MAX_SECONDS end)
-local SECONDS_OR_UNSET = number_kind('-1 or seconds in [0, 1e9]',
-  function(x) return x == -1 or (x >= 0 and x <= MAX_SECONDS) end)
-local FACTOR = number_kind('a number in [0, 1e9]', function(x) return x >= 0 and x <= MAX_SECONDS end)
-local DRAW = number_kind('a number in [0, 1)', function(x) return x >= 0 and x < 1 end)
-local FLAG = {what = '"0" or "1"', check = function(s) if s == '0' or s == '1' then return s == '1' end end}
-local TEXT = text_kind('1 to 256 bytes, no space or control character', false)
-local TEXT_OR_EMPTY = text_kind('"" or 1 to 256 bytes, no space or control character', true)
 
 -- ARGV[first..] checked against `spec`, one {name, kind[, value when absent]} per argument in order:
 -- the values, or nil and the refusal. With `more`, arguments may follow (the budget block).
@@ -128,11 +139,11 @@ local function checked(first, spec, more)
     local raw = ARGV[n] or arg[3]
     local value = nil
     if raw then
-      value = arg[2].check(raw)
+      value = value_of(arg[2], raw)
     end
     if value == nil then
       local got = raw and string.format('%q', raw:sub(1, 40)):gsub('%c', '?') or 'nothing'
-      return nil, string.format('XFLOW_BADARG ARGV[%d] %s: got %s, expected %s', n, arg[1], got, arg[2].what)
+      return nil, string.format('XFLOW_BADARG ARGV[%d] %s: got %s, expected %s', n, arg[1], got, arg[2])
     end
     values[i] = value
   end
@@ -143,16 +154,27 @@ local function checked(first, spec, more)
   return values
 end
 
+-- The limits of this call as the state keeps them (`cf`): ARGV[1..6] and ARGV[9] as given, joined
+-- by spaces. Limits the same as the stored ones were checked when they were stored.
+local STORED = redis.call('HGET', K_STATE, 'cf')
+local CONFIG = #ARGV >= 9 and table.concat({ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[9]}, ' ')
+local function limit(kind)
+  if CONFIG and CONFIG == STORED then
+    return CHECKED
+  end
+  return kind
+end
+
 local BLOCK, REFUSAL = checked(1, {
-  {'request rate', RATE},
-  {'request burst', SECONDS},
-  {'token rate', RATE},
-  {'token burst', SECONDS},
-  {'max concurrency', COUNT},
-  {'lease ttl', POSITIVE_SECONDS},
+  {'request rate', limit(RATE)},
+  {'request burst', limit(SECONDS)},
+  {'token rate', limit(RATE)},
+  {'token burst', limit(SECONDS)},
+  {'max concurrency', limit(COUNT)},
+  {'lease ttl', limit(POSITIVE_SECONDS)},
   {'idle grace', SECONDS},
   {'channel', TEXT},
-  {'claim window', POSITIVE_SECONDS},
+  {'claim window', limit(POSITIVE_SECONDS)},
 }, true)
 if REFUSAL then
   return redis.error_reply(REFUSAL)
@@ -160,20 +182,26 @@ end
 local CFG_RATE_REQ, BURST_REQ, CFG_RATE_TOK, BURST_TOK, MAX_CONC, LEASE_TTL, IDLE_GRACE, CHANNEL, CLAIM_WINDOW =
   unpack(BLOCK)
 
--- The limits of this call as the state keeps them (`cf`).
-local CONFIG = string.format('%.17g %.17g %.17g %.17g %.17g %.17g %.17g', CFG_RATE_REQ, BURST_REQ, CFG_RATE_TOK,
-  BURST_TOK, MAX_CONC, LEASE_TTL, CLAIM_WINDOW)
-
 -- The operation arguments ARGV[10..] checked against `spec` (see checked()), then the limits of this
--- call against the stored ones: the values, or nil and the refusal. Reads only.
+-- call against the stored ones, by value: the values, or nil and the refusal. Reads only.
 local function operation_args(spec)
   local values, refusal = checked(10, spec)
   if refusal then
     return nil, refusal
   end
-  local stored = redis.call('HGET', K_STATE, 'cf')
-  if stored and stored ~= CONFIG then
-    return nil, 'XFLOW_CONFLICT stored ' .. stored .. '; given ' .. CONFIG
+  if STORED and STORED ~= CONFIG then
+    local mine = {CFG_RATE_REQ, BURST_REQ, CFG_RATE_TOK, BURST_TOK, MAX_CONC, LEASE_TTL, CLAIM_WINDOW}
+    local n = 0
+    for w in string.gmatch(STORED, '%S+') do
+      n = n + 1
+      if tonumber(w) ~= mine[n] then
+        n = -1
+        break
+      end
+    end
+    if n ~= 7 then
+      return nil, 'XFLOW_CONFLICT stored ' .. STORED .. '; given ' .. CONFIG
+    end
   end
   return values
 end

@@ -21,7 +21,7 @@ if REFUSED then
   return redis.error_reply(REFUSED)
 end
 
-local previous = redis.call('HGET', K_STATE, 'cf') or ''
+local previous = STORED or ''
 local old = {}
 for i, w in ipairs(words(previous)) do
   old[i] = tonumber(w)

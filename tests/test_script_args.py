@@ -218,6 +218,19 @@ def test_a_non_number_does_not_grant_the_head_halfway(rclient: redis.Redis, name
     assert ops.acquire(lease_id=head)[1].kind == "granted"
 
 
+def test_the_same_limits_spelt_otherwise_are_no_conflict(rclient: redis.Redis, name: str) -> None:
+    ops = Ops(rclient, Budget(name, rpm=60, max_concurrency=2))
+    lid, _ = ops.acquire()
+    block = budget_args(ops.budget)
+    assert block[0] == "1.0" and block[4] == "2"
+    respelt = ["1", *block[1:4], "2.0", *block[5:]]
+    reply = ops.scripts["extend"](keys=keys(ops.budget), args=[*respelt, lid])
+    assert reply[0] == b"extended"
+    other = ["1.5", *block[1:]]
+    with pytest.raises(redis.ResponseError, match=r"XFLOW_CONFLICT stored 1 .*; given 1\.5 "):
+        ops.scripts["extend"](keys=keys(ops.budget), args=[*other, lid])
+
+
 def test_a_script_refuses_arguments_it_does_not_take(rclient: redis.Redis, name: str) -> None:
     ops = Ops(rclient, Budget(name, rpm=60))
     ops.acquire()
