@@ -436,39 +436,68 @@ async def test_a_task_cancelled_mid_call_by_wait_for_is_charged_its_estimate(red
         assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
 
 
-@pytest.mark.parametrize("where", ["pause", "reacquire"])
-async def test_cancelled_inside_auto_backoff_leaves_nothing_held(redis_url: str, name: str, where: str) -> None:
-    """Cancelled during the fleet pause (the failed attempt not yet settled) or while the retry
-    waits for its grant: nothing stays held or queued; the retry is charged nothing."""
-    failed = asyncio.Event()
+async def test_cancelled_while_auto_backoff_pauses_the_fleet_charges_the_failed_attempt(
+    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xflow_dist import AsyncLimiter
+
+    pausing = asyncio.Event()
+
+    async def cooldown(self: AsyncLimiter, retry_after: float | None = None) -> Any:
+        pausing.set()
+        await asyncio.Event().wait()  # the cooldown request hangs: cancelled there
+
+    monkeypatch.setattr(AsyncLimiter, "cooldown", cooldown)
 
     @auto_backoff(max_retries=3)
     async def call() -> None:
-        failed.set()
-        raise RetryException("429", retry_after=30 if where == "pause" else 0)
+        raise RetryException("429", retry_after=5)
 
     async with _shared(redis_url, name) as s:
-        holder = None
-        if where == "reacquire":
-            holder = await s.limiter.acquire(tokens=400)  # with the task's 200, no credit is left for its retry
         task = await s.start_task(call(), estimated_tokens=200)
-        await asyncio.wait_for(failed.wait(), timeout=10)
-        for _ in range(500):  # bounded: until the pause is on, or the retry is queued
-            status = await s.limiter.status()
-            if (status.cooldown_remaining > 0) if where == "pause" else status.queued == 1:
+        await asyncio.wait_for(pausing.wait(), timeout=10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
+
+
+async def test_cancelled_while_the_retry_waits_for_a_slot_leaves_nothing_held(redis_url: str, name: str) -> None:
+    """The failed attempt's slot went to a waiter queued before it; the retry queues for the next
+    one and is cancelled there: it leaves the queue and is charged nothing."""
+    go = asyncio.Event()
+
+    @auto_backoff(max_retries=3)
+    async def call() -> None:
+        await go.wait()
+        raise RetryException("429", retry_after=0)  # 0: no pause, acquire again at once
+
+    async with _shared(redis_url, name) as s:
+        holder = await s.limiter.acquire()  # one of the two slots; the task takes the other
+        task = await s.start_task(call(), estimated_tokens=200)
+        while (await s.limiter.status()).in_flight < 2:
+            await asyncio.sleep(0.01)
+        waiter = asyncio.ensure_future(s.limiter.acquire())
+        for _ in range(500):  # bounded: 5 s
+            if (await s.limiter.status()).queued == 1:
+                break
+            await asyncio.sleep(0.01)
+        go.set()  # the attempt fails: its slot goes to the waiter, the retry queues for a slot
+        granted = await asyncio.wait_for(waiter, timeout=10)
+        for _ in range(500):
+            if (await s.limiter.status()).queued == 1:
                 break
             await asyncio.sleep(0.01)
         else:
-            pytest.fail(f"never reached the {where}")
+            pytest.fail("the retry never queued")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         status = await s.limiter.status()
-        assert (status.queued, status.in_flight) == (0, 0 if holder is None else 1)
-        if holder is not None:
-            await holder.cancel()
-            # the failed attempt charged its estimate, the cancelled retry nothing
-            assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
+        assert (status.queued, status.in_flight) == (0, 2)
+        await granted.cancel()
+        await holder.cancel()
+        assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10, "the failed attempt's estimate only"
 
 
 async def test_cancelled_while_report_token_usage_settles_the_settle_still_lands(
