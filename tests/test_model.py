@@ -519,7 +519,7 @@ class BudgetModel:
         pause = ZERO if retry_after is None else retry_after
         if retry_after is None or level > 0:
             pause = max(pause, min(frac(policy.max_backoff), frac(policy.base) * 2**level))
-        pause *= 1 + frac(policy.jitter) * draw
+        pause = min(frac(policy.max_pause), pause * (1 + frac(policy.jitter) * draw))
         self.cu = max(self.cu, now + pause)  # never shortened
         # the provider's bucket is empty now: zero credit now (level(now) = 0), debt kept
         if self.request_rate:
