@@ -6,6 +6,7 @@ it) and bounds every wait; several use real OS processes.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import multiprocessing
 import os
@@ -22,6 +23,7 @@ import redis
 
 from xflow_dist import AcquireTimeout, AsyncLimiter, BackendError, Budget, Limiter
 from xflow_dist._embedded import EmbeddedRedis
+from xflow_dist._events import Resubscribed
 
 
 @pytest.fixture
@@ -231,3 +233,30 @@ def test_a_forked_child_runs_its_own_heartbeats_and_notices(redis_url: str, name
         assert lim.status().in_flight == 1  # the child never touched the parent's lease
         parents.release()
         assert lim.status().in_flight == 0
+
+
+async def test_a_cancel_that_meets_a_notice_is_not_lost(redis_url: str, name: str) -> None:
+    """On Python 3.11 ``asyncio.wait_for`` returns an item that arrives in the same loop turn as a
+    cancel and drops the cancel; the waiter must still end cancelled and give its ticket back."""
+    async with AsyncLimiter(Budget(name, max_concurrency=1), redis_url) as lim:
+        held = await lim.acquire()
+        async def wait() -> object:
+            return await lim.acquire(timeout=30)
+
+        waiter = asyncio.create_task(wait())
+        for _ in range(500):
+            if (await lim.status()).queued == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert lim._events is not None
+        (inbox,) = lim._events.mail.everyone()
+        inbox.put_nowait(Resubscribed())  # a notice and the cancel in the same turn of the loop
+        waiter.cancel()
+        done, _ = await asyncio.wait({waiter}, timeout=5)
+        assert done and waiter.cancelled(), "the cancel was lost: the waiter went on waiting"
+        for _ in range(500):
+            if (await lim.status()).queued == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (await lim.status()).queued == 0
+        await held.release()

@@ -197,8 +197,10 @@ class AsyncLimiter(LimiterBase):
                     step = flow.send(None)
                 else:
                     notice = None
+                    # not asyncio.wait_for: on 3.11 it can swallow a cancel that meets a notice
                     with contextlib.suppress(TimeoutError):
-                        notice = await asyncio.wait_for(inbox.get(), step.timeout)
+                        async with asyncio.timeout(step.timeout):
+                            notice = await inbox.get()
                     step = flow.send(notice)
         except StopIteration:
             pass

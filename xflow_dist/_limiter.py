@@ -339,6 +339,9 @@ class Limiter(LimiterBase):
             log.warning("%s of lease %s failed (%s); retrying in the background", op, lease.id, exc)
             self._upkeep.later(op, argv, lease.id)
             return None
+        except BaseException:  # interrupted mid-call (a soft time limit, Ctrl-C): it still goes out
+            self._upkeep.later(op, argv, lease.id)
+            raise
         return decode_settle(raw) if op == "settle" else None
 
     def _extend(self, lease: Lease) -> bool:
