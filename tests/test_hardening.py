@@ -125,7 +125,9 @@ def test_a_waiter_whose_notice_was_lost_asks_again_when_the_events_connection_re
 ) -> None:
     budget = Budget(name, max_concurrency=1)
     with Limiter(budget, redis_url) as holder, Limiter(budget, redis_url) as waiter:
-        held = holder.acquire()
+        decision = holder.try_acquire()  # the holder never subscribes: only the waiter is cut off
+        assert decision.lease is not None
+        held = decision.lease
         thread, out = _acquire_in_thread(waiter, timeout=10)
         _until(lambda: holder.status().queued == 1)
         client.client_kill_filter(_type="pubsub")  # every subscriber's connection is cut
@@ -166,7 +168,7 @@ def test_acquire_with_a_timeout_returns_in_bounded_time_while_redis_is_frozen(
         assert lim.status().in_flight == 0
 
 
-def test_a_settle_on_a_cut_connection_is_retried(redis_url: str, name: str, client: redis.Redis) -> None:
+def test_reports_land_after_every_pooled_connection_was_cut(redis_url: str, name: str, client: redis.Redis) -> None:
     with Limiter(Budget(name, tps=1_000, burst=1, max_concurrency=4), redis_url) as lim:
         leases = [lim.acquire(tokens=100) for _ in range(4)]
         client.client_kill_filter(_type="normal", skipme=True)  # every pooled connection is dead
@@ -260,3 +262,18 @@ async def test_a_cancel_that_meets_a_notice_is_not_lost(redis_url: str, name: st
             await asyncio.sleep(0.01)
         assert (await lim.status()).queued == 0
         await held.release()
+
+
+def test_a_settle_that_fails_is_retried_in_the_background(redis_server: EmbeddedRedis, name: str) -> None:
+    with Limiter(Budget(name, max_concurrency=2), redis_server.url, io_timeout=0.5) as lim:
+        lease = lim.acquire()
+        assert redis_server._proc is not None
+        pid = redis_server._proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert lease.report(actual_tokens=0) is None  # gave up after io_timeout: retried later
+            assert time.monotonic() - started < 0.5 * 2 + 0.5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        _until(lambda: lim.status().in_flight == 0)
