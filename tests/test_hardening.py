@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from xflow_dist import AcquireTimeout, AsyncLimiter, BackendError, Budget, Limiter
-from xflow_dist._embedded import EmbeddedRedis
+from xflow_dist._embedded import EmbeddedRedis, find_redis_server, free_port
 from xflow_dist._events import Resubscribed
 
 
@@ -277,3 +277,59 @@ def test_a_settle_that_fails_is_retried_in_the_background(redis_server: Embedded
         finally:
             os.kill(pid, signal.SIGCONT)
         _until(lambda: lim.status().in_flight == 0)
+
+
+def _redis_server_on(port: int) -> subprocess.Popen[bytes]:
+    binary = find_redis_server()
+    assert binary is not None
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    probe = redis.Redis(port=port, socket_connect_timeout=0.2)
+    _until(lambda: _answers(probe))
+    probe.close()
+    return proc
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def test_waiters_ask_again_after_a_redis_restart(real_redis: bool, name: str) -> None:
+    """A restart loses the queue and every notice: the waiters learn it from their events connection
+    coming back and queue again at once, instead of sleeping toward a renewal 15 s away."""
+    if not real_redis:
+        pytest.skip("needs a redis-server binary")
+    port = free_port()
+    proc = _redis_server_on(port)
+    grants: list[float] = []
+    try:
+        with Limiter(Budget(name, max_concurrency=1), f"redis://127.0.0.1:{port}/0") as lim:
+            decision = lim.try_acquire()
+            assert decision.lease is not None
+
+            def wait_then_release() -> None:
+                with lim.acquire(timeout=20):
+                    grants.append(time.monotonic())
+
+            threads = [threading.Thread(target=wait_then_release, daemon=True) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            _until(lambda: lim.status().queued == 4)
+            proc.kill()
+            proc.wait(timeout=10)
+            proc = _redis_server_on(port)
+            restarted = time.monotonic()
+            for thread in threads:
+                thread.join(timeout=20)
+            assert len(grants) == 4
+            assert max(grants) - restarted < 3.0, f"last waiter granted {max(grants) - restarted:.2f}s after"
+            decision.lease.release()  # its lease went with the restart: nothing to settle
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
