@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import multiprocessing
 import os
 import signal
@@ -333,3 +334,17 @@ def test_waiters_ask_again_after_a_redis_restart(real_redis: bool, name: str) ->
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_one_cut_of_every_socket_costs_a_fleet_at_most_a_second(redis_url: str, tmp_path: object) -> None:
+    """benchmarks/socket_cut.py, small: 2 processes x 4 threads, every connection killed mid-run."""
+    out = f"{tmp_path}/cut.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "socket_cut.py")
+    args = ["--redis-url", redis_url, "--processes", "2", "--threads", "4", "--slots", "2"]
+    args += ["--seconds", "4", "--cut-at", "2", "--json", out]
+    subprocess.run([sys.executable, script, *args], check=True, timeout=120, capture_output=True)
+    with open(out, encoding="utf-8") as f:
+        result = json.load(f)["result"]
+    assert result["connections_killed"] >= 2
+    assert result["longest_gap_from_cut_s"] < 1.0, result
+    assert result["in_flight_at_end"] == 0
