@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 Q = TypeVar("Q")
 
@@ -84,6 +84,16 @@ class Mailroom(Generic[Q]):
     def everyone(self) -> list[Q]:
         """Every inbox: after a reconnect each waiter is sent ``Resubscribed``."""
         return list(self._inboxes.values())
+
+    def deliver(self, message: dict[str, Any]) -> list[tuple[Q, Notice]]:
+        """Where a pub/sub message goes: a notice to the waiter it names; after a (re)subscription,
+        ``Resubscribed`` to every waiter, since what was published meanwhile is lost."""
+        if message.get("type") == "subscribe":
+            return [(inbox, Resubscribed()) for inbox in self.everyone()]
+        if message.get("type") == "message":
+            found = self.route(message["data"])
+            return [found] if found is not None else []
+        return []
 
     def route(self, data: bytes | str) -> tuple[Q, Notice] | None:
         """The inbox a message is for, with its notice; None if nobody here waits for it."""

@@ -30,7 +30,7 @@ from ._core import (
     decode_status,
     script_error,
 )
-from ._events import Mailroom, Notice, Resubscribed
+from ._events import Mailroom, Notice
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import AwaitNotice, GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
@@ -79,13 +79,8 @@ class _Events:
             delay = RETRY_FIRST
             if msg is None:
                 continue
-            if msg.get("type") == "subscribe":  # subscribed again after a reconnect
-                for inbox in self.mail.everyone():
-                    inbox.put(Resubscribed())
-            elif msg.get("type") == "message":
-                found = self.mail.route(msg["data"])
-                if found is not None:
-                    found[0].put(found[1])
+            for inbox, notice in self.mail.deliver(msg):
+                inbox.put(notice)
 
     def close(self) -> None:
         self._stop.set()
