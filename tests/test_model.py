@@ -679,6 +679,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     "both-burst0-mc1": {"rps": 2, "tps": 32, "burst": 0.0, "max_concurrency": 1, "lease_ttl": 1.5},
     "both-burst-no-mc": {"rps": 4, "tps": 16, "burst": 1.0, "lease_ttl": 3.0},
     "concurrency-only": {"max_concurrency": 2, "lease_ttl": 2.0},
+    # 62.5 ms of lateness is 2 requests here: a window's bound shows any credit a late head gets
+    "fast-requests": {"rps": 32, "tps": 64, "burst": 0.5, "lease_ttl": 2.0},
 }
 
 # base and retry-after are multiples of 1/4 s and jitter * draw of 1/16: pauses stay exact
@@ -883,6 +885,25 @@ class BudgetMachine(RuleBasedStateMachine):
     def repoll(self, lease_id: str, max_wait: float | None) -> None:
         """Acquire again with the same id: a queued ticket keeps its place, a lease is reported."""
         self._acquire(lease_id, max_wait, True)
+
+    @rule(retry_after=st.sampled_from([0.5, 1.0, 2.5]), tokens=st.sampled_from([0, 8]), late=st.integers(1, 8))
+    def a_head_released_by_a_cooldown_comes_back_late(self, retry_after: float, tokens: int, late: int) -> None:
+        """Where a late head's credit would overflow a full bucket: the pause outlasts the refill."""
+        self.cooldown(retry_after, 0.0)
+        self.acquire(1, tokens, None, True)
+        if self.model.queue:
+            self.head_returns_late(late)
+        self.drain(tokens)
+
+    @rule(tokens=st.sampled_from([0, 1, 8]))
+    def drain(self, tokens: int) -> None:
+        """Take all the budget grants at once, one request at a time (what tests a window's bound)."""
+        for _ in range(24):
+            lease_id = self._fresh()
+            self.costs[lease_id] = (1, tokens)
+            self._acquire(lease_id, 0.0, False)
+            if lease_id not in self.model.leases:
+                return
 
     @rule(lease_id=ids | st.just(UNKNOWN), actual=ACTUAL)
     def settle(self, lease_id: str, actual: int | None) -> None:
