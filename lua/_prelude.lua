@@ -1,7 +1,7 @@
 -- _prelude.lua: shared by every xflow-dist script and prepended to each at load time, so that
 -- every operation reads the budget, its clock and its keys the same way. Not a script by itself.
 --
--- One budget named N lives in five keys, all tagged {xflow:N} so they share one Cluster slot:
+-- One budget named N lives in six keys, all tagged {xflow:N} so they share one Cluster slot:
 --   KEYS[1] state     HASH  rt, tt  theoretical arrival time (TAT) of the request and token buckets,
 --                                   seconds of Redis time; the bucket is full when TAT <= now
 --                           cu      cooldown deadline, seconds of Redis time
@@ -12,9 +12,9 @@
 --                           kr, kt  requests and tokens taken off the levels so far by provider
 --                                   corrections and tighter learned rates (see settle.lua)
 --                           cq, ct  requests and tokens charged so far, all grants together
---                           lr, lt  request and token limits learned from the provider, per minute
---                                   as its headers give them (0: none learned yet)
---                           lu      learned limits are remembered until then (the keys outlive it)
+--                           lr, lt  the tightest live request and token limits learned from the
+--                                   provider (KEYS[6]), per minute, as last applied (0: none)
+--                           lu      the last learned limit is remembered until then (the keys outlive it)
 --                           pb      probe: 0 none, 1 one call at a time until the first settle or
 --                                   learned limit, 2 over
 --                           cf      the limits the keys were made with (see below; configure.lua
@@ -26,6 +26,9 @@
 --                           charges made by then
 --   KEYS[4] queue     ZSET  ticket id -> sequence number: FIFO of acquirers waiting for a slot
 --   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until> <ttl> <fit announced>"
+--   KEYS[6] learned   HASH  model (or route; "" unnamed) -> "<rpm> <rpm until> <tpm> <tpm until>": the
+--                           limits the provider reported for it, per minute (0: none), each live
+--                           until `memory` seconds after its last report
 --
 -- Every script starts with the same budget block:
 --   ARGV[1] configured request rate, requests per second (0: none configured)
@@ -55,10 +58,11 @@
 -- the block), so that two deployments never mix their limits silently; only configure.lua replaces
 -- them. Once the keys expire (the budget was idle), any limits may start afresh.
 --
--- The rate of a bucket is the configured one, lowered to the learned limit (lr / 60, lt / 60) once
--- the provider has told it; with neither, that dimension is not limited. A rate that changes is
--- applied by rescale(), which never invents credit, and the head of the queue is told its new fit
--- time by the advance() that ends the same script.
+-- The rate of a bucket is the configured one, lowered to the tightest learned limit still live (of
+-- any model: lr / 60, lt / 60); with neither, that dimension is not limited. Expiry is checked
+-- whenever the state is loaded. A rate that changes (a report, an expiry) is applied by rescale(),
+-- which never invents credit, and the head of the queue is told its new fit time by the advance()
+-- that ends the same script.
 --
 -- A bucket of rate r and burst b (capacity C = r * b) is kept as one number, its TAT: the level
 -- at time t is C - r * max(0, TAT - t). A cost c fits once the bucket holds min(c, C) (all of it,
@@ -71,6 +75,7 @@
 -- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
 -- a refund or that return grants it ("g <id> <now>") together with every next head that fits too.
 local K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_LEARNED = KEYS[6]
 local MAX_UNITS, MAX_SECONDS, MIN_RATE, MAX_TEXT = 1e15, 1e9, 1e-6, 256
 
 -- The kinds of argument, each [lo, hi] (")": hi excluded, "(": lo excluded), with -1 ("unset") or 0
@@ -253,32 +258,6 @@ end
 -- cancel would, once the rates in force are known.
 local REAPED_REQ, REAPED_TOK = 0, 0
 
-local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq', 'ct',
-    'lr', 'lt', 'lu', 'pb')
-  local st = {
-    rt = tonumber(v[1]) or 0, tt = tonumber(v[2]) or 0, cu = tonumber(v[3]) or 0,
-    cl = tonumber(v[4]) or 0, cr = tonumber(v[5]) or 0, seq = tonumber(v[6]) or 0,
-    qa = tonumber(v[7]) or 0, kr = tonumber(v[8]) or 0, kt = tonumber(v[9]) or 0,
-    cq = tonumber(v[10]) or 0, ct = tonumber(v[11]) or 0,
-    lr = tonumber(v[12]) or 0, lt = tonumber(v[13]) or 0, lu = tonumber(v[14]) or 0, pb = tonumber(v[15]) or 0,
-  }
-  apply_limits(st)
-  if REAPED_REQ > 0 or REAPED_TOK > 0 then
-    refund(st, REAPED_REQ, REAPED_TOK)
-    REAPED_REQ, REAPED_TOK = 0, 0
-  end
-  return st
-end
-
-local function save_state(st)
-  redis.call('HSET', K_STATE, 'rt', fmt(st.rt), 'tt', fmt(st.tt), 'cu', fmt(st.cu),
-    'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq, 'qa', fmt(st.qa), 'kr', fmt(st.kr), 'kt', fmt(st.kt),
-    'cq', fmt(st.cq), 'ct', fmt(st.ct), 'cf', CONFIG)
-  if st.lr > 0 or st.lt > 0 or st.pb > 0 then -- absent reads as 0: a budget that never learns skips them
-    redis.call('HSET', K_STATE, 'lr', fmt(st.lr), 'lt', fmt(st.lt), 'lu', fmt(st.lu), 'pb', st.pb)
-  end
-end
 
 -- Earliest time a cost fits one bucket (see the header): when it holds min(cost, capacity).
 local function dim_fit(tat, cost, rate, burst)
@@ -307,15 +286,34 @@ local function slot_free()
   return (MAX_CONC <= 0 or n < MAX_CONC) and not (PROBING and n > 0)
 end
 
--- Charge every dimension now: all limits or none.
-local function charge(st, creq, ctok, at)
+-- A head of the queue comes back a round trip after the fit time it was told (``fit``). Charging
+-- it from now would lose that lateness where its bucket filled up meanwhile: at burst 0 a queue
+-- paced at 1/r would run at 1/(1/r + round trip). So, like GCRA's booked start times, a bucket that
+-- set the fit time (it held less than min(cost, capacity) until then; a cooldown did not set it) is
+-- charged as of then, at most LATE_CREDIT and the cost's own refill time back, never before its TAT.
+-- Every other charge starts now: credit back-dated in a bucket that was full would overflow it.
+-- Hence in a window [t1, t2] of grant times a bucket admits at most r * (t2 - t1) + max(C, last cost),
+-- plus, only when t1 is such a late head's grant, min(its cost, r * lateness, r * LATE_CREDIT).
+local LATE_CREDIT = 0.0625
+
+local function charged_from(st, tat, fit, cost, rate, burst)
+  local slack = math.max(0, burst - cost / rate)
+  if fit < 0 or fit >= NOW or st.cu >= fit - 0.000001 or tat - slack < fit - 0.000001 then
+    return math.max(tat, NOW)
+  end
+  return math.max(tat, fit, NOW - LATE_CREDIT, NOW - cost / rate)
+end
+
+-- Charge every dimension: all limits or none. ``fit``: the fit time told to a head of the queue
+-- (-1: none, charged from now).
+local function charge(st, creq, ctok, fit)
   st.cq = st.cq + creq
   st.ct = st.ct + ctok
   if RATE_REQ > 0 then
-    st.rt = math.max(st.rt, at) + creq / RATE_REQ
+    st.rt = charged_from(st, st.rt, fit, creq, RATE_REQ, BURST_REQ) + creq / RATE_REQ
   end
   if RATE_TOK > 0 then
-    st.tt = math.max(st.tt, at) + ctok / RATE_TOK
+    st.tt = charged_from(st, st.tt, fit, ctok, RATE_TOK, BURST_TOK) + ctok / RATE_TOK
   end
 end
 
@@ -335,17 +333,11 @@ local function snapshot(tat, rate, burst)
   return fmt(level(tat, rate, burst))
 end
 
--- A grant is charged as of ``at``: now, or for a head told its fit time and granted after it, that
--- time (up to LATE_CREDIT back). The head needs a round trip and a wake-up to come back; charging
--- from now would let a full bucket (burst 0 above all) overflow meanwhile, and a queue paced at 1/r
--- would run at 1/(1/r + round trip). Like GCRA's booked start times, that keeps the queue on its
--- schedule; a grant can then be at most LATE_CREDIT behind the time it is charged at.
-local LATE_CREDIT = 0.0625
-
--- A grant to a queued ticket is provisional (``provisional`` true): it expires after the claim window
--- unless its holder claims it (acquire.lua with the same id), and is then refunded (see reap()).
-local function grant(st, id, creq, ctok, at, provisional)
-  charge(st, creq, ctok, at or NOW)
+-- A grant, now; ``fit``: the fit time told to a head of the queue (see charge()). A grant to a queued
+-- ticket is provisional (``provisional`` true): it expires after the claim window unless its holder
+-- claims it (acquire.lua with the same id), and is then refunded (see reap()).
+local function grant(st, id, creq, ctok, fit, provisional)
+  charge(st, creq, ctok, fit or -1)
   local data = creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
     snapshot(st.rt, RATE_REQ, BURST_REQ) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK) .. ' ' ..
     fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct)
@@ -402,30 +394,103 @@ local function rescale(tat, r1, r2, burst, charged, burst2)
   return NOW + ceil_us(burst - (burst - debt) * r1 / r2), 0
 end
 
--- Adopt the limits the provider reported (per minute; 0 or less: not reported), relaxing as well
--- as tightening; the rates in force are the configured ones lowered to them. A level dropped by a
--- tighter rate counts as a correction (kr, kt), as settle.lua's provider correction requires.
-local function learn(st, per_min_req, per_min_tok, memory)
-  if per_min_req <= 0 and per_min_tok <= 0 then
+-- The tightest learned limits still live, per minute (0: none), over every model. Nothing is live
+-- after lu, the end of the last one remembered.
+local function live_limits(st)
+  if st.lu <= NOW then
+    return 0, 0
+  end
+  local lr, lt = 0, 0
+  local all = redis.call('HGETALL', K_LEARNED)
+  for i = 2, #all, 2 do
+    local e = words(all[i])
+    local r, ru, t, tu = tonumber(e[1]), tonumber(e[2]), tonumber(e[3]), tonumber(e[4])
+    if r > 0 and ru > NOW and (lr == 0 or r < lr) then
+      lr = r
+    end
+    if t > 0 and tu > NOW and (lt == 0 or t < lt) then
+      lt = t
+    end
+  end
+  return lr, lt
+end
+
+-- Put the learned limits lr, lt (per minute, 0: none) in force, rescaling each bucket whose rate
+-- changes. A level dropped by a tighter rate counts as a correction (kr, kt), as settle.lua's
+-- provider correction requires.
+local function relimit(st, lr, lt)
+  if lr == st.lr and lt == st.lt then
     return
   end
   local old_req, old_tok = RATE_REQ, RATE_TOK
-  if per_min_req > 0 then
-    st.lr = per_min_req
-  end
-  if per_min_tok > 0 then
-    st.lt = per_min_tok
-  end
-  st.lu = math.max(st.lu, NOW + memory)
-  if st.pb == 1 then
-    st.pb = 2
-  end
+  st.lr, st.lt = lr, lt
   apply_limits(st)
   local drop
   st.rt, drop = rescale(st.rt, old_req, RATE_REQ, BURST_REQ, st.cq)
   st.kr = st.kr + drop
   st.tt, drop = rescale(st.tt, old_tok, RATE_TOK, BURST_TOK, st.ct)
   st.kt = st.kt + drop
+end
+
+-- The state, with the learned limits that expired since the last script taken out of force.
+local function load_state()
+  local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq', 'ct',
+    'lr', 'lt', 'lu', 'pb')
+  local st = {
+    rt = tonumber(v[1]) or 0, tt = tonumber(v[2]) or 0, cu = tonumber(v[3]) or 0,
+    cl = tonumber(v[4]) or 0, cr = tonumber(v[5]) or 0, seq = tonumber(v[6]) or 0,
+    qa = tonumber(v[7]) or 0, kr = tonumber(v[8]) or 0, kt = tonumber(v[9]) or 0,
+    cq = tonumber(v[10]) or 0, ct = tonumber(v[11]) or 0,
+    lr = tonumber(v[12]) or 0, lt = tonumber(v[13]) or 0, lu = tonumber(v[14]) or 0, pb = tonumber(v[15]) or 0,
+  }
+  st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
+  apply_limits(st)
+  relimit(st, live_limits(st))
+  if REAPED_REQ > 0 or REAPED_TOK > 0 then
+    refund(st, REAPED_REQ, REAPED_TOK)
+    REAPED_REQ, REAPED_TOK = 0, 0
+  end
+  return st
+end
+
+local function save_state(st)
+  redis.call('HSET', K_STATE, 'rt', fmt(st.rt), 'tt', fmt(st.tt), 'cu', fmt(st.cu),
+    'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq, 'qa', fmt(st.qa), 'kr', fmt(st.kr), 'kt', fmt(st.kt),
+    'cq', fmt(st.cq), 'ct', fmt(st.ct), 'cf', CONFIG)
+  if st.stored or st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0 then -- absent reads as 0
+    redis.call('HSET', K_STATE, 'lr', fmt(st.lr), 'lt', fmt(st.lt), 'lu', fmt(st.lu), 'pb', st.pb)
+  end
+end
+
+-- Remember the limits the provider reported for one model (per minute; 0 or less: not reported),
+-- each for `memory` seconds, relaxing as well as tightening that model's; the rates in force are
+-- the configured ones lowered to the tightest live limit of any model. Expired entries are dropped.
+local function learn(st, per_min_req, per_min_tok, memory, model)
+  if per_min_req <= 0 and per_min_tok <= 0 then
+    return
+  end
+  local e = words(redis.call('HGET', K_LEARNED, model) or '0 0 0 0')
+  local until_ = NOW + memory
+  if per_min_req > 0 then
+    e[1], e[2] = per_min_req, until_
+  end
+  if per_min_tok > 0 then
+    e[3], e[4] = per_min_tok, until_
+  end
+  redis.call('HSET', K_LEARNED, model, fmt(tonumber(e[1])) .. ' ' .. fmt(tonumber(e[2])) .. ' ' ..
+    fmt(tonumber(e[3])) .. ' ' .. fmt(tonumber(e[4])))
+  local all = redis.call('HGETALL', K_LEARNED)
+  for i = 2, #all, 2 do
+    local w = words(all[i])
+    if tonumber(w[2]) <= NOW and tonumber(w[4]) <= NOW then
+      redis.call('HDEL', K_LEARNED, all[i - 1])
+    end
+  end
+  st.lu = math.max(st.lu, until_)
+  if st.pb == 1 then
+    st.pb = 2
+  end
+  relimit(st, live_limits(st))
 end
 
 -- Leases past their expiry belong to dead holders: they stand charged at their estimate, except
@@ -509,11 +574,7 @@ local function advance(st)
       local fit = fit_time(st, t.creq, t.ctok)
       if fit <= NOW then
         dequeue(head)
-        local at = NOW
-        if t.fit >= 0 and t.fit < NOW then
-          at = math.max(t.fit, NOW - LATE_CREDIT)
-        end
-        grant(st, head, t.creq, t.ctok, at, true)
+        grant(st, head, t.creq, t.ctok, t.fit, true)
         redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW))
       else
         if math.abs(fit - t.fit) > 0.0000005 then
@@ -530,10 +591,7 @@ end
 
 -- Keys live as long as they still remember something that matters, plus a grace period.
 local function touch(st)
-  local horizon = math.max(NOW, st.rt, st.tt, st.cu, st.cr)
-  if st.lr > 0 or st.lt > 0 then
-    horizon = math.max(horizon, st.lu)
-  end
+  local horizon = math.max(NOW, st.rt, st.tt, st.cu, st.cr, st.lu)
   if redis.call('ZCARD', K_QUEUE) > 0 then
     horizon = math.max(horizon, st.qa)
   end
@@ -543,7 +601,7 @@ local function touch(st)
   end
   -- capped, so that PEXPIRE takes it even for a debt of centuries (a rate of 1e-6 owed 1e15)
   local ms = math.ceil((math.min(horizon - NOW, 1e11) + IDLE_GRACE) * 1000)
-  for _, k in ipairs({K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS}) do
+  for _, k in ipairs({K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS, K_LEARNED}) do
     redis.call('PEXPIRE', k, ms)
   end
 end

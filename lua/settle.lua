@@ -8,11 +8,14 @@
 -- ARGV[13] tokens the provider said remain ("-1": unknown)
 -- ARGV[14] the provider's request limit, requests per minute ("-1": not reported)
 -- ARGV[15] the provider's token limit, tokens per minute ("-1": not reported)
--- ARGV[16] seconds the learned limits are remembered after this report (the keys outlive them)
+-- ARGV[16] seconds the limits reported here are remembered (the keys outlive them)
+-- ARGV[17] the model (or route) the call went to, whose limits these are ("" or absent: unnamed)
 --
--- First the limits are learned (see learn() in _prelude.lua): the rates in force become the
--- configured ones lowered to the provider's, relaxing as well as tightening, and a bucket whose rate
--- changes is rescaled without inventing credit. A settle of a lease, learned or not, ends a probe.
+-- First the limits are learned for that model (see learn() in _prelude.lua), replacing what it
+-- reported before, looser or tighter: the rates in force become the configured ones lowered to the
+-- tightest live limit of any model, so two models on one budget do not flip it back and forth, and
+-- a bucket whose rate changes is rescaled without inventing credit. A settle of a lease, learned or
+-- not, ends a probe.
 --
 -- Then the provider's word corrects the shared level down, never up. When the provider admitted this
 -- call it had SEEN left; it may already have charged any call granted after this one (calls overtake
@@ -39,11 +42,12 @@ local A, REFUSED = operation_args({
   {'request limit', LIMIT_OR_UNSET},
   {'token limit', LIMIT_OR_UNSET},
   {'limit memory', SECONDS},
+  {'model', TEXT_OR_EMPTY, ''},
 })
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
-local ID, ACTUAL, SEEN_REQ, SEEN_TOK, LIMIT_REQ, LIMIT_TOK, MEMORY = unpack(A)
+local ID, ACTUAL, SEEN_REQ, SEEN_TOK, LIMIT_REQ, LIMIT_TOK, MEMORY, MODEL = unpack(A)
 
 -- Providers report whole units (rounded down), so only a lead of more than one unit is a lead.
 -- `snap` is the level just after the grant (nil: unknown), `k0` and `c0` the corrections and
@@ -75,7 +79,7 @@ end
 
 reap()
 local st = load_state()
-learn(st, LIMIT_REQ, LIMIT_TOK, MEMORY)
+learn(st, LIMIT_REQ, LIMIT_TOK, MEMORY, MODEL)
 local held = ID ~= '' and redis.call('HGET', K_DATA, ID)
 local reply = {'unknown', '0', fmt(NOW)}
 if ID == '' then

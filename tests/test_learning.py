@@ -399,3 +399,82 @@ async def test_async_report_and_learn(url: str, name: str) -> None:
         s = await lim.status()
         assert (s.rpm, s.tpm, s.probing) == (600, 30_000, False)
         assert (await lim.learn(limit_tokens=90_000)).tpm == 90_000
+
+
+# ---- forgetting, and one learned limit per model -------------------------------------------------------------
+
+
+def _learn(o: Ops, memory: float, model: str = "", **limits: float) -> Any:
+    argv = settle_args("", None, None, None, limits.get("rpm"), limits.get("tpm"), memory, model=model)
+    return decode_settle(o.run("settle", argv))
+
+
+def test_a_learned_limit_is_forgotten_while_the_budget_is_in_use(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=100, burst=1)
+    learned = _learn(o, 0.5, rpm=600)  # 10/s, remembered 0.5 s
+    assert learned.rpm == 600
+    held, _ = o.acquire()  # the budget stays in use: its keys live on
+    while o.acquire(queue=False)[1].kind == "granted":  # empty at 10/s
+        pass
+    empty = o.status()
+    assert empty.requests_available < 1.5
+    o.wait_redis_until(learned.now + 0.6)
+    assert o.extend(held) is not None  # a script ran after the expiry
+    s = o.status()
+    assert (s.rpm, s.learned_rpm) == (6_000, None)  # back to the configured 100/s
+    # The level kept at the expiry, refilled at 10/s until then: nothing from the larger capacity
+    assert s.requests_available <= empty.requests_available + 10 * (s.now - empty.now) + 0.5
+    assert s.requests_available < 20
+
+
+def test_a_report_of_one_limit_does_not_renew_the_other(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=100, tps=10_000, burst=1)
+    first = _learn(o, 0.4, rpm=600, tpm=60_000)
+    assert (first.rpm, first.tpm) == (600, 60_000)
+    o.wait_redis_until(first.now + 0.2)
+    _learn(o, 30.0, tpm=60_000)  # the token limit again: renewed; the request limit is not
+    o.wait_redis_until(first.now + 0.5)
+    s = o.status()
+    assert (s.learned_rpm, s.learned_tpm) == (None, 60_000)
+    assert (s.rpm, s.tpm) == (6_000, 60_000)
+
+
+def test_two_models_on_one_budget_keep_the_tightest_limit(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, burst=1)
+    for _ in range(3):  # replies of both models interleave: the budget must not flip between them
+        assert _learn(o, 0.6, "small", tpm=6_000).tpm == 6_000
+        assert _learn(o, 30.0, "large", tpm=60_000).tpm == 6_000
+    assert o.status().learned_tpm == 6_000
+    # each model relaxes or tightens only its own limit
+    assert _learn(o, 30.0, "large", tpm=3_000).tpm == 3_000
+    changed = _learn(o, 30.0, "large", tpm=60_000)
+    assert changed.tpm == 6_000
+    # the small model's limit, not reported again, is forgotten: the large one's is in force
+    o.wait_redis_until(changed.now + 0.7)
+    s = o.status()
+    assert (s.tpm, s.learned_tpm) == (60_000, 60_000)
+    assert set(rclient.hkeys(keys(o.budget)[5])) == {b"large", b"small"}  # expired, not yet dropped
+    _learn(o, 30.0, "large", tpm=60_000)  # a report drops the expired entries
+    assert rclient.hkeys(keys(o.budget)[5]) == [b"large"]
+
+
+def test_the_learned_limits_key_shares_the_tag_and_lives_as_long_as_they_are_remembered(
+    rclient: redis.Redis, name: str
+) -> None:
+    o = ops(rclient, name, rps=10)
+    _learn(o, 120.0, "gpt-x", rpm=300)
+    learned = keys(o.budget)[5]
+    assert learned.startswith(f"{{xflow:{name}}}")
+    assert 115_000 < rclient.pttl(learned) <= 130_000
+    assert rclient.pttl(keys(o.budget)[0]) == pytest.approx(rclient.pttl(learned), abs=1_000)
+
+
+def test_the_model_name_is_checked_and_sent_last(name: str) -> None:
+    from xflow_dist._base import LimiterBase
+
+    base = LimiterBase(Budget(name))
+    assert base._learn_args(None, 600, None, None, None, model="gpt-x")[-1] == "gpt-x"
+    assert base._settle_args("id", 10, model="gpt-x")[-1] == "gpt-x"
+    assert base._settle_args("id", 10)[-1] == ""
+    with pytest.raises(InvalidCostError):
+        base._settle_args("id", 10, model=3)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ clock the ``now`` each reply reports.
 
 from __future__ import annotations
 
+import copy
 import math
 import time as _time
 from dataclasses import dataclass, field
@@ -110,6 +111,17 @@ class Ticket:
 Reply = tuple[list[Any], list[tuple[Any, ...]]]  # (reply fields, events published in order)
 
 
+@dataclass
+class Grant:
+    """One grant for the safety check: when Redis granted it, its segment of constant rates, its
+    cost, and the fit time it was told if it came back after it."""
+
+    at: Fraction
+    segment: tuple[int, Fraction, Fraction]
+    cost: tuple[Fraction, Fraction]
+    late_fit: Fraction | None
+
+
 def ceil_us(x: Fraction) -> Fraction:
     """Seconds rounded up to the microsecond, as the scripts round a rescaled TAT."""
     return F(math.ceil(x * 10**6 - F(1, 1000)), 10**6)
@@ -145,7 +157,11 @@ class BudgetModel:
     ct: Fraction = ZERO
     lr: Fraction = ZERO  # limits learned from the provider, per minute (0: none)
     lt: Fraction = ZERO
-    lu: Fraction = ZERO  # learned limits remembered until
+    lu: Fraction = ZERO  # the last learned limit is remembered until then
+    # per model: [rpm, rpm live until, tpm, tpm live until]; lr, lt are the tightest live, as applied
+    learned: dict[str, list[Fraction]] = field(default_factory=dict)
+    rescales: int = 0  # rate changes applied so far (the safety check's segments)
+    offgrid: bool = False  # a rescaled TAT left the 1/64 s grid (the harness keeps it on)
     pb: int = 0  # probe: 0 none, 1 probing, 2 over
     leases: dict[str, Lease] = field(default_factory=dict)
     queue: dict[str, Ticket] = field(default_factory=dict)  # insertion order is FIFO order
@@ -155,6 +171,8 @@ class BudgetModel:
         self.rt = self.tt = self.cu = self.cr = ZERO
         self.kr = self.kt = self.cq = self.ct = self.lr = self.lt = self.lu = ZERO
         self.cl = self.pb = 0
+        self.learned.clear()
+        self.rescales += 1
         self.leases.clear()
         self.queue.clear()
         self.stored = False
@@ -221,24 +239,34 @@ class BudgetModel:
             return False
         return self.max_concurrency == 0 or len(self.leases) < self.max_concurrency
 
+    def _charged_from(
+        self, tat: Fraction, rate: Fraction, cost: Fraction, fit: Fraction | None, now: Fraction
+    ) -> Fraction:
+        """Where a charge starts: now; for a head of the queue back after its fit time, as of then in
+        a bucket that set that time (not full before it) unless a cooldown set it, at most
+        LATE_CREDIT and its cost's refill time back."""
+        slack = max(ZERO, self.burst - cost / rate)
+        if fit is None or fit >= now or self.cu >= fit or tat - slack < fit:
+            return max(tat, now)
+        return max(tat, fit, now - LATE_CREDIT, now - cost / rate)
+
     def _grant(
         self,
         lease_id: str,
         requests: Fraction,
         tokens: Fraction,
         now: Fraction,
-        at: Fraction | None = None,
+        fit: Fraction | None = None,
         provisional: bool = False,
     ) -> None:
-        """Charge every limited bucket as of ``at`` (default now) and hand out the lease
-        (remembering the levels after, now)."""
-        start = now if at is None else at
+        """Charge every limited bucket (see _charged_from; ``fit``: the fit time told to a head of
+        the queue) and hand out the lease (remembering the levels after, now)."""
         self.cq += requests
         self.ct += tokens
         if self.request_rate:
-            self.rt = max(self.rt, start) + requests / self.request_rate
+            self.rt = self._charged_from(self.rt, self.request_rate, requests, fit, now) + requests / self.request_rate
         if self.token_rate:
-            self.tt = max(self.tt, start) + tokens / self.token_rate
+            self.tt = self._charged_from(self.tt, self.token_rate, tokens, fit, now) + tokens / self.token_rate
         self.leases[lease_id] = Lease(
             requests,
             tokens,
@@ -264,32 +292,58 @@ class BudgetModel:
             return now + ceil_us(min(r2 * b, charged) / r2), ZERO
         debt = max(ZERO, tat - now)
         if r2 < r1:
-            return now + ceil_us(debt * r1 / r2), (r1 - r2) * b
-        return now + ceil_us(b - (b - debt) * r1 / r2), ZERO
+            out, drop = now + ceil_us(debt * r1 / r2), (r1 - r2) * b
+        else:
+            out, drop = now + ceil_us(b - (b - debt) * r1 / r2), ZERO
+        self.offgrid = self.offgrid or (out * TICKS).denominator != 1
+        return out, drop
 
-    def rescaled(self, dim: str, per_minute: Fraction, now: Fraction) -> Fraction:
-        """The TAT a dimension would have after learning ``per_minute`` (for choosing exact cases)."""
-        if dim == "requests":
-            old, new = self.request_rate, effective(self.configured_request_rate, per_minute)
-            return self._rescale(self.rt, old, new, self.cq, now)[0]
-        old, new = self.token_rate, effective(self.configured_token_rate, per_minute)
-        return self._rescale(self.tt, old, new, self.ct, now)[0]
+    def _live(self, now: Fraction) -> tuple[Fraction, Fraction]:
+        """The tightest learned limits still live, over every model (0: none)."""
+        lr = min((e[0] for e in self.learned.values() if e[0] > 0 and e[1] > now), default=ZERO)
+        lt = min((e[2] for e in self.learned.values() if e[2] > 0 and e[3] > now), default=ZERO)
+        return lr, lt
 
-    def _learn(self, limit_req: Fraction | None, limit_tok: Fraction | None, memory: Fraction, now: Fraction) -> None:
-        if not limit_req and not limit_tok:
+    def _relimit(self, lr: Fraction, lt: Fraction, now: Fraction) -> None:
+        """Put learned limits in force, rescaling each bucket whose rate changes."""
+        if (lr, lt) == (self.lr, self.lt):
             return
         old_req, old_tok = self.request_rate, self.token_rate
-        if limit_req:
-            self.lr = limit_req
-        if limit_tok:
-            self.lt = limit_tok
-        self.lu = max(self.lu, now + memory)
-        if self.pb == 1:
-            self.pb = 2
+        self.lr, self.lt = lr, lt
+        if (old_req, old_tok) != (self.request_rate, self.token_rate):
+            self.rescales += 1
         self.rt, drop = self._rescale(self.rt, old_req, self.request_rate, self.cq, now)
         self.kr += drop
         self.tt, drop = self._rescale(self.tt, old_tok, self.token_rate, self.ct, now)
         self.kt += drop
+
+    def _expire(self, now: Fraction) -> None:
+        """Every operation first takes the learned limits that expired out of force."""
+        self._relimit(*self._live(now), now)
+
+    def _learn(
+        self,
+        limit_req: Fraction | None,
+        limit_tok: Fraction | None,
+        memory: Fraction,
+        now: Fraction,
+        model: str = "",
+    ) -> None:
+        """One model's report replaces its own limits, each live for ``memory``; the tightest live
+        limit of any model is in force."""
+        if not limit_req and not limit_tok:
+            return
+        entry = self.learned.setdefault(model, [ZERO, ZERO, ZERO, ZERO])
+        if limit_req:
+            entry[0], entry[1] = limit_req, now + memory
+        if limit_tok:
+            entry[2], entry[3] = limit_tok, now + memory
+        for name in [m for m, e in self.learned.items() if e[1] <= now and e[3] <= now]:
+            del self.learned[name]
+        self.lu = max(self.lu, now + memory)
+        if self.pb == 1:
+            self.pb = 2
+        self._relimit(*self._live(now), now)
 
     def _corrected(
         self,
@@ -338,10 +392,7 @@ class BudgetModel:
             fit = self._fit(ticket.requests, ticket.tokens, now)
             if fit <= now:
                 del self.queue[head]
-                # a head told its fit time is charged as of then, up to LATE_CREDIT back
-                late = ticket.fit is not None and ticket.fit < now
-                at = max(ticket.fit, now - LATE_CREDIT) if late and ticket.fit is not None else now
-                self._grant(head, ticket.requests, ticket.tokens, now, at, provisional=True)
+                self._grant(head, ticket.requests, ticket.tokens, now, ticket.fit, provisional=True)
                 events.append(("g", head, now))
                 continue
             if ticket.fit != fit:
@@ -370,7 +421,7 @@ class BudgetModel:
             ("token TAT", self.tt),
             ("cooldown", self.cu),
             ("quiet period", self.cr),
-            ("learned limits", self.lu if self.lr or self.lt else ZERO),
+            ("learned limits", self.lu),
         ):
             if t > now:
                 out.append(f"{what} {float(t):.6f} > now {float(now):.6f}")
@@ -397,6 +448,7 @@ class BudgetModel:
     ) -> Reply:
         events: list[tuple[Any, ...]] = []
         self._reap(now)
+        self._expire(now)
         if probe and self.pb == 0:  # the first acquire of a probing budget: one call at a time
             self.pb = 2 if self.lr or self.lt else 1
         self._advance(now, events)
@@ -440,13 +492,15 @@ class BudgetModel:
         seen: tuple[Fraction | None, Fraction | None] = (None, None),
         limits: tuple[Fraction | None, Fraction | None] = (None, None),
         memory: Fraction = ZERO,
+        model: str = "",
     ) -> Reply:
         """Learn the limits, then correct (down) by what the provider had left, then refund or
         charge debt. Lease id "" only learns (and caps the levels at what was left plus a unit)."""
         events: list[tuple[Any, ...]] = []
         self._reap(now)
+        self._expire(now)
         self.stored = True
-        self._learn(limits[0], limits[1], memory, now)
+        self._learn(limits[0], limits[1], memory, now, model)
         lease = None if lease_id == "" else self.leases.pop(lease_id, None)
         if lease_id == "":
             self.rt, self.kr = self._corrected(self.rt, self.request_rate, self.kr, seen[0], now)
@@ -480,6 +534,7 @@ class BudgetModel:
     def cancel(self, now: Fraction, lease_id: str) -> Reply:
         events: list[tuple[Any, ...]] = []
         self._reap(now)
+        self._expire(now)
         self.stored = True
         if lease_id in self.queue:
             del self.queue[lease_id]
@@ -497,6 +552,7 @@ class BudgetModel:
     def extend(self, now: Fraction, lease_id: str) -> Reply:
         events: list[tuple[Any, ...]] = []
         self._reap(now)
+        self._expire(now)
         self._advance(now, events)
         self.stored = True
         lease = self.leases.get(lease_id)
@@ -509,6 +565,7 @@ class BudgetModel:
     def cooldown(self, now: Fraction, retry_after: Fraction | None, policy: CooldownPolicy, draw: Fraction) -> Reply:
         events: list[tuple[Any, ...]] = []
         self._reap(now)
+        self._expire(now)
         self.stored = True
         if self.cu > now:  # a 429 of a call sent before this pause: same episode
             level = self.cl
@@ -533,7 +590,13 @@ class BudgetModel:
         return ["cooldown", self.cu, now, level], events
 
     def status(self, now: Fraction) -> list[Any]:
-        """Read-only: leases past expiry are not counted, dead tickets still are (not dropped yet)."""
+        """Read-only: leases past expiry are not counted, dead tickets still are (not dropped yet);
+        learned limits that expired are out of force, as the next operation will find them."""
+        if self._live(now) != (self.lr, self.lt):
+            seen = copy.deepcopy(self)
+            seen._expire(now)
+            self.offgrid = self.offgrid or seen.offgrid
+            return seen.status(now)
         return [
             now,
             self._level(self.rt, self.request_rate, now),
@@ -640,6 +703,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     "both-burst0-mc1": {"rps": 2, "tps": 32, "burst": 0.0, "max_concurrency": 1, "lease_ttl": 1.5},
     "both-burst-no-mc": {"rps": 4, "tps": 16, "burst": 1.0, "lease_ttl": 3.0},
     "concurrency-only": {"max_concurrency": 2, "lease_ttl": 2.0},
+    # 62.5 ms of lateness is 2 requests here: a window's bound shows any credit a late head gets
+    "fast-requests": {"rps": 32, "tps": 64, "burst": 0.5, "lease_ttl": 2.0},
 }
 
 # base and retry-after are multiples of 1/4 s and jitter * draw of 1/16: pauses stay exact
@@ -662,6 +727,7 @@ LEARN_REQUESTS = [60, 120, 240, 480]
 LEARN_TOKENS = [120, 480, 960, 1920, 3840]
 SEEN_REQUESTS = st.none() | st.integers(0, 1) | st.integers(0, 6)  # small: the level is often ahead
 SEEN_TOKENS = st.none() | st.integers(0, 16) | st.integers(0, 200)
+MODELS = st.sampled_from(["", "m1", "m2"])  # two models and the unnamed one, each with its own limits
 
 UNKNOWN = "never-acquired"
 EXACT = F(2, 10**6)  # six-decimal formatting of a wait of ticket_ttl / 2 is the only rounding
@@ -689,6 +755,15 @@ class BudgetMachine(RuleBasedStateMachine):
         self.serial = 0
         self.probe = False
         self.memory = 5.0
+        # the safety check's record, from the scripts' replies and events only (see safety_holds)
+        self.grants: list[Grant] = []
+        # (grants before it, dimension, amount): an under-estimate's debt, or minus a refund
+        self.adjustments: list[tuple[int, int, Fraction]] = []
+        self.current: dict[str, int] = {}  # lease id -> index of its grant while it is held
+        self.told: dict[str, Fraction] = {}  # ticket id -> the fit time last announced to it
+        self.paused_until = ZERO  # the latest cooldown deadline announced
+        self.last: tuple[str, list[str], set[str]] = ("", [], set())
+        self.provisional: dict[str, Lease] = {}  # provisional grants before the last operation
 
     def teardown(self) -> None:
         self.pubsub.close()
@@ -722,8 +797,28 @@ class BudgetMachine(RuleBasedStateMachine):
             assert not left, f"keys expired at {float(now):.6f} while the budget remembers {left}"
             self.model.reset()
 
+    def _on_the_grid(self) -> None:
+        """An expiry loosens a rate wherever it falls: where the rescaled TAT would leave the 1/64 s
+        grid (a debt times r1 / r2), let a few more ticks pass first, so that all stays exact."""
+        for _ in range(4 * TICKS):
+            now = CLOCK.now()
+            if self.model._live(now) == (self.model.lr, self.model.lt):
+                return
+            after = copy.deepcopy(self.model)
+            after.offgrid = False
+            after._expire(now)
+            if not after.offgrid:
+                return
+            CLOCK.ticks += 1
+        raise AssertionError("no time on the grid for an expiry")
+
     def _run(self, op: str, argv: list[str]) -> Any:
         self._sync_expiry()
+        self._on_the_grid()
+        self._sync_expiry()
+        now = CLOCK.now()
+        self.last = (op, argv, {i for i, lease in self.model.leases.items() if lease.expiry > now})
+        self.provisional = {i: lease for i, lease in self.model.leases.items() if lease.provisional}
         return self.scripts[op](keys=self.keys, args=[*self.base_args, *argv])
 
     def _events(self) -> list[str]:
@@ -736,7 +831,46 @@ class BudgetMachine(RuleBasedStateMachine):
     def _check(self, what: str, raw: Any, result: tuple[list[Any], list[tuple[Any, ...]]]) -> None:
         want, events = result
         assert_matches(what, raw, want, EXACT)
-        assert_events(what, self._events(), events, EXACT)
+        got = self._events()
+        assert_events(what, got, events, EXACT)
+        self._record(texts(raw), got)
+
+    def _granted(self, lease_id: str, at: Fraction) -> None:
+        requests, tokens = self.costs[lease_id]
+        fit = self.told.pop(lease_id, None)
+        late = fit is not None and fit < at and fit > self.paused_until  # a cooldown did not set it
+        segment = (self.model.rescales, self.model.request_rate, self.model.token_rate)
+        self.current[lease_id] = len(self.grants)
+        self.grants.append(Grant(at, segment, (F(requests), F(tokens)), fit if late else None))
+
+    def _record(self, reply: list[str], events: list[str]) -> None:
+        """What the safety check needs: each grant at the time Redis records, what stays charged of
+        it once settled (see safety_holds), under-estimates charged as debt, announced fit times."""
+        op, argv, held = self.last
+        for lease_id, lease in sorted(self.provisional.items()):  # never claimed, reaped: refunded
+            closed_here = bool(argv) and argv[0] == lease_id and reply[0] in ("settled", "cancelled")
+            gone = self.model.leases.get(lease_id) is not lease and not closed_here
+            index = self.current.get(lease_id)
+            if gone and index is not None:
+                for d in (0, 1):
+                    self.adjustments.append((len(self.grants), d, -self.grants[index].cost[d]))
+        index = self.current.get(argv[0]) if argv else None
+        if op == "settle" and reply[0] == "settled" and index is not None and argv[1] != "-1":
+            self.adjustments.append((len(self.grants), 1, frac(argv[1]) - self.grants[index].cost[1]))
+        elif op == "cancel" and reply[0] == "cancelled" and index is not None:
+            for d in (0, 1):  # everything given back
+                self.adjustments.append((len(self.grants), d, -self.grants[index].cost[d]))
+        for event in events:
+            kind, subject, *rest = event.split()
+            if kind == "h":
+                self.told[subject] = frac(rest[0])
+            elif kind == "g":
+                self._granted(subject, frac(rest[0]))
+            elif kind == "c":
+                self.paused_until = max(self.paused_until, frac(rest[0]))
+        granted_here = any(e.split()[:2] == ["g", argv[0] if argv else ""] for e in events)
+        if op == "acquire" and reply[0] == "granted" and argv[0] not in held and not granted_here:
+            self._granted(argv[0], frac(reply[1]))
 
     def _fresh(self) -> str:
         self.serial += 1
@@ -760,7 +894,7 @@ class BudgetMachine(RuleBasedStateMachine):
         reply, want = decode_acquire(raw), result[0]
         assert reply.kind == want[0]
         if reply.kind == "queued":
-            assert reply.wait == pytest.approx(float(want[1]), abs=1e-6)
+            assert reply.wait == pytest.approx(float(want[1]), abs=1e-6), (reply.wait, float(want[1]), raw)
         elif reply.kind == "refused":
             assert reply.retry_after == (None if want[1] < 0 else pytest.approx(float(want[1])))
         elif reply.kind == "too_large":
@@ -785,6 +919,25 @@ class BudgetMachine(RuleBasedStateMachine):
         """Acquire again with the same id: a queued ticket keeps its place, a lease is reported."""
         self._acquire(lease_id, max_wait, True)
 
+    @rule(retry_after=st.sampled_from([0.5, 1.0, 2.5]), tokens=st.sampled_from([0, 8]), late=st.integers(1, 8))
+    def a_head_released_by_a_cooldown_comes_back_late(self, retry_after: float, tokens: int, late: int) -> None:
+        """Where a late head's credit would overflow a full bucket: the pause outlasts the refill."""
+        self.cooldown(retry_after, 0.0)
+        self.acquire(1, tokens, None, True)
+        if self.model.queue:
+            self.head_returns_late(late)
+        self.drain(tokens)
+
+    @rule(tokens=st.sampled_from([0, 1, 8]))
+    def drain(self, tokens: int) -> None:
+        """Take all the budget grants at once, one request at a time (what tests a window's bound)."""
+        for _ in range(24):
+            lease_id = self._fresh()
+            self.costs[lease_id] = (1, tokens)
+            self._acquire(lease_id, 0.0, False)
+            if lease_id not in self.model.leases:
+                return
+
     @rule(lease_id=ids | st.just(UNKNOWN), actual=ACTUAL)
     def settle(self, lease_id: str, actual: int | None) -> None:
         raw = self._run("settle", settle_args(lease_id, actual))
@@ -804,31 +957,40 @@ class BudgetMachine(RuleBasedStateMachine):
 
     # ---- learning from the provider ----------------------------------------------------------
 
-    def _exact_limits(self, data: st.DataObject, settling: str | None, seen: tuple[Any, Any]) -> list[Any]:
-        """Limits to report, per minute or None, drawn among those that keep every time on the 1/64 s
-        grid: any tighter (or first) limit; a looser one only where no lease's correction spans it
-        and the rescaled TAT lands on the grid. (Looser limits off the grid: tests/test_learning.py.)"""
+    def _exact_limits(self, data: st.DataObject, settling: str | None, seen: tuple[Any, Any], model: str) -> list[Any]:
+        """Limits to report for ``model``, per minute or None, drawn among those that keep every time
+        on the 1/64 s grid: any that tightens the rate in force (or is the first); one that loosens it
+        only where no lease's correction spans it and the rescaled TAT lands on the grid. (Looser
+        limits off the grid: tests/test_learning.py; expiries wait for the grid, see _on_the_grid.)"""
+        self._sync_expiry()
+        self._on_the_grid()
+        self._sync_expiry()
         now = CLOCK.now()
         out: list[Any] = []
         for i, (dim, choices) in enumerate((("requests", LEARN_REQUESTS), ("tokens", LEARN_TOKENS))):
-            current = self.model.request_rate if dim == "requests" else self.model.token_rate
             allowed: list[Any] = [None]
             for per_minute in choices:
-                configured = self.model.configured_request_rate if i == 0 else self.model.configured_token_rate
-                rate = effective(configured, F(per_minute))
-                if current == 0 or rate <= current:
+                after = copy.deepcopy(self.model)
+                after._expire(now)
+                before = after.request_rate if i == 0 else after.token_rate
+                after.offgrid = False
+                limits = (F(per_minute), None) if i == 0 else (None, F(per_minute))
+                after._learn(*limits, frac(self.memory), now, model)
+                rate = after.request_rate if i == 0 else after.token_rate
+                if before == 0 or rate <= before:
                     allowed.append(per_minute)
                     continue
                 others = [lease for lease in self.model.leases if lease != settling]
                 spans = others or (settling is not None and seen[i] is not None)
-                tat = self.model.rescaled(dim, F(per_minute), now)
-                if not spans and (tat * TICKS).denominator == 1:
+                if not spans and not after.offgrid:
                     allowed.append(per_minute)
             out.append(data.draw(st.sampled_from(allowed), label=f"{dim} limit"))
         return out
 
-    def _settle_reporting(self, lease_id: str, actual: int | None, seen: tuple[Any, Any], limits: list[Any]) -> None:
-        argv = settle_args(lease_id, actual, seen[0], seen[1], limits[0], limits[1], self.memory)
+    def _settle_reporting(
+        self, lease_id: str, actual: int | None, seen: tuple[Any, Any], limits: list[Any], model: str = ""
+    ) -> None:
+        argv = settle_args(lease_id, actual, seen[0], seen[1], limits[0], limits[1], self.memory, model=model)
         raw = self._run("settle", argv)
         result = self.model.settle(
             CLOCK.now(),
@@ -837,8 +999,9 @@ class BudgetMachine(RuleBasedStateMachine):
             (None if seen[0] is None else F(seen[0]), None if seen[1] is None else F(seen[1])),
             (None if limits[0] is None else F(limits[0]), None if limits[1] is None else F(limits[1])),
             frac(self.memory),
+            model,
         )
-        self._check(f"settle({lease_id!r}, {actual}, seen={seen}, limits={limits})", raw, result)
+        self._check(f"settle({lease_id!r}, {actual}, seen={seen}, limits={limits}, model={model!r})", raw, result)
 
     @precondition(lambda self: self.model.leases)
     @rule(data=st.data(), actual=ACTUAL, seen_requests=SEEN_REQUESTS, seen_tokens=SEEN_TOKENS)
@@ -848,13 +1011,15 @@ class BudgetMachine(RuleBasedStateMachine):
         """A reply's headers: what the provider had left when it admitted the call, and its limits."""
         lease_id = data.draw(st.sampled_from(sorted(self.model.leases)), label="lease")
         seen = (seen_requests, seen_tokens)
-        self._settle_reporting(lease_id, actual, seen, self._exact_limits(data, lease_id, seen))
+        model = data.draw(MODELS, label="model")
+        self._settle_reporting(lease_id, actual, seen, self._exact_limits(data, lease_id, seen, model), model)
 
     @rule(data=st.data(), seen_requests=SEEN_REQUESTS, seen_tokens=SEEN_TOKENS)
     def learn_without_a_lease(self, data: st.DataObject, seen_requests: int | None, seen_tokens: int | None) -> None:
         """limiter.learn: a reply that holds no lease."""
         seen = (seen_requests, seen_tokens)
-        self._settle_reporting("", None, seen, self._exact_limits(data, None, seen))
+        model = data.draw(MODELS, label="model")
+        self._settle_reporting("", None, seen, self._exact_limits(data, None, seen, model), model)
 
     @rule(lease_id=ids | st.just(UNKNOWN), seen_tokens=SEEN_TOKENS)
     def stale_settle_with_limits(self, lease_id: str, seen_tokens: int | None) -> None:
@@ -939,9 +1104,50 @@ class BudgetMachine(RuleBasedStateMachine):
         CLOCK.ticks += ticks
 
     @invariant()
+    def safety_holds(self) -> None:
+        """No window [t_i, t_j] of grants, as Redis records them, admits more than r x (t_j - t_i)
+        + max(C, c_j) in a dimension, plus, only where t_i is a head of the queue granted after its
+        fit time (not a cooldown's end), min(c_i, r x lateness, r x LATE_CREDIT). Computed from the
+        replies and events alone. Settles count when they happen, between grants i and j: an
+        under-estimate's excess adds to the window, a refund (an over-estimate, a cancel) is taken
+        off at its full amount (at most what the bucket gets back), so credit given back and spent
+        again is not counted twice, and a refund of a charge made before t_i still counts: it gives
+        credit back now, which is what makes a window admit more. Only windows within one
+        segment of constant rates (no learned limit changed in between, keys not expired). A window
+        ends at a grant with a cost in that dimension: only such a grant had to fit the level."""
+        between: dict[tuple[int, int], Fraction] = {}
+        for position, dim, amount in self.adjustments:
+            between[(position, dim)] = between.get((position, dim), ZERO) + amount
+        burst = frac(self.budget.burst)
+        for i, first in enumerate(self.grants):
+            for d in (0, 1):
+                rate = first.segment[1 + d]
+                if rate == 0:
+                    continue
+                slack = ZERO
+                if first.late_fit is not None:
+                    slack = min(first.cost[d], rate * LATE_CREDIT, rate * (first.at - first.late_fit))
+                total = ZERO
+                for j in range(i, len(self.grants)):
+                    last = self.grants[j]
+                    if last.segment != first.segment:
+                        break
+                    if j > i:
+                        total += between.get((j, d), ZERO)
+                    total += last.cost[d]
+                    if last.cost[d] == 0:  # a cost of 0 fits whatever the level: it bounds nothing
+                        continue
+                    bound = rate * (last.at - first.at) + max(rate * burst, last.cost[d]) + slack
+                    assert total <= bound, (
+                        f"{'requests' if d == 0 else 'tokens'}: grants {i}..{j} admit {float(total)} in "
+                        f"{float(last.at - first.at):.6f} s, more than {float(bound)}"
+                    )
+
+    @invariant()
     def status_agrees(self) -> None:
         raw = self._run("status", [])
         want = self.model.status(CLOCK.now())
+        assert not self.model.offgrid, "a rescaled TAT left the grid"
         assert_matches("status", raw, want, EXACT)
         assert decode_status(self.budget, raw).in_flight == want[3]
         assert self._events() == [], "status published something"

@@ -36,10 +36,19 @@ from xflow_dist._core import acquire_args, budget_args, cooldown_args, keys, set
 BLOCK = ["rate", "seconds", "rate", "seconds", "count", "positive", "seconds", "text", "positive"]
 OPS: dict[str, list[str]] = {
     "acquire": ["text", "units", "units", "seconds_or_unset", "flag", "positive", "flag_opt"],
-    "settle": ["text_or_empty", "units_or_unset", "units_or_unset", "units_or_unset", "limit", "limit", "seconds"],
+    "settle": [
+        "text_or_empty",
+        "units_or_unset",
+        "units_or_unset",
+        "units_or_unset",
+        "limit",
+        "limit",
+        "seconds",
+        "text_or_empty_opt",
+    ],
     "cancel": ["text"],
     "extend": ["text"],
-    "cooldown": ["seconds_or_unset", "positive", "positive", "seconds", "factor", "draw"],
+    "cooldown": ["seconds_or_unset", "positive", "positive", "seconds", "factor", "draw", "positive"],
     "status": [],
     "configure": [],
 }
@@ -83,7 +92,7 @@ BAD_FLAG = ["", "2", "-1", "true", "yes", " 1", "01", "1.0", "0.0", "nan"]
 
 
 def garbage(kind: str) -> st.SearchStrategy[str]:
-    if kind in ("text", "text_or_empty"):
+    if kind.startswith("text"):
         return st.sampled_from([t for t in BAD_TEXT if t or kind == "text"])
     if kind in ("flag", "flag_opt"):
         return st.sampled_from(BAD_FLAG)
@@ -147,7 +156,7 @@ def live_budget(client: redis.Redis, name: str) -> tuple[Ops, str, str]:
     assert (first.kind, second.kind, third.kind) == ("granted", "granted", "queued")
     ops.settle("", None, limit_requests=1200, remaining_tokens=50_000)
     ops.cooldown(60.0)
-    assert len(budget_keys(client, name)) == 5
+    assert len(budget_keys(client, name)) == 6  # learned limits included
     return ops, lease, ticket
 
 

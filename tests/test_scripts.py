@@ -281,3 +281,71 @@ def test_the_providers_word_never_raises_the_level(rclient: redis.Redis, name: s
     before = o.status().tokens_available
     _settle_seen(o, a, 100, 999)  # the provider had more than we thought: we stay as we are
     assert o.status().tokens_available == pytest.approx(before, abs=1)
+
+
+# ---- exactness: a late head of the queue and full buckets ------------------------------------------------------
+
+
+def _drain(o: Ops, tokens: float = 0) -> list[float]:
+    """Take every request the budget grants at once, one by one (Redis time of each grant); bounded."""
+    starts: list[float] = []
+    for _ in range(500):
+        _, r = o.acquire(tokens=tokens, queue=False)
+        if r.kind != "granted":
+            return starts
+        starts.append(r.start)
+    raise AssertionError("the budget never ran out")
+
+
+def _excess(grants: list[tuple[float, float]], rate: float, capacity: float) -> float:
+    """How far the grants (time, cost) of any window [t_i, t_j] go above rate x (t_j - t_i) + capacity."""
+    worst = -float("inf")
+    for i, (ti, _) in enumerate(grants):
+        total = 0.0
+        for tj, cost in grants[i:]:
+            total += cost
+            worst = max(worst, total - (rate * (tj - ti) + capacity))
+    return worst
+
+
+def test_a_late_head_gets_no_credit_in_a_bucket_that_was_full(rclient: redis.Redis, name: str) -> None:
+    # requests: 100/s, 100 of credit, never binding; tokens: the head waits for them
+    o = ops(rclient, name, rps=100, tps=100, burst=1)
+    assert o.acquire(tokens=100)[1].kind == "granted"  # the token bucket is empty
+    head, q = o.acquire(tokens=100, requests=5)
+    assert q.kind == "queued"
+    fit = q.now + q.wait
+    o.wait_redis_until(fit + 0.05)  # the head comes back 50 ms late
+    late = o.acquire(tokens=100, requests=5, lease_id=head)[1]
+    assert late.kind == "granted"
+    # Its requests were full all along: charging them as of its fit time would give it 5 requests
+    # of refill the full bucket could not hold. Counted by the grant times Redis records:
+    grants = [(late.start, 5.0)] + [(t, 1.0) for t in _drain(o)]
+    assert _excess(grants, 100.0, 100.0) <= 0.5  # the old rule: 5 over (5 requests for free)
+
+
+def test_a_head_released_by_the_end_of_a_cooldown_is_charged_from_now(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=100, burst=1)  # 100 requests of credit
+    c = o.cooldown(1.2, draw=0.0)  # drained at the 429; full again 1 s later, before the pause ends
+    head, q = o.acquire(requests=5)
+    assert q.kind == "queued" and q.now + q.wait == pytest.approx(c.until, abs=1e-5)
+    o.wait_redis_until(c.until + 0.05)
+    late = o.acquire(requests=5, lease_id=head)[1]
+    assert late.kind == "granted"
+    grants = [(late.start, 5.0)] + [(t, 1.0) for t in _drain(o)]
+    assert _excess(grants, 100.0, 100.0) <= 0.5  # the old rule: 5 over
+
+
+def test_a_late_head_keeps_the_schedule_only_in_the_bucket_that_set_it(rclient: redis.Redis, name: str) -> None:
+    # burst 0: one request every 10 ms. The late head is charged as of its fit time in the request
+    # bucket (it set the fit time), so the next fits 10 ms after that fit, not after the late grant.
+    o = ops(rclient, name, rps=100, tps=100_000)
+    assert o.acquire(tokens=10)[1].kind == "granted"
+    head, q = o.acquire(tokens=10)
+    fit = q.now + q.wait
+    o.wait_redis_until(fit + 0.005)
+    late = o.acquire(tokens=10, lease_id=head)[1]
+    assert late.kind == "granted"
+    _, nxt = o.acquire(tokens=10, queue=False)
+    if nxt.kind == "refused":  # the refill came first on a slow machine; else it is the schedule
+        assert nxt.now + nxt.retry_after == pytest.approx(max(fit, late.now - 0.01) + 0.01, abs=0.002)

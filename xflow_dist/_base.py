@@ -177,6 +177,12 @@ class LimiterBase:
                 bound = f"from {low:g} to {MAX_UNITS:g}" + (" (per minute)" if low else "")
                 raise InvalidCostError(f"{what} must be finite, {bound}, not {value!r}", budget=self.budget.name)
 
+    def _check_model(self, model: str) -> None:
+        if not isinstance(model, str) or len(model) > 256:
+            raise InvalidCostError(
+                f"model must be a string of at most 256 characters, not {model!r}", budget=self.budget.name
+            )
+
     def _learn_args(
         self,
         facts: LimitFacts | None,
@@ -184,8 +190,10 @@ class LimiterBase:
         limit_tokens: float | None,
         remaining_requests: float | None,
         remaining_tokens: float | None,
+        model: str = "",
     ) -> list[str]:
-        """``settle.lua`` without a lease: learn the limits (and cap the levels at the remaining)."""
+        """``settle.lua`` without a lease: learn the limits (and cap the levels at the remaining);
+        ``model`` names whose limits they are, so two models on one budget each keep their own."""
         if facts is not None:
             if not isinstance(facts, LimitFacts):
                 raise InvalidCostError(f"facts must be a LimitFacts, not {facts!r}", budget=self.budget.name)
@@ -199,7 +207,8 @@ class LimiterBase:
             if remaining_tokens is None:
                 remaining_tokens = facts.tokens_remaining
         self._check_facts(remaining_requests, remaining_tokens, limit_requests, limit_tokens)
-        return settle_args("", None, remaining_requests, remaining_tokens, limit_requests, limit_tokens)
+        self._check_model(model)
+        return settle_args("", None, remaining_requests, remaining_tokens, limit_requests, limit_tokens, model=model)
 
     def _settle_args(
         self,
@@ -209,8 +218,10 @@ class LimiterBase:
         remaining_tokens: float | None = None,
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
+        model: str = "",
     ) -> list[str]:
         self._check_facts(remaining_requests, remaining_tokens, limit_requests, limit_tokens)
+        self._check_model(model)
         if actual_tokens is not None and (
             isinstance(actual_tokens, bool)
             or not isinstance(actual_tokens, int | float)
@@ -222,7 +233,9 @@ class LimiterBase:
                 f"actual_tokens must be finite, from 0 to {MAX_UNITS:g}, not {actual_tokens!r}",
                 budget=self.budget.name,
             )
-        return settle_args(lease_id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens)
+        return settle_args(
+            lease_id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens, model=model
+        )
 
     def _cooldown_args(self, retry_after: float | None) -> list[str]:
         """The script's arguments, a retry-after beyond the policy's ``max_pause`` capped to it

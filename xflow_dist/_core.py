@@ -21,14 +21,14 @@ from ._exceptions import (
 #: Seconds the keys of a budget outlive the last thing they still have to remember.
 IDLE_GRACE = 10.0
 
-#: Seconds the limits learned from the provider are remembered after the last report of them.
+#: Seconds a limit learned from the provider is remembered after its last report (then forgotten).
 LEARN_MEMORY = 3600.0
 
 
 def keys(budget: Budget) -> list[str]:
-    """The five keys of a budget, in the order every script expects (see ``lua/_prelude.lua``)."""
+    """The six keys of a budget, in the order every script expects (see ``lua/_prelude.lua``)."""
     tag = f"{{xflow:{budget.name}}}"
-    return [f"{tag}:state", f"{tag}:leases", f"{tag}:lease_data", f"{tag}:queue", f"{tag}:tickets"]
+    return [f"{tag}:state", f"{tag}:leases", f"{tag}:lease_data", f"{tag}:queue", f"{tag}:tickets", f"{tag}:learned"]
 
 
 def channel(budget: Budget) -> str:
@@ -112,9 +112,11 @@ def settle_args(
     limit_requests: float | None = None,
     limit_tokens: float | None = None,
     memory: float = LEARN_MEMORY,
+    model: str = "",
 ) -> list[str]:
-    """ARGV[10..16] of ``settle.lua``: the usage, what the provider said it had left and its limits
-    (per minute). ``lease_id=""`` only learns (``limiter.learn``)."""
+    """ARGV[10..17] of ``settle.lua``: the usage, what the provider said it had left and its limits
+    (per minute), learned for ``model`` (each model's own limits; the tightest live one is in force).
+    ``lease_id=""`` only learns (``limiter.learn``)."""
     return [
         lease_id,
         _opt(actual_tokens),
@@ -123,6 +125,7 @@ def settle_args(
         _opt(limit_requests),
         _opt(limit_tokens),
         _num(memory),
+        model,
     ]
 
 
