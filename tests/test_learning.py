@@ -7,6 +7,7 @@ claim is about sharing.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import subprocess
 import sys
@@ -478,3 +479,30 @@ def test_the_model_name_is_checked_and_sent_last(name: str) -> None:
     assert base._settle_args("id", 10)[-1] == ""
     with pytest.raises(InvalidCostError):
         base._settle_args("id", 10, model=3)  # type: ignore[arg-type]
+
+
+def test_leases_and_the_transport_learn_per_model(redis_url: str, name: str) -> None:
+    """Two models behind one budget, each reported with its own limits on every reply: the budget
+    keeps the tighter one however the replies alternate (it flipped with each reply before)."""
+    import httpx
+
+    from xflow_dist.httpx import RateLimitedTransport
+
+    limits = {"small": "60000", "large": "600000"}
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        model = json.loads(request.content)["model"]
+        headers = {"x-ratelimit-limit-tokens": limits[model], "x-ratelimit-limit-requests": "1000"}
+        return httpx.Response(200, json={"usage": {"total_tokens": 10}}, headers=headers)
+
+    with Limiter(Budget(name, tpm=1_000_000, burst=1), redis_url) as limiter:
+        client = httpx.Client(transport=RateLimitedTransport(limiter, httpx.MockTransport(provider)))
+        seen = []
+        for model in ("small", "large", "small", "large"):
+            client.post("https://api.example.test/v1/chat/completions", json={"model": model, "max_tokens": 5})
+            seen.append(limiter.status().tpm)
+        client.close()
+        assert seen == [60_000, 60_000, 60_000, 60_000]
+        with limiter.acquire(tokens=1) as lease:
+            lease.report(1, limit_tokens=30_000, model="large")  # the large model tightened: it binds now
+        assert limiter.status().tpm == 30_000

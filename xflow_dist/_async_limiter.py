@@ -332,13 +332,15 @@ class AsyncLimiter(LimiterBase):
         limit_tokens: float | None = None,
         remaining_requests: float | None = None,
         remaining_tokens: float | None = None,
+        model: str = "",
     ) -> SettleReply:
         """Learn from a provider's reply that holds no lease (a call made outside the budget).
 
         ``facts`` are its parsed headers (``parse_limit_headers``); keywords override them. Limits are
-        per minute; what remains caps the shared levels. Returns the limits in force after it.
+        per minute, learned for ``model`` (each model its own); what remains caps the shared levels.
+        Returns the limits in force after it.
         """
-        argv = self._learn_args(facts, limit_requests, limit_tokens, remaining_requests, remaining_tokens)
+        argv = self._learn_args(facts, limit_requests, limit_tokens, remaining_requests, remaining_tokens, model)
         return decode_settle(await self._run("settle", argv))
 
     async def cooldown(self, retry_after: float | None = None) -> CooldownReply:

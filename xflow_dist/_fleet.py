@@ -211,13 +211,11 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
                     async with limiter.acquire(tokens=job.estimate) as lease:
                         reply = await call(job)
                         seen = parse_limit_headers(reply.headers)
-                        learned = {
-                            "limit_requests": seen.request_limit or None,
-                            "limit_tokens": seen.token_limit or None,
-                        } if spec.report_limits else {}  # fmt: skip
+                        limit_requests = (seen.request_limit or None) if spec.report_limits else None
+                        limit_tokens = (seen.token_limit or None) if spec.report_limits else None
                         if reply.status_code == 429:
                             # A rejected call uses no tokens; what remains is not this call's, its limits are.
-                            await lease.report(actual_tokens=0, **learned)
+                            await lease.report(0, limit_requests=limit_requests, limit_tokens=limit_tokens)
                             report.rejected += 1
                             report.cooldowns += 1
                             await limiter.cooldown(retry_after=parse_retry_after(reply.headers))
@@ -228,7 +226,8 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
                             actual_tokens=used,
                             remaining_requests=seen.requests_remaining,
                             remaining_tokens=seen.tokens_remaining,
-                            **learned,
+                            limit_requests=limit_requests,
+                            limit_tokens=limit_tokens,
                         )
                 else:
                     if rate_req is not None:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 class _LeaseState:
-    __slots__ = ("__weakref__", "_closed", "id", "lost", "requests", "tokens")
+    __slots__ = ("__weakref__", "_closed", "id", "lost", "model", "requests", "tokens")
 
     def __init__(self, lease_id: str, requests: float, tokens: float) -> None:
         self.id = lease_id
@@ -21,6 +21,9 @@ class _LeaseState:
         self.tokens = tokens
         #: True once a heartbeat found the lease expired: its slot may belong to someone else.
         self.lost = False
+        #: The model (or route) whose limits the provider reports with this call: each is learned on
+        #: its own, so two models under one budget do not flip it (settable; the transports set it).
+        self.model = ""
         self._closed = False
 
     @property
@@ -56,17 +59,20 @@ class Lease(_LeaseState):
         remaining_tokens: float | None = None,
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
+        model: str | None = None,
     ) -> SettleReply | None:
         """Settle with the tokens really used (refund or debt) and free the slot; once only.
 
         ``remaining_*`` are what the provider said it had left when it admitted the call (its
         ``x-ratelimit-remaining-*`` headers): the shared level is corrected down if it was ahead.
         ``limit_*`` are its limits per minute (``x-ratelimit-limit-*``): the whole fleet learns them,
-        and the rates in force become the budget's own lowered to them.
+        and the rates in force become the budget's own lowered to them, learned for ``model``
+        (default: ``lease.model``) and forgotten an hour after its last report.
         """
         argv = self._limiter._settle_args(
-            self.id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens
-        )
+            self.id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens,
+            self.model if model is None else model,
+        )  # fmt: skip
         if not self._close():
             return None
         return self._limiter._finish(self, "settle", argv)
@@ -78,12 +84,14 @@ class Lease(_LeaseState):
         remaining_tokens: float | None = None,
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
+        model: str | None = None,
     ) -> SettleReply | None:
         """Settle at the estimate (the call was made, its usage unknown) and free the slot; the
         provider's word, if any, is taken as by ``report``."""
         argv = self._limiter._settle_args(
-            self.id, None, remaining_requests, remaining_tokens, limit_requests, limit_tokens
-        )
+            self.id, None, remaining_requests, remaining_tokens, limit_requests, limit_tokens,
+            self.model if model is None else model,
+        )  # fmt: skip
         if not self._close():
             return None
         return self._limiter._finish(self, "settle", argv)
@@ -119,17 +127,20 @@ class AsyncLease(_LeaseState):
         remaining_tokens: float | None = None,
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
+        model: str | None = None,
     ) -> SettleReply | None:
         """Settle with the tokens really used (refund or debt) and free the slot; once only.
 
         ``remaining_*`` are what the provider said it had left when it admitted the call (its
         ``x-ratelimit-remaining-*`` headers): the shared level is corrected down if it was ahead.
         ``limit_*`` are its limits per minute (``x-ratelimit-limit-*``): the whole fleet learns them,
-        and the rates in force become the budget's own lowered to them.
+        and the rates in force become the budget's own lowered to them, learned for ``model``
+        (default: ``lease.model``) and forgotten an hour after its last report.
         """
         argv = self._limiter._settle_args(
-            self.id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens
-        )
+            self.id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens,
+            self.model if model is None else model,
+        )  # fmt: skip
         if not self._close():
             return None
         return await self._limiter._finish(self, "settle", argv)
@@ -141,12 +152,14 @@ class AsyncLease(_LeaseState):
         remaining_tokens: float | None = None,
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
+        model: str | None = None,
     ) -> SettleReply | None:
         """Settle at the estimate (the call was made, its usage unknown) and free the slot; the
         provider's word, if any, is taken as by ``report``."""
         argv = self._limiter._settle_args(
-            self.id, None, remaining_requests, remaining_tokens, limit_requests, limit_tokens
-        )
+            self.id, None, remaining_requests, remaining_tokens, limit_requests, limit_tokens,
+            self.model if model is None else model,
+        )  # fmt: skip
         if not self._close():
             return None
         return await self._limiter._finish(self, "settle", argv)

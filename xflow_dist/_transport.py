@@ -282,6 +282,7 @@ def _stream_class(logic: type, base: type) -> type:
 @dataclass(frozen=True, slots=True)
 class _Acquire:
     tokens: int
+    model: str = ""  # the provider reports its limits per model: the lease learns them for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,8 +329,10 @@ def _call_flow(
     retry within ``max_retries``, each attempt acquiring (and so charged) again. A 429 that says
     the quota is exhausted raises ``QuotaExhaustedError`` instead: no pause, no retry."""
     attempt = 0
+    named = body.get("model")
+    model = named if isinstance(named, str) else ""
     while True:
-        lease = yield _Acquire(tokens)
+        lease = yield _Acquire(tokens, model)
         response = yield _Send(lease)
         if response.status_code == 429:
             content: bytes = yield _Read(response)
@@ -465,7 +468,9 @@ class SyncTransportCore(_TransportCore[Limiter]):
 
     def _run(self, limiter: Limiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):
-            return limiter.acquire(tokens=step.tokens)
+            lease = limiter.acquire(tokens=step.tokens)
+            lease.model = step.model
+            return lease
         if isinstance(step, _Send):
             return self._inner.handle_request(request)
         if isinstance(step, _Read):
@@ -517,7 +522,9 @@ class AsyncTransportCore(_TransportCore[AsyncLimiter]):
 
     async def _run(self, limiter: AsyncLimiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):
-            return await limiter.acquire(tokens=step.tokens)
+            lease = await limiter.acquire(tokens=step.tokens)
+            lease.model = step.model
+            return lease
         if isinstance(step, _Send):
             return await self._inner.handle_async_request(request)
         if isinstance(step, _Read):
