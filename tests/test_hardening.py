@@ -348,3 +348,57 @@ def test_one_cut_of_every_socket_costs_a_fleet_at_most_a_second(redis_url: str, 
     assert result["connections_killed"] >= 2
     assert result["longest_gap_from_cut_s"] < 1.0, result
     assert result["in_flight_at_end"] == 0
+
+
+def _async_child_after_fork(lim: AsyncLimiter, results: multiprocessing.Queue[str]) -> None:
+    async def main() -> str:
+        first = await lim.acquire(timeout=5)
+        await asyncio.sleep(2.5)  # longer than the 1 s lease TTL: only the child's heartbeats keep it
+        alive = (await lim.status()).in_flight
+
+        async def second() -> object:
+            return await lim.acquire(timeout=5)
+
+        waiter = asyncio.create_task(second())
+        for _ in range(500):
+            if (await lim.status()).queued == 1:
+                break
+            await asyncio.sleep(0.01)
+        await first.release()  # the queued acquire is woken by the grant notice
+        lease = await asyncio.wait_for(waiter, 5)
+        await lease.release()  # type: ignore[attr-defined]
+        await lim.aclose()
+        return f"{alive} True"
+
+    try:
+        results.put(asyncio.run(main()))
+    except Exception as exc:
+        results.put(f"error {exc!r}")
+
+
+#: The parent leaves its connections open on a loop that ends, so that a child which reused them
+#: would fail; the limiter is kept here so that they are never collected (and reported) mid-session.
+_KEPT: list[AsyncLimiter] = []
+
+
+def test_an_async_limiter_works_in_a_forked_child(redis_url: str, name: str) -> None:
+    """Made before the fork (gunicorn --preload) and used by the parent on its own loop first."""
+    lim = AsyncLimiter(Budget(name, max_concurrency=3, lease_ttl=1.0), redis_url)
+    _KEPT.append(lim)
+
+    async def parent_use() -> None:
+        async with lim.acquire():
+            pass
+
+    asyncio.run(parent_use())
+    ctx = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue[str] = ctx.Queue()
+    child = ctx.Process(target=_async_child_after_fork, args=(lim, results))
+    child.start()
+    try:
+        answer = results.get(timeout=20)
+    finally:
+        child.join(timeout=10)
+    assert answer == "1 True", answer
+    with Limiter(Budget(name, max_concurrency=3, lease_ttl=1.0), redis_url) as check:
+        assert check.status().in_flight == 0
