@@ -445,11 +445,11 @@ local function load_state()
   }
   st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
   apply_limits(st)
-  relimit(st, live_limits(st))
-  if REAPED_REQ > 0 or REAPED_TOK > 0 then
+  if REAPED_REQ > 0 or REAPED_TOK > 0 then -- at the rates they were charged at, before any expiry
     refund(st, REAPED_REQ, REAPED_TOK)
     REAPED_REQ, REAPED_TOK = 0, 0
   end
+  relimit(st, live_limits(st))
   return st
 end
 
