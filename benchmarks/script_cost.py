@@ -77,7 +77,7 @@ def variants() -> tuple[dict[str, str], dict[str, str]]:
 def run(binary: str, admin: redis.Redis, port: str, sha: str, clients: int, requests: int) -> dict[str, float]:
     budget = Budget(f"bench-sc-{uuid.uuid4().hex[:8]}", rps=1e7, tps=1e10, max_concurrency=1_000_000, burst=60.0)
     argv = acquire_args("L__rand_int__", 1.0, 100.0, None, True, budget.lease_ttl)
-    command = ["EVALSHA", sha, "5", *keys(budget), *budget_args(budget), *argv]
+    command = ["EVALSHA", sha, str(len(keys(budget))), *keys(budget), *budget_args(budget), *argv]
     c.reset_stats(admin)
     cpu0 = c.redis_cpu(admin)
     bench = [binary, "-h", "127.0.0.1", "-p", port, "-c", str(clients), "-n", str(requests), "-r", "1000000000"]
