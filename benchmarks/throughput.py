@@ -6,7 +6,7 @@ workers run four phases, interleaved over several short rounds (in alternating o
 anything else on the machine hit every phase alike:
 
   ping     PING                                                                    1 call per op
-  noop     EVALSHA of benchmarks/noop.lua with acquire's 5 KEYS and 14 ARGV, built per call
+  noop     EVALSHA of benchmarks/noop.lua with acquire's KEYS and ARGV, built per call
            exactly as an acquire builds them (fresh lease id, same encoding)       1 call per op
   raw      EVALSHA acquire.lua then EVALSHA settle.lua through the registered redis-py Scripts,
            as the limiter sends them, without the limiter's Python around them     2 calls per op
