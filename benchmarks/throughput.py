@@ -249,7 +249,8 @@ def server_bound(url: str, admin: redis.Redis, counts: list[int], requests: int,
                     command = ["PING"]
                 else:
                     argv = acquire_args("L__rand_int__", 1.0, TOKENS, None, True, budget.lease_ttl)
-                    command = ["EVALSHA", shas[mode], str(len(keys(budget))), *keys(budget), *budget_args(budget), *argv]
+                    names = keys(budget)
+                    command = ["EVALSHA", shas[mode], str(len(names)), *names, *budget_args(budget), *argv]
                 c.reset_stats(admin)
                 cpu0 = c.redis_cpu(admin)
                 t0 = time.monotonic()
