@@ -532,6 +532,16 @@ local function dequeue(id)
   redis.call('HDEL', K_TICKETS, id)
 end
 
+-- Tell ticket `id` to come back at `fit` (once per change of that time); it lives until then plus its TTL.
+local function announce(st, id, t, fit)
+  if math.abs(fit - t.fit) > 0.0000005 then
+    t.fit = fit
+    t.alive = math.max(t.alive, fit + t.ttl)
+    save_ticket(st, id, t)
+    redis.call('PUBLISH', CHANNEL, 'h ' .. id .. ' ' .. fmt(fit) .. ' ' .. fmt(NOW))
+  end
+end
+
 -- Serve the queue in order: grant every head that fits now; tell the first that does not when it
 -- will (once per change). A ticket not renewed in time belongs to a dead waiter and is dropped.
 local function advance(st)
@@ -562,12 +572,7 @@ local function advance(st)
             end
           end
         end
-        if math.abs(at - tk.fit) > 0.0000005 then
-          tk.fit = at
-          tk.alive = math.max(tk.alive, at + tk.ttl)
-          save_ticket(st, target, tk)
-          redis.call('PUBLISH', CHANNEL, 'h ' .. target .. ' ' .. fmt(at) .. ' ' .. fmt(NOW))
-        end
+        announce(st, target, tk, at)
       end
       return
     else
@@ -577,12 +582,7 @@ local function advance(st)
         grant(st, head, t.creq, t.ctok, t.fit, true)
         redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW))
       else
-        if math.abs(fit - t.fit) > 0.0000005 then
-          t.fit = fit
-          t.alive = math.max(t.alive, fit + t.ttl)
-          save_ticket(st, head, t)
-          redis.call('PUBLISH', CHANNEL, 'h ' .. head .. ' ' .. fmt(fit) .. ' ' .. fmt(NOW))
-        end
+        announce(st, head, t, fit)
         return
       end
     end
