@@ -46,7 +46,7 @@
 -- Every argument is checked before anything is written (Redis does not roll back a script that
 -- fails halfway), and a call with a bad one is refused with the error reply
 -- "XFLOW_BADARG ARGV[<i>] <name>: got <value>, expected <what>", changing nothing. Numbers are plain
--- decimals (no hex, nan, inf or spaces), finite and bounded: units (requests, tokens, rates per
+-- decimals (no hex, nan, inf, spaces or leading +), finite and bounded: units (requests, tokens, rates per
 -- second, limits per minute, leases) at most MAX_UNITS, seconds (and the jitter fraction) at most
 -- MAX_SECONDS, and a rate or limit that is not 0 (-1) at least MIN_RATE; ids and the channel are 1 to
 -- MAX_TEXT bytes with no space or control character; flags are exactly "0" or "1". Only the
@@ -106,7 +106,7 @@ local function value_of(kind, s)
     return nil
   end
   local x = tonumber(s)
-  if not x or x ~= x or #s > 40 or s:find('[^%d%.eE%+%-]') then
+  if not x or x ~= x or #s > 40 or s:find('[^%d%.eE%+%-]') or s:sub(1, 1) == '+' then
     return nil
   end
   local ok
