@@ -235,17 +235,22 @@ def _child_after_fork(lim: Limiter, results: multiprocessing.Queue[str]) -> None
         results.put(f"error {exc!r}")
 
 
+def _answer_from_forked_child(target: object, lim: object) -> str:
+    """Run ``target(lim, results)`` in a child made by fork; its one answer."""
+    ctx = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue[str] = ctx.Queue()
+    child = ctx.Process(target=target, args=(lim, results))
+    child.start()
+    try:
+        return results.get(timeout=20)
+    finally:
+        child.join(timeout=10)
+
+
 def test_a_forked_child_runs_its_own_heartbeats_and_notices(redis_url: str, name: str) -> None:
     with Limiter(Budget(name, max_concurrency=3, lease_ttl=1.0), redis_url) as lim:
         parents = lim.acquire()  # the parent's threads run before the fork
-        ctx = multiprocessing.get_context("fork")
-        results: multiprocessing.Queue[str] = ctx.Queue()
-        child = ctx.Process(target=_child_after_fork, args=(lim, results))
-        child.start()
-        try:
-            answer = results.get(timeout=20)
-        finally:
-            child.join(timeout=10)
+        answer = _answer_from_forked_child(_child_after_fork, lim)
         # 2 in flight after 2.5 s: the child's lease and the parent's, each kept by its own process
         assert answer == "2 True", answer
         assert lim.status().in_flight == 1  # the child never touched the parent's lease
@@ -406,14 +411,7 @@ def test_an_async_limiter_works_in_a_forked_child(redis_url: str, name: str) -> 
             pass
 
     asyncio.run(parent_use())
-    ctx = multiprocessing.get_context("fork")
-    results: multiprocessing.Queue[str] = ctx.Queue()
-    child = ctx.Process(target=_async_child_after_fork, args=(lim, results))
-    child.start()
-    try:
-        answer = results.get(timeout=20)
-    finally:
-        child.join(timeout=10)
+    answer = _answer_from_forked_child(_async_child_after_fork, lim)
     assert answer == "1 True", answer
     with Limiter(Budget(name, max_concurrency=3, lease_ttl=1.0), redis_url) as check:
         assert check.status().in_flight == 0
