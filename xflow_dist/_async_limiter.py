@@ -16,7 +16,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 
 from ._backend import IO_TIMEOUT, AsyncClient, RedisLike, async_client
-from ._base import _LIVE, RETRY_FIRST, RETRY_MAX, Decision, LimiterBase, transient
+from ._base import _INHERITED, _LIVE, RETRY_FIRST, RETRY_MAX, Decision, LimiterBase, transient
 from ._budget import Budget, CooldownPolicy
 from ._core import (
     CooldownReply,
@@ -39,9 +39,6 @@ from ._lease import AsyncLease
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
-
-#: Clients a forked child inherited from its parent: kept referenced so that no finalizer closes them.
-_INHERITED: list[Any] = []
 
 
 class _Events:

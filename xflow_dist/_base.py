@@ -9,7 +9,7 @@ import os
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis
 
@@ -72,6 +72,9 @@ def transient(exc: BaseException) -> bool:
 
 #: Every limiter alive in this process: restarted in a forked child, closed at interpreter exit.
 _LIVE: weakref.WeakSet[LimiterBase] = weakref.WeakSet()
+
+#: Clients a forked child inherited from its parent: kept referenced so that no finalizer closes them.
+_INHERITED: list[Any] = []
 
 
 #: This process's part of every lease id ("<process>.<unique>"): when a grant goes unclaimed, the

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from ._backend import IO_TIMEOUT, RedisLike, SyncClient, sync_client
-from ._base import _LIVE, RETRY_FIRST, RETRY_MAX, Decision, LimiterBase, transient
+from ._base import _INHERITED, _LIVE, RETRY_FIRST, RETRY_MAX, Decision, LimiterBase, transient
 from ._budget import Budget, CooldownPolicy
 from ._core import (
     CooldownReply,
@@ -38,9 +38,6 @@ from ._lease import Lease
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
-
-#: Clients a forked child inherited from its parent: kept referenced so that no finalizer closes them.
-_INHERITED: list[Any] = []
 
 
 class _Events:
