@@ -41,7 +41,18 @@
 --   ARGV[8] events channel: grants to queued tickets and cooldowns are published there
 --   ARGV[9] claim window, seconds: a grant to a queued ticket is provisional until its holder claims
 --           it (acquire.lua with the same id) within this window; unclaimed, it is taken back
--- Operation arguments follow from ARGV[10].
+--   ARGV[10] "1": the caller has seen this budget's keys so recently (or holds a lease or ticket of
+--           it) that they cannot have expired: if they are gone, they were lost (see below); "0" else
+-- Operation arguments follow from ARGV[11].
+--
+-- Lost state. A restart without persistence, FLUSHALL or a failover to a replica that had not caught
+-- up lose the keys while calls are in flight. A caller that says it has seen them (ARGV[10]) and
+-- finds no state makes it anew as lost state is safely made: both buckets empty (as if a full burst
+-- had just been spent: the calls in flight spent it), and a hold of RECOVERY_WINDOWS claim windows
+-- (a cooldown that leaves the backoff alone) in which no new grant is made while every process
+-- re-registers the leases it still holds (rejoin.lua). It announces "l <now>" on the events channel:
+-- each process then rejoins its leases and its waiters ask again. A caller that has not seen the
+-- keys makes a fresh budget, full, as on first use.
 --
 -- Every argument is checked before anything is written (Redis does not roll back a script that
 -- fails halfway), and a call with a bad one is refused with the error reply
@@ -180,17 +191,19 @@ local BLOCK, REFUSAL = checked(1, {
   {'idle grace', SECONDS},
   {'channel', TEXT},
   {'claim window', limit(POSITIVE_SECONDS)},
+  {'seen', FLAG},
 }, true)
 if REFUSAL then
   return redis.error_reply(REFUSAL)
 end
-local CFG_RATE_REQ, BURST_REQ, CFG_RATE_TOK, BURST_TOK, MAX_CONC, LEASE_TTL, IDLE_GRACE, CHANNEL, CLAIM_WINDOW =
-  unpack(BLOCK)
+local CFG_RATE_REQ, BURST_REQ, CFG_RATE_TOK, BURST_TOK, MAX_CONC, LEASE_TTL, IDLE_GRACE, CHANNEL, CLAIM_WINDOW,
+  SEEN = unpack(BLOCK)
+local RECOVERY_WINDOWS = 3
 
--- The operation arguments ARGV[10..] checked against `spec` (see checked()), then the limits of this
+-- The operation arguments ARGV[11..] checked against `spec` (see checked()), then the limits of this
 -- call against the stored ones, by value: the values, or nil and the refusal. Reads only.
 local function operation_args(spec)
-  local values, refusal = checked(10, spec)
+  local values, refusal = checked(11, spec)
   if refusal then
     return nil, refusal
   end
@@ -445,6 +458,11 @@ local function load_state()
   }
   st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
   apply_limits(st)
+  if SEEN and not v[1] then -- lost, not expired (see the header): empty buckets and a hold
+    st.lost = true
+    st.rt, st.tt = NOW + BURST_REQ, NOW + BURST_TOK
+    st.cu = NOW + RECOVERY_WINDOWS * CLAIM_WINDOW
+  end
   if REAPED_REQ > 0 or REAPED_TOK > 0 then -- at the rates they were charged at, before any expiry
     refund(st, REAPED_REQ, REAPED_TOK)
     REAPED_REQ, REAPED_TOK = 0, 0
@@ -459,6 +477,10 @@ local function save_state(st)
     'cq', fmt(st.cq), 'ct', fmt(st.ct), 'cf', CONFIG)
   if st.stored or st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0 then -- absent reads as 0
     redis.call('HSET', K_STATE, 'lr', fmt(st.lr), 'lt', fmt(st.lt), 'lu', fmt(st.lu), 'pb', st.pb)
+  end
+  if st.lost then
+    st.lost = false
+    redis.call('PUBLISH', CHANNEL, 'l ' .. fmt(NOW))
   end
 end
 

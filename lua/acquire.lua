@@ -1,17 +1,17 @@
 -- acquire.lua: grant requests, tokens and a concurrency lease jointly, now, all or nothing; or
 -- queue for them, first come first served.
 --
--- KEYS and ARGV[1..9]: the budget block described in _prelude.lua.
--- ARGV[10]  id: lease id, also the ticket id while queued; calling again with the same id is a
+-- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
+-- ARGV[11]  id: lease id, also the ticket id while queued; calling again with the same id is a
 --          return to the queue that keeps the ticket's place (and renews it), or, once the ticket
 --          was granted, the claim of that provisional grant (the lease then lives a lease TTL)
--- ARGV[11] requests to charge (count, usually 1)
--- ARGV[12] tokens to charge (estimate)
--- ARGV[13] max wait, seconds: a new arrival whose exact wait is longer is refused, charging
+-- ARGV[12] requests to charge (count, usually 1)
+-- ARGV[13] tokens to charge (estimate)
+-- ARGV[14] max wait, seconds: a new arrival whose exact wait is longer is refused, charging
 --          nothing (-1: any wait)
--- ARGV[14] "1" to queue when it cannot be granted now, "0" to refuse instead
--- ARGV[15] ticket time to live, seconds: a queued ticket not renewed within it is dropped
--- ARGV[16] "1": the budget probes: while it has learned no limit, it grants one call at a time
+-- ARGV[15] "1" to queue when it cannot be granted now, "0" to refuse instead
+-- ARGV[16] ticket time to live, seconds: a queued ticket not renewed within it is dropped
+-- ARGV[17] "1": the budget probes: while it has learned no limit, it grants one call at a time
 --          until the first settle or learned limit (see settle.lua); "0" (or absent): no probe
 --
 -- Reply, all strings:

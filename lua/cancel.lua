@@ -1,7 +1,7 @@
 -- cancel.lua: give back a grant or a ticket that was never used (a timeout or a cancelled caller).
 --
--- KEYS and ARGV[1..9]: the budget block described in _prelude.lua.
--- ARGV[10] lease or ticket id
+-- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
+-- ARGV[11] lease or ticket id
 --
 -- A queued ticket leaves the queue. A granted lease is removed and its whole charge, requests and
 -- tokens, is refunded (never above capacity); its slot and credit go to the queue at once.

@@ -10,6 +10,7 @@ from ._exceptions import (
     AcquireTimeout,
     BackendError,
     BudgetConflictError,
+    BudgetUnavailableError,
     ConfigurationError,
     CostTooLargeError,
     InvalidCostError,
@@ -21,6 +22,7 @@ from ._exceptions import (
 from ._headers import LimitFacts, parse_limit_headers, parse_retry_after
 from ._lease import AsyncLease, Lease
 from ._limiter import Limiter
+from ._outage import OutagePolicy
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "BackendError",
     "Budget",
     "BudgetConflictError",
+    "BudgetUnavailableError",
     "ConfigurationError",
     "CooldownPolicy",
     "CooldownReply",
@@ -41,6 +44,7 @@ __all__ = [
     "LimitFacts",
     "Limiter",
     "NoRouteError",
+    "OutagePolicy",
     "QuotaExhaustedError",
     "ScriptArgumentError",
     "SettleReply",

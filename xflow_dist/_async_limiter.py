@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Generator
 from types import TracebackType
@@ -15,8 +16,19 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
-from ._backend import IO_TIMEOUT, AsyncClient, RedisLike, async_client
-from ._base import _INHERITED, _LIVE, RETRY_FIRST, RETRY_MAX, Decision, LimiterBase, transient
+from ._backend import IO_TIMEOUT, RedisLike, async_client
+from ._base import (
+    _INHERITED,
+    _LIVE,
+    CENSUS_INTERVAL,
+    RETRY_FIRST,
+    RETRY_MAX,
+    Decision,
+    LimiterBase,
+    left,
+    new_id,
+    transient,
+)
 from ._budget import Budget, CooldownPolicy
 from ._core import (
     CooldownReply,
@@ -29,13 +41,15 @@ from ._core import (
     decode_extend,
     decode_settle,
     decode_status,
+    queued,
     script_error,
 )
-from ._events import Mailroom, Notice
+from ._events import Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import AsyncLease
+from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share, spent
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
@@ -44,13 +58,17 @@ log = logging.getLogger("xflow_dist")
 class _Events:
     """One reader task per limiter: hands each queued acquirer the notices about its ticket."""
 
-    def __init__(self, pubsub: Any) -> None:
+    def __init__(self, pubsub: Any, limiter: AsyncLimiter, name: str) -> None:
         self._pubsub = pubsub
+        self._limiter = limiter
+        self._name = name
+        self._census_at = 0.0
         self.mail: Mailroom[asyncio.Queue[Notice]] = Mailroom(asyncio.Queue)
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, client: AsyncClient, name: str) -> _Events:
+    async def start(cls, limiter: AsyncLimiter, name: str) -> _Events:
+        client = limiter._client
         if isinstance(client, redis.asyncio.cluster.RedisCluster):
             await client.initialize()  # its pubsub needs the slot map, which loads lazily
         pubsub = client.pubsub()
@@ -60,7 +78,7 @@ class _Events:
             msg = await pubsub.get_message(timeout=1.0)
             if msg is not None and msg.get("type") == "subscribe":
                 break
-        events = cls(pubsub)
+        events = cls(pubsub, limiter, name)
         events._task = asyncio.create_task(events._read(), name="xflow-events")
         return events
 
@@ -76,17 +94,31 @@ class _Events:
                 delay = min(RETRY_MAX, delay * 2)
                 continue
             delay = RETRY_FIRST
+            if time.monotonic() >= self._census_at:
+                await self._census()
             if msg is None:
                 continue
+            if Mailroom.resets(msg):
+                self._limiter._rejoin_soon()
             for inbox, notice in self.mail.deliver(msg):
                 inbox.put_nowait(notice)
 
+    async def _census(self) -> None:
+        """Count the processes using the budget (its channel's subscribers): an outage shares by it."""
+        self._census_at = time.monotonic() + CENSUS_INTERVAL
+        with contextlib.suppress(redis.RedisError, OSError, IndexError, TypeError, ValueError):
+            self._limiter._fleet = int((await self._limiter._client.pubsub_numsub(self._name))[0][1])
+
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._pubsub.aclose()
+            # redis-py's reconnecting get_message can swallow a cancel: ask again, never wait unbounded
+            for _ in range(3):
+                self._task.cancel()
+                done, _ = await asyncio.wait({self._task}, timeout=1.0)
+                if done:
+                    break
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self._pubsub.aclose()
 
 
 class _Acquiring:
@@ -127,8 +159,11 @@ class AsyncLimiter(LimiterBase):
         cooldown_policy: CooldownPolicy | None = None,
         ticket_ttl: float | None = None,
         io_timeout: float = IO_TIMEOUT,
+        outage: OutagePolicy | str | None = None,
     ) -> None:
-        super().__init__(budget, cooldown_policy=cooldown_policy, ticket_ttl=ticket_ttl, io_timeout=io_timeout)
+        super().__init__(
+            budget, cooldown_policy=cooldown_policy, ticket_ttl=ticket_ttl, io_timeout=io_timeout, outage=outage
+        )
         self._target = redis
         self._client, self._owns = async_client(redis, self.io_timeout)
         self._scripts = register(self._client)
@@ -140,12 +175,19 @@ class AsyncLimiter(LimiterBase):
         self._retries: dict[str, asyncio.Task[None]] = {}
         self._beater: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._queued: set[str] = set()  # tickets of this process now in the shared queue
+        self._closed = False
         _LIVE.add(self)
+
+    def _holding(self) -> bool:
+        return bool(self._held) or bool(self._queued) or self._outage is not None
 
     async def _run(self, op: str, argv: list[str]) -> Any:
         for attempt in (1, 2):
             try:
-                return await self._scripts[op](keys=self._keys, args=self._argv(argv))
+                reply = await self._scripts[op](keys=self._keys, args=self._argv(argv))
+                self._answered()
+                return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
                     raise script_error(self.budget, op, exc) from exc
@@ -159,7 +201,7 @@ class AsyncLimiter(LimiterBase):
         async with self._events_lock:
             if self._events is None:
                 try:
-                    self._events = await _Events.start(self._client, channel(self.budget))
+                    self._events = await _Events.start(self, channel(self.budget))
                 except redis.RedisError as exc:
                     raise BackendError(f"cannot subscribe to budget events: {exc}", budget=self.budget.name) from exc
             return self._events
@@ -170,12 +212,35 @@ class AsyncLimiter(LimiterBase):
         ``async with limiter.acquire(tokens=n) as lease:`` or ``lease = await limiter.acquire(...)``.
         Waits in first-come-first-served order across the fleet; raises ``AcquireTimeout`` at
         once when the budget can tell the start would come after ``timeout``, or at the deadline.
+        When Redis does not answer the outage policy decides (see ``OutagePolicy``).
         Bad input raises here, before anything is awaited.
         """
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout)
         return _Acquiring(self._acquire(lease_id, requests, tokens, timeout))
 
     async def _acquire(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            outage = self._outage
+            if outage is not None:
+                if not outage.ended:
+                    lease = await self._acquire_in_outage(outage, requests, tokens, left(deadline))
+                    if lease is not None:
+                        return lease
+                else:
+                    await asyncio.sleep(0.01)  # the way back is being made: a moment
+                continue
+            try:
+                return await self._acquire_shared(lease_id, requests, tokens, left(deadline))
+            except BackendError as exc:
+                if not transient(exc):
+                    raise
+                await self._enter_outage(exc)
+            lease_id = new_id()  # the failed id is given back in the background: never reuse it
+
+    async def _acquire_shared(
+        self, lease_id: str, requests: float, tokens: float, timeout: float | None
+    ) -> AsyncLease:
         hub = await self._hub()
         inbox = hub.mail.expect(lease_id)
         flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
@@ -183,7 +248,12 @@ class AsyncLimiter(LimiterBase):
             step = next(flow)
             while True:
                 if isinstance(step, RunScript):
-                    step = flow.send(await self._run(step.op, step.argv))
+                    if self._outage is not None:  # another call found Redis out: do not wait for it here
+                        raise diverted(self.budget)
+                    raw = await self._run(step.op, step.argv)
+                    if queued(raw):  # the ticket keeps the keys alive: their absence now means loss
+                        self._queued.add(lease_id)
+                    step = flow.send(raw)
                 elif isinstance(step, GiveBack):
                     await self._give_back(step.lease_id, now=True)
                     step = flow.send(None)
@@ -206,17 +276,28 @@ class AsyncLimiter(LimiterBase):
             raise
         finally:
             hub.mail.forget(lease_id)
+            self._queued.discard(lease_id)
         return self._hold(lease_id, requests, tokens)
 
     async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[AsyncLease]:
         """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
+        outage = self._outage
+        if outage is not None and not outage.ended:
+            decision = await self._try_in_outage(outage, requests, tokens)
+            if decision is not None:
+                return decision
         try:
             reply = decode_acquire(await self._run("acquire", self._try_args(lease_id, requests, tokens)))
         except BackendError as exc:
-            if transient(exc):  # the grant may have happened with its reply lost
-                await self._give_back(lease_id, now=False)
-            raise
+            if not transient(exc):
+                raise
+            await self._give_back(lease_id, now=False)  # the grant may have happened with its reply lost
+            await self._enter_outage(exc)
+            outage = self._outage
+            if outage is None or outage.ended:
+                return Decision(False)
+            return await self._try_in_outage(outage, requests, tokens) or Decision(False)
         if reply.kind != "granted":
             return self._refused(reply, requests, tokens)
         return Decision(True, self._hold(lease_id, requests, tokens))
@@ -257,13 +338,211 @@ class AsyncLimiter(LimiterBase):
                     continue
                 try:
                     expiry = decode_extend(await self._run("extend", [lid]))
+                    if expiry is None:
+                        # Redis does not hold it (its keys were lost, or it expired while Redis could
+                        # not be reached); its call runs all the same: register it again
+                        await self._run("rejoin", self._rejoin_args(lid, lease.requests, lease.tokens))
+                        log.warning("lease %s of budget %s was gone from Redis; registered again", lid,
+                                    self.budget.name)  # fmt: skip
                 except XflowError as exc:  # a backend failure, or limits reconfigured meanwhile
                     log.warning("heartbeat of lease %s failed: %s", lid, exc)
                     continue
-                if expiry is None:
-                    lease.lost = True
-                    self._held.pop(lid, None)
-                    log.warning("lease %s of budget %s expired before it was settled", lid, self.budget.name)
+
+    def _rejoin_soon(self) -> None:
+        """Register every lease held again, in the background (Redis may have lost them)."""
+        if self._held:
+            self._spawn(self._rejoin_held())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _rejoin_held(self) -> None:
+        for lid in list(self._held):
+            lease = self._leases.get(lid)
+            if lease is None or lease.closed:
+                continue
+            try:
+                await self._run("rejoin", self._rejoin_args(lid, lease.requests, lease.tokens))
+            except XflowError as exc:
+                log.warning("lease %s of budget %s could not be registered again: %s", lid, self.budget.name, exc)
+                return
+
+    # -- the outage policy (see _outage.py) --------------------------------------------------------
+
+    async def _enter_outage(self, exc: BaseException) -> None:
+        """Redis does not answer: switch to the outage policy (once) and start probing for its return."""
+        if self._outage is not None or self._closed:
+            return
+        policy = self.outage_policy
+        n = self.processes
+        local: AsyncLimiter | None = None
+        share_budget = None
+        if policy.mode != "closed" and not no_slot(self.budget, policy.mode, n):
+            share_budget = share(self.budget, policy.mode, n)
+            local = AsyncLimiter(share_budget, f"memory://xflow-outage-{uuid.uuid4().hex}",
+                                 cooldown_policy=self.cooldown_policy, ticket_ttl=self.ticket_ttl)  # fmt: skip
+        outage = Outage(policy.mode, reason(exc), n, local, share_budget, back=asyncio.Event())
+        self._outage = outage  # set before any await: one outage per limiter
+        if local is not None and share_budget is not None:
+            req, tok = emptying_cost(share_budget)
+            if req or tok:
+                first = await local.try_acquire(tok, requests=req)
+                if first.lease is not None:
+                    await first.lease.release()
+            for lid in list(self._held):  # their calls run on: they take their slots in the share
+                shadow = await local.try_acquire(0, requests=0)
+                if shadow.lease is not None:
+                    outage.shadows[lid] = shadow.lease
+        log.warning("budget %s: Redis does not answer (%s); outage policy %r: %s", self.budget.name,
+                    outage.reason, policy.mode, outage.describe())  # fmt: skip
+        if self._events is not None:  # waiters in the shared queue come back to take the outage path
+            for inbox in self._events.mail.everyone():
+                inbox.put_nowait(Resubscribed())
+        self._spawn(self._probe(outage))
+
+    async def _acquire_in_outage(
+        self, outage: Outage, requests: float, tokens: float, timeout: float | None
+    ) -> AsyncLease | None:
+        """A grant from the outage policy, or None once Redis answers again (ask it then)."""
+        if outage.mode == "closed":
+            raise outage.unavailable(self.budget.name)
+        if outage.local is None:  # no slot of our own: wait for Redis
+            try:
+                async with asyncio.timeout(timeout):
+                    await outage.back.wait()
+            except TimeoutError:
+                raise AcquireTimeout(
+                    f"budget {self.budget.name!r}: Redis does not answer and this process's share of the "
+                    f"concurrency is none ({self.processes} processes, max_concurrency "
+                    f"{self.budget.max_concurrency}); no grant within {timeout:g}s",
+                    budget=self.budget.name,
+                ) from None
+            return None
+        lease: AsyncLease | None = None
+        outage.waiting += 1
+        try:
+            lease = await self._acquire_from_share(outage, requests, tokens, timeout)
+        finally:
+            outage.waiting -= 1
+            outage.grants += lease is not None
+            if outage.ended and outage.waiting == 0:
+                await outage.local.aclose()
+        return lease
+
+    async def _acquire_from_share(
+        self, outage: Outage, requests: float, tokens: float, timeout: float | None
+    ) -> AsyncLease | None:
+        """Wait for the share in slices, so that a waiter goes back to the shared budget as soon as
+        Redis answers (None) rather than being granted by a share that no longer counts."""
+        local = outage.local
+        assert local is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not outage.ended:
+            rest = left(deadline)
+            if rest is not None and rest <= 0:
+                raise AcquireTimeout(
+                    f"no grant from budget {self.budget.name!r} (on its local share) within {timeout:g}s",
+                    budget=self.budget.name,
+                )
+            step = SHARE_SLICE if rest is None else min(SHARE_SLICE, rest)
+            try:
+                lease: AsyncLease = await local.acquire(tokens, requests=requests, timeout=step)
+            except AcquireTimeout as exc:  # at once, for a rate: sleep toward the fit time
+                if exc.retry_after is not None:
+                    await asyncio.sleep(min(exc.retry_after, step))
+                continue
+            if not outage.ended:
+                return lease
+            await lease.cancel()  # granted as Redis came back: the call has not started, ask Redis instead
+        return None
+
+    async def _try_in_outage(
+        self, outage: Outage, requests: float, tokens: float
+    ) -> Decision[AsyncLease] | None:
+        """The share's answer, or None once Redis answers again (ask it then)."""
+        if outage.mode == "closed":
+            raise outage.unavailable(self.budget.name)
+        if outage.local is None:
+            return Decision(False)
+        decision: Decision[AsyncLease] = await outage.local.try_acquire(tokens, requests=requests)
+        if decision.lease is None:
+            return decision
+        if outage.ended:  # granted as Redis came back: the call has not started, ask Redis instead
+            await decision.lease.cancel()
+            return None
+        outage.grants += 1
+        return decision
+
+    async def _probe(self, outage: Outage) -> None:
+        """Try Redis every ``probe_interval``; once it answers, bring this process back to it."""
+        while not self._closed and self._outage is outage:
+            await asyncio.sleep(self.outage_policy.probe_interval)
+            try:
+                await self._client.ping()
+            except (redis.RedisError, OSError):
+                continue
+            try:
+                await self._come_back(outage)
+            except XflowError as exc:
+                log.debug("budget %s: Redis answered but the way back failed (%s); still out", self.budget.name, exc)
+
+    async def _come_back(self, outage: Outage) -> None:
+        """Charge what the share spent, register every lease held (shared, then the share's), switch
+        back (see ``Limiter._come_back``)."""
+        local = outage.local
+        if local is not None and outage.budget is not None and outage.mode == "local":
+            spent_now = spent(outage.budget, await local.status())
+            if spent_now != (0.0, 0.0):
+                await self._run("rejoin", self._rejoin_args("", 0, 0, spent_now))
+        for lid in list(self._held):
+            lease = self._leases.get(lid)
+            if lease is not None and not lease.closed:
+                await self._run("rejoin", self._rejoin_args(lid, lease.requests, lease.tokens))
+        outage.ended = True
+        if local is not None:
+            for lid in list(local._held):
+                lease = local._leases.get(lid)
+                if lease is None or lease.closed:
+                    continue
+                try:
+                    await self._take_over(outage, lease)
+                except XflowError as exc:  # it stays on the share, whose settle is only local
+                    log.warning("lease %s of budget %s could not join the shared budget: %s", lid,
+                                self.budget.name, exc)  # fmt: skip
+        self._outage = None
+        outage.back.set()
+        for shadow in outage.shadows.values():
+            with contextlib.suppress(XflowError):
+                await shadow.release()
+        if local is not None and outage.waiting == 0:
+            await local.aclose()
+        log.warning("budget %s: Redis answers again after %.1fs; back on the shared budget (%d grants on "
+                    "the %r policy meanwhile)", self.budget.name, time.monotonic() - outage.since, outage.grants,
+                    outage.mode)  # fmt: skip
+
+    async def _take_over(self, outage: Outage, lease: AsyncLease) -> None:
+        """A lease the share granted becomes one of the shared budget's (registered in Redis)."""
+        await self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        local = outage.local
+        if local is not None:
+            local._disown(lease)
+        lease._limiter = self
+        self._held[lease.id] = time.monotonic() + self.heartbeat_interval
+        self._leases[lease.id] = lease
+        loop = asyncio.get_running_loop()
+        self._finalizers[lease.id] = fin = weakref.finalize(lease, self._dropped, loop, lease.id)
+        fin.atexit = False
+        if self._beater is None or self._beater.done():
+            self._beater = asyncio.create_task(self._beat(), name="xflow-heartbeat")
+
+    def _disown(self, lease: AsyncLease) -> None:
+        self._held.pop(lease.id, None)
+        self._leases.pop(lease.id, None)
+        fin = self._finalizers.pop(lease.id, None)
+        if fin is not None:
+            fin.detach()
 
     def _later(self, op: str, argv: list[str], key: str) -> None:
         """Retry ``op`` in the background until it lands or the lease or ticket is gone anyway."""
@@ -282,7 +561,7 @@ class AsyncLimiter(LimiterBase):
             try:
                 await self._run(op, argv)
                 return
-            except BackendError as exc:
+            except XflowError as exc:  # a refusal (limits reconfigured meanwhile) ends the retries too
                 if not transient(exc) or time.monotonic() >= give_up:
                     log.warning("gave up retrying %s: %s", op, exc)
                     return
@@ -291,6 +570,10 @@ class AsyncLimiter(LimiterBase):
     async def _finish(self, lease: AsyncLease, op: str, argv: list[str]) -> SettleReply | None:
         """Settle or cancel; on a transient failure it is retried in the background and None returned."""
         self._held.pop(lease.id, None)
+        outage = self._outage
+        if outage is not None and (shadow := outage.shadows.pop(lease.id, None)) is not None:
+            with contextlib.suppress(XflowError):
+                await shadow.release()
         fin = self._finalizers.pop(lease.id, None)
         if fin is not None:
             fin.detach()
@@ -341,7 +624,12 @@ class AsyncLimiter(LimiterBase):
         return decode_settle(await self._run("settle", argv))
 
     async def cooldown(self, retry_after: float | None = None) -> CooldownReply:
-        """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
+        """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given); during
+        an outage on a local share, pause that share."""
+        outage = self._outage
+        if outage is not None and outage.local is not None:
+            reply: CooldownReply = await outage.local.cooldown(retry_after)
+            return reply
         return decode_cooldown(await self._run("cooldown", self._cooldown_args(retry_after)))
 
     async def reconfigure(self, budget: Budget) -> str | None:
@@ -363,7 +651,12 @@ class AsyncLimiter(LimiterBase):
         return self._cleared(await self._run("clear_cooldown", []))
 
     async def status(self) -> Status:
-        """A read-only snapshot: levels, leases in flight, queue, cooldown."""
+        """A read-only snapshot: levels, leases in flight, queue, cooldown; during an outage, this
+        process's share, with ``mode`` saying which policy runs it."""
+        outage = self._outage
+        if outage is not None:
+            local = None if outage.local is None else await outage.local.status()
+            return outage.status(self.budget.name, local)
         return decode_status(self.budget, await self._run("status", []))
 
     async def aclose(self) -> None:
@@ -371,6 +664,11 @@ class AsyncLimiter(LimiterBase):
         being retried (one more try each), stop the background tasks; close the client if this
         limiter made it."""
         _LIVE.discard(self)
+        self._closed = True
+        outage, self._outage = self._outage, None
+        if outage is not None and outage.local is not None:
+            outage.back.set()
+            await outage.local.aclose()
         held = [lease for lid in list(self._held) if (lease := self._leases.get(lid)) is not None]
         self._held.clear()
         if self._beater is not None:
@@ -379,7 +677,7 @@ class AsyncLimiter(LimiterBase):
                 await self._beater
         for lease in held:
             if lease._close():
-                with contextlib.suppress(BackendError):
+                with contextlib.suppress(XflowError):
                     await self._finish(lease, "settle", self._settle_args(lease.id, None))
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

@@ -6,6 +6,7 @@ import atexit
 import logging
 import math
 import os
+import time
 import uuid
 import weakref
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import redis
 from ._backend import IO_TIMEOUT
 from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy
 from ._core import (
+    IDLE_GRACE,
     AcquireReply,
     CooldownReply,
     acquire_args,
@@ -30,6 +32,7 @@ from ._core import (
 )
 from ._exceptions import BackendError, ConfigurationError, InvalidCostError
 from ._headers import LimitFacts
+from ._outage import Outage, OutagePolicy, outage_policy
 
 L = TypeVar("L")
 
@@ -82,6 +85,16 @@ _INHERITED: list[Any] = []
 _PROCESS = [uuid.uuid4().hex[:12]]
 
 
+def new_id() -> str:
+    """A lease (and ticket) id: ``<process>.<unique>``."""
+    return f"{_PROCESS[0]}.{uuid.uuid4().hex}"
+
+
+def left(deadline: float | None) -> float | None:
+    """Seconds to a monotonic deadline, never below zero (None: no deadline)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _after_fork_in_child() -> None:
     _PROCESS[0] = uuid.uuid4().hex[:12]
     for limiter in list(_LIVE):
@@ -103,6 +116,9 @@ atexit.register(_close_at_exit)
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 
+#: Seconds between two counts of the processes using a budget (see ``OutagePolicy``).
+CENSUS_INTERVAL = 5.0
+
 
 class LimiterBase:
     """Inputs checked and script arguments built once for both fronts."""
@@ -114,6 +130,7 @@ class LimiterBase:
         cooldown_policy: CooldownPolicy | None = None,
         ticket_ttl: float | None = None,
         io_timeout: float = IO_TIMEOUT,
+        outage: OutagePolicy | str | None = None,
     ) -> None:
         if not isinstance(budget, Budget):
             raise ConfigurationError(f"budget must be a Budget, not {budget!r}")
@@ -131,12 +148,34 @@ class LimiterBase:
         self.budget = budget
         self.cooldown_policy = cooldown_policy or CooldownPolicy()
         self.ticket_ttl = ttl or budget.lease_ttl
+        self.outage_policy = outage_policy(outage)
         self._keys = keys(budget)
-        self._budget_args = budget_args(budget)
+        self._blocks = (budget_args(budget), budget_args(budget, seen=True))
         self._warned_capped = False
+        #: Until then (monotonic) the budget's keys cannot have expired: this process saw them.
+        self._fresh_until = -math.inf
+        #: Processes using the budget as last counted in Redis (0: never counted).
+        self._fleet = 0
+        #: The outage under way (Redis does not answer), or None.
+        self._outage: Outage | None = None
 
     def _argv(self, argv: list[str]) -> list[str]:
-        return self._budget_args + argv
+        """The budget block (saying whether this process has seen the keys) and ``argv``."""
+        seen = self._holding() or time.monotonic() < self._fresh_until
+        return self._blocks[seen] + argv
+
+    def _answered(self) -> None:
+        """A script ran: the keys live at least the idle grace from now (margin for the reply's way)."""
+        self._fresh_until = time.monotonic() + IDLE_GRACE * 0.8
+
+    def _holding(self) -> bool:
+        """This process holds a lease or a ticket of the budget, so its keys must exist (overridden)."""
+        return False
+
+    @property
+    def processes(self) -> int:
+        """The processes an outage shares the budget among: the last count, else the policy's guess."""
+        return self._fleet or self.outage_policy.fleet_size
 
     def _adopt(self, budget: Budget) -> Budget:
         """Make ``budget`` (the same name, other limits) this limiter's; returns the one it replaces."""
@@ -147,13 +186,14 @@ class LimiterBase:
                 f"reconfigure changes the limits of budget {self.budget.name!r}, not {budget.name!r}",
                 budget=self.budget.name,
             )
-        old, self.budget, self._budget_args = self.budget, budget, budget_args(budget)
+        old, self.budget = self.budget, budget
+        self._blocks = (budget_args(budget), budget_args(budget, seen=True))
         return old
 
     def _prepare(self, requests: float, tokens: float, timeout: float | None) -> tuple[str, float, float]:
         requests, tokens = validate_cost(self.budget, requests, tokens)
         _check_seconds("timeout", timeout)
-        return f"{_PROCESS[0]}.{uuid.uuid4().hex}", requests, tokens
+        return new_id(), requests, tokens
 
     def _try_args(self, lease_id: str, requests: float, tokens: float) -> list[str]:
         return acquire_args(lease_id, requests, tokens, 0.0, False, self.ticket_ttl, self.budget.probe)
@@ -239,6 +279,13 @@ class LimiterBase:
         return settle_args(
             lease_id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens, model=model
         )
+
+    @staticmethod
+    def _rejoin_args(
+        lease_id: str, requests: float, tokens: float, spent: tuple[float, float] = (0.0, 0.0)
+    ) -> list[str]:
+        """``rejoin.lua``: register a lease held (id "" for none) and charge what was spent outside."""
+        return [lease_id, repr(float(requests)), repr(float(tokens)), repr(float(spent[0])), repr(float(spent[1]))]
 
     def _cooldown_args(self, retry_after: float | None) -> list[str]:
         """The script's arguments, a retry-after beyond the policy's ``max_pause`` capped to it

@@ -36,8 +36,9 @@ def channel(budget: Budget) -> str:
     return f"{{xflow:{budget.name}}}:events"
 
 
-def budget_args(budget: Budget) -> list[str]:
-    """ARGV[1..9], the budget block every script starts with."""
+def budget_args(budget: Budget, seen: bool = False) -> list[str]:
+    """ARGV[1..10], the budget block every script starts with; ``seen``: the caller knows the budget's
+    keys cannot have expired, so that their absence means they were lost (see ``lua/_prelude.lua``)."""
     return [
         _num(budget.request_rate or 0.0),
         _num(budget.burst),
@@ -48,6 +49,7 @@ def budget_args(budget: Budget) -> list[str]:
         _num(IDLE_GRACE),
         channel(budget),
         _num(min(budget.claim_window, budget.lease_ttl)),
+        "1" if seen else "0",
     ]
 
 
@@ -239,6 +241,11 @@ def decode_acquire(raw: Any) -> AcquireReply:
     raise BackendError(f"unexpected reply from acquire: {raw!r}")
 
 
+def queued(raw: Any) -> bool:
+    """An acquire reply that queued its ticket (undecoded: the fronts only look, the flow decodes)."""
+    return isinstance(raw, list | tuple) and bool(raw) and raw[0] in (b"queued", "queued")
+
+
 def too_large_error(budget: Budget, requests: float, tokens: float, reply: AcquireReply) -> CostTooLargeError:
     """The error for a cost the learned limits can never grant."""
     cost = requests if reply.dimension == "requests" else tokens
@@ -338,6 +345,9 @@ class Status:
     learned_rpm: float | None = None
     learned_tpm: float | None = None
     probing: bool = False
+    mode: str = "shared"
+    outage_for: float = 0.0
+    outage_grants: int = 0
 
 
 def decode_status(budget: Budget, raw: Any) -> Status:

@@ -43,7 +43,13 @@ class Resubscribed:
     """The events connection came back: notices sent meanwhile are lost, so every waiter asks again."""
 
 
-Notice = GrantNotice | HeadNotice | CooldownNotice | Resubscribed
+@dataclass(frozen=True, slots=True)
+class StateLost:
+    """Redis lost the budget's keys and made them anew: every lease held is registered again
+    (``rejoin.lua``) and every waiter asks again, its ticket being gone."""
+
+
+Notice = GrantNotice | HeadNotice | CooldownNotice | Resubscribed | StateLost
 
 
 def parse(data: bytes | str, arrived: float | None = None) -> Notice | None:
@@ -58,6 +64,8 @@ def parse(data: bytes | str, arrived: float | None = None) -> Notice | None:
             return HeadNotice(parts[1], max(0.0, float(parts[2]) - float(parts[3])), at)
         if parts[0] == "c" and len(parts) == 3:
             return CooldownNotice(max(0.0, float(parts[2]) - float(parts[1])), at)
+        if parts[0] == "l" and len(parts) == 2:
+            return StateLost()
     except (IndexError, ValueError):
         return None
     return None
@@ -81,6 +89,16 @@ class Mailroom(Generic[Q]):
     def forget(self, lease_id: str) -> None:
         self._inboxes.pop(lease_id, None)
 
+    def __len__(self) -> int:
+        return len(self._inboxes)
+
+    @staticmethod
+    def resets(message: dict[str, Any]) -> bool:
+        """A (re)subscription or a lost state: the leases held must be registered again."""
+        if message.get("type") == "subscribe":
+            return True
+        return message.get("type") == "message" and isinstance(parse(message["data"]), StateLost)
+
     def everyone(self) -> list[Q]:
         """Every inbox: after a reconnect each waiter is sent ``Resubscribed``."""
         return list(self._inboxes.values())
@@ -88,7 +106,7 @@ class Mailroom(Generic[Q]):
     def deliver(self, message: dict[str, Any]) -> list[tuple[Q, Notice]]:
         """Where a pub/sub message goes: a notice to the waiter it names; after a (re)subscription,
         ``Resubscribed`` to every waiter, since what was published meanwhile is lost."""
-        if message.get("type") == "subscribe":
+        if self.resets(message):
             return [(inbox, Resubscribed()) for inbox in self.everyone()]
         if message.get("type") == "message":
             found = self.route(message["data"])

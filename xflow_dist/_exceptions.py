@@ -9,6 +9,7 @@
     ├── ScriptArgumentError       a Lua script refused its arguments, changing nothing (also a ValueError)
     ├── AcquireTimeout            no grant before the deadline (also a TimeoutError)
     ├── BackendError              Redis failed or could not be reached
+    │   └── BudgetUnavailableError  Redis does not answer and the outage policy is "closed"
     ├── QuotaExhaustedError       a 429 that means the account's quota (billing) is spent, not its rate
     ├── RetryException            raised by a call to have compat's auto_backoff retry it
     ├── OutsideTaskError          report_token_usage outside a compat task (also a RuntimeError)
@@ -23,6 +24,7 @@ __all__ = [
     "AcquireTimeout",
     "BackendError",
     "BudgetConflictError",
+    "BudgetUnavailableError",
     "ConfigurationError",
     "CostTooLargeError",
     "InvalidCostError",
@@ -66,6 +68,11 @@ class AcquireTimeout(XflowError, TimeoutError):
 
 class BackendError(XflowError):
     """Redis failed, was unreachable, or answered something unexpected."""
+
+
+class BudgetUnavailableError(BackendError):
+    """The budget's Redis does not answer and the outage policy is ``closed``: no call may go out
+    until it does (see ``OutagePolicy``)."""
 
 
 class BudgetConflictError(ConfigurationError):

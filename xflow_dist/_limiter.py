@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from types import TracebackType
@@ -14,8 +15,19 @@ from typing import Any
 
 import redis
 
-from ._backend import IO_TIMEOUT, RedisLike, SyncClient, sync_client
-from ._base import _INHERITED, _LIVE, RETRY_FIRST, RETRY_MAX, Decision, LimiterBase, transient
+from ._backend import IO_TIMEOUT, RedisLike, sync_client
+from ._base import (
+    _INHERITED,
+    _LIVE,
+    CENSUS_INTERVAL,
+    RETRY_FIRST,
+    RETRY_MAX,
+    Decision,
+    LimiterBase,
+    left,
+    new_id,
+    transient,
+)
 from ._budget import Budget, CooldownPolicy
 from ._core import (
     CooldownReply,
@@ -28,16 +40,19 @@ from ._core import (
     decode_extend,
     decode_settle,
     decode_status,
+    queued,
     script_error,
 )
-from ._events import Mailroom, Notice
+from ._events import Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import AwaitNotice, GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import Lease
+from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share, spent
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
+
 
 
 class _Events:
@@ -47,9 +62,13 @@ class _Events:
     then sent ``Resubscribed`` and asks Redis again, so no grant or fit time announced meanwhile is lost.
     """
 
-    def __init__(self, client: SyncClient, name: str) -> None:
+    def __init__(self, limiter: Limiter, name: str) -> None:
         self.mail: Mailroom[queue.SimpleQueue[Notice]] = Mailroom(queue.SimpleQueue)
-        self._pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        self._limiter = limiter
+        self._client = limiter._client
+        self._name = name
+        self._census_at = 0.0
+        self._pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
         self._pubsub.subscribe(name)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
@@ -74,10 +93,20 @@ class _Events:
                 delay = min(RETRY_MAX, delay * 2)
                 continue
             delay = RETRY_FIRST
+            if time.monotonic() >= self._census_at:
+                self._census()
             if msg is None:
                 continue
+            if Mailroom.resets(msg):
+                self._limiter._upkeep.rejoin_soon()
             for inbox, notice in self.mail.deliver(msg):
                 inbox.put(notice)
+
+    def _census(self) -> None:
+        """Count the processes using the budget (its channel's subscribers): an outage shares by it."""
+        self._census_at = time.monotonic() + CENSUS_INTERVAL
+        with contextlib.suppress(redis.RedisError, OSError, IndexError, TypeError, ValueError):
+            self._limiter._fleet = int(self._client.pubsub_numsub(self._name)[0][1])
 
     def close(self) -> None:
         self._stop.set()
@@ -106,6 +135,7 @@ class _Upkeep:
         self._due: dict[str, float] = {}  # lease id -> next heartbeat
         self._leases: weakref.WeakValueDictionary[str, Lease] = weakref.WeakValueDictionary()
         self._pending: dict[str, _Retry] = {}  # lease or ticket id -> what to retry
+        self._rejoin = False  # every lease held is to be registered again (the state was lost)
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -125,6 +155,22 @@ class _Upkeep:
     def remove(self, lease_id: str) -> None:
         with self._cond:
             self._due.pop(lease_id, None)
+
+    def disown(self, lease_id: str) -> None:
+        """Forget a lease that another limiter holds from now on."""
+        with self._cond:
+            self._due.pop(lease_id, None)
+            self._leases.pop(lease_id, None)
+
+    def holding(self) -> bool:
+        return bool(self._due)
+
+    def rejoin_soon(self) -> None:
+        """Register every lease held again, at once, in the background (Redis may have lost them)."""
+        with self._cond:
+            if self._due:
+                self._rejoin = True
+                self._start()
 
     def later(self, op: str, argv: list[str], key: str) -> None:
         """Retry ``op`` in the background (idempotent by its id)."""
@@ -150,7 +196,7 @@ class _Upkeep:
                     now = time.monotonic()
                     beats = [lid for lid, at in self._due.items() if at <= now]
                     retries = [(key, r) for key, r in self._pending.items() if r.at <= now]
-                    if beats or retries:
+                    if beats or retries or self._rejoin:
                         break
                     nxt = min([*self._due.values(), *(r.at for r in self._pending.values())], default=now + 60.0)
                     self._cond.wait(nxt - now)
@@ -158,6 +204,9 @@ class _Upkeep:
                     return
                 for lid in beats:
                     self._due[lid] = now + self._limiter.heartbeat_interval
+                rejoin, self._rejoin = self._rejoin, False
+            if rejoin:
+                self._limiter._rejoin_held()
             for lid in beats:
                 self._beat(lid)
             for key, retry in retries:
@@ -177,7 +226,7 @@ class _Upkeep:
     def _retry(self, key: str, retry: _Retry) -> None:
         try:
             self._limiter._run(retry.op, retry.argv)
-        except BackendError as exc:
+        except XflowError as exc:  # a refusal (limits reconfigured meanwhile) ends the retries too
             now = time.monotonic()
             with self._cond:
                 if not transient(exc) or now >= retry.give_up:
@@ -217,8 +266,11 @@ class Limiter(LimiterBase):
         cooldown_policy: CooldownPolicy | None = None,
         ticket_ttl: float | None = None,
         io_timeout: float = IO_TIMEOUT,
+        outage: OutagePolicy | str | None = None,
     ) -> None:
-        super().__init__(budget, cooldown_policy=cooldown_policy, ticket_ttl=ticket_ttl, io_timeout=io_timeout)
+        super().__init__(
+            budget, cooldown_policy=cooldown_policy, ticket_ttl=ticket_ttl, io_timeout=io_timeout, outage=outage
+        )
         self._target = redis
         self._client, self._owns = sync_client(redis, self.io_timeout)
         self._scripts = register(self._client)
@@ -226,13 +278,17 @@ class Limiter(LimiterBase):
         self._events_lock = threading.Lock()
         self._upkeep = _Upkeep(self)
         self._finalizers: dict[str, weakref.finalize[Any, Any]] = {}
+        self._outage_lock = threading.Lock()
+        self._queued: set[str] = set()  # tickets of this process now in the shared queue
         self._closed = False
         _LIVE.add(self)
 
     def _run(self, op: str, argv: list[str]) -> Any:
         for attempt in (1, 2):
             try:
-                return self._scripts[op](keys=self._keys, args=self._argv(argv))
+                reply = self._scripts[op](keys=self._keys, args=self._argv(argv))
+                self._answered()
+                return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
                     raise script_error(self.budget, op, exc) from exc
@@ -244,20 +300,44 @@ class Limiter(LimiterBase):
         with self._events_lock:
             if self._events is None:
                 try:
-                    self._events = _Events(self._client, channel(self.budget))
+                    self._events = _Events(self, channel(self.budget))
                 except (redis.RedisError, OSError) as exc:
                     raise BackendError(f"cannot subscribe to budget events: {exc}", budget=self.budget.name) from exc
             return self._events
+
+    def _holding(self) -> bool:
+        return self._upkeep.holding() or bool(self._queued) or self._outage is not None
 
     def acquire(self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None) -> Lease:
         """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
 
         Waits in first-come-first-served order across the fleet; raises ``AcquireTimeout`` at
         once when the budget can tell the grant would come after ``timeout``, or at the deadline
-        (``timeout=0``: try once, never queue). With Redis unreachable or frozen it raises
-        ``BackendError`` within ``timeout`` plus ``io_timeout`` at most.
+        (``timeout=0``: try once, never queue). When Redis does not answer (within ``io_timeout``)
+        the outage policy decides: a local share of the budget, no limit, or
+        ``BudgetUnavailableError`` (see ``OutagePolicy``).
         """
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            outage = self._outage
+            if outage is not None:
+                if not outage.ended:
+                    lease = self._acquire_in_outage(outage, requests, tokens, left(deadline))
+                    if lease is not None:
+                        return lease
+                else:
+                    time.sleep(0.01)  # the way back is being made: a moment
+                continue
+            try:
+                return self._acquire_shared(lease_id, requests, tokens, left(deadline))
+            except BackendError as exc:
+                if not transient(exc):
+                    raise
+                self._enter_outage(exc)
+            lease_id = new_id()  # the failed id is given back in the background: never reuse it
+
+    def _acquire_shared(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> Lease:
         hub = self._hub()
         inbox = hub.mail.expect(lease_id)
         flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
@@ -265,7 +345,12 @@ class Limiter(LimiterBase):
             step = next(flow)
             while True:
                 if isinstance(step, RunScript):
-                    step = flow.send(self._run(step.op, step.argv))
+                    if self._outage is not None:  # another call found Redis out: do not wait for it here
+                        raise diverted(self.budget)
+                    raw = self._run(step.op, step.argv)
+                    if queued(raw):  # the ticket keeps the keys alive: their absence now means loss
+                        self._queued.add(lease_id)
+                    step = flow.send(raw)
                 elif isinstance(step, GiveBack):
                     self._give_back(step.lease_id, now=True)
                     step = flow.send(None)
@@ -283,6 +368,7 @@ class Limiter(LimiterBase):
             raise
         finally:
             hub.mail.forget(lease_id)
+            self._queued.discard(lease_id)
         return self._hold(lease_id, requests, tokens)
 
     @staticmethod
@@ -295,12 +381,22 @@ class Limiter(LimiterBase):
     def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[Lease]:
         """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
+        outage = self._outage
+        if outage is not None and not outage.ended:
+            decision = self._try_in_outage(outage, requests, tokens)
+            if decision is not None:
+                return decision
         try:
             reply = decode_acquire(self._run("acquire", self._try_args(lease_id, requests, tokens)))
         except BackendError as exc:
-            if transient(exc):  # the grant may have happened with its reply lost
-                self._give_back(lease_id, now=False)
-            raise
+            if not transient(exc):
+                raise
+            self._give_back(lease_id, now=False)  # the grant may have happened with its reply lost
+            self._enter_outage(exc)
+            outage = self._outage
+            if outage is None or outage.ended:
+                return Decision(False)
+            return self._try_in_outage(outage, requests, tokens) or Decision(False)
         if reply.kind != "granted":
             return self._refused(reply, requests, tokens)
         return Decision(True, self._hold(lease_id, requests, tokens))
@@ -320,6 +416,10 @@ class Limiter(LimiterBase):
     def _finish(self, lease: Lease, op: str, argv: list[str]) -> SettleReply | None:
         """Settle or cancel; on a transient failure it is retried in the background and None returned."""
         self._upkeep.remove(lease.id)
+        outage = self._outage
+        if outage is not None and (shadow := outage.shadows.pop(lease.id, None)) is not None:
+            with contextlib.suppress(XflowError):
+                shadow.release()
         fin = self._finalizers.pop(lease.id, None)
         if fin is not None:
             fin.detach()
@@ -339,11 +439,197 @@ class Limiter(LimiterBase):
     def _extend(self, lease: Lease) -> bool:
         if lease.closed:
             return False
-        if decode_extend(self._run("extend", [lease.id])) is None:
+        if decode_extend(self._run("extend", [lease.id])) is not None:
+            return True
+        # Redis does not hold it: its keys were lost, or it expired while this process could not
+        # reach Redis. Its call runs all the same: register it again, so the slot count stays true.
+        try:
+            self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        except XflowError as exc:
             lease.lost = True
-            log.warning("lease %s of budget %s expired before it was settled", lease.id, self.budget.name)
+            log.warning("lease %s of budget %s was lost and could not be registered again: %s", lease.id,
+                        self.budget.name, exc)  # fmt: skip
             return False
+        log.warning("lease %s of budget %s was gone from Redis; registered again", lease.id, self.budget.name)
         return True
+
+    def _rejoin_held(self) -> None:
+        """Register every lease held again (Redis lost its keys, or the events connection came back)."""
+        for lease in self._upkeep.held():
+            if lease.closed:
+                continue
+            try:
+                self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+            except XflowError as exc:
+                log.warning("lease %s of budget %s could not be registered again: %s", lease.id, self.budget.name, exc)
+                return
+
+    # -- the outage policy (see _outage.py) --------------------------------------------------------
+
+    def _enter_outage(self, exc: BaseException) -> None:
+        """Redis does not answer: switch to the outage policy (once) and start probing for its return."""
+        with self._outage_lock:
+            if self._outage is not None or self._closed:
+                return
+            policy = self.outage_policy
+            n = self.processes
+            local: Limiter | None = None
+            share_budget = None
+            if policy.mode != "closed" and not no_slot(self.budget, policy.mode, n):
+                share_budget = share(self.budget, policy.mode, n)
+                local = Limiter(share_budget, f"memory://xflow-outage-{uuid.uuid4().hex}",
+                                cooldown_policy=self.cooldown_policy, ticket_ttl=self.ticket_ttl)  # fmt: skip
+                req, tok = emptying_cost(share_budget)
+                if req or tok:
+                    first = local.try_acquire(tok, requests=req)
+                    if first.lease is not None:
+                        first.lease.release()
+            outage = Outage(policy.mode, reason(exc), n, local, share_budget, back=threading.Event())
+            if local is not None:
+                for lease in self._upkeep.held():  # their calls run on: they take their slots in the share
+                    shadow = local.try_acquire(0, requests=0)
+                    if shadow.lease is not None:
+                        outage.shadows[lease.id] = shadow.lease
+            self._outage = outage
+        log.warning("budget %s: Redis does not answer (%s); outage policy %r: %s", self.budget.name,
+                    outage.reason, policy.mode, outage.describe())  # fmt: skip
+        if self._events is not None:  # waiters in the shared queue come back to take the outage path
+            for inbox in self._events.mail.everyone():
+                inbox.put(Resubscribed())
+        threading.Thread(target=self._probe, args=(outage,), name="xflow-probe", daemon=True).start()
+
+    def _acquire_in_outage(self, outage: Outage, requests: float, tokens: float, timeout: float | None) -> Lease | None:
+        """A grant from the outage policy, or None once Redis answers again (ask it then)."""
+        if outage.mode == "closed":
+            raise outage.unavailable(self.budget.name)
+        if outage.local is None:  # no slot of our own: wait for Redis
+            if not outage.back.wait(timeout):
+                raise AcquireTimeout(
+                    f"budget {self.budget.name!r}: Redis does not answer and this process's share of the "
+                    f"concurrency is none ({self.processes} processes, max_concurrency "
+                    f"{self.budget.max_concurrency}); no grant within {timeout:g}s",
+                    budget=self.budget.name,
+                )
+            return None
+        lease: Lease | None = None
+        with self._outage_lock:
+            outage.waiting += 1
+        try:
+            lease = self._acquire_from_share(outage, requests, tokens, timeout)
+        finally:
+            with self._outage_lock:
+                outage.waiting -= 1
+                outage.grants += lease is not None
+                last = outage.ended and outage.waiting == 0
+            if last:
+                outage.local.close()
+        return lease
+
+    def _acquire_from_share(
+        self, outage: Outage, requests: float, tokens: float, timeout: float | None
+    ) -> Lease | None:
+        """Wait for the share in slices, so that a waiter goes back to the shared budget as soon as
+        Redis answers (None) rather than being granted by a share that no longer counts."""
+        local = outage.local
+        assert local is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not outage.ended:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise AcquireTimeout(
+                    f"no grant from budget {self.budget.name!r} (on its local share) within {timeout:g}s",
+                    budget=self.budget.name,
+                )
+            step = SHARE_SLICE if left is None else min(SHARE_SLICE, left)
+            try:
+                lease: Lease = local.acquire(tokens, requests=requests, timeout=step)
+            except AcquireTimeout as exc:  # at once, for a rate: sleep toward the fit time
+                if exc.retry_after is not None:
+                    time.sleep(min(exc.retry_after, step))
+                continue
+            if not outage.ended:
+                return lease
+            lease.cancel()  # granted as Redis came back: the call has not started, ask Redis instead
+        return None
+
+    def _try_in_outage(self, outage: Outage, requests: float, tokens: float) -> Decision[Lease] | None:
+        """The share's answer, or None once Redis answers again (ask it then)."""
+        if outage.mode == "closed":
+            raise outage.unavailable(self.budget.name)
+        if outage.local is None:
+            return Decision(False)
+        decision: Decision[Lease] = outage.local.try_acquire(tokens, requests=requests)
+        if decision.lease is None:
+            return decision
+        if outage.ended:  # granted as Redis came back: the call has not started, ask Redis instead
+            decision.lease.cancel()
+            return None
+        with self._outage_lock:
+            outage.grants += 1
+        return decision
+
+    def _probe(self, outage: Outage) -> None:
+        """Try Redis every ``probe_interval``; once it answers, bring this process back to it."""
+        while not self._closed and self._outage is outage:
+            time.sleep(self.outage_policy.probe_interval)
+            try:
+                self._client.ping()
+            except (redis.RedisError, OSError):
+                continue
+            try:
+                self._come_back(outage)
+            except XflowError as exc:
+                log.debug("budget %s: Redis answered but the way back failed (%s); still out", self.budget.name, exc)
+
+    def _come_back(self, outage: Outage) -> None:
+        """Charge what the share spent, register every lease held (shared, then the share's), switch back.
+        Waiters on the share see ``ended`` and ask Redis; a lease the share grants meanwhile is taken
+        over here or given back by its waiter, whichever comes first (see ``_acquire_from_share``)."""
+        local = outage.local
+        if local is not None and outage.budget is not None and outage.mode == "local":
+            spent_now = spent(outage.budget, local.status())
+            if spent_now != (0.0, 0.0):
+                self._run("rejoin", self._rejoin_args("", 0, 0, spent_now))
+        for lease in self._upkeep.held():
+            self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        with self._outage_lock:
+            outage.ended = True
+        if local is not None:
+            for lease in local._upkeep.held():
+                try:
+                    self._take_over(outage, lease)
+                except XflowError as exc:  # it stays on the share, whose settle is only local
+                    log.warning("lease %s of budget %s could not join the shared budget: %s", lease.id,
+                                self.budget.name, exc)  # fmt: skip
+        with self._outage_lock:
+            self._outage = None
+            last = outage.waiting == 0
+        outage.back.set()
+        for shadow in outage.shadows.values():
+            with contextlib.suppress(XflowError):
+                shadow.release()
+        if local is not None and last:
+            local.close()
+        log.warning("budget %s: Redis answers again after %.1fs; back on the shared budget (%d grants on "
+                    "the %r policy meanwhile)", self.budget.name, time.monotonic() - outage.since, outage.grants,
+                    outage.mode)  # fmt: skip
+
+    def _take_over(self, outage: Outage, lease: Lease) -> None:
+        """A lease the share granted becomes one of the shared budget's (registered in Redis)."""
+        self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        local = outage.local
+        if local is not None:
+            local._disown(lease)
+        lease._limiter = self
+        self._upkeep.add(lease)
+        self._finalizers[lease.id] = fin = weakref.finalize(lease, self._dropped, lease.id)
+        fin.atexit = False
+
+    def _disown(self, lease: Lease) -> None:
+        self._upkeep.disown(lease.id)
+        fin = self._finalizers.pop(lease.id, None)
+        if fin is not None:
+            fin.detach()
 
     def _give_back(self, lease_id: str, *, now: bool) -> None:
         """Cancel a ticket or a grant not handed out; once now if ``now``, else (and on failure) later."""
@@ -375,7 +661,12 @@ class Limiter(LimiterBase):
         return decode_settle(self._run("settle", argv))
 
     def cooldown(self, retry_after: float | None = None) -> CooldownReply:
-        """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given)."""
+        """A 429 was seen: pause the whole fleet (honouring ``retry_after`` seconds if given); during
+        an outage on a local share, pause that share."""
+        outage = self._outage
+        if outage is not None and outage.local is not None:
+            reply: CooldownReply = outage.local.cooldown(retry_after)
+            return reply
         return decode_cooldown(self._run("cooldown", self._cooldown_args(retry_after)))
 
     def reconfigure(self, budget: Budget) -> str | None:
@@ -397,7 +688,11 @@ class Limiter(LimiterBase):
         return self._cleared(self._run("clear_cooldown", []))
 
     def status(self) -> Status:
-        """A read-only snapshot: levels, leases in flight, queue, cooldown."""
+        """A read-only snapshot: levels, leases in flight, queue, cooldown; during an outage, this
+        process's share, with ``mode`` saying which policy runs it."""
+        outage = self._outage
+        if outage is not None:
+            return outage.status(self.budget.name, None if outage.local is None else outage.local.status())
         return decode_status(self.budget, self._run("status", []))
 
     def close(self) -> None:
@@ -407,13 +702,17 @@ class Limiter(LimiterBase):
             return
         self._closed = True
         _LIVE.discard(self)
+        outage, self._outage = self._outage, None
+        if outage is not None and outage.local is not None:
+            outage.back.set()
+            outage.local.close()
         self._upkeep.close()
         for lease in self._upkeep.held():
             if lease._close():
-                with contextlib.suppress(BackendError):
+                with contextlib.suppress(XflowError):
                     self._finish(lease, "settle", self._settle_args(lease.id, None))
         for retry in self._upkeep.drain():
-            with contextlib.suppress(BackendError):
+            with contextlib.suppress(XflowError):
                 self._run(retry.op, retry.argv)
         if self._events is not None:
             self._events.close()

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-OPS = ("acquire", "cancel", "clear_cooldown", "configure", "cooldown", "extend", "settle", "status")
+OPS = ("acquire", "cancel", "clear_cooldown", "configure", "cooldown", "extend", "rejoin", "settle", "status")
 
 
 def lua_dir() -> Path:

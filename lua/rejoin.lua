@@ -1,0 +1,59 @@
+-- rejoin.lua: a process comes back to the shared budget with what it did while it could not reach
+-- it: it charges what it spent on its own (an outage run on a local share) and re-registers a lease
+-- it still holds, whose call is in flight whatever Redis remembers of it.
+--
+-- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
+-- ARGV[11] lease id ("": none, only charge)
+-- ARGV[12] requests the lease was charged (its estimate)
+-- ARGV[13] tokens the lease was charged (its estimate)
+-- ARGV[14] requests spent outside the budget, charged now as debt (0: none)
+-- ARGV[15] tokens spent outside the budget, charged now as debt (0: none)
+--
+-- Spending is charged on top of the levels Redis kept, unless this very call finds the state lost
+-- and makes it anew with empty buckets, which already stand for it.
+--
+-- A lease Redis still holds is extended (and claimed, if provisional), as by extend.lua. A lease it
+-- does not hold (its keys were lost, or it was granted by a local share) is added as held for a lease
+-- TTL without being charged again: what it was charged is in the spending charged here or in the
+-- empty buckets a lost state is made with (see _prelude.lua). It takes its slot even past max
+-- concurrency, since its call runs anyway; new grants wait until the in-flight count is below it.
+-- Its later settle refunds or charges the difference to its estimate as for any lease.
+--
+-- Reply: {"extended" | "adopted" | "charged", now}
+-- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
+-- nothing changed.
+local A, REFUSED = operation_args({
+  {'id', TEXT_OR_EMPTY},
+  {'requests', UNITS},
+  {'tokens', UNITS},
+  {'spent requests', UNITS},
+  {'spent tokens', UNITS},
+})
+if REFUSED then
+  return redis.error_reply(REFUSED)
+end
+local ID, CREQ, CTOK, SPENT_REQ, SPENT_TOK = unpack(A)
+
+reap()
+local st = load_state()
+if (SPENT_REQ > 0 or SPENT_TOK > 0) and not st.lost then -- a lost state's buckets start empty anyway
+  charge(st, SPENT_REQ, SPENT_TOK, -1)
+end
+local reply = {'charged', fmt(NOW)}
+if ID ~= '' then
+  local expiry = redis.call('ZSCORE', K_LEASES, ID)
+  if expiry then
+    claim(ID, redis.call('HGET', K_DATA, ID) or '')
+    redis.call('ZADD', K_LEASES, math.max(tonumber(expiry), NOW + LEASE_TTL), ID)
+    reply = {'extended', fmt(NOW)}
+  else
+    redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, ID)
+    redis.call('HSET', K_DATA, ID, CREQ .. ' ' .. CTOK .. ' ' .. fmt(NOW) .. ' u u ' .. fmt(st.kr) .. ' ' ..
+      fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct))
+    reply = {'adopted', fmt(NOW)}
+  end
+end
+advance(st)
+save_state(st)
+touch(st)
+return reply

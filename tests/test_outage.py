@@ -1,0 +1,267 @@
+"""Redis out or its state lost: the outage policy (closed, open, local) and lost-state recovery.
+
+Each test runs a redis-server of its own that it kills and restarts on the same port; every wait is
+bounded and asserts on counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from xflow_dist import (
+    AsyncLimiter,
+    Budget,
+    BudgetUnavailableError,
+    ConfigurationError,
+    Limiter,
+    OutagePolicy,
+)
+from xflow_dist._embedded import find_redis_server, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Server:
+    """A redis-server on a fixed loopback port, killed and started again at will (nothing on disk)."""
+
+    def __init__(self) -> None:
+        binary = find_redis_server()
+        if binary is None:
+            pytest.skip("needs a redis-server binary")
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        try:
+            until(lambda: _answers(probe))
+        finally:
+            probe.close()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def until(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+def server(real_redis: bool) -> Iterator[Server]:
+    if not real_redis:
+        pytest.skip("needs a redis-server binary")
+    srv = Server()
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+def in_flight(srv: Server, name: str) -> int:
+    c = srv.client()
+    try:
+        return int(c.zcard(f"{{xflow:{name}}}:leases"))
+    finally:
+        c.close()
+
+
+# --- the policy, checked before anything runs ---------------------------------------------------------
+
+
+def test_a_bad_outage_policy_is_refused_before_redis_is_touched(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="outage mode"):
+        Limiter(Budget(name, rps=1), "redis://127.0.0.1:1/0", outage="sometimes")
+    with pytest.raises(ConfigurationError, match="fleet_size"):
+        OutagePolicy(fleet_size=0)
+    with pytest.raises(ConfigurationError, match="outage must be"):
+        Limiter(Budget(name, rps=1), "redis://127.0.0.1:1/0", outage=3)  # type: ignore[arg-type]
+
+
+# --- closed -------------------------------------------------------------------------------------------
+
+
+def test_closed_refuses_within_the_io_bound_and_comes_back(server: Server, name: str) -> None:
+    policy = OutagePolicy(mode="closed", probe_interval=0.05)
+    with Limiter(Budget(name, rps=100, max_concurrency=4), server.url, outage=policy, io_timeout=0.5) as lim:
+        lim.acquire().release()
+        server.kill()
+        t0 = time.monotonic()
+        with pytest.raises(BudgetUnavailableError, match="closed"):
+            lim.acquire(timeout=30)
+        assert time.monotonic() - t0 < 2 * 0.5 + 0.5
+        t1 = time.monotonic()
+        with pytest.raises(BudgetUnavailableError):  # now at once: no Redis call while it is out
+            lim.acquire(timeout=30)
+        assert time.monotonic() - t1 < 0.1
+        assert lim.status().mode == "closed"
+        server.start()
+        until(lambda: lim.status().mode == "shared")
+        with lim.acquire(timeout=5):
+            assert lim.status().in_flight == 1
+
+
+# --- open ---------------------------------------------------------------------------------------------
+
+
+def test_open_lets_calls_through_counts_them_and_registers_those_still_running(server: Server, name: str) -> None:
+    policy = OutagePolicy(mode="open", probe_interval=0.05)
+    with Limiter(Budget(name, rps=1, max_concurrency=1), server.url, outage=policy, io_timeout=0.5) as lim:
+        lim.acquire().release()  # the only request of this second
+        server.kill()
+        leases = [lim.acquire(timeout=2) for _ in range(5)]  # far past rps and concurrency: unlimited
+        status = lim.status()
+        assert (status.mode, status.outage_grants, status.in_flight) == ("open", 5, 5)
+        for lease in leases[:3]:
+            lease.release()
+        server.start()
+        until(lambda: lim.status().mode == "shared")
+        assert in_flight(server, name) == 2  # the two calls still running joined the shared budget
+        for lease in leases[3:]:
+            lease.release()
+        assert in_flight(server, name) == 0
+
+
+# --- local --------------------------------------------------------------------------------------------
+
+
+def test_local_runs_on_an_empty_share_then_rejoins_without_over_admission(server: Server, name: str) -> None:
+    """Two limiters (two subscribers: a fleet of two) with 4 slots and 20 requests a second; Redis is
+    killed with one lease held by each. Each keeps half: 2 slots, one of them its held call's."""
+    budget = Budget(name, rps=20, burst=1.0, max_concurrency=4)
+    policy = OutagePolicy(probe_interval=0.05)
+    a = Limiter(budget, server.url, outage=policy, io_timeout=0.5)
+    b = Limiter(budget, server.url, outage=policy, io_timeout=0.5)
+    try:
+        held_a, held_b = a.acquire(timeout=5), b.acquire(timeout=5)
+        until(lambda: a._fleet == 2 and b._fleet == 2)  # each counted both subscribers
+        server.kill()
+        t0 = time.monotonic()
+        first = a.acquire(timeout=5)  # the share starts empty: 10 requests/s, so the first waits 0.1 s
+        assert time.monotonic() - t0 < 0.5 + 0.5 + 0.5
+        status = a.status()
+        assert (status.mode, status.in_flight, status.rpm) == ("local", 2, 600)
+        assert not a.try_acquire()  # 2 slots of 4: the held call and this one
+        held_a.release()  # its settle waits for Redis; its slot in the share is free at once
+        second = a.acquire(timeout=5)
+        assert a.status().in_flight == 2
+        server.start()  # empty: the state is lost as well
+        until(lambda: a.status().mode == "shared")
+        # a's two share leases are registered by its way back, b's held lease when b's events
+        # connection returns; a's released one is settled (nothing left of it to settle)
+        until(lambda: in_flight(server, name) == 3)
+        assert not a.try_acquire()  # 3 in flight of 4: one free, but the rebuilt buckets hold nothing
+        for lease in (first, second, held_b):
+            lease.release()
+        until(lambda: in_flight(server, name) == 0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_share_of_no_slot_waits_for_redis(server: Server, name: str) -> None:
+    policy = OutagePolicy(probe_interval=0.05, fleet_size=3)
+    with Limiter(Budget(name, max_concurrency=2), server.url, outage=policy, io_timeout=0.5) as lim:
+        server.kill()  # never reached Redis: it assumes the policy's fleet of 3, more than 2 slots
+        with pytest.raises(Exception, match="concurrency is none"):
+            lim.acquire(timeout=1.5)
+        got: list[object] = []
+        thread = threading.Thread(target=lambda: got.append(lim.acquire(timeout=10)), daemon=True)
+        thread.start()
+        server.start()
+        thread.join(timeout=10)
+        assert len(got) == 1 and in_flight(server, name) == 1
+
+
+async def test_async_local_share_and_the_way_back(server: Server, name: str) -> None:
+    budget = Budget(name, rps=50, burst=0.2, max_concurrency=3)
+    policy = OutagePolicy(probe_interval=0.05)
+    async with AsyncLimiter(budget, server.url, outage=policy, io_timeout=0.5) as lim:
+        held = await lim.acquire(timeout=5)
+        server.kill()
+        during = [await lim.acquire(timeout=5) for _ in range(2)]  # 3 slots: the held call and these
+        status = await lim.status()
+        assert (status.mode, status.in_flight, status.outage_grants) == ("local", 3, 2)
+        assert not await lim.try_acquire()
+        server.start()
+        for _ in range(500):
+            if (await lim.status()).mode == "shared":
+                break
+            await asyncio.sleep(0.01)
+        assert (await lim.status()).in_flight == 3
+        for lease in (held, *during):
+            await lease.release()
+        assert (await lim.status()).in_flight == 0
+
+
+# --- lost state -------------------------------------------------------------------------------------
+
+
+def test_lost_keys_come_back_empty_with_the_leases_still_held(server: Server, name: str) -> None:
+    """FLUSHALL while two calls run: the next script finds the keys gone, makes them empty with a
+    hold, and announces it; the holders register their leases again; no fresh burst, no extra slot."""
+    budget = Budget(name, rps=10, burst=2.0, max_concurrency=2)
+    with Limiter(budget, server.url) as lim, Limiter(budget, server.url) as other:
+        one, two = lim.acquire(timeout=5), other.acquire(timeout=5)
+        c = server.client()
+        c.flushall()
+        assert not lim.try_acquire()  # it rebuilt the state: both slots are taken again, not free
+        until(lambda: in_flight(server, name) == 2)  # lim's own lease and, on the notice, other's
+        status = lim.status()
+        assert status.requests_available is not None and status.requests_available < 1.0
+        assert status.cooldown_remaining > 0  # the hold while holders come back
+        one.release()
+        two.release()
+        until(lambda: in_flight(server, name) == 0)
+        c.close()
+
+
+def test_a_newcomer_finds_a_fresh_budget(server: Server, name: str) -> None:
+    """Keys that expired (or never were) are not lost: a process that has not seen them starts full."""
+    budget = Budget(name, rps=10, burst=2.0)
+    with Limiter(budget, server.url) as lim:
+        for _ in range(20):
+            assert lim.try_acquire(), "a fresh budget grants its whole burst"
+
+
+def test_a_heartbeat_registers_a_lease_redis_no_longer_holds(server: Server, name: str) -> None:
+    budget = Budget(name, max_concurrency=1, lease_ttl=0.6)
+    with Limiter(budget, server.url) as lim:
+        lease = lim.acquire(timeout=5)
+        c = server.client()
+        c.delete(f"{{xflow:{name}}}:leases", f"{{xflow:{name}}}:lease_data")  # the lease alone is gone
+        until(lambda: in_flight(server, name) == 1, timeout=5)  # the next heartbeat (0.2 s) adds it back
+        assert not lease.lost
+        lease.release()
+        assert in_flight(server, name) == 0
+        c.close()

@@ -1,0 +1,172 @@
+"""What a limiter does while its Redis does not answer: the outage policy, shared by both fronts.
+
+``local`` (the default) keeps each process on its own share of the budget: the limits and the
+concurrency divided by the number of processes it last saw using the budget (the subscribers of its
+events channel), in an in-process bucket that starts empty, since the shared one may just have been
+spent. When Redis answers again the process charges the shared buckets with what its share spent and
+re-registers every lease it still holds, so that the fleet goes back to one budget without a burst.
+``open`` lets calls through unlimited (counted and logged); ``closed`` refuses them with
+``BudgetUnavailableError`` at once. Each switch is logged once and shows in ``status().mode``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from ._budget import Budget, _positive
+from ._core import Status
+from ._exceptions import BackendError, BudgetUnavailableError, ConfigurationError
+
+MODES = ("local", "open", "closed")
+
+#: A waiter on a share asks it for at most this long at a time, then looks whether Redis is back.
+SHARE_SLICE = 0.25
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutagePolicy:
+    """What acquire does while the budget's Redis does not answer (see the module docstring).
+
+    ``fleet_size`` is the number of processes a process assumes when it never saw the fleet in Redis
+    (it started during the outage); ``probe_interval`` how often Redis is tried meanwhile.
+    """
+
+    mode: str = "local"
+    fleet_size: int = 1
+    probe_interval: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigurationError(f"outage mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        n = self.fleet_size
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:
+            raise ConfigurationError(f"fleet_size must be a whole number from 1 to 1000000, not {n!r}")
+        _positive(None, "probe_interval", self.probe_interval, top=60.0)
+
+
+def outage_policy(value: OutagePolicy | str | None) -> OutagePolicy:
+    """The limiters' ``outage=`` argument: a policy, or a mode's name."""
+    if value is None:
+        return OutagePolicy()
+    if isinstance(value, OutagePolicy):
+        return value
+    if isinstance(value, str):
+        return OutagePolicy(mode=value)
+    raise ConfigurationError(f"outage must be an OutagePolicy or one of {', '.join(MODES)}, not {value!r}")
+
+
+def share(budget: Budget, mode: str, processes: int) -> Budget:
+    """The budget one process keeps during an outage: its share of every limit, or none (``open``).
+
+    Shares are rounded down, so the fleet together never exceeds the budget; a process whose share
+    of the concurrency rounds to nothing gets none (see ``no_slot``).
+    """
+    if mode == "open":
+        return Budget(budget.name, lease_ttl=budget.lease_ttl)
+    n = max(1, processes)
+    conc = None if budget.max_concurrency is None else max(1, budget.max_concurrency // n)
+    return Budget(
+        budget.name,
+        rps=None if budget.request_rate is None else budget.request_rate / n,
+        tps=None if budget.token_rate is None else budget.token_rate / n,
+        max_concurrency=conc,
+        burst=budget.burst,
+        lease_ttl=budget.lease_ttl,
+        claim_window=budget.claim_window,
+    )
+
+
+def no_slot(budget: Budget, mode: str, processes: int) -> bool:
+    """True where this process's share of the concurrency is zero (more processes than slots)."""
+    return mode == "local" and budget.max_concurrency is not None and budget.max_concurrency < max(1, processes)
+
+
+def emptying_cost(local: Budget) -> tuple[float, float]:
+    """A share's full capacity (requests, tokens): charged once at the start, it leaves the buckets
+    empty, as the shared ones may be."""
+    req = 0.0 if local.request_rate is None else local.request_rate * local.burst
+    tok = 0.0 if local.token_rate is None else local.token_rate * local.burst
+    return req, tok
+
+
+def spent(local: Budget, status: Status) -> tuple[float, float]:
+    """What a share spent and has not yet earned back: its capacity less its level, per dimension.
+    Charged to the shared buckets on the way back, the fleet's shares add up to one bucket again."""
+    req = 0.0
+    tok = 0.0
+    if local.request_rate is not None and status.requests_available is not None:
+        req = max(0.0, local.request_rate * local.burst - status.requests_available)
+    if local.token_rate is not None and status.tokens_available is not None:
+        tok = max(0.0, local.token_rate * local.burst - status.tokens_available)
+    return req, tok
+
+
+def reason(exc: BaseException) -> str:
+    """What failed, for the log and the error: the Redis error under a BackendError."""
+    cause = exc.__cause__ or exc
+    return f"{type(cause).__name__}: {cause}"
+
+
+def diverted(budget: Budget) -> BackendError:
+    """What a waiter raises to leave the shared queue once another call found Redis out: a transient
+    failure, so that it takes the outage path."""
+    error = BackendError("Redis does not answer (found by another call)", budget=budget.name)
+    error.__cause__ = redis.ConnectionError("outage")
+    return error
+
+
+@dataclass
+class Outage:
+    """One outage as a process lives it: since when, why, on what share, what it let through."""
+
+    mode: str
+    reason: str
+    processes: int
+    local: Any  # the Limiter or AsyncLimiter on the share (memory://), None when closed
+    budget: Budget | None
+    back: Any  # an Event set when Redis answers again (threading or asyncio)
+    since: float = field(default_factory=time.monotonic)
+    grants: int = 0
+    waiting: int = 0
+    ended: bool = False
+    shadows: dict[str, Any] = field(default_factory=dict)  # shared lease id -> its slot in the share
+
+    def unavailable(self, name: str) -> BudgetUnavailableError:
+        return BudgetUnavailableError(
+            f"budget {name!r} is unavailable: its Redis does not answer ({self.reason}); the outage "
+            f"policy is {self.mode!r}",
+            budget=name,
+        )
+
+    def describe(self) -> str:
+        if self.mode == "closed":
+            return "refusing every call"
+        if self.mode == "open":
+            return "letting every call through unlimited"
+        return f"running on a local share (1/{self.processes} of the budget)"
+
+    def status(self, name: str, local: Status | None) -> Status:
+        """``status()`` during the outage: the share's levels, marked with the mode."""
+        since = time.monotonic() - self.since
+        if local is None:
+            return Status(name, math.nan, None, None, 0, 0, 0.0, 0, mode=self.mode, outage_for=since)
+        return Status(
+            name,
+            local.now,
+            local.requests_available,
+            local.tokens_available,
+            local.in_flight,
+            local.queued,
+            0.0,
+            0,
+            rpm=local.rpm,
+            tpm=local.tpm,
+            mode=self.mode,
+            outage_for=since,
+            outage_grants=self.grants,
+        )
