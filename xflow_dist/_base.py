@@ -117,7 +117,7 @@ RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 
 #: Seconds between two counts of the processes using a budget (see ``OutagePolicy``).
-CENSUS_INTERVAL = 5.0
+CENSUS_INTERVAL = 2.0
 
 
 class LimiterBase:
