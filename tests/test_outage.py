@@ -250,6 +250,7 @@ def test_a_newcomer_finds_a_fresh_budget(server: Server, name: str) -> None:
     """Keys that expired (or never were) are not lost: a process that has not seen them starts full."""
     budget = Budget(name, rps=10, burst=2.0)
     with Limiter(budget, server.url) as lim:
+        assert lim.status().requests_available == 20  # read-only: it makes no keys, and is no sighting
         for _ in range(20):
             assert lim.try_acquire(), "a fresh budget grants its whole burst"
 
