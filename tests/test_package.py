@@ -66,3 +66,9 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = "pip install -e '.[test]' && python -m pytest"
     assert command in readme
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ci_runs_the_suite_on_valkey_too() -> None:
+    command = "XFLOW_TEST_SERVER=valkey python -m pytest"
+    assert command in (ROOT / "README.md").read_text()
+    assert command in (ROOT / ".ci" / "run").read_text()
