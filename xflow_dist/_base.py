@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
+from ._acl import Rights
 from ._backend import IO_TIMEOUT
 from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy
 from ._core import (
@@ -20,6 +21,7 @@ from ._core import (
     CooldownReply,
     acquire_args,
     budget_args,
+    channel,
     cooldown_args,
     decode_clear_cooldown,
     keys,
@@ -132,6 +134,7 @@ class LimiterBase:
         self.cooldown_policy = cooldown_policy or CooldownPolicy()
         self.ticket_ttl = ttl or budget.lease_ttl
         self._keys = keys(budget)
+        self._rights = Rights(budget.name, self._keys, channel(budget))  # proven before the first call
         self._budget_args = budget_args(budget)
         self._warned_capped = False
 
