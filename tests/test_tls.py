@@ -18,6 +18,7 @@ from _servers import RedisServer
 
 from xflow_dist import AsyncLimiter, BackendError, Budget, Limiter
 from xflow_dist._backend import async_client, sync_client
+from xflow_dist._embedded import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,6 +125,12 @@ async def test_client_without_certificate_is_refused_async(
             await getattr(lim, call)()
         assert time.monotonic() - started < 2.0
         _refused(caught.value)
+
+
+def test_no_server_at_all_is_no_certificate_matter(certs: Certificates, name: str) -> None:
+    with Limiter(Budget(name), url(free_port(), certs), io_timeout=0.5) as lim, pytest.raises(BackendError) as caught:
+        lim.status()
+    assert "refused" in str(caught.value) and "ssl_certfile" not in str(caught.value)
 
 
 def test_a_server_the_ca_did_not_sign_is_refused(tls_port: int, certs: Certificates, name: str, tmp_path: Path) -> None:

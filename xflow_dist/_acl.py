@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 import threading
 from typing import Any
 
@@ -134,6 +135,16 @@ def _tls(client: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, redis.SSLConnection | redis.asyncio.SSLConnection)
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Nothing listens there, or the host has no address: no TLS handshake was made."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError | socket.gaierror) or "Connection refused" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _failed(budget: str, exc: redis.RedisError, tls: bool) -> Exception:
     if isinstance(exc, redis.exceptions.NoPermissionError):
         found = _NOPERM_COMMAND.search(str(exc))
@@ -145,7 +156,7 @@ def _failed(budget: str, exc: redis.RedisError, tls: bool) -> Exception:
             missing=(command,),
         )
     hint = ""
-    if tls and isinstance(exc, redis.ConnectionError):
+    if tls and isinstance(exc, redis.ConnectionError) and not _unreachable(exc):
         # a server that wants a client certificate may just reset the connection, its alert unread
         hint = (
             " (over TLS: check the URL's ssl_ca_certs, and its ssl_certfile and ssl_keyfile where the server "
