@@ -20,7 +20,8 @@ from _servers import RedisServer
 
 from xflow_dist import AsyncLimiter, Budget, Limiter, PermissionDeniedError
 from xflow_dist._acl import ACL_RULE, CLIENT_COMMANDS, SCRIPT_COMMANDS, decode
-from xflow_dist._scripts import OPS, lua_dir, source
+from xflow_dist._acl import source as check_source
+from xflow_dist._scripts import OPS, source
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,7 +222,7 @@ def test_no_right_to_run_the_scripts(
     name = f"acl-{uuid.uuid4().hex[:8]}"
     admin.script_flush()
     if cached:
-        admin.script_load((lua_dir() / "check_rights.lua").read_text())
+        admin.script_load(check_source())
     with Limiter(Budget(name, max_concurrency=1), url) as limiter, pytest.raises(PermissionDeniedError) as caught:
         limiter.acquire()
     expected = {"+evalsha": "EVALSHA", "+script|load": "SCRIPT LOAD", "~{xflow:*": "EVALSHA"}[dropped]

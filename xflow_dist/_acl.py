@@ -12,6 +12,7 @@ checked.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -63,7 +64,11 @@ ACL_RULE = (
 
 _HINT = f"grant the user the rule in docs/security.md: ACL SETUSER <user> on ><password> {ACL_RULE}"
 
-_SOURCE = (lua_dir() / "check_rights.lua").read_text(encoding="utf-8")
+
+@functools.cache
+def source() -> str:
+    """The text of ``check_rights.lua``, sent as it is (no prelude)."""
+    return (lua_dir() / "check_rights.lua").read_text(encoding="utf-8")
 
 
 def checks(keys: list[str], channel: str) -> list[tuple[str, ...]]:
@@ -197,7 +202,7 @@ class Rights:
         with self._lock:
             if self.done:
                 return
-            script = client.register_script(_SOURCE)  # EVALSHA, SCRIPT LOAD on NOSCRIPT
+            script = client.register_script(source())  # EVALSHA, SCRIPT LOAD on NOSCRIPT
             for attempt in (1, 2):
                 try:
                     raw = script(keys=self.keys, args=self.argv)
@@ -217,7 +222,7 @@ class Rights:
         async with self._alock:
             if self.done:
                 return
-            script = client.register_script(_SOURCE)
+            script = client.register_script(source())
             for attempt in (1, 2):
                 try:
                     raw = await script(keys=self.keys, args=self.argv)
