@@ -22,6 +22,7 @@ from xflow_dist import (
     ConfigurationError,
     Limiter,
     OutagePolicy,
+    XflowError,
 )
 from xflow_dist._embedded import find_redis_server, free_port
 
@@ -266,3 +267,14 @@ def test_a_heartbeat_registers_a_lease_redis_no_longer_holds(server: Server, nam
         lease.release()
         assert in_flight(server, name) == 0
         c.close()
+
+
+def test_a_wrong_password_is_no_outage(redis_url: str, name: str) -> None:
+    """A refusal that does not pass (a wrong password) raises whatever the policy: no local share
+    would hide a misconfigured process."""
+    url = redis_url.replace("redis://", "redis://nobody:wrong@")
+    with Limiter(Budget(name, rps=10), url) as lim:
+        with pytest.raises(XflowError) as caught:
+            lim.acquire(timeout=1)
+        assert not isinstance(caught.value, BudgetUnavailableError)
+        assert lim._outage is None

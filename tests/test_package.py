@@ -57,7 +57,7 @@ def test_wheel_ships_the_lua_scripts_and_py_typed(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("xflow_dist-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "xflow_dist/py.typed" in names
-    for op in (*OPS, "_prelude"):
+    for op in (*OPS, "_prelude", "check_rights"):
         assert f"xflow_dist/lua/{op}.lua" in names
 
 

@@ -284,6 +284,7 @@ class Limiter(LimiterBase):
         _LIVE.add(self)
 
     def _run(self, op: str, argv: list[str]) -> Any:
+        self._rights.ensure(self._client)
         for attempt in (1, 2):
             try:
                 reply = self._scripts[op](keys=self._keys, args=self._argv(argv))
@@ -298,6 +299,7 @@ class Limiter(LimiterBase):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _hub(self) -> _Events:
+        self._rights.ensure(self._client)
         with self._events_lock:
             if self._events is None:
                 try:
