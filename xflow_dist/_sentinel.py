@@ -82,6 +82,8 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         raise _bad(url, f"the scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
     if parts.fragment:
         raise _bad(url, "it has a '#' fragment (percent-encode a '#' in a password as %23)")
+    if "@" in parts.path:
+        raise _bad(url, "an '@' follows the first '/': percent-encode a '/' in a password as %2F")
     userinfo, at, hosts = parts.netloc.rpartition("@")
     username = password = None
     if at:
@@ -156,10 +158,15 @@ class BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.Blocking
     connection (what closing the client does) also closes the connections to the sentinels."""
 
     def disconnect(self, inuse_connections: bool = True) -> None:
-        super().disconnect(inuse_connections)
-        if inuse_connections:
-            for sentinel in self.sentinel_manager.sentinels:
-                sentinel.connection_pool.disconnect()
+        if not inuse_connections:
+            # what the Sentinel pool asks when the master moved; redis-py 5's blocking pool cannot
+            # be told to spare the connections in use, so the idle ones are picked here
+            for connection in [c for c in list(self.pool.queue) if c is not None]:
+                connection.disconnect()
+            return
+        redis.BlockingConnectionPool.disconnect(self)
+        for sentinel in self.sentinel_manager.sentinels:
+            sentinel.connection_pool.disconnect()
 
 
 class AsyncBlockingSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool, redis.asyncio.BlockingConnectionPool):
