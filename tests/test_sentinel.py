@@ -441,5 +441,10 @@ def test_a_fleet_grants_again_within_a_second_of_the_promotion(tmp_path: object)
     assert result["promotion_to_first_grant_s"] <= 1.0, result
     assert result["kill_to_first_grant_s"] <= 5.0, result
     assert result["grants_without_master"] == 0, result
+    # a lease is held 30 ms and the outage lasts seconds: even a grant the replica never received is
+    # released long before the new master grants again, so any over-admission is the limiter's own
     assert result["over_admitted"] == 0, result
-    assert result["in_flight_at_end"] == 0, result
+    # nothing leaks; a lease left in flight must be one whose settle the old master acknowledged just
+    # before its death and never passed on to the replica (asynchronous replication, documented)
+    assert result["in_flight_at_end"] == result["settles_lost_in_failover"], result
+    assert all(abs(t) < 0.25 for t in result["lost_settles_answered_s_before_kill"]), result  # at the kill
