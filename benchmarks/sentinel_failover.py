@@ -45,14 +45,23 @@ RETRY_PAUSE = 0.05
 
 
 def worker(
-    conn: Any, url: str, name: str, slots: int, threads: int, call: float, until: float, held: Any, over: Any
+    conn: Any,
+    url: str,
+    name: str,
+    slots: int,
+    threads: int,
+    call: float,
+    until: float,
+    held: Any,
+    over: Any,
+    outage: str = "local",
 ) -> None:
     try:
         stamps: list[float] = []
         settled: dict[str, float] = {}  # lease id -> when its release was answered "settled"
         counts = {"errors": 0, "timeouts": 0, "lost": 0}
         lock = threading.Lock()
-        with Limiter(Budget(name, max_concurrency=slots), url) as limiter:
+        with Limiter(Budget(name, max_concurrency=slots), url, outage=outage) as limiter:
 
             def loop() -> None:
                 while time.monotonic() < until:
@@ -97,7 +106,9 @@ def worker(
         raise
 
 
-def run_once(processes: int, threads: int, slots: int, call: float, seconds: float, kill_at: float) -> dict[str, Any]:
+def run_once(
+    processes: int, threads: int, slots: int, call: float, seconds: float, kill_at: float, outage: str = "local"
+) -> dict[str, Any]:
     ctx = c.spawn_context()
     with SentinelGroup() as group:
         name = f"bench-failover-{uuid.uuid4().hex[:8]}"
@@ -107,7 +118,7 @@ def run_once(processes: int, threads: int, slots: int, call: float, seconds: flo
         pipes, procs = [], []
         for _ in range(processes):
             parent, child = ctx.Pipe()
-            args = (child, group.url, name, slots, threads, call, until, held, over)
+            args = (child, group.url, name, slots, threads, call, until, held, over, outage)
             proc = ctx.Process(target=worker, args=args)
             proc.start()
             pipes.append(parent)
@@ -170,6 +181,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=9.0)
     ap.add_argument("--kill-at", type=float, default=2.0)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument(
+        "--outage",
+        choices=("local", "open", "closed"),
+        default="local",
+        help="the workers' outage policy (default local, the library's); closed: the shared budget's own recovery",
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     env: dict[str, Any] = {}
@@ -178,7 +195,9 @@ def main() -> None:
     c.print_environment(env)
     results = []
     for _ in range(args.runs):
-        result = run_once(args.processes, args.threads, args.slots, args.call_ms / 1000, args.seconds, args.kill_at)
+        result = run_once(
+            args.processes, args.threads, args.slots, args.call_ms / 1000, args.seconds, args.kill_at, args.outage
+        )
         results.append(result)
         print(c.table(["figure", "value"], [[k, v] for k, v in result.items()]))
     summary: dict[str, Any] = {}
