@@ -100,6 +100,7 @@ class _Events:
                 continue
             if Mailroom.resets(msg):
                 self._limiter._rejoin_soon()
+                self._limiter._kick()
             for inbox, notice in self.mail.deliver(msg):
                 inbox.put_nowait(notice)
 
@@ -176,6 +177,7 @@ class AsyncLimiter(LimiterBase):
         self._beater: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._queued: set[str] = set()  # tickets of this process now in the shared queue
+        self._kicked = asyncio.Event()  # set (and replaced) when Redis answers again: retry now
         self._closed = False
         _LIVE.add(self)
 
@@ -516,6 +518,7 @@ class AsyncLimiter(LimiterBase):
                                 self.budget.name, exc)  # fmt: skip
         self._outage = None
         outage.back.set()
+        self._kick()  # the settles that failed meanwhile go out now
         for shadow in outage.shadows.values():
             with contextlib.suppress(XflowError):
                 await shadow.release()
@@ -557,10 +560,20 @@ class AsyncLimiter(LimiterBase):
         self._retries[key] = task
         task.add_done_callback(lambda t: self._retries.pop(key, None) if self._retries.get(key) is t else None)
 
+    def _kick(self) -> None:
+        """Redis answers again: retry what is pending now rather than at its backoff's next step."""
+        self._kicked.set()
+        self._kicked = asyncio.Event()
+
     async def _retry(self, op: str, argv: list[str], give_up: float) -> None:
         delay = RETRY_FIRST
         while True:
-            await asyncio.sleep(delay)
+            kicked = self._kicked
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await kicked.wait()
+            if kicked.is_set():
+                delay = RETRY_FIRST
             try:
                 await self._run(op, argv)
                 return
@@ -706,6 +719,9 @@ class AsyncLimiter(LimiterBase):
         self._beater = None
         self._events = None
         self._events_lock = None
+        self._kicked = asyncio.Event()
+        self._queued = set()
+        self._outage = None
         if self._owns:
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
             self._client, _ = async_client(self._target, self.io_timeout)

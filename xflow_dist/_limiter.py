@@ -99,6 +99,7 @@ class _Events:
                 continue
             if Mailroom.resets(msg):
                 self._limiter._upkeep.rejoin_soon()
+                self._limiter._upkeep.kick()
             for inbox, notice in self.mail.deliver(msg):
                 inbox.put(notice)
 
@@ -179,6 +180,15 @@ class _Upkeep:
             self._due.pop(key, None)
             self._pending[key] = _Retry(op, argv, now + self._limiter.retry_window, now + RETRY_FIRST)
             self._start()
+
+    def kick(self) -> None:
+        """Redis answers again: retry what is pending now rather than at its backoff's next step."""
+        with self._cond:
+            now = time.monotonic()
+            for retry in self._pending.values():
+                retry.at, retry.delay = now, RETRY_FIRST
+            if self._pending:
+                self._start()
 
     def held(self) -> list[Lease]:
         with self._cond:
@@ -608,6 +618,7 @@ class Limiter(LimiterBase):
             self._outage = None
             last = outage.waiting == 0
         outage.back.set()
+        self._upkeep.kick()  # the settles that failed meanwhile go out now
         for shadow in outage.shadows.values():
             with contextlib.suppress(XflowError):
                 shadow.release()
@@ -735,6 +746,9 @@ class Limiter(LimiterBase):
         self._events = None
         self._events_lock = threading.Lock()
         self._upkeep = _Upkeep(self)
+        self._queued = set()
+        self._outage = None  # the parent's probe does not run here: the next failure starts our own
+        self._outage_lock = threading.Lock()
         if self._owns:
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
             self._client, _ = sync_client(self._target, self.io_timeout)
