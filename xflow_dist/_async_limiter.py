@@ -34,6 +34,7 @@ from ._core import (
     CooldownReply,
     SettleReply,
     Status,
+    adopted,
     channel,
     decode_acquire,
     decode_configure,
@@ -346,12 +347,18 @@ class AsyncLimiter(LimiterBase):
                     if expiry is None:
                         # Redis does not hold it (its keys were lost, or it expired while Redis could
                         # not be reached); its call runs all the same: register it again
-                        await self._run("rejoin", self._rejoin_args(lid, lease.requests, lease.tokens))
+                        await self._rejoin(lease)
                         log.warning("lease %s of budget %s was gone from Redis; registered again", lid,
                                     self.budget.name)  # fmt: skip
                 except XflowError as exc:  # a backend failure, or limits reconfigured meanwhile
                     log.warning("heartbeat of lease %s failed: %s", lid, exc)
                     continue
+
+    async def _rejoin(self, lease: AsyncLease) -> None:
+        """Register ``lease`` again; a release crossing it is settled again (see ``Limiter._rejoin``)."""
+        raw = await self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        if adopted(raw) and lease.closed:
+            await self._run("settle", self._settle_args(lease.id, None))
 
     def _rejoin_soon(self) -> None:
         """Register every lease held again, in the background (Redis may have lost them)."""
@@ -369,7 +376,7 @@ class AsyncLimiter(LimiterBase):
             if lease is None or lease.closed:
                 continue
             try:
-                await self._run("rejoin", self._rejoin_args(lid, lease.requests, lease.tokens))
+                await self._rejoin(lease)
             except XflowError as exc:
                 log.warning("lease %s of budget %s could not be registered again: %s", lid, self.budget.name, exc)
                 return
@@ -504,7 +511,7 @@ class AsyncLimiter(LimiterBase):
         for lid in list(self._held):
             lease = self._leases.get(lid)
             if lease is not None and not lease.closed:
-                await self._run("rejoin", self._rejoin_args(lid, lease.requests, lease.tokens))
+                await self._rejoin(lease)
         outage.ended = True
         if local is not None:
             for lid in list(local._held):
@@ -529,8 +536,9 @@ class AsyncLimiter(LimiterBase):
                     outage.mode)  # fmt: skip
 
     async def _take_over(self, outage: Outage, lease: AsyncLease) -> None:
-        """A lease the share granted becomes one of the shared budget's (registered in Redis)."""
-        await self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        """A lease the share granted becomes one of the shared budget's (see ``Limiter._take_over``)."""
+        if lease.closed:  # released meanwhile: its settle went to the share
+            return
         local = outage.local
         if local is not None:
             local._disown(lease)
@@ -542,6 +550,7 @@ class AsyncLimiter(LimiterBase):
         fin.atexit = False
         if self._beater is None or self._beater.done():
             self._beater = asyncio.create_task(self._beat(), name="xflow-heartbeat")
+        await self._rejoin(lease)
 
     def _disown(self, lease: AsyncLease) -> None:
         self._held.pop(lease.id, None)

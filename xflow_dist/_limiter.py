@@ -33,6 +33,7 @@ from ._core import (
     CooldownReply,
     SettleReply,
     Status,
+    adopted,
     channel,
     decode_acquire,
     decode_configure,
@@ -457,7 +458,7 @@ class Limiter(LimiterBase):
         # Redis does not hold it: its keys were lost, or it expired while this process could not
         # reach Redis. Its call runs all the same: register it again, so the slot count stays true.
         try:
-            self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+            self._rejoin(lease)
         except XflowError as exc:
             lease.lost = True
             log.warning("lease %s of budget %s was lost and could not be registered again: %s", lease.id,
@@ -466,13 +467,21 @@ class Limiter(LimiterBase):
         log.warning("lease %s of budget %s was gone from Redis; registered again", lease.id, self.budget.name)
         return True
 
+    def _rejoin(self, lease: Lease) -> None:
+        """Register ``lease`` again. Its release may cross this call: a release settled just before
+        would be undone by the re-registration, so a lease found closed after it is settled again (at
+        its estimate; a settle of a lease already gone changes nothing)."""
+        raw = self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        if adopted(raw) and lease.closed:
+            self._run("settle", self._settle_args(lease.id, None))
+
     def _rejoin_held(self) -> None:
         """Register every lease held again (Redis lost its keys, or the events connection came back)."""
         for lease in self._upkeep.held():
             if lease.closed:
                 continue
             try:
-                self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+                self._rejoin(lease)
             except XflowError as exc:
                 log.warning("lease %s of budget %s could not be registered again: %s", lease.id, self.budget.name, exc)
                 return
@@ -604,7 +613,7 @@ class Limiter(LimiterBase):
             if spent_now != (0.0, 0.0):
                 self._run("rejoin", self._rejoin_args("", 0, 0, spent_now))
         for lease in self._upkeep.held():
-            self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+            self._rejoin(lease)
         with self._outage_lock:
             outage.ended = True
         if local is not None:
@@ -629,8 +638,10 @@ class Limiter(LimiterBase):
                     outage.mode)  # fmt: skip
 
     def _take_over(self, outage: Outage, lease: Lease) -> None:
-        """A lease the share granted becomes one of the shared budget's (registered in Redis)."""
-        self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        """A lease the share granted becomes one of the shared budget's: pointed here first (a release
+        from then on settles in Redis), then registered there (see ``_rejoin`` for a release crossing it)."""
+        if lease.closed:  # released meanwhile: its settle went to the share
+            return
         local = outage.local
         if local is not None:
             local._disown(lease)
@@ -638,6 +649,7 @@ class Limiter(LimiterBase):
         self._upkeep.add(lease)
         self._finalizers[lease.id] = fin = weakref.finalize(lease, self._dropped, lease.id)
         fin.atexit = False
+        self._rejoin(lease)
 
     def _disown(self, lease: Lease) -> None:
         self._upkeep.disown(lease.id)
