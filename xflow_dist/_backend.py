@@ -1,5 +1,8 @@
 """Where a budget's Redis comes from: a URL, a redis-py client (or Cluster client), or ``memory://``.
 
+``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS) makes a ``RedisCluster``
+with the same bounded timeouts as a ``redis://`` URL (see ``_cluster``).
+
 ``memory://NAME`` is an in-process Redis (fakeredis running the same Lua through lupa), shared by
 every limiter of this process that names it; it cannot coordinate several processes.
 """
@@ -18,6 +21,7 @@ import redis.backoff
 import redis.cluster
 import redis.retry
 
+from . import _cluster
 from ._exceptions import ConfigurationError
 from ._redact import redact_url
 
@@ -67,9 +71,10 @@ def _check_url(url: str) -> str:
         scheme = urlsplit(url).scheme
     except ValueError:
         raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: it does not parse") from None
-    if scheme not in ("redis", "rediss", "unix", "memory"):
+    if scheme not in ("redis", "rediss", "unix", "memory", *_cluster.SCHEMES):
         raise ConfigurationError(
-            f"redis must be a redis://, rediss://, unix:// or memory:// URL, not {redact_url(url)!r}"
+            "redis must be a redis://, rediss://, unix://, redis+cluster://, rediss+cluster:// or memory:// "
+            f"URL, not {redact_url(url)!r}"
         )
     return scheme
 
@@ -90,10 +95,14 @@ def _pool(cls: Any, url: str, options: dict[str, Any]) -> Any:
 def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[SyncClient, bool]:
     """A sync client for ``target`` and whether the limiter owns (and so closes) it."""
     if isinstance(target, str):
-        if _check_url(target) == "memory":
+        scheme = _check_url(target)
+        if scheme == "memory":
             import fakeredis
 
             return fakeredis.FakeRedis(server=_memory_server(target)), True
+        if scheme in _cluster.SCHEMES:
+            client = _cluster.cluster_client(target, io_timeout, HEALTH_CHECK_INTERVAL, async_client=False)
+            return client, True
         # a blocking pool: callers beyond max_connections wait for a connection instead of failing
         # (redis-py's default pool raises past 100, which a busy process reaches at once)
         options = _pool_options(io_timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0))
@@ -108,10 +117,14 @@ def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Sync
 def async_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[AsyncClient, bool]:
     """An asyncio client for ``target`` and whether the limiter owns (and so closes) it."""
     if isinstance(target, str):
-        if _check_url(target) == "memory":
+        scheme = _check_url(target)
+        if scheme == "memory":
             import fakeredis
 
             return fakeredis.FakeAsyncRedis(server=_memory_server(target)), True
+        if scheme in _cluster.SCHEMES:
+            client = _cluster.cluster_client(target, io_timeout, HEALTH_CHECK_INTERVAL, async_client=True)
+            return client, True
         options = _pool_options(io_timeout, redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
         return redis.asyncio.Redis.from_pool(_pool(redis.asyncio.BlockingConnectionPool, target, options)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):

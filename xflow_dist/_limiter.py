@@ -17,6 +17,7 @@ import redis
 from ._backend import IO_TIMEOUT, RedisLike, SyncClient, sync_client
 from ._base import _INHERITED, _LIVE, RETRY_FIRST, RETRY_MAX, Decision, LimiterBase, transient
 from ._budget import Budget, CooldownPolicy
+from ._cluster import subscriber
 from ._core import (
     CooldownReply,
     SettleReply,
@@ -49,7 +50,7 @@ class _Events:
 
     def __init__(self, client: SyncClient, name: str) -> None:
         self.mail: Mailroom[queue.SimpleQueue[Notice]] = Mailroom(queue.SimpleQueue)
-        self._pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub = subscriber(client)  # on a cluster, one that moves to a live node after a failure
         self._pubsub.subscribe(name)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
@@ -221,7 +222,7 @@ class Limiter(LimiterBase):
         super().__init__(budget, cooldown_policy=cooldown_policy, ticket_ttl=ticket_ttl, io_timeout=io_timeout)
         self._target = redis
         self._client, self._owns = sync_client(redis, self.io_timeout)
-        self._scripts = register(self._client)
+        self._scripts = register(self._client, self.io_timeout)
         self._events: _Events | None = None
         self._events_lock = threading.Lock()
         self._upkeep = _Upkeep(self)
@@ -436,7 +437,7 @@ class Limiter(LimiterBase):
         if self._owns:
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
             self._client, _ = sync_client(self._target, self.io_timeout)
-            self._scripts = register(self._client)
+            self._scripts = register(self._client, self.io_timeout)
 
     def __enter__(self) -> Limiter:
         return self
