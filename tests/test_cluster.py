@@ -2,14 +2,20 @@
 
 A real cluster of 3 masters with a replica each (``tests/_servers.py``): many budgets over every
 master from one client; a live budget's slot migrated to another master (TRYAGAIN, ASK, MOVED); an
-events subscriber cut off and moved to another node.
+events subscriber cut off and moved to another node; and a master SIGKILLed under a fleet of
+processes while its replica is promoted (``benchmarks/cluster_failover.py``, small).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +32,9 @@ from xflow_dist._cluster import AsyncClusterSubscriber, ClusterSubscriber, _as_r
 from xflow_dist._core import keys
 
 pytestmark = pytest.mark.timeout(180)
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
 
 @pytest.fixture(scope="module")
 def cluster(real_redis: bool) -> Iterator[RedisClusterGroup]:
@@ -483,3 +492,33 @@ async def test_an_async_waiter_whose_subscriber_is_cut_off_listens_on_another_no
         await held.release()
         await asyncio.wait_for(waiter, 10)
         assert out["at"] - released < 1.0, f"granted {out['at'] - released:.2f}s after the release"
+
+
+# --- a master killed under a fleet ---
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_fleet_rides_out_a_master_killed_and_its_replica_promoted(real_redis: bool, tmp_path: object) -> None:
+    """benchmarks/cluster_failover.py, small: 2 processes (threads and asyncio) x 3 waiters, 2 slots,
+    a cluster of its own whose master of the budget is SIGKILLed 3 s in."""
+    if not real_redis:
+        pytest.skip("needs the redis-server binary")
+    out = f"{tmp_path}/failover-{uuid.uuid4().hex[:6]}.json"
+    script = os.path.join(ROOT, "benchmarks", "cluster_failover.py")
+    args = ["--processes", "2", "--waiters", "3", "--slots", "2", "--seconds", "9", "--kill-at", "3", "--json", out]
+    done = subprocess.run([sys.executable, script, *args], timeout=200, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out, encoding="utf-8") as f:
+        result = json.load(f)["result"]
+    assert result["hung_waiters"] == 0, result
+    assert result["other_errors"] == {}, result
+    assert 1 <= result["most_in_flight_a"] <= 2, result  # never more calls in flight than slots
+    assert result["backend_errors"] > 0, result  # the master was gone for a while, and it showed
+    assert result["kill_to_promotion_s"] < 15, result
+    assert result["promotion_to_first_grant_a_s"] < 3.0, result
+    # waiters are woken by notices again (a subscriber left on the dead node would leave them asleep)
+    assert result["grants_per_s_a_after"] > 0.5 * result["grants_per_s_a_before"], result
+    assert result["longest_gap_a_from_kill_s"] < result["kill_to_promotion_s"] + 3.0, result
+    assert (result["in_flight_a_at_end"], result["queued_a_at_end"]) == (0, 0), result
+    assert (result["in_flight_b_at_end"], result["queued_b_at_end"]) == (0, 0), result  # no settle lost
