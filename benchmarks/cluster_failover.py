@@ -11,6 +11,8 @@ stamped with ``time.monotonic()`` (one clock for all processes of a Linux machin
 per process uses budget B, served by another master.
 
 At ``--kill-at`` seconds the parent SIGKILLs A's master and polls its replica's ``ROLE`` every 10 ms.
+With ``--full-coverage yes`` (Redis's default) the other masters answer CLUSTERDOWN from the moment
+the dead one is marked failed until its replica takes over, which B shows; with ``no`` they go on.
 
 Reported: kill -> promotion (the replica says it is a master) and kill -> ``cluster_state:ok`` on
 every live node; promotion -> the first grant of A; the longest gap between grants of A and of B,
@@ -20,6 +22,7 @@ other error by type; the most calls of A in flight at once (at most ``--slots``)
 at the end (hung: 0); leases and tickets of A and B left in Redis at the end (0: no settle lost).
 
   python benchmarks/cluster_failover.py                  # 4 processes x 4 waiters, 3 slots, 50 ms calls
+  python benchmarks/cluster_failover.py --full-coverage no
   python benchmarks/cluster_failover.py --json out.json
 """
 
@@ -183,10 +186,11 @@ def longest_gap(ts: list[float]) -> float:
 
 def run(
     processes: int, waiters: int, slots: int, call: float, pause: float, seconds: float, kill_at: float,
-    node_timeout_ms: int,
+    node_timeout_ms: int, full_coverage: str = "yes",
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     ctx = c.spawn_context()
-    with RedisClusterGroup(node_timeout_ms=node_timeout_ms) as cluster:
+    extra = ("--cluster-require-full-coverage", full_coverage)
+    with RedisClusterGroup(node_timeout_ms=node_timeout_ms, extra_args=extra) as cluster:
         run_id = uuid.uuid4().hex[:8]
         a_name = f"bench-failover-{run_id}-a"
         master = cluster.master_of(_slot(a_name))
@@ -195,7 +199,9 @@ def run(
             n for i in range(1000) if cluster.master_of(_slot(n := f"bench-failover-{run_id}-b{i}")) is not master
         )
         env = c.environment(f"redis://127.0.0.1:{master.port}/0")
-        env["cluster"] = {"masters": 3, "replicas_each": 1, "node_timeout_ms": node_timeout_ms}
+        env["cluster"] = {
+            "masters": 3, "replicas_each": 1, "node_timeout_ms": node_timeout_ms, "require_full_coverage": full_coverage
+        }  # fmt: skip
         url = cluster.url
         in_flight = ctx.Array("i", 2)
         start = time.monotonic() + 3.0  # the processes start within this
@@ -276,13 +282,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--kill-at", type=float, default=4.0)
     ap.add_argument("--node-timeout-ms", type=int, default=1000)
+    ap.add_argument(
+        "--full-coverage", choices=("yes", "no"), default="yes",
+        help="cluster-require-full-coverage: yes (Redis's default) stops every shard while a master is down",
+    )  # fmt: skip
     ap.add_argument("--json")
     args = ap.parse_args()
     env, result = run(
         args.processes, args.waiters, args.slots, args.call_ms / 1000, args.pause_ms / 1000, args.seconds,
-        args.kill_at, args.node_timeout_ms,
+        args.kill_at, args.node_timeout_ms, args.full_coverage,
     )  # fmt: skip
     c.print_environment(env)
+    print(f"# cluster: {env['cluster']}")
     print(c.table(["figure", "value"], [[k, v] for k, v in result.items()]))
     c.write_json(args.json, {"environment": env, "result": result})
 
