@@ -85,6 +85,20 @@ def test_a_bad_cluster_url_is_refused_before_anything_connects(url: str, why: st
     assert "secret" not in str(caught.value)
 
 
+async def test_a_tls_cluster_url_gives_every_startup_node_its_credentials_and_options() -> None:
+    """The asyncio client connects lazily, so what it would connect with can be read without a server."""
+    url = "rediss+cluster://u:p%40ss@127.0.0.1:7000,127.0.0.1:7001/?ssl_cert_reqs=none"
+    lim = AsyncLimiter(Budget("x"), url, io_timeout=0.4)
+    nodes = sorted(lim._client.nodes_manager.startup_nodes.values(), key=lambda n: n.name)
+    assert [n.name for n in nodes] == ["127.0.0.1:7000", "127.0.0.1:7001"]
+    for node in nodes:
+        options = node.connection_kwargs
+        assert node.connection_class is redis.asyncio.SSLConnection
+        assert (options["username"], options["password"], options["ssl_cert_reqs"]) == ("u", "p@ss", "none")
+        assert options["socket_timeout"] == options["socket_connect_timeout"] == 0.4
+    await lim.aclose()
+
+
 def test_an_unreachable_cluster_is_a_backend_error() -> None:
     with pytest.raises(BackendError, match="did not answer"):
         Limiter(Budget("x"), "redis+cluster://127.0.0.1:1,127.0.0.1:2")
