@@ -164,8 +164,13 @@ async def _hold_once(lim: AsyncLimiter) -> None:
 
 
 def _limits(i: int) -> dict[str, Any]:
-    """Even budgets: 1 to 3 concurrency slots; odd ones: a bucket of 4 to 6 requests per second."""
-    return {"max_concurrency": 1 + i % 3} if i % 2 == 0 else {"rps": 4 + i % 3, "burst": 1}
+    """Even budgets: 1 to 3 concurrency slots; odd ones: a bucket of 4 to 6 requests refilled at one
+    every 10 s (so that a slow machine cannot refill one while the test empties it)."""
+    return {"max_concurrency": 1 + i % 3} if i % 2 == 0 else {"rpm": 6, "burst": 40 + 10 * (i % 3)}
+
+
+def _size(i: int) -> int:
+    return int(_limits(i).get("max_concurrency") or 4 + i % 3)
 
 
 class _Peaks:
@@ -197,7 +202,7 @@ def test_fifty_budgets_over_every_master_from_one_sync_client(cluster: RedisClus
     limiters = [Limiter(Budget(n, **_limits(i)), rc) for i, n in enumerate(names)]
     try:
         for i, lim in enumerate(limiters):  # each budget's own limit, exactly
-            size = _limits(i).get("max_concurrency") or _limits(i)["rps"]
+            size = _size(i)
             held = [lim.acquire(timeout=0) for _ in range(size)]
             refused = lim.try_acquire()
             assert not refused, lim.budget
@@ -250,7 +255,7 @@ async def test_fifty_budgets_over_every_master_from_one_async_client(cluster: Re
     limiters = [AsyncLimiter(Budget(n, **_limits(i)), rc) for i, n in enumerate(names)]
     try:
         for i, lim in enumerate(limiters):
-            size = _limits(i).get("max_concurrency") or _limits(i)["rps"]
+            size = _size(i)
             held = [await lim.acquire(timeout=0) for _ in range(size)]
             assert not await lim.try_acquire(), lim.budget
             assert (await lim.status()).in_flight == size
@@ -376,7 +381,7 @@ def test_a_live_budget_moves_to_another_master_without_an_error_or_a_lost_lease(
 ) -> None:
     slot = slot_of(name)
     target = _other_master(cluster, slot)
-    with Limiter(Budget(name, max_concurrency=4), cluster.url) as lim:
+    with Limiter(Budget(name, max_concurrency=4), cluster.url, io_timeout=2.0) as lim:  # margin on a slow machine
         held = [lim.acquire(timeout=5) for _ in range(2)]
         grants: list[float] = []
         errors: list[BaseException] = []
@@ -416,7 +421,7 @@ def test_a_live_budget_moves_to_another_master_without_an_error_or_a_lost_lease(
 async def test_a_live_budget_moves_to_another_master_async(cluster: RedisClusterGroup, name: str) -> None:
     slot = slot_of(name)
     target = _other_master(cluster, slot)
-    async with AsyncLimiter(Budget(name, max_concurrency=4), cluster.url) as lim:
+    async with AsyncLimiter(Budget(name, max_concurrency=4), cluster.url, io_timeout=2.0) as lim:
         held = [await lim.acquire(timeout=5) for _ in range(2)]
         grants: list[float] = []
         stop = asyncio.Event()
