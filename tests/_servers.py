@@ -2,8 +2,8 @@
 
 ``RedisClusterGroup``: a Redis Cluster of ``masters`` masters with ``replicas`` replicas each, one
 ``redis-server --cluster-enabled yes`` process per node, built with CLUSTER ADDSLOTS, MEET and
-REPLICATE (no ``redis-cli`` needed). Its node timeout is short, so a killed master's replica is
-promoted within about two seconds.
+REPLICATE (no ``redis-cli`` needed). Its node timeout is short (1 s), so a killed master's replica is
+promoted within about three seconds.
 """
 
 from __future__ import annotations
