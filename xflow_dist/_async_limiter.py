@@ -30,6 +30,7 @@ from ._base import (
     transient,
 )
 from ._budget import Budget, CooldownPolicy
+from ._cluster import subscriber
 from ._core import (
     CooldownReply,
     SettleReply,
@@ -70,9 +71,7 @@ class _Events:
     @classmethod
     async def start(cls, limiter: AsyncLimiter, name: str) -> _Events:
         client = limiter._client
-        if isinstance(client, redis.asyncio.cluster.RedisCluster):
-            await client.initialize()  # its pubsub needs the slot map, which loads lazily
-        pubsub = client.pubsub()
+        pubsub = subscriber(client)  # on a cluster, one that moves to a live node after a failure
         await pubsub.subscribe(name)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
@@ -168,7 +167,7 @@ class AsyncLimiter(LimiterBase):
         )
         self._target = redis
         self._client, self._owns = async_client(redis, self.io_timeout)
-        self._scripts = register(self._client)
+        self._scripts = register(self._client, self.io_timeout)
         self._events: _Events | None = None
         self._events_lock: asyncio.Lock | None = None
         self._held: dict[str, float] = {}  # lease id -> when its next heartbeat is due
@@ -734,7 +733,7 @@ class AsyncLimiter(LimiterBase):
         if self._owns:
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
             self._client, _ = async_client(self._target, self.io_timeout)
-            self._scripts = register(self._client)
+            self._scripts = register(self._client, self.io_timeout)
 
     async def __aenter__(self) -> AsyncLimiter:
         return self

@@ -29,6 +29,7 @@ from ._base import (
     transient,
 )
 from ._budget import Budget, CooldownPolicy
+from ._cluster import subscriber
 from ._core import (
     CooldownReply,
     SettleReply,
@@ -69,7 +70,7 @@ class _Events:
         self._client = limiter._client
         self._name = name
         self._census_at = 0.0
-        self._pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub = subscriber(self._client)  # on a cluster, one that moves to a live node after a failure
         self._pubsub.subscribe(name)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
@@ -284,7 +285,7 @@ class Limiter(LimiterBase):
         )
         self._target = redis
         self._client, self._owns = sync_client(redis, self.io_timeout)
-        self._scripts = register(self._client)
+        self._scripts = register(self._client, self.io_timeout)
         self._events: _Events | None = None
         self._events_lock = threading.Lock()
         self._upkeep = _Upkeep(self)
@@ -764,7 +765,7 @@ class Limiter(LimiterBase):
         if self._owns:
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
             self._client, _ = sync_client(self._target, self.io_timeout)
-            self._scripts = register(self._client)
+            self._scripts = register(self._client, self.io_timeout)
 
     def __enter__(self) -> Limiter:
         return self
