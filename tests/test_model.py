@@ -1526,11 +1526,86 @@ def test_control_the_keys_remember_the_head_within_the_grace(fake_clock: FakeClo
 
 
 # --------------------------------------------------------------------------------------------
+# A lost state, step by step
+# --------------------------------------------------------------------------------------------
+
+
+class Modelled(Budgeted):
+    """A Budgeted whose every call is checked against the model, reply and events."""
+
+    def __init__(self, budget: Budget) -> None:
+        super().__init__(budget)
+        self.model = model_of(budget)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(channel(budget))
+        self.pubsub.get_message(timeout=0)
+
+    def call(self, op: str, argv: list[str], seen: bool, *model_args: Any) -> list[str]:
+        args = budget_args(self.budget, seen=seen)
+        got = texts(self.scripts[op](keys=keys(self.budget), args=[*args, *argv]))
+        if op == "status":
+            want, events = self.model.status(CLOCK.now(), seen), []
+        else:
+            want, events = getattr(self.model, op)(CLOCK.now(), *model_args, seen_keys=seen)
+        assert_matches(f"{op}{argv}", got, want, EXACT)
+        published = []
+        while (msg := self.pubsub.get_message(timeout=0)) is not None:
+            published.append(msg["data"].decode())
+        assert_events(f"{op}{argv}", published, events, EXACT)
+        return got
+
+    def acquire(self, lease_id: str, seen: bool, may_queue: bool = False) -> list[str]:
+        argv = acquire_args(lease_id, 1, 0, None, may_queue, 2.0)
+        return self.call("acquire", argv, seen, lease_id, F(1), ZERO, None, may_queue, F(2))
+
+    def rejoin(self, lease_id: str, seen: bool, spent: tuple[int, int] = (0, 0)) -> list[str]:
+        argv = LimiterBase._rejoin_args(lease_id, 1, 0, spent)
+        return self.call("rejoin", argv, seen, lease_id, F(1), ZERO, F(spent[0]), F(spent[1]))
+
+    def lose(self) -> None:
+        self.client.flushall()
+        self.model.reset()
+
+
+def test_after_a_loss_nothing_is_granted_within_the_hold_and_adopted_leases_take_their_slots(
+    fake_clock: FakeClock,
+) -> None:
+    b = Modelled(Budget("lost", rps=4, burst=1.0, max_concurrency=1, lease_ttl=4.0))  # hold: 3 x 0.5 s
+    b.at(0)
+    assert b.acquire("a", seen=False)[0] == "granted"
+    b.lose()
+    b.at(0.25)
+    assert b.call("status", [], True)[5] == "1.500000"  # read as lost, neither made nor announced
+    assert b.acquire("b", seen=True)[:2] == ["refused", "1.500000"]  # made lost: "l", until the hold ends
+    assert b.rejoin("a", seen=True)[0] == "adopted"
+    assert b.rejoin("c", seen=True, spent=(3, 0))[0] == "adopted"  # another process's: 2 leases, max 1
+    assert b.call("status", [], True)[1:4] == ["-3.000000", "0.000000", "2"]  # the spending as debt
+    b.at(1.75)  # the hold ends; the debt was paid at 1.0
+    assert b.acquire("b", seen=True)[:2] == ["refused", "-1"]  # for a slot
+    b.call("settle", settle_args("a", None), True, "a", None)
+    assert b.acquire("b", seen=True)[:2] == ["refused", "-1"]  # "c" alone holds the one slot
+    b.call("cancel", ["c"], True, "c")
+    assert b.acquire("b", seen=True)[0] == "granted"
+
+
+def test_rejoin_claims_a_provisional_grant(fake_clock: FakeClock) -> None:
+    b = Modelled(Budget("claimed", max_concurrency=1, lease_ttl=4.0))
+    b.at(0)
+    assert b.acquire("a", seen=False)[0] == "granted"
+    assert b.acquire("w", seen=True, may_queue=True)[0] == "queued"
+    b.call("settle", settle_args("a", None), True, "a", None)  # "w" granted, provisional for 0.5 s
+    b.at(0.25)
+    assert b.rejoin("w", seen=True)[0] == "extended"  # claimed: it lives until 4.25
+    b.at(1)  # past the claim window: an unclaimed grant would be gone, and a claim now would say 5
+    assert b.acquire("w", seen=True, may_queue=True)[3] == f"{BASE + 4.25:.6f}"
+
+
+# --------------------------------------------------------------------------------------------
 # The real redis-server agrees with the model too
 # --------------------------------------------------------------------------------------------
 
 REAL_TOL = F(1, 10**4)  # Redis time in doubles near 1.8e9 s carries ~2e-7 s; levels are x rate
-NOW_FIELD = {"acquire": 2, "settle": 2, "cancel": 1, "extend": 2, "cooldown": 2, "status": 0}
+NOW_FIELD = {"acquire": 2, "settle": 2, "cancel": 1, "extend": 2, "cooldown": 2, "status": 0, "rejoin": 1}
 
 
 def test_real_redis_agrees_with_the_model(redis_url: str, name: str) -> None:
@@ -1630,6 +1705,60 @@ def test_real_redis_agrees_with_the_model(redis_url: str, name: str) -> None:
             if msg is not None and msg["type"] == "message":
                 got_events.append(msg["data"].decode())
         assert {e[0] for e in published} == {"g", "h", "c"}
+        assert_events("the sequence", got_events, published, REAL_TOL)
+    finally:
+        pubsub.close()
+        client.delete(*keys(budget))
+        client.close()
+
+
+def test_real_redis_agrees_with_the_model_after_a_loss(redis_url: str, name: str) -> None:
+    """The budget's keys deleted while a lease is held (FLUSHALL would take the other tests' keys):
+    the next call that has seen them makes a lost state with a hold of 1.5 s, far longer than the
+    sequence takes; the model runs at the ``now`` each reply reports."""
+    budget = Budget(name, rps=2, tps=100, burst=1.0, max_concurrency=1, lease_ttl=30.0)
+    model = model_of(budget)
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel(budget))
+    scripts = register(client)
+    published: list[tuple[Any, ...]] = []
+
+    def step(op: str, argv: list[str], seen: bool, *model_args: Any) -> list[str]:
+        got = texts(scripts[op](keys=keys(budget), args=[*budget_args(budget, seen=seen), *argv]))
+        now = F(got[NOW_FIELD[op]])
+        if op == "status":
+            want, events = model.status(now, seen), []
+        else:
+            want, events = getattr(model, op)(now, *model_args, seen_keys=seen)
+        assert_matches(f"{op}{argv}", got, want, REAL_TOL)
+        published.extend(events)
+        return got
+
+    def acquire(lease_id: str, seen: bool) -> str:
+        argv = acquire_args(lease_id, 1, 10, None, False, 30.0)
+        return step("acquire", argv, seen, lease_id, F(1), F(10), None, False, F(30))[0]
+
+    try:
+        assert acquire("a", seen=False) == "granted"
+        client.delete(*keys(budget))
+        model.reset()
+        assert float(step("status", [], True)[5]) > 1.4  # read as lost: the hold, not announced
+        assert acquire("b", seen=True) == "refused"  # made lost: "l", and the hold
+        rejoin = LimiterBase._rejoin_args
+        assert step("rejoin", rejoin("a", 1, 10), True, "a", F(1), F(10), ZERO, ZERO)[0] == "adopted"
+        assert step("rejoin", rejoin("c", 1, 10, (1, 50)), True, "c", F(1), F(10), F(1), F(50))[0] == "adopted"
+        assert step("status", [], True)[3] == "2"  # past max concurrency: both calls run
+        assert acquire("b", seen=True) == "refused"
+        step("settle", settle_args("a", 5), True, "a", F(5))
+        step("cancel", ["c"], True, "c")
+        got_events: list[str] = []
+        deadline = _time.monotonic() + 5.0
+        while len(got_events) < len(published) and _time.monotonic() < deadline:
+            msg = pubsub.get_message(timeout=0.1)
+            if msg is not None and msg["type"] == "message":
+                got_events.append(msg["data"].decode())
+        assert [e[0] for e in published] == ["l"]
         assert_events("the sequence", got_events, published, REAL_TOL)
     finally:
         pubsub.close()
