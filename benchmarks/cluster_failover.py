@@ -29,6 +29,8 @@ at the end (hung: 0); leases and tickets of A and B left in Redis at the end (0:
 from __future__ import annotations
 
 import argparse
+import os
+import traceback
 import asyncio
 import itertools
 import sys
@@ -80,6 +82,8 @@ class Tally:
         elif isinstance(exc, BackendError):
             self.backend_errors += 1
         else:
+            if not self.other[type(exc).__name__]:  # the first of a kind, for whoever reads stderr
+                traceback.print_exception(exc)
             self.other[type(exc).__name__] += 1
 
     def reply(self, hung: int) -> tuple[str, dict[str, Any]]:

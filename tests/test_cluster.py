@@ -544,3 +544,16 @@ def test_a_fleet_rides_out_a_master_killed_and_its_replica_promoted(real_redis: 
     assert result["longest_gap_a_from_kill_s"] < result["kill_to_promotion_s"] + 3.0, result
     assert (result["in_flight_a_at_end"], result["queued_a_at_end"]) == (0, 0), result
     assert (result["in_flight_b_at_end"], result["queued_b_at_end"]) == (0, 0), result  # no settle lost
+
+
+def test_a_slot_map_caught_mid_failover_is_a_transient_error() -> None:
+    """redis-py's cluster client can raise AttributeError while its topology is in flux (redis-py
+    issue #3835): the limiter sees a connection error, which its outage policy and retries handle."""
+    from xflow_dist._cluster import SlotMovingScript
+
+    def broken(keys: list[str], args: list[str]) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'name'")
+
+    with pytest.raises(redis.ConnectionError, match="topology in flux") as caught:
+        SlotMovingScript(broken, 0.1)(keys=["k"], args=[])
+    assert transient(caught.value)

@@ -492,11 +492,12 @@ class AsyncLimiter(LimiterBase):
             await asyncio.sleep(self.outage_policy.probe_interval)
             try:
                 await self._client.ping()
-            except (redis.RedisError, OSError):
+            except Exception as exc:  # whatever a client in failover raises: keep probing
+                log.debug("budget %s: Redis probe: %s", self.budget.name, exc)
                 continue
             try:
                 await self._come_back(outage)
-            except XflowError as exc:
+            except Exception as exc:  # the probe never dies: a failed way back is tried again
                 log.debug("budget %s: Redis answered but the way back failed (%s); still out", self.budget.name, exc)
 
     async def _come_back(self, outage: Outage) -> None:
@@ -519,7 +520,7 @@ class AsyncLimiter(LimiterBase):
                     continue
                 try:
                     await self._take_over(outage, lease)
-                except XflowError as exc:  # it stays on the share, whose settle is only local
+                except Exception as exc:  # it stays on the share, whose settle is only local
                     log.warning("lease %s of budget %s could not join the shared budget: %s", lid,
                                 self.budget.name, exc)  # fmt: skip
         self._outage = None

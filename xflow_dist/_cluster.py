@@ -154,6 +154,8 @@ class SlotMovingScript:
                 return self._script(keys=keys, args=args)
             except redis.exceptions.RedisClusterException as exc:
                 raise _as_redis_error(exc) from exc
+            except AttributeError as exc:  # a slot map caught mid-failover (redis-py issue #3835)
+                raise redis.ConnectionError(f"cluster topology in flux: {exc}") from exc
             except redis.exceptions.RedisError as exc:
                 if not _migrating(exc) or time.monotonic() + MIGRATION_PAUSE >= give_up:
                     raise
@@ -174,6 +176,8 @@ class AsyncSlotMovingScript:
                 return await self._script(keys=keys, args=args)
             except redis.exceptions.RedisClusterException as exc:
                 raise _as_redis_error(exc) from exc
+            except AttributeError as exc:  # a slot map caught mid-failover (redis-py issue #3835)
+                raise redis.ConnectionError(f"cluster topology in flux: {exc}") from exc
             except redis.exceptions.RedisError as exc:
                 if not _migrating(exc) or time.monotonic() + MIGRATION_PAUSE >= give_up:
                     raise
