@@ -29,13 +29,12 @@ at the end (hung: 0); leases and tickets of A and B left in Redis at the end (0:
 from __future__ import annotations
 
 import argparse
-import os
-import traceback
 import asyncio
 import itertools
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from typing import Any
