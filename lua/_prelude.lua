@@ -85,6 +85,9 @@
 -- may be granted, so a large request is never overtaken by small ones. The head is told, on the
 -- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
 -- a refund or that return grants it ("g <id> <now>") together with every next head that fits too.
+-- The first waiter of another process behind it is told to come back a claim window after that fit
+-- time, so that a head whose process died is granted (provisionally) and passed over without a wait
+-- for its ticket's TTL.
 local K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_LEARNED = KEYS[6]
 local MAX_UNITS, MAX_SECONDS, MIN_RATE, MAX_TEXT = 1e15, 1e9, 1e-6, 256
@@ -605,6 +608,16 @@ local function advance(st)
         redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW))
       else
         announce(st, head, t, fit)
+        -- A head whose process died never comes back for its grant, and no other call may come:
+        -- the first waiter of another process is told to come back a claim window after that fit
+        -- time (a live head is served by then, and the waiter told its own time instead).
+        local owner = owner_of(head)
+        for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, 1, 15)) do
+          if owner_of(id) ~= owner then
+            announce(st, id, ticket(id), fit + CLAIM_WINDOW)
+            break
+          end
+        end
         return
       end
     end

@@ -434,6 +434,16 @@ class BudgetModel:
                 ticket.fit = fit
                 ticket.alive_until = max(ticket.alive_until, fit + ticket.ttl)
                 events.append(("h", head, fit, now))
+            # a head that died never comes back: the next waiter (of another process; here every id
+            # is its own) is told to come back a claim window after the head's fit time
+            second = next(iter(list(self.queue)[1:2]), None)
+            if second is not None:
+                waiter = self.queue[second]
+                at = fit + self.claim_window
+                if waiter.fit != at:
+                    waiter.fit = at
+                    waiter.alive_until = max(waiter.alive_until, at + waiter.ttl)
+                    events.append(("h", second, at, now))
             return
 
     def _wait_hint(self, ticket_id: str, now: Fraction) -> Fraction:

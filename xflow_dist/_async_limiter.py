@@ -583,6 +583,11 @@ class AsyncLimiter(LimiterBase):
                     await kicked.wait()
             if kicked.is_set():
                 delay = RETRY_FIRST
+            if self._outage is not None and time.monotonic() < give_up:
+                # out: the way back sends it (kick) once the share's calls are registered, lest the
+                # slot it frees go to another process while this one's share still runs calls in it
+                delay = RETRY_MAX
+                continue
             try:
                 await self._run(op, argv)
                 return

@@ -236,6 +236,12 @@ class _Upkeep:
             log.warning("heartbeat of lease %s failed: %s", lease_id, exc)
 
     def _retry(self, key: str, retry: _Retry) -> None:
+        if self._limiter._outage is not None:
+            # Out: the way back sends it (kick) once the share's calls are registered, lest the slot
+            # it frees go to another process while this one's share still runs calls in it.
+            with self._cond:
+                retry.at = time.monotonic() + RETRY_MAX
+            return
         try:
             self._limiter._run(retry.op, retry.argv)
         except XflowError as exc:  # a refusal (limits reconfigured meanwhile) ends the retries too
