@@ -254,6 +254,24 @@ def test_a_newcomer_finds_a_fresh_budget(server: Server, name: str) -> None:
             assert lim.try_acquire(), "a fresh budget grants its whole burst"
 
 
+def test_a_status_first_is_no_sight_of_the_keys(server: Server, name: str) -> None:
+    """status() makes no key: a process whose first call it was has not seen the keys, and its first
+    acquire makes a fresh, full budget (not a lost one, empty with a hold)."""
+    budget = Budget(name, rps=10, burst=2.0)
+    with Limiter(budget, server.url) as lim:
+        assert lim.status().requests_available == 20
+        for _ in range(20):
+            assert lim.try_acquire(), "a fresh budget grants its whole burst"
+
+
+async def test_a_status_first_is_no_sight_of_the_keys_async(server: Server, name: str) -> None:
+    budget = Budget(name, rps=10, burst=2.0)
+    async with AsyncLimiter(budget, server.url) as lim:
+        assert (await lim.status()).requests_available == 20
+        for _ in range(20):
+            assert await lim.try_acquire(), "a fresh budget grants its whole burst"
+
+
 def test_a_heartbeat_registers_a_lease_redis_no_longer_holds(server: Server, name: str) -> None:
     budget = Budget(name, max_concurrency=1, lease_ttl=0.6)
     with Limiter(budget, server.url) as lim:

@@ -186,7 +186,7 @@ class AsyncLimiter(LimiterBase):
         for attempt in (1, 2):
             try:
                 reply = await self._scripts[op](keys=self._keys, args=self._argv(argv))
-                self._answered()
+                self._answered(op)
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:

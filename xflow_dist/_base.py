@@ -164,9 +164,11 @@ class LimiterBase:
         seen = self._holding() or time.monotonic() < self._fresh_until
         return self._blocks[seen] + argv
 
-    def _answered(self) -> None:
-        """A script ran: the keys live at least the idle grace from now (margin for the reply's way)."""
-        self._fresh_until = time.monotonic() + IDLE_GRACE * 0.8
+    def _answered(self, op: str) -> None:
+        """Script ``op`` ran: unless it only reads (``status`` makes and touches no key), the keys live
+        at least the idle grace from now (margin for the reply's way)."""
+        if op != "status":
+            self._fresh_until = time.monotonic() + IDLE_GRACE * 0.8
 
     def _holding(self) -> bool:
         """This process holds a lease or a ticket of the budget, so its keys must exist (overridden)."""

@@ -287,7 +287,7 @@ class Limiter(LimiterBase):
         for attempt in (1, 2):
             try:
                 reply = self._scripts[op](keys=self._keys, args=self._argv(argv))
-                self._answered()
+                self._answered(op)
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
