@@ -7,6 +7,8 @@ bounded and asserts on counts.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -58,6 +60,14 @@ class Server:
             self.proc.wait(timeout=10)
             self.proc = None
 
+    def freeze(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2)
 
@@ -85,6 +95,7 @@ def server(real_redis: bool) -> Iterator[Server]:
     srv = Server()
     srv.start()
     yield srv
+    srv.thaw()
     srv.kill()
 
 
@@ -222,6 +233,52 @@ async def test_async_local_share_and_the_way_back(server: Server, name: str) -> 
         for lease in (held, *during):
             await lease.release()
         assert (await lim.status()).in_flight == 0
+
+
+def test_the_way_back_charges_what_the_share_let_through_not_its_empty_start(server: Server, name: str) -> None:
+    """Redis frozen while the shared bucket is spent: it keeps time meanwhile, so the way back charges
+    it what the share granted, no more. (Charging the share's capacity less its level also charged
+    the share's empty start: a debt of a whole burst, a minute's stall with burst=60.)"""
+    budget = Budget(name, tps=1_000, burst=60.0)
+    policy = OutagePolicy(probe_interval=0.05)
+    with Limiter(budget, server.url, outage=policy, io_timeout=0.3) as lim:
+        drained = time.monotonic()
+        lim.acquire(tokens=60_000, timeout=5).release()  # the whole minute spent
+        server.freeze()
+        try:
+            lim.acquire(tokens=100, timeout=5).release()  # on the share, empty at first: 0.1 s of its rate
+            assert lim.status().mode == "local"
+        finally:
+            server.thaw()
+        until(lambda: lim.status().mode == "shared")
+        level = lim.status().tokens_available
+        assert level is not None
+        assert level <= 1_000 * (time.monotonic() - drained) - 100 + 1  # no credit the provider lacks
+        assert level >= 0, "charged more than the share let through"
+        with lim.acquire(tokens=100, timeout=2):
+            pass
+
+
+async def test_the_way_back_charges_what_the_share_let_through_async(server: Server, name: str) -> None:
+    budget = Budget(name, tps=1_000, burst=60.0)
+    policy = OutagePolicy(probe_interval=0.05)
+    async with AsyncLimiter(budget, server.url, outage=policy, io_timeout=0.3) as lim:
+        drained = time.monotonic()
+        await (await lim.acquire(tokens=60_000, timeout=5)).release()
+        server.freeze()
+        try:
+            await (await lim.acquire(tokens=100, timeout=5)).release()
+            assert (await lim.status()).mode == "local"
+        finally:
+            server.thaw()
+        for _ in range(500):
+            if (await lim.status()).mode == "shared":
+                break
+            await asyncio.sleep(0.01)
+        level = (await lim.status()).tokens_available
+        assert level is not None
+        assert 0 <= level <= 1_000 * (time.monotonic() - drained) - 100 + 1
+        await (await lim.acquire(tokens=100, timeout=2)).release()
 
 
 # --- lost state -------------------------------------------------------------------------------------
