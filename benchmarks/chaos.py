@@ -56,6 +56,7 @@ import _common as c
 import redis
 
 from xflow_dist import AcquireTimeout, AsyncLimiter, Budget, BudgetUnavailableError
+from xflow_dist._base import new_id
 from xflow_dist._demo import Latency, fetch_stats, judge, reset_provider, simulator_process
 from xflow_dist._embedded import find_redis_server, free_port
 from xflow_dist._fleet import Job, Limits
@@ -381,7 +382,7 @@ async def _work(conn: Any, spec: WorkerSpec, report: WorkerReport) -> None:
         await http.get("/stats")  # connected, the HTTP stack warm
         await limiter.status()  # scripts loaded, Redis connected
         threading.Thread(target=read, name="chaos-inbox", daemon=True).start()
-        conn.send(("ready", spec.index))
+        conn.send(("ready", spec.index, new_id().split(".")[0]))  # the prefix of this process's lease ids
         first = await inbox.get()
         assert first[0] == "go", first
         give_up = float(first[1])
@@ -457,12 +458,28 @@ class FaultTimes:
 
 
 class Run:
-    """One (scenario, fault, policy): its Redis (and proxy), provider and processes."""
+    """One (scenario, fault, policy): its Redis (and proxy), the budget's name, the processes."""
 
-    def __init__(self, redis_server: RedisServer, proxy: Proxy | None, procs: list[Any]) -> None:
+    def __init__(
+        self, redis_server: RedisServer, proxy: Proxy | None, name: str, procs: list[Any], owners: list[str]
+    ) -> None:
         self.redis = redis_server
         self.proxy = proxy
+        self.name = name
         self.procs = procs
+        self.owners = owners  # each process's prefix of lease ids
+
+    def leases(self, owner: str = "") -> int:
+        """Leases Redis holds for the budget now, of one process if ``owner`` (-1: no answer)."""
+        client = redis.Redis(port=self.redis.port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            now = float(client.time()[0])
+            ids = client.zrangebyscore(f"{{xflow:{self.name}}}:leases", f"({now}", "+inf")
+            return sum(1 for i in ids if i.decode().startswith(owner))
+        except redis.RedisError:
+            return -1
+        finally:
+            client.close()
 
 
 def inject(fault: str, run: Run, times: FaultTimes, abort: threading.Event) -> None:
@@ -485,7 +502,8 @@ def inject(fault: str, run: Run, times: FaultTimes, abort: threading.Event) -> N
     elif fault == "worker-kill":
         victim = run.procs[0]
         os.kill(victim.pid, signal.SIGKILL)
-        times.detail = f"worker process 0 (pid {victim.pid}) killed"
+        held = run.leases(owner=run.owners[0] + ".")
+        times.detail = f"worker 0 killed holding {held} leases (their slots come back after the lease TTL)"
     elif fault != "none":
         raise ValueError(f"no such fault: {fault}")
 
@@ -540,10 +558,12 @@ def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: 
             child.close()
             procs.append(proc)
             conns.append(parent)
-        run = Run(server, proxy, procs)
+        owners = []
         for i, reply in enumerate(_gather(conns, procs, "ready", 90.0)):
             if reply[0] != "ready":
                 raise RuntimeError(f"worker {i} did not get ready: {reply}")
+            owners.append(reply[2])
+        run = Run(server, proxy, name, procs, owners)
         reset_provider(provider)  # full buckets, a fresh ledger: the run starts now
         t0 = time.monotonic()
         ledger = _Ledger(opts.processes, opts.concurrency)
@@ -561,6 +581,7 @@ def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: 
         if striker.ident is not None:
             striker.join(timeout=STOP_FOR + 15)
         stats = fetch_stats(provider)
+        result["leases_at_end"] = run.leases()
     finally:
         abort.set()
         if striker is not None and striker.ident is not None and striker.is_alive():
@@ -749,6 +770,17 @@ def _figures(
         "utilisation": use.get(scenario.binding, math.nan),
         "utilisation_by": use,
         "series": stats.get("series", {}),
+        "processes": [
+            {
+                "index": r["index"],
+                "jobs": r["jobs"],
+                "grants_shared": sum(1 for _, shared in r["grants"] if shared),
+                "grants_outage": sum(1 for _, shared in r["grants"] if not shared),
+                "gave_up": r["gave_up"],
+                "log": r["log"],
+            }
+            for r in sorted(reports, key=lambda r: r["index"])
+        ],
     }
 
 
