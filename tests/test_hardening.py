@@ -1,7 +1,7 @@
 """Ways a fleet meets production: dead waiters, lost notices, frozen Redis, cut sockets, fork, GC.
 
-Each test runs against a real ``redis-server`` (the suite's, or one of its own where it freezes
-it) and bounds every wait; several use real OS processes.
+Each test runs against a real server, ``redis-server`` or ``valkey-server`` (the suite's, or one of
+its own, of the same kind, where it freezes it) and bounds every wait; several use real OS processes.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ import pytest
 import redis
 
 from xflow_dist import AcquireTimeout, AsyncLimiter, BackendError, Budget, Limiter
-from xflow_dist._embedded import EmbeddedRedis, find_redis_server, free_port
+from xflow_dist._embedded import EmbeddedRedis, free_port
 from xflow_dist._events import Resubscribed
 
 
 @pytest.fixture
-def redis_server(real_redis: bool) -> Iterator[EmbeddedRedis]:
-    """A redis-server of this test's own, which it may freeze or stop."""
-    if not real_redis:
-        pytest.skip("needs a redis-server binary")
-    server = EmbeddedRedis(allow_fake=False).start()
+def redis_server(embedded: EmbeddedRedis) -> Iterator[EmbeddedRedis]:
+    """A server of this test's own, of the suite's kind, which it may freeze or stop."""
+    if embedded.kind == "fakeredis":
+        pytest.skip("needs a redis-server or valkey-server binary")
+    server = EmbeddedRedis(server=embedded.server, allow_fake=False).start()
     yield server
     if server._proc is not None:
         os.kill(server._proc.pid, signal.SIGCONT)
@@ -301,9 +301,7 @@ def test_a_settle_that_fails_is_retried_in_the_background(redis_server: Embedded
         _until(lambda: lim.status().in_flight == 0)
 
 
-def _redis_server_on(port: int) -> subprocess.Popen[bytes]:
-    binary = find_redis_server()
-    assert binary is not None
+def _redis_server_on(binary: str, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -322,15 +320,16 @@ def _answers(client: redis.Redis) -> bool:
         return False
 
 
-def test_waiters_ask_again_after_a_redis_restart(real_redis: bool, name: str) -> None:
+def test_waiters_ask_again_after_a_redis_restart(embedded: EmbeddedRedis, name: str) -> None:
     """A restart loses the queue and every notice: the waiters learn it from their events connection
     coming back (or run on the outage policy's share meanwhile) and queue again at once, instead of
     sleeping toward a renewal 15 s away. The lease held across the restart is registered again, so
     they wait for its release, then for the lost state's hold (3 claim windows)."""
-    if not real_redis:
-        pytest.skip("needs a redis-server binary")
+    if embedded.binary is None:
+        pytest.skip("needs a redis-server or valkey-server binary")
+    binary = embedded.binary
     port = free_port()
-    proc = _redis_server_on(port)
+    proc = _redis_server_on(binary, port)
     grants: list[float] = []
     try:
         with Limiter(Budget(name, max_concurrency=1), f"redis://127.0.0.1:{port}/0") as lim:
@@ -347,7 +346,7 @@ def test_waiters_ask_again_after_a_redis_restart(real_redis: bool, name: str) ->
             _until(lambda: lim.status().queued == 4)
             proc.kill()
             proc.wait(timeout=10)
-            proc = _redis_server_on(port)
+            proc = _redis_server_on(binary, port)
             restarted = time.monotonic()
             _until(lambda: lim._outage is None and lim.status().in_flight == 1)  # registered again
             decision.lease.release()

@@ -28,6 +28,7 @@ from xflow_dist import (
     ConfigurationError,
     Limiter,
     OutagePolicy,
+    XflowError,
 )
 from xflow_dist._embedded import find_redis_server, free_port
 
@@ -311,21 +312,13 @@ def test_a_newcomer_finds_a_fresh_budget(server: Server, name: str) -> None:
     """Keys that expired (or never were) are not lost: a process that has not seen them starts full."""
     budget = Budget(name, rps=10, burst=2.0)
     with Limiter(budget, server.url) as lim:
-        for _ in range(20):
-            assert lim.try_acquire(), "a fresh budget grants its whole burst"
-
-
-def test_a_status_first_is_no_sight_of_the_keys(server: Server, name: str) -> None:
-    """status() makes no key: a process whose first call it was has not seen the keys, and its first
-    acquire makes a fresh, full budget (not a lost one, empty with a hold)."""
-    budget = Budget(name, rps=10, burst=2.0)
-    with Limiter(budget, server.url) as lim:
-        assert lim.status().requests_available == 20
+        assert lim.status().requests_available == 20  # read-only: it makes no keys, and is no sighting
         for _ in range(20):
             assert lim.try_acquire(), "a fresh budget grants its whole burst"
 
 
 async def test_a_status_first_is_no_sight_of_the_keys_async(server: Server, name: str) -> None:
+    """status() makes no key: the first acquire after it makes a fresh, full budget, not a lost one."""
     budget = Budget(name, rps=10, burst=2.0)
     async with AsyncLimiter(budget, server.url) as lim:
         assert (await lim.status()).requests_available == 20
@@ -344,6 +337,17 @@ def test_a_heartbeat_registers_a_lease_redis_no_longer_holds(server: Server, nam
         lease.release()
         assert in_flight(server, name) == 0
         c.close()
+
+
+def test_a_wrong_password_is_no_outage(redis_url: str, name: str) -> None:
+    """A refusal that does not pass (a wrong password) raises whatever the policy: no local share
+    would hide a misconfigured process."""
+    url = redis_url.replace("redis://", "redis://nobody:wrong@")
+    with Limiter(Budget(name, rps=10), url) as lim:
+        with pytest.raises(XflowError) as caught:
+            lim.acquire(timeout=1)
+        assert not isinstance(caught.value, BudgetUnavailableError)
+        assert lim._outage is None
 
 
 # --- a fleet through a restart --------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_wheel_ships_the_lua_scripts_and_py_typed(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("xflow_dist-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "xflow_dist/py.typed" in names
-    for op in (*OPS, "_prelude"):
+    for op in (*OPS, "_prelude", "check_rights"):
         assert f"xflow_dist/lua/{op}.lua" in names
 
 
@@ -65,4 +65,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     command = "pip install -e '.[test]' && python -m pytest"
     assert command in readme
+    assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ci_runs_the_suite_on_valkey_too() -> None:
+    command = "XFLOW_TEST_SERVER=valkey python -m pytest"
+    assert command in (ROOT / "README.md").read_text()
     assert command in (ROOT / ".ci" / "run").read_text()

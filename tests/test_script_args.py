@@ -203,7 +203,7 @@ def test_a_negative_cost_refills_nothing(rclient: redis.Redis, name: str) -> Non
     ops.acquire(10)
     for cost in ("-1000", "-1e9", "-0.5"):
         refused(ops, "acquire", ["a", "1", cost, "-1", "1", "30", "0"])
-    assert ops.status().tokens_available is not None and ops.status().tokens_available < 1
+    assert ops.status().tokens_available is not None and ops.status().tokens_available < 5  # a refund would leave 1000s
 
 
 def test_an_infinite_actual_is_refused_and_the_budget_still_works(rclient: redis.Redis, name: str) -> None:

@@ -106,9 +106,22 @@ def test_demo_hides_the_password_of_the_redis_it_cannot_reach(capsys: pytest.Cap
     ],
 )
 def test_errors_and_logs_hide_the_password(url: str, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG), pytest.raises(XflowError) as caught, Limiter(Budget("secrets"), url) as lim:
+    with (
+        caplog.at_level(logging.DEBUG),
+        pytest.raises(XflowError) as caught,
+        Limiter(Budget("secrets"), url, outage="closed") as lim,
+    ):
         lim.acquire(timeout=1)
     _clean(_everything(caught.value), caplog.text)
+
+
+def test_the_outage_log_hides_the_password(caplog: pytest.LogCaptureFixture) -> None:
+    """The default policy runs on a local share: what it logs of the failure names no password."""
+    with caplog.at_level(logging.DEBUG), Limiter(Budget("secrets"), f"redis://user:{SECRET}@127.0.0.1:1/0") as lim:
+        lim.acquire(timeout=1).release()
+        assert lim.status().mode == "local"
+    assert "outage policy 'local'" in caplog.text
+    _clean(caplog.text)
 
 
 async def test_async_errors_hide_the_password(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:

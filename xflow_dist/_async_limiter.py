@@ -183,10 +183,12 @@ class AsyncLimiter(LimiterBase):
         return bool(self._held) or bool(self._queued) or self._outage is not None
 
     async def _run(self, op: str, argv: list[str]) -> Any:
+        await self._rights.ensure_async(self._client)
         for attempt in (1, 2):
             try:
                 reply = await self._scripts[op](keys=self._keys, args=self._argv(argv))
-                self._answered(op)
+                if op != "status":  # status.lua writes nothing: the keys may still not exist
+                    self._answered()
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
@@ -196,6 +198,7 @@ class AsyncLimiter(LimiterBase):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _hub(self) -> _Events:
+        await self._rights.ensure_async(self._client)
         if self._events_lock is None:
             self._events_lock = asyncio.Lock()
         async with self._events_lock:

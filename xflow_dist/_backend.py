@@ -1,5 +1,8 @@
 """Where a budget's Redis comes from: a URL, a redis-py client (or Cluster client), or ``memory://``.
 
+``redis+sentinel://`` (and ``rediss+sentinel://``) URLs find the master through Redis Sentinel
+(see ``_sentinel``); a client made by ``redis.sentinel.Sentinel.master_for`` may be passed in as well.
+
 ``memory://NAME`` is an in-process Redis (fakeredis running the same Lua through lupa), shared by
 every limiter of this process that names it; it cannot coordinate several processes.
 """
@@ -20,6 +23,8 @@ import redis.retry
 
 from ._exceptions import ConfigurationError
 from ._redact import redact_url
+from ._sentinel import SCHEMES as SENTINEL_SCHEMES
+from ._sentinel import async_master, parse_sentinel_url, sync_master
 
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
@@ -67,9 +72,10 @@ def _check_url(url: str) -> str:
         scheme = urlsplit(url).scheme
     except ValueError:
         raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: it does not parse") from None
-    if scheme not in ("redis", "rediss", "unix", "memory"):
+    if scheme not in ("redis", "rediss", "unix", "memory", *SENTINEL_SCHEMES):
         raise ConfigurationError(
-            f"redis must be a redis://, rediss://, unix:// or memory:// URL, not {redact_url(url)!r}"
+            "redis must be a redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel:// or memory:// "
+            f"URL, not {redact_url(url)!r}"
         )
     return scheme
 
@@ -90,10 +96,14 @@ def _pool(cls: Any, url: str, options: dict[str, Any]) -> Any:
 def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[SyncClient, bool]:
     """A sync client for ``target`` and whether the limiter owns (and so closes) it."""
     if isinstance(target, str):
-        if _check_url(target) == "memory":
+        scheme = _check_url(target)
+        if scheme == "memory":
             import fakeredis
 
             return fakeredis.FakeRedis(server=_memory_server(target)), True
+        if scheme in SENTINEL_SCHEMES:
+            spec = parse_sentinel_url(target)
+            return sync_master(spec, _pool_options(io_timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0))), True
         # a blocking pool: callers beyond max_connections wait for a connection instead of failing
         # (redis-py's default pool raises past 100, which a busy process reaches at once)
         options = _pool_options(io_timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0))
@@ -108,10 +118,15 @@ def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Sync
 def async_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[AsyncClient, bool]:
     """An asyncio client for ``target`` and whether the limiter owns (and so closes) it."""
     if isinstance(target, str):
-        if _check_url(target) == "memory":
+        scheme = _check_url(target)
+        if scheme == "memory":
             import fakeredis
 
             return fakeredis.FakeAsyncRedis(server=_memory_server(target)), True
+        if scheme in SENTINEL_SCHEMES:
+            spec = parse_sentinel_url(target)
+            retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)
+            return async_master(spec, _pool_options(io_timeout, retry)), True
         options = _pool_options(io_timeout, redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
         return redis.asyncio.Redis.from_pool(_pool(redis.asyncio.BlockingConnectionPool, target, options)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
+from ._acl import Rights
 from ._backend import IO_TIMEOUT
 from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy
 from ._core import (
@@ -22,6 +23,7 @@ from ._core import (
     CooldownReply,
     acquire_args,
     budget_args,
+    channel,
     cooldown_args,
     decode_clear_cooldown,
     keys,
@@ -70,6 +72,8 @@ def transient(exc: BaseException) -> bool:
     once, extend only lengthens), so a transient failure may be retried without double counting.
     """
     cause = exc.__cause__ if isinstance(exc, BackendError) else exc
+    if isinstance(cause, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return False  # a wrong password is no outage: it does not pass
     return isinstance(cause, redis.ConnectionError | redis.TimeoutError | OSError)
 
 
@@ -151,6 +155,7 @@ class LimiterBase:
         self.outage_policy = outage_policy(outage)
         self._keys = keys(budget)
         self._blocks = (budget_args(budget), budget_args(budget, seen=True))
+        self._rights = Rights(budget.name, self._keys, channel(budget))  # proven before the first call
         self._warned_capped = False
         #: Until then (monotonic) the budget's keys cannot have expired: this process saw them.
         self._fresh_until = -math.inf
@@ -164,11 +169,9 @@ class LimiterBase:
         seen = self._holding() or time.monotonic() < self._fresh_until
         return self._blocks[seen] + argv
 
-    def _answered(self, op: str) -> None:
-        """Script ``op`` ran: unless it only reads (``status`` makes and touches no key), the keys live
-        at least the idle grace from now (margin for the reply's way)."""
-        if op != "status":
-            self._fresh_until = time.monotonic() + IDLE_GRACE * 0.8
+    def _answered(self) -> None:
+        """A script ran: the keys live at least the idle grace from now (margin for the reply's way)."""
+        self._fresh_until = time.monotonic() + IDLE_GRACE * 0.8
 
     def _holding(self) -> bool:
         """This process holds a lease or a ticket of the budget, so its keys must exist (overridden)."""

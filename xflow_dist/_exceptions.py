@@ -3,7 +3,8 @@
     XflowError
     ├── ConfigurationError        bad budget, policy or setting (also a ValueError)
     │   ├── NoRouteError          a transport's Router has no budget for a call
-    │   └── BudgetConflictError   the fleet already uses this budget name with other limits
+    │   ├── BudgetConflictError   the fleet already uses this budget name with other limits
+    │   └── PermissionDeniedError the Redis user lacks a right the limiter needs (its ACL)
     ├── InvalidCostError          negative, NaN, infinite or absurdly large cost (also a ValueError)
     │   └── CostTooLargeError     a cost no bucket of the budget can ever hold
     ├── ScriptArgumentError       a Lua script refused its arguments, changing nothing (also a ValueError)
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidTaskError",
     "NoRouteError",
     "OutsideTaskError",
+    "PermissionDeniedError",
     "QuotaExhaustedError",
     "RetryException",
     "ScriptArgumentError",
@@ -86,6 +88,18 @@ class BudgetConflictError(ConfigurationError):
         super().__init__(message, budget=budget)
         self.stored = stored
         self.given = given
+
+
+class PermissionDeniedError(ConfigurationError):
+    """The Redis user lacks a right the limiter needs (a command, the budget's keys or its channel).
+
+    Found before the limiter's first call, which writes nothing then. ``missing`` names the
+    commands refused (``"HSET"``, ``"SCRIPT LOAD"``, ...). The rule to grant is in docs/security.md.
+    """
+
+    def __init__(self, message: str, *, budget: str | None = None, missing: tuple[str, ...] = ()) -> None:
+        super().__init__(message, budget=budget)
+        self.missing = missing
 
 
 class ScriptArgumentError(XflowError, ValueError):

@@ -284,10 +284,12 @@ class Limiter(LimiterBase):
         _LIVE.add(self)
 
     def _run(self, op: str, argv: list[str]) -> Any:
+        self._rights.ensure(self._client)
         for attempt in (1, 2):
             try:
                 reply = self._scripts[op](keys=self._keys, args=self._argv(argv))
-                self._answered(op)
+                if op != "status":  # status.lua writes nothing: the keys may still not exist
+                    self._answered()
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
@@ -297,6 +299,7 @@ class Limiter(LimiterBase):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _hub(self) -> _Events:
+        self._rights.ensure(self._client)
         with self._events_lock:
             if self._events is None:
                 try:

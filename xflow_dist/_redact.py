@@ -9,7 +9,10 @@ __all__ = ["redact_text", "redact_url"]
 MASK = "***"
 
 _USER = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:")
-_QUERY_SECRET = re.compile(r"(^|&)((?:password|pass|pwd|secret|token|api_key|apikey)=)[^&]*", re.IGNORECASE)
+# password=, and prefixed ones such as sentinel_password= or ssl_password=
+_QUERY_SECRET = re.compile(
+    r"(^|&)((?:[A-Za-z0-9]+_)*(?:password|pass|pwd|secret|token|api_key|apikey)=)[^&]*", re.IGNORECASE
+)
 # scheme://user:password@ anywhere in a text; the password runs to the last "@" before a space or quote
 _IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*@")
 

