@@ -13,7 +13,8 @@ Faults, each at a fixed second of its run (``--fault``):
   redis-stop    SIGSTOP to redis-server for 10 s, then SIGCONT
   proxy-cut     the fleet reaches Redis through a small TCP proxy that resets every connection at once
   worker-kill   SIGKILL to one worker process; the harness hands its unfinished jobs to the others
-  sentinel      a Sentinel failover (not run: see SENTINEL below)
+  sentinel      the fleet on a redis+sentinel:// URL (a master, a replica, three sentinels:
+                tests/_servers.SentinelGroup); the master SIGKILLed, a sentinel promotes the replica
 
 Policies (``--policy``): ``local``, ``open``, ``closed`` (``Limiter(..., outage=...)``). Under
 ``closed`` a worker refused with ``BudgetUnavailableError`` retries the job after 0.25 s.
@@ -75,9 +76,8 @@ ACQUIRE_TIMEOUT = 30.0
 #: After the run's last second: how long the fleet may take to finish the jobs it holds and exit.
 GRACE = 40.0
 
-#: Sentinel failover: needs ``redis+sentinel://`` URLs in the library and a Sentinel launcher. None
-#: while that support has not landed; the fault is then reported as not run (see ``sentinel_support``).
-SENTINEL = "not run: the library has no redis+sentinel:// support on this commit"
+#: Seconds a Sentinel failover takes, about (down-after 1 s, then the vote): for the run's length only.
+FAILOVER = 3.0
 
 
 @dataclass(frozen=True)
@@ -461,17 +461,28 @@ class Run:
     """One (scenario, fault, policy): its Redis (and proxy), the budget's name, the processes."""
 
     def __init__(
-        self, redis_server: RedisServer, proxy: Proxy | None, name: str, procs: list[Any], owners: list[str]
+        self,
+        redis_server: RedisServer,
+        proxy: Proxy | None,
+        group: Any,
+        name: str,
+        procs: list[Any],
+        owners: list[str],
     ) -> None:
         self.redis = redis_server
         self.proxy = proxy
+        self.group = group  # a SentinelGroup, for the sentinel fault
         self.name = name
         self.procs = procs
         self.owners = owners  # each process's prefix of lease ids
 
     def leases(self, owner: str = "") -> int:
         """Leases Redis holds for the budget now, of one process if ``owner`` (-1: no answer)."""
-        client = redis.Redis(port=self.redis.port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            port = self.redis.port if self.group is None else self.group.master_address()[1]
+        except RuntimeError:  # no sentinel names a master
+            return -1
+        client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
         try:
             now = float(client.time()[0])
             ids = client.zrangebyscore(f"{{xflow:{self.name}}}:leases", f"({now}", "+inf")
@@ -499,6 +510,12 @@ def inject(fault: str, run: Run, times: FaultTimes, abort: threading.Event) -> N
         assert run.proxy is not None
         times.detail = f"{run.proxy.cut()} connections reset"
         times.back = times.at  # Redis never stopped answering: recovery counts from the cut
+    elif fault == "sentinel":
+        assert run.group is not None
+        with run.group.switches() as watcher:
+            old, times.at = run.group.kill_master()
+            times.back, new = watcher.wait(30.0)  # the promotion: Redis (a new master) answers again
+        times.detail = f"master :{old[1]} killed; :{new[1]} promoted {times.back - times.at:.2f}s later"
     elif fault == "worker-kill":
         victim = run.procs[0]
         os.kill(victim.pid, signal.SIGKILL)
@@ -509,12 +526,27 @@ def inject(fault: str, run: Run, times: FaultTimes, abort: threading.Event) -> N
 
 
 def fault_length(fault: str) -> float:
-    return {"redis-kill": KILL_DOWN, "redis-stop": STOP_FOR}.get(fault, 0.0)
+    return {"redis-kill": KILL_DOWN, "redis-stop": STOP_FOR, "sentinel": FAILOVER}.get(fault, 0.0)
+
+
+def sentinel_group() -> Any:
+    """A started ``SentinelGroup`` (``tests/_servers.py``, the suite's launcher: master, replica, three
+    sentinels on loopback, failover in seconds)."""
+    tests = str(c.HERE.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from _servers import SentinelGroup
+
+    return SentinelGroup().start()
 
 
 def sentinel_support() -> str | None:
-    """None where a Sentinel failover can run here, else why not (see SENTINEL)."""
-    return SENTINEL
+    """None where a Sentinel failover can run here, else why not."""
+    try:
+        sentinel_group().stop()
+    except Exception as exc:
+        return f"not run: no Sentinel group could start here ({type(exc).__name__}: {exc})"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,6 +570,7 @@ def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: 
     duration = fault_at + opts.longest + opts.after
     server = RedisServer(binary, free_port())
     proxy: Proxy | None = None
+    group: Any = None
     procs: list[Any] = []
     conns: list[Any] = []
     abort = threading.Event()
@@ -545,10 +578,15 @@ def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: 
     striker: threading.Thread | None = None
     result: dict[str, Any] = {"scenario": scenario.name, "fault": fault, "policy": policy}
     try:
-        server.start()
+        if fault == "sentinel":
+            group = sentinel_group()
+            url = group.url
+        else:
+            server.start()
+            url = server.url
         if fault == "proxy-cut":
             proxy = Proxy(server.port).start()
-        url = proxy.url if proxy is not None else server.url
+            url = proxy.url
         name = f"chaos-{uuid.uuid4().hex[:8]}"
         for i in range(opts.processes):
             parent, child = ctx.Pipe()
@@ -563,7 +601,7 @@ def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: 
             if reply[0] != "ready":
                 raise RuntimeError(f"worker {i} did not get ready: {reply}")
             owners.append(reply[2])
-        run = Run(server, proxy, name, procs, owners)
+        run = Run(server, proxy, group, name, procs, owners)
         reset_provider(provider)  # full buckets, a fresh ledger: the run starts now
         t0 = time.monotonic()
         ledger = _Ledger(opts.processes, opts.concurrency)
@@ -591,6 +629,8 @@ def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: 
             conn.close()
         if proxy is not None:
             proxy.stop()
+        if group is not None:
+            group.stop()
         server.close()
     result.update(_figures(scenario, fault, opts, stats, ledger, times, t0))
     return result
