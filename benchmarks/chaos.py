@@ -37,6 +37,7 @@ import contextlib
 import logging
 import math
 import os
+import queue
 import random
 import signal
 import socket
@@ -56,7 +57,7 @@ from typing import Any
 import _common as c
 import redis
 
-from xflow_dist import AcquireTimeout, AsyncLimiter, Budget, BudgetUnavailableError
+from xflow_dist import AcquireTimeout, AsyncLimiter, Budget, BudgetUnavailableError, Limiter
 from xflow_dist._base import new_id
 from xflow_dist._demo import Latency, fetch_stats, judge, reset_provider, simulator_process
 from xflow_dist._embedded import find_redis_server, free_port
@@ -310,6 +311,7 @@ class WorkerSpec:
     provider_url: str
     budget_name: str
     seed: int
+    front: str = "async"  # "async": AsyncLimiter and coroutines; "sync": Limiter and threads
 
 
 @dataclass
@@ -349,7 +351,10 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
     logger.addHandler(_LogCount(report))
     logger.propagate = False
     try:
-        asyncio.run(_work(conn, spec, report))
+        if spec.front == "sync":
+            _work_sync(conn, spec, report)
+        else:
+            asyncio.run(_work(conn, spec, report))
         conn.send(("bye", asdict(report)))
     except KeyboardInterrupt:
         pass
@@ -411,15 +416,9 @@ async def _work(conn: Any, spec: WorkerSpec, report: WorkerReport) -> None:
                             limit_tokens=seen.token_limit,
                         )
                     return True
-                except BudgetUnavailableError:
-                    report.unavailable += 1
-                    await asyncio.sleep(PAUSE)
-                except AcquireTimeout:
-                    report.acquire_timeouts += 1
                 except Exception as exc:  # counted and tried again: the job must not be lost
-                    key = f"{type(exc).__name__}: {str(exc)[:120]}"
-                    report.errors[key] = report.errors.get(key, 0) + 1
-                    await asyncio.sleep(PAUSE)
+                    if _failed(report, exc):
+                        await asyncio.sleep(PAUSE)
             return False
 
         async def slot() -> None:
@@ -441,6 +440,114 @@ async def _work(conn: Any, spec: WorkerSpec, report: WorkerReport) -> None:
         finally:
             async with asyncio.timeout(4):
                 await limiter.aclose()
+
+
+def _failed(report: WorkerReport, exc: Exception) -> bool:
+    """Count a failed attempt at a job; True where the worker should pause before the next one."""
+    if isinstance(exc, BudgetUnavailableError):
+        report.unavailable += 1
+        return True
+    if isinstance(exc, AcquireTimeout):
+        report.acquire_timeouts += 1
+        return False
+    key = f"{type(exc).__name__}: {str(exc)[:120]}"
+    report.errors[key] = report.errors.get(key, 0) + 1
+    return True
+
+
+def _work_sync(conn: Any, spec: WorkerSpec, report: WorkerReport) -> None:
+    """``_work`` for the sync front: one ``Limiter``, ``concurrency`` threads."""
+    import httpx
+
+    scenario = SCENARIOS[spec.scenario]
+    inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    sending = threading.Lock()
+
+    def send(msg: tuple[Any, ...]) -> None:
+        with sending:
+            conn.send(msg)
+
+    def read() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                msg = ("stop",)
+            inbox.put(msg)
+            if msg[0] == "stop":
+                return
+
+    limiter = Limiter(fleet_budget(spec.budget_name, scenario), spec.redis_url, outage=spec.policy)
+    limits = httpx.Limits(max_connections=spec.concurrency + 4, max_keepalive_connections=spec.concurrency + 4)
+    try:
+        with httpx.Client(base_url=spec.provider_url, timeout=30, limits=limits) as http:
+            http.get("/stats")
+            limiter.status()
+            threading.Thread(target=read, name="chaos-inbox", daemon=True).start()
+            send(("ready", spec.index, new_id().split(".")[0]))
+            first = inbox.get(timeout=120)
+            assert first[0] == "go", first
+            give_up = float(first[1])
+            counting = threading.Lock()  # the report is shared by the threads
+
+            def run(job: Job) -> bool:
+                while time.monotonic() < give_up:
+                    with counting:
+                        report.attempts += 1
+                    try:
+                        with limiter.acquire(tokens=job.estimate, timeout=ACQUIRE_TIMEOUT) as lease:
+                            with counting:
+                                report.grants.append((time.monotonic(), lease._limiter is limiter))
+                            body = {"model": "sim", "messages": job.messages, "max_tokens": job.max_tokens}
+                            reply = http.post("/v1/chat/completions", json=body)
+                            seen = parse_limit_headers(reply.headers)
+                            if reply.status_code == 429:
+                                with counting:
+                                    report.rejected += 1
+                                lease.report(0, limit_requests=seen.request_limit, limit_tokens=seen.token_limit)
+                                limiter.cooldown(retry_after=parse_retry_after(reply.headers))
+                                continue
+                            reply.raise_for_status()
+                            lease.report(
+                                actual_tokens=int(reply.json()["usage"]["total_tokens"]),
+                                remaining_requests=seen.requests_remaining,
+                                remaining_tokens=seen.tokens_remaining,
+                                limit_requests=seen.request_limit,
+                                limit_tokens=seen.token_limit,
+                            )
+                        return True
+                    except Exception as exc:  # counted and tried again: the job must not be lost
+                        with counting:
+                            pause = _failed(report, exc)
+                        if pause:
+                            time.sleep(PAUSE)
+                return False
+
+            def slot() -> None:
+                while time.monotonic() < give_up:
+                    try:
+                        msg = inbox.get(timeout=0.5)
+                    except queue.Empty:
+                        continue
+                    if msg[0] == "stop":
+                        inbox.put(msg)  # for the other threads
+                        return
+                    job_id = int(msg[1])
+                    if run(make_job(job_id, spec.seed, scenario)):
+                        with counting:
+                            report.jobs += 1
+                        send(("done", job_id))
+
+            pool = [threading.Thread(target=slot, name=f"chaos-slot-{i}", daemon=True) for i in range(spec.concurrency)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join(timeout=max(0.0, give_up - time.monotonic()) + 2)
+            report.gave_up = any(t.is_alive() for t in pool)
+    finally:
+        closing = threading.Thread(target=limiter.close, name="chaos-close", daemon=True)
+        closing.start()
+        closing.join(timeout=4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,23 +636,28 @@ def fault_length(fault: str) -> float:
     return {"redis-kill": KILL_DOWN, "redis-stop": STOP_FOR, "sentinel": FAILOVER}.get(fault, 0.0)
 
 
-def sentinel_group() -> Any:
-    """A started ``SentinelGroup`` (``tests/_servers.py``, the suite's launcher: master, replica, three
-    sentinels on loopback, failover in seconds)."""
+def _sentinel_launcher() -> Any:
     tests = str(c.HERE.parent / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
     from _servers import SentinelGroup
 
-    return SentinelGroup().start()
+    return SentinelGroup
+
+
+def sentinel_group() -> Any:
+    """A started ``SentinelGroup`` (``tests/_servers.py``, the suite's launcher: master, replica, three
+    sentinels on loopback, failover in seconds)."""
+    return _sentinel_launcher()().start()
 
 
 def sentinel_support() -> str | None:
-    """None where a Sentinel failover can run here, else why not."""
+    """None where the Sentinel fault can run (the launcher and redis+sentinel:// URLs), else why not."""
     try:
-        sentinel_group().stop()
-    except Exception as exc:
-        return f"not run: no Sentinel group could start here ({type(exc).__name__}: {exc})"
+        _sentinel_launcher()
+        import xflow_dist._sentinel  # noqa: F401
+    except ImportError as exc:
+        return f"not run: {exc}"
     return None
 
 
@@ -561,6 +673,7 @@ class Options:
     seed: int
     after: float  # seconds of run after the longest fault ends
     longest: float  # the longest fault among those run: every run of a scenario lasts as long
+    front: str = "async"
 
 
 def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: str, provider: str) -> dict[str, Any]:
@@ -576,7 +689,7 @@ def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: 
     abort = threading.Event()
     times = FaultTimes()
     striker: threading.Thread | None = None
-    result: dict[str, Any] = {"scenario": scenario.name, "fault": fault, "policy": policy}
+    result: dict[str, Any] = {"scenario": scenario.name, "fault": fault, "policy": policy, "front": opts.front}
     try:
         if fault == "sentinel":
             group = sentinel_group()
@@ -590,7 +703,7 @@ def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: 
         name = f"chaos-{uuid.uuid4().hex[:8]}"
         for i in range(opts.processes):
             parent, child = ctx.Pipe()
-            spec = WorkerSpec(i, scenario.name, policy, opts.concurrency, url, provider, name, opts.seed)
+            spec = WorkerSpec(i, scenario.name, policy, opts.concurrency, url, provider, name, opts.seed, opts.front)
             proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
             proc.start()
             child.close()
@@ -777,6 +890,7 @@ def _figures(
     return {
         "requests": requests,
         "rejected": rejected,
+        "rejected_from_fault": 0 if math.isnan(times.at) else sum(stats["series"]["rejected"][int(times.at - t0) :]),
         "rejected_share": rejected / requests if requests else 0.0,
         "rejected_by": stats["requests"]["rejected_by"],
         "over_admissions": int(stats["violations"]),
@@ -841,6 +955,7 @@ def _row(r: dict[str, Any], baseline: float | None) -> list[Any]:
         r["policy"],
         r["requests"],
         f"{r['rejected']} ({r['rejected_share']:.2%})",
+        r["rejected_from_fault"],
         r["over_admissions"],
         f"{r['peak_in_flight']}/{r['max_concurrency']}",
         r["jobs_done"],
@@ -854,7 +969,8 @@ def _row(r: dict[str, Any], baseline: float | None) -> list[Any]:
 
 
 HEADERS = [
-    "scenario", "fault", "policy", "requests", "429s", "over-adm", "peak/max", "jobs", "re-run", "lost",
+    "scenario", "fault", "policy", "requests", "429s", "429s from fault", "over-adm", "peak/max", "jobs", "re-run",
+    "lost",
     "hangs", "recovery s (first/all)", "util", "vs base",
 ]  # fmt: skip
 
@@ -866,8 +982,9 @@ def _markdown(rows: list[list[Any]]) -> str:
 
 
 def _verdict(results: list[dict[str, Any]]) -> list[str]:
+    lines = [f"FAILED RUN: {r['scenario']} {r['fault']} {r['policy']}: {r['error']}" for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
     faulted = [r for r in results if r["fault"] != "none"]
-    lines = []
     lost = sum(r["jobs_lost"] for r in results)
     hangs = sum(r["hangs"] for r in results)
     crashed = sum(len(r["crashed_processes"]) for r in results)
@@ -878,11 +995,13 @@ def _verdict(results: list[dict[str, Any]]) -> list[str]:
             continue
         worst = max(mine, key=lambda r: r["rejected_share"])
         over = [r for r in mine if r["peak_in_flight"] > r["max_concurrency"]]
-        recov = [r["recovery_all_s"] for r in mine if not math.isnan(r["recovery_all_s"])]
+        first = [r["recovery_first_s"] for r in mine if not math.isnan(r["recovery_first_s"])]
+        every = [r["recovery_all_s"] for r in mine if not math.isnan(r["recovery_all_s"])]
         lines.append(
             f"{policy}: worst 429 share {worst['rejected_share']:.2%} ({worst['scenario']} {worst['fault']}; "
             f"goal <= 0.5%); peak in flight over max_concurrency in {len(over)} of {len(mine)} runs; "
-            f"slowest recovery {max(recov, default=math.nan):.2f}s (goal <= 2s)"
+            f"slowest recovery to the first grant {max(first, default=math.nan):.2f}s (goal <= 2s), "
+            f"to every process's {max(every, default=math.nan):.2f}s"
         )
     return lines
 
@@ -899,6 +1018,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the run without a fault")
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=8, help="workers per process")
+    ap.add_argument("--front", choices=("async", "sync"), default="async",
+                    help="AsyncLimiter and coroutines (default), or Limiter and threads")  # fmt: skip
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
@@ -920,11 +1041,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         after=4.0 if args.quick else 8.0,
         longest=max((fault_length(f) for f in faults), default=0.0),
+        front=args.front,
     )
     signal.signal(signal.SIGTERM, _interrupt)
     with _env_redis(binary) as env:
         c.print_environment(env)
-    print(f"# fleet: {opts.processes} processes x {opts.concurrency} workers; faults {', '.join(faults)}; "
+    print(f"# fleet: {opts.processes} processes x {opts.concurrency} workers ({opts.front} front); "
+          f"faults {', '.join(faults)}; "
           f"policies {', '.join(policies)}" + (" (quick)" if opts.quick else ""))  # fmt: skip
     for fault, why in skipped.items():
         print(f"# {fault}: {why}")
@@ -943,7 +1066,13 @@ def main(argv: list[str] | None = None) -> int:
         baseline: float | None = None
         with simulator_process(scenario.limits, scenario.latency, seed=args.seed) as provider:
             for fault, policy in runs:
-                r = run_one(scenario, fault, policy, opts, binary, provider)
+                try:
+                    r = run_one(scenario, fault, policy, opts, binary, provider)
+                except Exception as exc:  # a harness failure: said, and the other runs go on
+                    error = f"{type(exc).__name__}: {exc}"
+                    results.append({"scenario": name, "fault": fault, "policy": policy, "error": error})
+                    print(f"{name:<11} {fault:<11} {policy:<6} FAILED: {error}", flush=True)
+                    continue
                 results.append(r)
                 if fault == "none":
                     baseline = r["utilisation"]
@@ -956,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.json:
         c.write_json(args.json, {"environment": env, "options": asdict(opts), "skipped": skipped, "runs": results})
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 def _line(r: dict[str, Any]) -> str:
