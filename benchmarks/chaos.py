@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import math
 import os
@@ -346,6 +347,7 @@ class _LogCount(logging.Handler):
 
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
     """Process entry point: get ready, say so, run the jobs handed over ``conn``, report, exit."""
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack on stderr
     report = WorkerReport(spec.index)
     logger = logging.getLogger("xflow_dist")
     logger.addHandler(_LogCount(report))
@@ -1044,6 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
         front=args.front,
     )
     signal.signal(signal.SIGTERM, _interrupt)
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack on stderr
     with _env_redis(binary) as env:
         c.print_environment(env)
     print(f"# fleet: {opts.processes} processes x {opts.concurrency} workers ({opts.front} front); "
@@ -1123,4 +1126,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # everything started was stopped on the way out
+        print("chaos: interrupted", file=sys.stderr)
+        sys.exit(130)
