@@ -1,7 +1,8 @@
 """A fleet against the simulated provider while Redis misbehaves: one fault per run, each outage policy.
 
-P worker processes x C asyncio workers call the simulated provider (``xflow_dist.simulator``, on
-loopback) through one shared budget, configured as the README recommends for a per-minute provider:
+P worker processes x C workers (asyncio tasks; threads with ``--front sync``) call the simulated provider
+(``xflow_dist.simulator``, on loopback) through one shared budget, configured as the README recommends
+for a per-minute provider:
 ``Budget(name, rpm=, tpm=, max_concurrency=, burst=60)`` with the provider's own limits, every other
 setting at its default, each reply settled with its usage and rate-limit headers, each 429 answered
 with ``cooldown(retry_after)``. The harness hands out the jobs (one per worker at a time, over a pipe
@@ -24,9 +25,20 @@ spent, which takes the first seconds of the run) and ``concurrency`` (8 slots bi
 The provider enforces its rates (its 429s count what the fleet sent beyond them) and does not
 enforce the concurrency limit, so that its peak in flight shows what the fleet really ran against
 ``max_concurrency``. Figures come from the provider's ledger, the harness and the workers' grant
-stamps (``time.monotonic()``, one clock for every process of a Linux machine).
+stamps (``time.monotonic()``, one clock for every process of a Linux machine; a grant is marked as
+Redis's or the outage policy's). Every run of a scenario lasts as long (the fault's second, the
+longest fault chosen, 8 s more; 4 s with ``--quick``), so that utilisation compares with the baseline.
+
+Per run: requests sent, 429s (all, and from the fault's second on), over-admissions by the provider's
+own window check, its peak in flight against ``max_concurrency``, jobs done, handed out again (a killed
+worker's) and lost, hangs (a worker process not done by the end plus 40 s), the time from Redis answering
+again (restarted, thawed, the new master promoted; the cut itself) to the fleet's first grant from Redis
+and to every process's, and utilisation of the binding limit (as ``xflow demo`` judges it). Every loop
+and wait is bounded; servers, proxy and processes are stopped on the way out, Ctrl-C and SIGTERM
+included. ``kill -USR1`` on the harness or a worker prints every thread's stack.
 
     python benchmarks/chaos.py [--quick] [--json FILE] [--scenario S ...] [--fault F ...] [--policy P ...]
+                               [--front async|sync] [--processes 4] [--concurrency 8]
 """
 
 from __future__ import annotations
@@ -324,6 +336,7 @@ class WorkerReport:
     unavailable: int = 0  # BudgetUnavailableError (the closed policy)
     acquire_timeouts: int = 0
     gave_up: bool = False
+    cpu_s: float = 0.0  # CPU seconds of the process (every thread) from the start of the run to its end
     errors: dict[str, int] = field(default_factory=dict)
     grants: list[tuple[float, bool]] = field(default_factory=list)  # (monotonic, from Redis)
     log: dict[str, int] = field(default_factory=dict)  # warnings the library logged, by first words
@@ -393,6 +406,7 @@ async def _work(conn: Any, spec: WorkerSpec, report: WorkerReport) -> None:
         first = await inbox.get()
         assert first[0] == "go", first
         give_up = float(first[1])
+        cpu = time.process_time()
 
         async def run(job: Job) -> bool:
             while time.monotonic() < give_up:
@@ -440,6 +454,7 @@ async def _work(conn: Any, spec: WorkerSpec, report: WorkerReport) -> None:
         except TimeoutError:
             report.gave_up = True  # jobs still held are lost: the harness counts them
         finally:
+            report.cpu_s = time.process_time() - cpu
             async with asyncio.timeout(4):
                 await limiter.aclose()
 
@@ -490,6 +505,7 @@ def _work_sync(conn: Any, spec: WorkerSpec, report: WorkerReport) -> None:
             first = inbox.get(timeout=120)
             assert first[0] == "go", first
             give_up = float(first[1])
+            cpu = time.process_time()
             counting = threading.Lock()  # the report is shared by the threads
 
             def run(job: Job) -> bool:
@@ -546,6 +562,7 @@ def _work_sync(conn: Any, spec: WorkerSpec, report: WorkerReport) -> None:
             for t in pool:
                 t.join(timeout=max(0.0, give_up - time.monotonic()) + 2)
             report.gave_up = any(t.is_alive() for t in pool)
+            report.cpu_s = time.process_time() - cpu
     finally:
         closing = threading.Thread(target=limiter.close, name="chaos-close", daemon=True)
         closing.start()
@@ -916,6 +933,7 @@ def _figures(
         "recovery_first_s": first_back,
         "recovery_all_s": all_back,
         "outage_grants": sum(1 for r in reports for _, shared in r["grants"] if not shared),
+        "worker_cpu_s": sum(r["cpu_s"] for r in reports),
         "unavailable": sum(r["unavailable"] for r in reports),
         "acquire_timeouts": sum(r["acquire_timeouts"] for r in reports),
         "worker_errors": dict(errors),
@@ -933,6 +951,7 @@ def _figures(
                 "grants_shared": sum(1 for _, shared in r["grants"] if shared),
                 "grants_outage": sum(1 for _, shared in r["grants"] if not shared),
                 "gave_up": r["gave_up"],
+                "cpu_s": r["cpu_s"],
                 "log": r["log"],
             }
             for r in sorted(reports, key=lambda r: r["index"])
@@ -1107,7 +1126,7 @@ def _line(r: dict[str, Any]) -> str:
         f"429s {r['rejected']:4d} ({r['rejected_share']:6.2%}) over {r['over_admissions']} "
         f"peak {r['peak_in_flight']}/{r['max_concurrency']} jobs {r['jobs_done']} rerun {r['jobs_rerun']} "
         f"lost {r['jobs_lost']} hangs {r['hangs']} recovery {r['recovery_first_s']:.2f}/{r['recovery_all_s']:.2f}s "
-        f"util {r['utilisation']:.1%}" + (" | " + ", ".join(extra) if extra else "")
+        f"util {r['utilisation']:.1%} cpu {r['worker_cpu_s']:.1f}s" + (" | " + ", ".join(extra) if extra else "")
     )
 
 
