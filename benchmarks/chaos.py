@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
+import itertools
 import logging
 import math
 import os
@@ -764,7 +765,7 @@ def run_one(scenario: Scenario, fault: str, policy: str, opts: Options, binary: 
         if group is not None:
             group.stop()
         server.close()
-    result.update(_figures(scenario, fault, opts, stats, ledger, times, t0))
+    result.update(_figures(scenario, fault, opts, stats, ledger, times, t0, t0 + duration))
     return result
 
 
@@ -873,6 +874,14 @@ def _dispatch(
     ledger.hung = sorted(live)
 
 
+def _per_second(offsets: list[float]) -> list[int]:
+    counts = [0] * (int(max(offsets, default=-1)) + 1)
+    for t in offsets:
+        if t >= 0:
+            counts[int(t)] += 1
+    return counts
+
+
 def _figures(
     scenario: Scenario,
     fault: str,
@@ -881,6 +890,7 @@ def _figures(
     ledger: _Ledger,
     times: FaultTimes,
     t0: float,
+    end: float,
 ) -> dict[str, Any]:
     limits = Limits(scenario.limits.rpm, scenario.limits.tpm, scenario.max_concurrency)
     makespan, _, _, use = judge(stats, limits, scenario.latency)
@@ -899,6 +909,9 @@ def _figures(
             mine = [t for t, shared in r["grants"] if shared and t >= times.back]
             firsts.append(mine[0] - times.back if mine else math.inf)
         all_back = max(firsts, default=math.nan)
+    # the longest time without a grant anywhere in the fleet, from the fault to the last new job
+    window = [] if math.isnan(times.at) else [times.at, *(t for t, _ in grants if times.at <= t <= end), end]
+    pause = max((b - a for a, b in itertools.pairwise(window)), default=math.nan)
     errors: Counter[str] = Counter()
     logs: Counter[str] = Counter()
     for r in reports:
@@ -930,6 +943,7 @@ def _figures(
         "redis_back_s": (times.back - t0) if times.back is not None else None,
         "fault_detail": times.detail,
         "fault_error": times.error,
+        "longest_pause_s": pause,
         "recovery_first_s": first_back,
         "recovery_all_s": all_back,
         "outage_grants": sum(1 for r in reports for _, shared in r["grants"] if not shared),
@@ -944,6 +958,7 @@ def _figures(
         "utilisation": use.get(scenario.binding, math.nan),
         "utilisation_by": use,
         "series": stats.get("series", {}),
+        "grants_per_s": _per_second([t - t0 for t, _ in grants]),
         "processes": [
             {
                 "index": r["index"],
@@ -983,6 +998,7 @@ def _row(r: dict[str, Any], baseline: float | None) -> list[Any]:
         r["jobs_rerun"],
         r["jobs_lost"],
         r["hangs"],
+        secs(r["longest_pause_s"]),
         f"{secs(r['recovery_first_s'])} / {secs(r['recovery_all_s'])}",
         f"{util:.1%}",
         f"{util / baseline:.2f}x" if baseline else "-",
@@ -992,7 +1008,7 @@ def _row(r: dict[str, Any], baseline: float | None) -> list[Any]:
 HEADERS = [
     "scenario", "fault", "policy", "requests", "429s", "429s from fault", "over-adm", "peak/max", "jobs", "re-run",
     "lost",
-    "hangs", "recovery s (first/all)", "util", "vs base",
+    "hangs", "longest pause s", "recovery s (first/all)", "util", "vs base",
 ]  # fmt: skip
 
 
@@ -1125,7 +1141,8 @@ def _line(r: dict[str, Any]) -> str:
         f"{r['scenario']:<11} {r['fault']:<11} {r['policy']:<6} requests {r['requests']:5d} "
         f"429s {r['rejected']:4d} ({r['rejected_share']:6.2%}) over {r['over_admissions']} "
         f"peak {r['peak_in_flight']}/{r['max_concurrency']} jobs {r['jobs_done']} rerun {r['jobs_rerun']} "
-        f"lost {r['jobs_lost']} hangs {r['hangs']} recovery {r['recovery_first_s']:.2f}/{r['recovery_all_s']:.2f}s "
+        f"lost {r['jobs_lost']} hangs {r['hangs']} pause {r['longest_pause_s']:.2f}s "
+        f"recovery {r['recovery_first_s']:.2f}/{r['recovery_all_s']:.2f}s "
         f"util {r['utilisation']:.1%} cpu {r['worker_cpu_s']:.1f}s" + (" | " + ", ".join(extra) if extra else "")
     )
 
