@@ -351,6 +351,17 @@ def test_options_are_checked() -> None:
         TaskPolicy(max_countdown=0)
     with pytest.raises(ConfigurationError):
         TaskPolicy(rate_limit_errors=(int,))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="outage mode"):
+        TaskPolicy(outage="sometimes")
+
+
+def test_the_outage_policy_reaches_the_tasks_limiter(name: str) -> None:
+    from xflow_dist.celery import limiter_for
+
+    closed = limiter_for(Budget(name, rps=1), "redis://127.0.0.1:1/0", None, "closed")
+    local = limiter_for(Budget(name, rps=1), "redis://127.0.0.1:1/0")
+    assert (closed.outage_policy.mode, local.outage_policy.mode) == ("closed", "local")
+    assert closed is not local
 
 
 def test_no_budget_is_a_configuration_error(app: Celery) -> None:

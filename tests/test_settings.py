@@ -36,6 +36,7 @@ def test_defaults() -> None:
     assert s.cooldown_policy() == CooldownPolicy()
     assert s.celery.max_wait == 2.0 and s.celery.max_countdown is None
     assert s.all_budgets() == [Budget("default")]
+    assert s.outage == "local"
 
 
 def test_nested_variables(clean_env: pytest.MonkeyPatch) -> None:
@@ -48,6 +49,7 @@ def test_nested_variables(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("XFLOW_COOLDOWN__BASE", "2")
     clean_env.setenv("XFLOW_COOLDOWN__MAX_BACKOFF", "30")
     clean_env.setenv("XFLOW_CELERY__MAX_WAIT", "0.5")
+    clean_env.setenv("XFLOW_OUTAGE", "closed")
     clean_env.setenv("XFLOW_REQUIRE_REDIS", "1")  # another tool's variable: ignored
     s = Settings.load()
     assert s.redis_url == "redis://redis:6379/2"
@@ -55,6 +57,7 @@ def test_nested_variables(clean_env: pytest.MonkeyPatch) -> None:
     assert s.get_budget("openai:team-a") == s.get_budget()
     assert s.cooldown_policy() == CooldownPolicy(base=2, max_backoff=30)
     assert s.celery.max_wait == 0.5
+    assert s.outage == "closed"
 
 
 def test_several_budgets_as_json(clean_env: pytest.MonkeyPatch) -> None:
@@ -77,6 +80,7 @@ def test_several_budgets_as_json(clean_env: pytest.MonkeyPatch) -> None:
         ("XFLOW_BUDGETS", '{"bad name!": {"tpm": 5}}', "XFLOW_BUDGETS"),
         ("XFLOW_COOLDOWN__BASE", "0", "XFLOW_COOLDOWN"),
         ("XFLOW_CELERY__MAX_WAIT", "-1", "XFLOW_CELERY__MAX_WAIT"),
+        ("XFLOW_OUTAGE", "sometimes", "XFLOW_OUTAGE"),
     ],
 )
 def test_bad_values_are_configuration_errors(clean_env: pytest.MonkeyPatch, key: str, value: str, where: str) -> None:

@@ -30,10 +30,12 @@ from ._base import (
     transient,
 )
 from ._budget import Budget, CooldownPolicy
+from ._cluster import subscriber
 from ._core import (
     CooldownReply,
     SettleReply,
     Status,
+    adopted,
     channel,
     decode_acquire,
     decode_configure,
@@ -69,9 +71,7 @@ class _Events:
     @classmethod
     async def start(cls, limiter: AsyncLimiter, name: str) -> _Events:
         client = limiter._client
-        if isinstance(client, redis.asyncio.cluster.RedisCluster):
-            await client.initialize()  # its pubsub needs the slot map, which loads lazily
-        pubsub = client.pubsub()
+        pubsub = subscriber(client)  # on a cluster, one that moves to a live node after a failure
         await pubsub.subscribe(name)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
@@ -100,6 +100,7 @@ class _Events:
                 continue
             if Mailroom.resets(msg):
                 self._limiter._rejoin_soon()
+                self._limiter._kick()
             for inbox, notice in self.mail.deliver(msg):
                 inbox.put_nowait(notice)
 
@@ -166,7 +167,7 @@ class AsyncLimiter(LimiterBase):
         )
         self._target = redis
         self._client, self._owns = async_client(redis, self.io_timeout)
-        self._scripts = register(self._client)
+        self._scripts = register(self._client, self.io_timeout)
         self._events: _Events | None = None
         self._events_lock: asyncio.Lock | None = None
         self._held: dict[str, float] = {}  # lease id -> when its next heartbeat is due
@@ -176,6 +177,7 @@ class AsyncLimiter(LimiterBase):
         self._beater: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._queued: set[str] = set()  # tickets of this process now in the shared queue
+        self._kicked = asyncio.Event()  # set (and replaced) when Redis answers again: retry now
         self._closed = False
         _LIVE.add(self)
 
@@ -344,12 +346,18 @@ class AsyncLimiter(LimiterBase):
                     if expiry is None:
                         # Redis does not hold it (its keys were lost, or it expired while Redis could
                         # not be reached); its call runs all the same: register it again
-                        await self._run("rejoin", self._rejoin_args(lid, lease.requests, lease.tokens))
+                        await self._rejoin(lease)
                         log.warning("lease %s of budget %s was gone from Redis; registered again", lid,
                                     self.budget.name)  # fmt: skip
                 except XflowError as exc:  # a backend failure, or limits reconfigured meanwhile
                     log.warning("heartbeat of lease %s failed: %s", lid, exc)
                     continue
+
+    async def _rejoin(self, lease: AsyncLease) -> None:
+        """Register ``lease`` again; a release crossing it is settled again (see ``Limiter._rejoin``)."""
+        raw = await self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        if adopted(raw) and lease.closed:
+            await self._run("settle", self._settle_args(lease.id, None))
 
     def _rejoin_soon(self) -> None:
         """Register every lease held again, in the background (Redis may have lost them)."""
@@ -367,7 +375,7 @@ class AsyncLimiter(LimiterBase):
             if lease is None or lease.closed:
                 continue
             try:
-                await self._run("rejoin", self._rejoin_args(lid, lease.requests, lease.tokens))
+                await self._rejoin(lease)
             except XflowError as exc:
                 log.warning("lease %s of budget %s could not be registered again: %s", lid, self.budget.name, exc)
                 return
@@ -503,7 +511,7 @@ class AsyncLimiter(LimiterBase):
         for lid in list(self._held):
             lease = self._leases.get(lid)
             if lease is not None and not lease.closed:
-                await self._run("rejoin", self._rejoin_args(lid, lease.requests, lease.tokens))
+                await self._rejoin(lease)
         outage.ended = True
         if local is not None:
             for lid in list(local._held):
@@ -517,6 +525,7 @@ class AsyncLimiter(LimiterBase):
                                 self.budget.name, exc)  # fmt: skip
         self._outage = None
         outage.back.set()
+        self._kick()  # the settles that failed meanwhile go out now
         for shadow in outage.shadows.values():
             with contextlib.suppress(XflowError):
                 await shadow.release()
@@ -527,8 +536,9 @@ class AsyncLimiter(LimiterBase):
                     outage.mode)  # fmt: skip
 
     async def _take_over(self, outage: Outage, lease: AsyncLease) -> None:
-        """A lease the share granted becomes one of the shared budget's (registered in Redis)."""
-        await self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        """A lease the share granted becomes one of the shared budget's (see ``Limiter._take_over``)."""
+        if lease.closed:  # released meanwhile: its settle went to the share
+            return
         local = outage.local
         if local is not None:
             local._disown(lease)
@@ -540,6 +550,7 @@ class AsyncLimiter(LimiterBase):
         fin.atexit = False
         if self._beater is None or self._beater.done():
             self._beater = asyncio.create_task(self._beat(), name="xflow-heartbeat")
+        await self._rejoin(lease)
 
     def _disown(self, lease: AsyncLease) -> None:
         self._held.pop(lease.id, None)
@@ -558,10 +569,20 @@ class AsyncLimiter(LimiterBase):
         self._retries[key] = task
         task.add_done_callback(lambda t: self._retries.pop(key, None) if self._retries.get(key) is t else None)
 
+    def _kick(self) -> None:
+        """Redis answers again: retry what is pending now rather than at its backoff's next step."""
+        self._kicked.set()
+        self._kicked = asyncio.Event()
+
     async def _retry(self, op: str, argv: list[str], give_up: float) -> None:
         delay = RETRY_FIRST
         while True:
-            await asyncio.sleep(delay)
+            kicked = self._kicked
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await kicked.wait()
+            if kicked.is_set():
+                delay = RETRY_FIRST
             try:
                 await self._run(op, argv)
                 return
@@ -707,10 +728,13 @@ class AsyncLimiter(LimiterBase):
         self._beater = None
         self._events = None
         self._events_lock = None
+        self._kicked = asyncio.Event()
+        self._queued = set()
+        self._outage = None
         if self._owns:
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
             self._client, _ = async_client(self._target, self.io_timeout)
-            self._scripts = register(self._client)
+            self._scripts = register(self._client, self.io_timeout)
 
     async def __aenter__(self) -> AsyncLimiter:
         return self

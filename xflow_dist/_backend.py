@@ -2,6 +2,8 @@
 
 ``redis+sentinel://`` (and ``rediss+sentinel://``) URLs find the master through Redis Sentinel
 (see ``_sentinel``); a client made by ``redis.sentinel.Sentinel.master_for`` may be passed in as well.
+``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS) makes a ``RedisCluster``
+with the same bounded timeouts as a ``redis://`` URL (see ``_cluster``).
 
 ``memory://NAME`` is an in-process Redis (fakeredis running the same Lua through lupa), shared by
 every limiter of this process that names it; it cannot coordinate several processes.
@@ -21,6 +23,7 @@ import redis.backoff
 import redis.cluster
 import redis.retry
 
+from . import _cluster
 from ._exceptions import ConfigurationError
 from ._redact import redact_url
 from ._sentinel import SCHEMES as SENTINEL_SCHEMES
@@ -72,9 +75,10 @@ def _check_url(url: str) -> str:
         scheme = urlsplit(url).scheme
     except ValueError:
         raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: it does not parse") from None
-    if scheme not in ("redis", "rediss", "unix", "memory", *SENTINEL_SCHEMES):
+    if scheme not in ("redis", "rediss", "unix", "memory", *SENTINEL_SCHEMES, *_cluster.SCHEMES):
         raise ConfigurationError(
-            "redis must be a redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel:// or memory:// "
+            "redis must be a redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, "
+            "redis+cluster://, rediss+cluster:// or memory:// "
             f"URL, not {redact_url(url)!r}"
         )
     return scheme
@@ -104,6 +108,9 @@ def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Sync
         if scheme in SENTINEL_SCHEMES:
             spec = parse_sentinel_url(target)
             return sync_master(spec, _pool_options(io_timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0))), True
+        if scheme in _cluster.SCHEMES:
+            client = _cluster.cluster_client(target, io_timeout, HEALTH_CHECK_INTERVAL, async_client=False)
+            return client, True
         # a blocking pool: callers beyond max_connections wait for a connection instead of failing
         # (redis-py's default pool raises past 100, which a busy process reaches at once)
         options = _pool_options(io_timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0))
@@ -127,6 +134,9 @@ def async_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Asy
             spec = parse_sentinel_url(target)
             retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)
             return async_master(spec, _pool_options(io_timeout, retry)), True
+        if scheme in _cluster.SCHEMES:
+            client = _cluster.cluster_client(target, io_timeout, HEALTH_CHECK_INTERVAL, async_client=True)
+            return client, True
         options = _pool_options(io_timeout, redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
         return redis.asyncio.Redis.from_pool(_pool(redis.asyncio.BlockingConnectionPool, target, options)), True
     if isinstance(target, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):

@@ -17,6 +17,7 @@ import redis
 from ._acl import Rights
 from ._backend import IO_TIMEOUT
 from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy
+from ._cluster import in_transition
 from ._core import (
     IDLE_GRACE,
     AcquireReply,
@@ -66,7 +67,8 @@ def _check_seconds(name: str, value: float | None) -> float | None:
 
 
 def transient(exc: BaseException) -> bool:
-    """A Redis failure that may pass (a cut connection, a timeout), as opposed to a refusal.
+    """A Redis failure that may pass (a cut connection, a timeout, a cluster replacing a master or
+    moving a slot), as opposed to a refusal.
 
     Every operation is idempotent by its id (acquire renews or claims, settle and cancel happen
     once, extend only lengthens), so a transient failure may be retried without double counting.
@@ -74,7 +76,9 @@ def transient(exc: BaseException) -> bool:
     cause = exc.__cause__ if isinstance(exc, BackendError) else exc
     if isinstance(cause, redis.AuthenticationError | redis.exceptions.AuthorizationError):
         return False  # a wrong password is no outage: it does not pass
-    return isinstance(cause, redis.ConnectionError | redis.TimeoutError | OSError)
+    return isinstance(cause, redis.ConnectionError | redis.TimeoutError | OSError) or (
+        cause is not None and in_transition(cause)
+    )
 
 
 #: Every limiter alive in this process: restarted in a forked child, closed at interpreter exit.

@@ -246,6 +246,11 @@ def queued(raw: Any) -> bool:
     return isinstance(raw, list | tuple) and bool(raw) and raw[0] in (b"queued", "queued")
 
 
+def adopted(raw: Any) -> bool:
+    """A rejoin reply that added the lease anew (Redis did not hold it)."""
+    return isinstance(raw, list | tuple) and bool(raw) and raw[0] in (b"adopted", "adopted")
+
+
 def too_large_error(budget: Budget, requests: float, tokens: float, reply: AcquireReply) -> CostTooLargeError:
     """The error for a cost the learned limits can never grant."""
     cost = requests if reply.dimension == "requests" else tokens

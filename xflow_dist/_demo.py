@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from ._backend import sync_client
 from ._fleet import FleetSpec, Job, Limits, Strategy, WorkerReport, fleet_budget, load_jobs, worker_main
 from ._limiter import Limiter
 
@@ -172,7 +173,7 @@ def run_fleet(
     """
     run_id = uuid.uuid4().hex[:8]
     spec = replace(spec, jobs_key=f"xflow-fleet:{run_id}:jobs", budget_name=f"{spec.budget_name}-{run_id}")
-    client = redis.Redis.from_url(spec.redis_url)
+    client, _ = sync_client(spec.redis_url)  # any URL a limiter takes (redis+sentinel:// too)
     reset_provider(spec.provider_url)
     load_jobs(client, spec.jobs_key, jobs)
     ctx = multiprocessing.get_context("spawn")

@@ -20,8 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import redis
-
+from ._backend import SyncClient
 from ._budget import Budget
 from ._headers import parse_limit_headers, parse_retry_after
 from ._tokens import estimate_messages_tokens
@@ -135,7 +134,7 @@ class WorkerReport:
         return json.dumps(asdict(self))
 
 
-def load_jobs(client: redis.Redis, key: str, jobs: list[Job]) -> None:
+def load_jobs(client: SyncClient, key: str, jobs: list[Job]) -> None:
     """Put the job list in Redis, where every process pops from."""
     client.delete(key)
     for start in range(0, len(jobs), 500):
@@ -166,11 +165,11 @@ def worker_main(spec: FleetSpec, index: int, results: Any, ready: Any = None, st
 
 async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start: Any = None) -> None:
     import httpx
-    import redis.asyncio
 
     from ._async_limiter import AsyncLimiter
+    from ._backend import async_client
 
-    jobs = redis.asyncio.Redis.from_url(spec.redis_url)
+    jobs, _ = async_client(spec.redis_url)  # any URL a limiter takes (redis+sentinel:// too)
     limits = spec.limits
     stop_at = time.monotonic() + spec.deadline
     rng = random.Random(spec.seed * 1000 + report.index)

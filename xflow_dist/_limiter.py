@@ -29,10 +29,12 @@ from ._base import (
     transient,
 )
 from ._budget import Budget, CooldownPolicy
+from ._cluster import subscriber
 from ._core import (
     CooldownReply,
     SettleReply,
     Status,
+    adopted,
     channel,
     decode_acquire,
     decode_configure,
@@ -68,7 +70,7 @@ class _Events:
         self._client = limiter._client
         self._name = name
         self._census_at = 0.0
-        self._pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub = subscriber(self._client)  # on a cluster, one that moves to a live node after a failure
         self._pubsub.subscribe(name)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
@@ -99,6 +101,7 @@ class _Events:
                 continue
             if Mailroom.resets(msg):
                 self._limiter._upkeep.rejoin_soon()
+                self._limiter._upkeep.kick()
             for inbox, notice in self.mail.deliver(msg):
                 inbox.put(notice)
 
@@ -179,6 +182,15 @@ class _Upkeep:
             self._due.pop(key, None)
             self._pending[key] = _Retry(op, argv, now + self._limiter.retry_window, now + RETRY_FIRST)
             self._start()
+
+    def kick(self) -> None:
+        """Redis answers again: retry what is pending now rather than at its backoff's next step."""
+        with self._cond:
+            now = time.monotonic()
+            for retry in self._pending.values():
+                retry.at, retry.delay = now, RETRY_FIRST
+            if self._pending:
+                self._start()
 
     def held(self) -> list[Lease]:
         with self._cond:
@@ -273,7 +285,7 @@ class Limiter(LimiterBase):
         )
         self._target = redis
         self._client, self._owns = sync_client(redis, self.io_timeout)
-        self._scripts = register(self._client)
+        self._scripts = register(self._client, self.io_timeout)
         self._events: _Events | None = None
         self._events_lock = threading.Lock()
         self._upkeep = _Upkeep(self)
@@ -447,7 +459,7 @@ class Limiter(LimiterBase):
         # Redis does not hold it: its keys were lost, or it expired while this process could not
         # reach Redis. Its call runs all the same: register it again, so the slot count stays true.
         try:
-            self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+            self._rejoin(lease)
         except XflowError as exc:
             lease.lost = True
             log.warning("lease %s of budget %s was lost and could not be registered again: %s", lease.id,
@@ -456,13 +468,21 @@ class Limiter(LimiterBase):
         log.warning("lease %s of budget %s was gone from Redis; registered again", lease.id, self.budget.name)
         return True
 
+    def _rejoin(self, lease: Lease) -> None:
+        """Register ``lease`` again. Its release may cross this call: a release settled just before
+        would be undone by the re-registration, so a lease found closed after it is settled again (at
+        its estimate; a settle of a lease already gone changes nothing)."""
+        raw = self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        if adopted(raw) and lease.closed:
+            self._run("settle", self._settle_args(lease.id, None))
+
     def _rejoin_held(self) -> None:
         """Register every lease held again (Redis lost its keys, or the events connection came back)."""
         for lease in self._upkeep.held():
             if lease.closed:
                 continue
             try:
-                self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+                self._rejoin(lease)
             except XflowError as exc:
                 log.warning("lease %s of budget %s could not be registered again: %s", lease.id, self.budget.name, exc)
                 return
@@ -595,7 +615,7 @@ class Limiter(LimiterBase):
             if spent_now != (0.0, 0.0):
                 self._run("rejoin", self._rejoin_args("", 0, 0, spent_now))
         for lease in self._upkeep.held():
-            self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+            self._rejoin(lease)
         with self._outage_lock:
             outage.ended = True
         if local is not None:
@@ -609,6 +629,7 @@ class Limiter(LimiterBase):
             self._outage = None
             last = outage.waiting == 0
         outage.back.set()
+        self._upkeep.kick()  # the settles that failed meanwhile go out now
         for shadow in outage.shadows.values():
             with contextlib.suppress(XflowError):
                 shadow.release()
@@ -619,8 +640,10 @@ class Limiter(LimiterBase):
                     outage.mode)  # fmt: skip
 
     def _take_over(self, outage: Outage, lease: Lease) -> None:
-        """A lease the share granted becomes one of the shared budget's (registered in Redis)."""
-        self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        """A lease the share granted becomes one of the shared budget's: pointed here first (a release
+        from then on settles in Redis), then registered there (see ``_rejoin`` for a release crossing it)."""
+        if lease.closed:  # released meanwhile: its settle went to the share
+            return
         local = outage.local
         if local is not None:
             local._disown(lease)
@@ -628,6 +651,7 @@ class Limiter(LimiterBase):
         self._upkeep.add(lease)
         self._finalizers[lease.id] = fin = weakref.finalize(lease, self._dropped, lease.id)
         fin.atexit = False
+        self._rejoin(lease)
 
     def _disown(self, lease: Lease) -> None:
         self._upkeep.disown(lease.id)
@@ -736,10 +760,13 @@ class Limiter(LimiterBase):
         self._events = None
         self._events_lock = threading.Lock()
         self._upkeep = _Upkeep(self)
+        self._queued = set()
+        self._outage = None  # the parent's probe does not run here: the next failure starts our own
+        self._outage_lock = threading.Lock()
         if self._owns:
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
             self._client, _ = sync_client(self._target, self.io_timeout)
-            self._scripts = register(self._client)
+            self._scripts = register(self._client, self.io_timeout)
 
     def __enter__(self) -> Limiter:
         return self

@@ -1,7 +1,8 @@
 """The Lua operations: read once from the package, registered per client as redis-py Scripts.
 
 Each ``lua/<op>.lua`` is prefixed with ``lua/_prelude.lua`` (the budget block and the bucket
-maths every operation shares). redis-py's ``Script`` runs EVALSHA and reloads on NOSCRIPT.
+maths every operation shares). redis-py's ``Script`` runs EVALSHA and reloads on NOSCRIPT; on a
+Redis Cluster each is also retried while its budget's slot is being migrated (``_cluster``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ._backend import IO_TIMEOUT
+from ._cluster import ride_out_migrations
 
 OPS = ("acquire", "cancel", "clear_cooldown", "configure", "cooldown", "extend", "rejoin", "settle", "status")
 
@@ -32,6 +36,7 @@ def source(op: str) -> str:
     return prelude + "\n" + (folder / f"{op}.lua").read_text(encoding="utf-8")
 
 
-def register(client: Any) -> dict[str, Any]:
-    """One Script (or AsyncScript) per operation, bound to ``client``."""
-    return {op: client.register_script(source(op)) for op in OPS}
+def register(client: Any, io_timeout: float = IO_TIMEOUT) -> dict[str, Any]:
+    """One Script (or AsyncScript) per operation, bound to ``client``; on a cluster, a slot migration is
+    waited out for up to ``io_timeout`` seconds."""
+    return ride_out_migrations(client, {op: client.register_script(source(op)) for op in OPS}, io_timeout)

@@ -58,10 +58,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._backend import RedisLike
 from ._budget import Budget, CooldownPolicy
 from ._core import CooldownReply
-from ._exceptions import AcquireTimeout, ConfigurationError, QuotaExhaustedError, XflowError
+from ._exceptions import AcquireTimeout, BudgetUnavailableError, ConfigurationError, QuotaExhaustedError, XflowError
 from ._headers import parse_retry_after
 from ._lease import Lease
 from ._limiter import Limiter
+from ._outage import OutagePolicy, outage_policy
 from ._quota import quota_error, quota_in_exception
 
 __all__ = ["RateLimitedTask", "TaskPolicy", "limiter_for", "openai_usage", "rate_limited_task"]
@@ -79,12 +80,16 @@ class TaskPolicy:
     so that a delayed message is never redelivered as if its worker had died. ``rate_limit_errors``:
     exception types that mean 429 besides the ones recognised by their status code (an optional
     ``retry_after`` attribute, in seconds, is honoured). ``cooldown``: the limiter's cooldown policy.
+    ``outage``: what the tasks do while Redis does not answer (``OutagePolicy`` or its mode: "local",
+    the default, runs each worker process on its share; "closed" re-queues every task until Redis
+    answers; see docs/reliability.md).
     """
 
     max_wait: float = 2.0
     max_countdown: float | None = None
     rate_limit_errors: tuple[type[BaseException], ...] = ()
     cooldown: CooldownPolicy | None = field(default=None)
+    outage: OutagePolicy | str | None = field(default=None)
 
     def __post_init__(self) -> None:
         for name in ("max_wait", "max_countdown"):
@@ -103,6 +108,7 @@ class TaskPolicy:
             )
         if self.cooldown is not None and not isinstance(self.cooldown, CooldownPolicy):
             raise ConfigurationError(f"cooldown must be a CooldownPolicy, not {self.cooldown!r}")
+        outage_policy(self.outage)  # refused here, not at the first task
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,13 +130,19 @@ def _after_fork_in_child() -> None:
         _exit_releaser = None
 
 
-def limiter_for(budget: Budget, redis: RedisLike, cooldown: CooldownPolicy | None = None) -> Limiter:
+def limiter_for(
+    budget: Budget,
+    redis: RedisLike,
+    cooldown: CooldownPolicy | None = None,
+    outage: OutagePolicy | str | None = None,
+) -> Limiter:
     """This process's limiter for ``budget`` on ``redis``, made on first use and shared by its tasks."""
-    key = (budget, redis if isinstance(redis, str) else id(redis), cooldown)
+    policy = outage_policy(outage)
+    key = (budget, redis if isinstance(redis, str) else id(redis), cooldown, policy)
     with _lock:
         limiter = _limiters.get(key)
         if limiter is None:
-            limiter = _limiters[key] = Limiter(budget, redis, cooldown_policy=cooldown)
+            limiter = _limiters[key] = Limiter(budget, redis, cooldown_policy=cooldown, outage=policy)
         return limiter
 
 
@@ -361,7 +373,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             where = self.app.conf.get("xflow_redis_url")
         if where is None:
             raise ConfigurationError(f"task {self.name} needs redis= (or the app setting xflow_redis_url)")
-        return limiter_for(budget, where, self._policy().cooldown)
+        policy = self._policy()
+        return limiter_for(budget, where, policy.cooldown, policy.outage)
 
     def transport(self, inner: Any = None, *, http: Literal["httpx", "httpx2"] = "httpx", **options: Any) -> Any:
         """A ``RateLimitedTransport`` whose first call is paid by this task's lease.
@@ -437,16 +450,19 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             return limiter.acquire(tokens, requests=requests)
         policy = self._policy()
         wait: float | None
-        if policy.max_wait > 0:
-            try:
-                return limiter.acquire(tokens, requests=requests, timeout=policy.max_wait)
-            except AcquireTimeout as exc:
-                wait = exc.retry_after
-        else:
-            decision = limiter.try_acquire(tokens, requests=requests)
-            if decision.lease is not None:
-                return decision.lease
-            wait = decision.retry_after
+        try:
+            if policy.max_wait > 0:
+                try:
+                    return limiter.acquire(tokens, requests=requests, timeout=policy.max_wait)
+                except AcquireTimeout as exc:
+                    wait = exc.retry_after
+            else:
+                decision = limiter.try_acquire(tokens, requests=requests)
+                if decision.lease is not None:
+                    return decision.lease
+                wait = decision.retry_after
+        except BudgetUnavailableError:  # the "closed" outage policy: come back once Redis may answer
+            wait = max(policy.max_wait, limiter.outage_policy.probe_interval, 1.0)
         if wait is None:  # queued behind others, or waiting for a slot: no exact answer
             wait = _estimate_wait(limiter, tokens, requests, policy.max_wait)
         raise self._requeue(limiter, wait, policy)

@@ -171,12 +171,10 @@ def demo(args: argparse.Namespace) -> int:
 def _check_redis(url: str) -> None:
     import redis
 
-    from ._exceptions import BackendError, ConfigurationError
+    from ._backend import sync_client
+    from ._exceptions import BackendError
 
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=3)
-    except ValueError:
-        raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}") from None
+    client, _ = sync_client(url, io_timeout=3.0)  # a bad URL: ConfigurationError, its password masked
     try:
         client.ping()
     except redis.RedisError as exc:

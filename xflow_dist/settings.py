@@ -10,7 +10,7 @@ budgets at once go in ``XFLOW_BUDGETS`` as JSON. Needs pydantic-settings
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 try:
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     """Everything a worker or the CLI needs to reach the shared budgets.
 
     ``XFLOW_REDIS_URL``, ``XFLOW_BUDGET__*`` (the default budget), ``XFLOW_BUDGETS`` (JSON: name
-    to the same fields), ``XFLOW_COOLDOWN__*``, ``XFLOW_CELERY__*``. Unknown ``XFLOW_*`` variables
+    to the same fields), ``XFLOW_COOLDOWN__*``, ``XFLOW_CELERY__*``, ``XFLOW_OUTAGE``. Unknown ``XFLOW_*`` variables
     are ignored (other tools share the prefix); a bad value raises ``ConfigurationError``.
     """
 
@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     budgets: dict[str, BudgetSettings] = Field(default_factory=dict)
     cooldown: CooldownSettings = CooldownSettings()
     celery: CelerySettings = CelerySettings()
+    #: What a limiter does while Redis does not answer: "local", "open" or "closed" (docs/reliability.md).
+    outage: Literal["local", "open", "closed"] = "local"
 
     @field_validator("budgets")
     @classmethod
@@ -155,6 +157,7 @@ class Settings(BaseSettings):
             max_wait=self.celery.max_wait,
             max_countdown=self.celery.max_countdown,
             cooldown=self.cooldown_policy(),
+            outage=self.outage,
         )
 
     def describe(self) -> str:
