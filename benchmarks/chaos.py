@@ -13,7 +13,8 @@ Faults, each at a fixed second of its run (``--fault``):
   redis-kill    SIGKILL to redis-server, a new one (empty: no persistence) on the same port ~3 s later
   redis-stop    SIGSTOP to redis-server for 10 s, then SIGCONT
   proxy-cut     the fleet reaches Redis through a small TCP proxy that resets every connection at once
-  worker-kill   SIGKILL to one worker process; the harness hands its unfinished jobs to the others
+  worker-kill   SIGKILL to the worker process holding the most leases; the harness hands its
+                unfinished jobs to the others
   sentinel      the fleet on a redis+sentinel:// URL (a master, a replica, three sentinels:
                 tests/_servers.SentinelGroup); the master SIGKILLed, a sentinel promotes the replica
 
@@ -582,6 +583,7 @@ class FaultTimes:
     back: float | None = None
     detail: str = ""
     error: str = ""
+    victim: int = -1  # the worker process killed
 
 
 class Run:
@@ -644,10 +646,11 @@ def inject(fault: str, run: Run, times: FaultTimes, abort: threading.Event) -> N
             times.back, new = watcher.wait(30.0)  # the promotion: Redis (a new master) answers again
         times.detail = f"master :{old[1]} killed; :{new[1]} promoted {times.back - times.at:.2f}s later"
     elif fault == "worker-kill":
-        victim = run.procs[0]
-        os.kill(victim.pid, signal.SIGKILL)
-        held = run.leases(owner=run.owners[0] + ".")
-        times.detail = f"worker 0 killed holding {held} leases (their slots come back after the lease TTL)"
+        # the process holding the most leases (the worst case: its slots come back after the lease TTL)
+        held = [run.leases(owner=owner + ".") for owner in run.owners]
+        times.victim = max(range(len(held)), key=lambda i: (held[i], -i))
+        os.kill(run.procs[times.victim].pid, signal.SIGKILL)
+        times.detail = f"worker {times.victim} killed holding {held[times.victim]} of {sum(held)} leases"
     elif fault != "none":
         raise ValueError(f"no such fault: {fault}")
 
@@ -917,7 +920,7 @@ def _figures(
     for r in reports:
         errors.update(r["errors"])
         logs.update(r["log"])
-    expected_deaths = {0} if fault == "worker-kill" else set()
+    expected_deaths = {times.victim} if fault == "worker-kill" else set()
     crashed = {i: code for i, code in ledger.died.items() if i not in expected_deaths}
     return {
         "requests": requests,
