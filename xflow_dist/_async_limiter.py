@@ -505,7 +505,8 @@ class AsyncLimiter(LimiterBase):
         back (see ``Limiter._come_back``)."""
         local = outage.local
         if local is not None and outage.budget is not None and outage.mode == "local":
-            spent_now = spent(outage.budget, await local.status())
+            level = await local.status()
+            spent_now = spent(outage.budget, level, time.monotonic() - outage.since)
             if spent_now != (0.0, 0.0):
                 await self._run("rejoin", self._rejoin_args("", 0, 0, spent_now))
         for lid in list(self._held):

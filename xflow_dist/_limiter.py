@@ -617,7 +617,8 @@ class Limiter(LimiterBase):
         over here or given back by its waiter, whichever comes first (see ``_acquire_from_share``)."""
         local = outage.local
         if local is not None and outage.budget is not None and outage.mode == "local":
-            spent_now = spent(outage.budget, local.status())
+            level = local.status()
+            spent_now = spent(outage.budget, level, time.monotonic() - outage.since)
             if spent_now != (0.0, 0.0):
                 self._run("rejoin", self._rejoin_args("", 0, 0, spent_now))
         for lease in self._upkeep.held():

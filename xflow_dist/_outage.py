@@ -3,8 +3,9 @@
 ``local`` (the default) keeps each process on its own share of the budget: the limits and the
 concurrency divided by the number of processes it last saw using the budget (the subscribers of its
 events channel), in an in-process bucket that starts empty, since the shared one may just have been
-spent. When Redis answers again the process charges the shared buckets with what its share spent and
-re-registers every lease it still holds, so that the fleet goes back to one budget without a burst.
+spent. When Redis answers again the process charges the shared buckets with what its share let through
+and re-registers every lease it still holds, so that the fleet goes back to one budget that counts every
+call made meanwhile.
 ``open`` lets calls through unlimited (counted and logged); ``closed`` refuses them with
 ``BudgetUnavailableError`` at once. Each switch is logged once and shows in ``status().mode``.
 """
@@ -94,15 +95,24 @@ def emptying_cost(local: Budget) -> tuple[float, float]:
     return req, tok
 
 
-def spent(local: Budget, status: Status) -> tuple[float, float]:
-    """What a share spent and has not yet earned back: its capacity less its level, per dimension.
-    Charged to the shared buckets on the way back, the fleet's shares add up to one bucket again."""
+def spent(local: Budget, status: Status, elapsed: float) -> tuple[float, float]:
+    """What a share let through, per dimension: its capacity less its level, less what it has not yet
+    earned back of the emptying charge it started with ``elapsed`` seconds ago (that charge stood for
+    credit the shared bucket may have spent before the outage, which the shared bucket itself knows).
+
+    The shared buckets kept time through the outage; charged this on the way back, they hold what they
+    held, refilled, less the calls the fleet's shares let through.
+    """
     req = 0.0
     tok = 0.0
     if local.request_rate is not None and status.requests_available is not None:
-        req = max(0.0, local.request_rate * local.burst - status.requests_available)
+        cap = local.request_rate * local.burst
+        unearned = max(0.0, cap - local.request_rate * elapsed)
+        req = max(0.0, cap - status.requests_available - unearned)
     if local.token_rate is not None and status.tokens_available is not None:
-        tok = max(0.0, local.token_rate * local.burst - status.tokens_available)
+        cap = local.token_rate * local.burst
+        unearned = max(0.0, cap - local.token_rate * elapsed)
+        tok = max(0.0, cap - status.tokens_available - unearned)
     return req, tok
 
 
