@@ -131,11 +131,6 @@ _RATE_WAITER = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a dead head of a rate-paced queue is granted only when a script runs after its fit time: "
-    "with no lease in flight none does until the next waiter renews its ticket (ticket_ttl / 2, 15 s)",
-)
 def test_a_process_killed_at_the_head_of_a_rate_paced_queue_costs_a_claim_window(redis_url: str, name: str) -> None:
     """The rates' twin of the test above: the head of the queue, told when its rate fits, dies; the
     waiter behind it should be served about a claim window after that time, not at its renewal."""

@@ -286,11 +286,6 @@ async def test_the_way_back_charges_what_the_share_let_through_async(server: Ser
         await (await lim.acquire(tokens=100, timeout=2)).release()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a freeze, a process's settle retries free its old slots in Redis before its way back "
-    "registers its share's calls, and a process that never left Redis (only queued) is granted them",
-)
 def test_a_freeze_lets_no_slot_out_twice(server: Server, name: str) -> None:
     """A holds every slot; B only waits in the queue (it makes no call: it never sees the outage).
     Redis freezes; A's calls end (their settles wait for Redis) and A runs on its share, 2 of 4 slots,
