@@ -26,6 +26,16 @@ from xflow_dist._core import (
 from xflow_dist._scripts import register
 
 
+def until(predicate: Any, timeout: float = 10.0) -> None:
+    """Wait for a condition on counts, bounded: raises AssertionError if it is not met in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
 def budget_keys(client: redis.Redis, budget_name: str) -> list[bytes]:
     """Every key of one budget that exists now."""
     return sorted(client.scan_iter(match=f"{{xflow:{budget_name}}}*"))

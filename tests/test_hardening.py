@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from _helpers import until as _until
 
 from xflow_dist import AcquireTimeout, AsyncLimiter, BackendError, Budget, Limiter
 from xflow_dist._embedded import EmbeddedRedis, free_port
@@ -39,14 +40,6 @@ def redis_server(embedded: EmbeddedRedis) -> Iterator[EmbeddedRedis]:
     server.stop()
 
 
-def _until(predicate: object, timeout: float = 10.0) -> None:
-    """Wait for a condition on counts, bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 def _acquire_in_thread(limiter: Limiter, timeout: float) -> tuple[threading.Thread, dict[str, object]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from _helpers import until
 
 from xflow_dist import (
     AsyncLimiter,
@@ -84,13 +85,6 @@ def _answers(client: redis.Redis) -> bool:
         return False
 
 
-def until(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture

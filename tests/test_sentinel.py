@@ -22,6 +22,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
+from _helpers import until as _until
 
 from xflow_dist import AsyncLease, AsyncLimiter, BackendError, Budget, ConfigurationError, Limiter, XflowError
 from xflow_dist._backend import async_client, sync_client
@@ -223,13 +224,6 @@ async def _acquire(lim: AsyncLimiter, timeout: float) -> AsyncLease:
     return await lim.acquire(timeout=timeout)
 
 
-def _until(predicate: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.mark.slow
