@@ -8,6 +8,9 @@
 -- ARGV[13] tokens the lease was charged (its estimate)
 -- ARGV[14] requests spent outside the budget, charged now as debt (0: none)
 -- ARGV[15] tokens spent outside the budget, charged now as debt (0: none)
+-- ARGV[16] hold, seconds (absent: 0): no new grant before now + hold (the cooldown deadline, the
+--          backoff left alone). A process back from an outage sets it, so that every other process
+--          back from the same outage registers its share's calls before anyone takes a slot again.
 --
 -- Spending is charged on top of the levels Redis kept, unless this very call finds the state lost
 -- and makes it anew with empty buckets, which already stand for it.
@@ -28,16 +31,20 @@ local A, REFUSED = operation_args({
   {'tokens', UNITS},
   {'spent requests', UNITS},
   {'spent tokens', UNITS},
+  {'hold', SECONDS, '0'},
 })
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
-local ID, CREQ, CTOK, SPENT_REQ, SPENT_TOK = unpack(A)
+local ID, CREQ, CTOK, SPENT_REQ, SPENT_TOK, HOLD = unpack(A)
 
 reap()
 local st = load_state()
 if (SPENT_REQ > 0 or SPENT_TOK > 0) and not st.lost then -- a lost state's buckets start empty anyway
   charge(st, SPENT_REQ, SPENT_TOK, -1)
+end
+if HOLD > 0 then
+  st.cu = math.max(st.cu, NOW + HOLD)
 end
 local reply = {'charged', fmt(NOW)}
 if ID ~= '' then

@@ -41,7 +41,7 @@ import fakeredis._socket._base as _fake_socket_base
 import fakeredis.commands_mixins.server_mixin as _fake_server_mixin
 import pytest
 import redis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, reject, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -625,15 +625,19 @@ class BudgetModel:
         spent_requests: Fraction,
         spent_tokens: Fraction,
         seen_keys: bool = False,
+        hold: Fraction = ZERO,
     ) -> Reply:
         """What was spent outside the budget is charged as debt, unless this very call found the state
-        lost (its empty buckets stand for it). Then a lease id Redis holds is extended (and claimed)
+        lost (its empty buckets stand for it); ``hold`` seconds of no new grant (the cooldown deadline,
+        the backoff left alone). Then a lease id Redis holds is extended (and claimed)
         as by extend; one it does not hold is added, held for a lease TTL and charged nothing (at the
         levels "u u": no snapshot), even past max concurrency. Id "": only the charge."""
         events: list[tuple[Any, ...]] = []
         lost = self._load(now, seen_keys)
         if (spent_requests > 0 or spent_tokens > 0) and not lost:
             self._charge(spent_requests, spent_tokens, now)
+        if hold > 0:
+            self.cu = max(self.cu, now + hold)
         kind = "charged"
         if lease_id:
             lease = self.leases.get(lease_id)
@@ -920,7 +924,9 @@ class BudgetMachine(RuleBasedStateMachine):
             if not after.offgrid:
                 return
             CLOCK.ticks += 1
-        raise AssertionError("no time on the grid for an expiry")
+        # A debt charged off the grid (a spending of the way back, say) can leave no such time: the
+        # model could only agree approximately there, so this example is dropped, not failed.
+        reject()
 
     def _seen(self, now: Fraction) -> bool:
         """ARGV[10] as ``LimiterBase._argv`` sends it: this process holds a lease or a ticket of the
@@ -1260,11 +1266,15 @@ class BudgetMachine(RuleBasedStateMachine):
 
     # ---- lost state and rejoining ----------------------------------------------------------------
 
-    def _rejoin(self, lease_id: str, requests: int, tokens: int, spent: tuple[int, int] = (0, 0)) -> None:
-        argv = LimiterBase._rejoin_args(lease_id, requests, tokens, spent)
+    def _rejoin(
+        self, lease_id: str, requests: int, tokens: int, spent: tuple[int, int] = (0, 0), hold: float = 0.0
+    ) -> None:
+        argv = LimiterBase._rejoin_args(lease_id, requests, tokens, spent, hold)
         raw = self._run("rejoin", argv)
-        result = self.model.rejoin(CLOCK.now(), lease_id, F(requests), F(tokens), F(spent[0]), F(spent[1]), self.seen)
-        self._check(f"rejoin({lease_id!r}, {requests}, {tokens}, spent={spent}, seen={self.seen})", raw, result)
+        now, spent_req, spent_tok = CLOCK.now(), F(spent[0]), F(spent[1])
+        result = self.model.rejoin(now, lease_id, F(requests), F(tokens), spent_req, spent_tok, self.seen, frac(hold))
+        what = f"rejoin({lease_id!r}, {requests}, {tokens}, spent={spent}, seen={self.seen}, hold={hold})"
+        self._check(what, raw, result)
 
     @precondition(lambda self: self.model.stored)
     @rule()
@@ -1300,10 +1310,15 @@ class BudgetMachine(RuleBasedStateMachine):
         """The "l" notice came: rejoining is more likely soon after it than any other time."""
         self._rejoin_held()
 
-    @rule(spent_requests=st.sampled_from([0, 1, 2, 5]), spent_tokens=st.sampled_from([0, 8, 64, 200]))
-    def rejoin_spent(self, spent_requests: int, spent_tokens: int) -> None:
-        """Back from an outage run on a local share: what it spent is charged as debt (id "")."""
-        self._rejoin("", 0, 0, (spent_requests, spent_tokens))
+    @rule(
+        spent_requests=st.sampled_from([0, 1, 2, 5]),
+        spent_tokens=st.sampled_from([0, 8, 64, 200]),
+        hold=st.sampled_from([0.0, 0.5, 1.5]),
+    )
+    def rejoin_spent(self, spent_requests: int, spent_tokens: int, hold: float) -> None:
+        """Back from an outage run on a local share: what it spent is charged as debt (id ""), and new
+        grants are held while the other processes come back."""
+        self._rejoin("", 0, 0, (spent_requests, spent_tokens), hold)
 
     @rule(
         target=ids,

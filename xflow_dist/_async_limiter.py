@@ -504,11 +504,14 @@ class AsyncLimiter(LimiterBase):
         """Charge what the share spent, register every lease held (shared, then the share's), switch
         back (see ``Limiter._come_back``)."""
         local = outage.local
+        spent_now = (0.0, 0.0)
         if local is not None and outage.budget is not None and outage.mode == "local":
             level = await local.status()
             spent_now = spent(outage.budget, level, time.monotonic() - outage.since)
-            if spent_now != (0.0, 0.0):
-                await self._run("rejoin", self._rejoin_args("", 0, 0, spent_now))
+        if local is not None:
+            # Other processes back from the same outage must register their shares' calls before
+            # anyone takes a slot that Redis, thawed, may just have freed: a short hold on new grants.
+            await self._run("rejoin", self._rejoin_args("", 0, 0, spent_now, hold=self.comeback_hold))
         for lid in list(self._held):
             lease = self._leases.get(lid)
             if lease is not None and not lease.closed:

@@ -291,10 +291,23 @@ class LimiterBase:
 
     @staticmethod
     def _rejoin_args(
-        lease_id: str, requests: float, tokens: float, spent: tuple[float, float] = (0.0, 0.0)
+        lease_id: str,
+        requests: float,
+        tokens: float,
+        spent: tuple[float, float] = (0.0, 0.0),
+        hold: float = 0.0,
     ) -> list[str]:
-        """``rejoin.lua``: register a lease held (id "" for none) and charge what was spent outside."""
-        return [lease_id, repr(float(requests)), repr(float(tokens)), repr(float(spent[0])), repr(float(spent[1]))]
+        """``rejoin.lua``: register a lease held (id "" for none), charge what was spent outside, and
+        hold new grants ``hold`` seconds (the way back from an outage)."""
+        spent_req, spent_tok = (repr(float(x)) for x in spent)
+        return [lease_id, repr(float(requests)), repr(float(tokens)), spent_req, spent_tok, repr(float(hold))]
+
+    @property
+    def comeback_hold(self) -> float:
+        """How long a process back from an outage holds new grants: long enough for every other
+        process's probe (one that was waiting on a frozen Redis gives up after ``io_timeout``) to
+        come back and register its share's calls."""
+        return self.io_timeout + 2 * self.outage_policy.probe_interval
 
     def _cooldown_args(self, retry_after: float | None) -> list[str]:
         """The script's arguments, a retry-after beyond the policy's ``max_pause`` capped to it

@@ -616,11 +616,14 @@ class Limiter(LimiterBase):
         Waiters on the share see ``ended`` and ask Redis; a lease the share grants meanwhile is taken
         over here or given back by its waiter, whichever comes first (see ``_acquire_from_share``)."""
         local = outage.local
+        spent_now = (0.0, 0.0)
         if local is not None and outage.budget is not None and outage.mode == "local":
             level = local.status()
             spent_now = spent(outage.budget, level, time.monotonic() - outage.since)
-            if spent_now != (0.0, 0.0):
-                self._run("rejoin", self._rejoin_args("", 0, 0, spent_now))
+        if local is not None:
+            # Other processes back from the same outage must register their shares' calls before
+            # anyone takes a slot that Redis, thawed, may just have freed: a short hold on new grants.
+            self._run("rejoin", self._rejoin_args("", 0, 0, spent_now, hold=self.comeback_hold))
         for lease in self._upkeep.held():
             self._rejoin(lease)
         with self._outage_lock:
