@@ -376,6 +376,19 @@ local function claim(id, held)
   return true
 end
 
+-- Extend a lease Redis holds to a lease TTL from now, claiming it if it was a provisional grant:
+-- its new expiry, or nil where Redis does not hold it (extend.lua, rejoin.lua).
+local function prolong(id)
+  local expiry = redis.call('ZSCORE', K_LEASES, id)
+  if not expiry then
+    return nil
+  end
+  claim(id, redis.call('HGET', K_DATA, id) or '')
+  local new_expiry = math.max(tonumber(expiry), NOW + LEASE_TTL)
+  redis.call('ZADD', K_LEASES, new_expiry, id)
+  return new_expiry
+end
+
 -- Seconds rounded up to the microsecond (what the state keeps), so that rounding never adds credit.
 local function ceil_us(x)
   return math.ceil(x * 1000000 - 0.001) / 1000000

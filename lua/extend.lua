@@ -20,11 +20,8 @@ reap()
 local st = load_state()
 advance(st)
 local reply = {'lost', '0', fmt(NOW)}
-local expiry = redis.call('ZSCORE', K_LEASES, ID)
-if expiry then
-  claim(ID, redis.call('HGET', K_DATA, ID) or '')
-  local new_expiry = math.max(tonumber(expiry), NOW + LEASE_TTL)
-  redis.call('ZADD', K_LEASES, new_expiry, ID)
+local new_expiry = prolong(ID)
+if new_expiry then
   reply = {'extended', fmt(new_expiry), fmt(NOW)}
 end
 save_state(st)

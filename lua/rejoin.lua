@@ -48,10 +48,7 @@ if HOLD > 0 then
 end
 local reply = {'charged', fmt(NOW)}
 if ID ~= '' then
-  local expiry = redis.call('ZSCORE', K_LEASES, ID)
-  if expiry then
-    claim(ID, redis.call('HGET', K_DATA, ID) or '')
-    redis.call('ZADD', K_LEASES, math.max(tonumber(expiry), NOW + LEASE_TTL), ID)
+  if prolong(ID) then
     reply = {'extended', fmt(NOW)}
   else
     redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, ID)

@@ -36,6 +36,22 @@ def until(predicate: Any, timeout: float = 10.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
+def acquire_in_thread(limiter: Any, timeout: float) -> tuple[threading.Thread, dict[str, object]]:
+    """Acquire on a thread of its own: its result (``lease`` and ``at``, or ``error``) lands in the dict."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["lease"] = limiter.acquire(timeout=timeout)
+            out["at"] = time.monotonic()
+        except Exception as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
 def budget_keys(client: redis.Redis, budget_name: str) -> list[bytes]:
     """Every key of one budget that exists now."""
     return sorted(client.scan_iter(match=f"{{xflow:{budget_name}}}*"))

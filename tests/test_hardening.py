@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from _helpers import acquire_in_thread as _acquire_in_thread
 from _helpers import until as _until
 
 from xflow_dist import AcquireTimeout, AsyncLimiter, BackendError, Budget, Limiter
@@ -38,23 +39,6 @@ def redis_server(embedded: EmbeddedRedis) -> Iterator[EmbeddedRedis]:
     if server._proc is not None:
         os.kill(server._proc.pid, signal.SIGCONT)
     server.stop()
-
-
-
-
-def _acquire_in_thread(limiter: Limiter, timeout: float) -> tuple[threading.Thread, dict[str, object]]:
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["lease"] = limiter.acquire(timeout=timeout)
-            out["at"] = time.monotonic()
-        except Exception as exc:
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
 
 
 def test_timeout_zero_tries_once(redis_url: str, name: str) -> None:

@@ -85,8 +85,6 @@ def _answers(client: redis.Redis) -> bool:
         return False
 
 
-
-
 @pytest.fixture
 def server(real_redis: bool) -> Iterator[Server]:
     if not real_redis:

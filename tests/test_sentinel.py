@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
+from _helpers import acquire_in_thread as _acquire_in_thread
 from _helpers import until as _until
 
 from xflow_dist import AsyncLease, AsyncLimiter, BackendError, Budget, ConfigurationError, Limiter, XflowError
@@ -205,25 +205,8 @@ def fresh_group() -> Iterator[object]:
         yield g
 
 
-def _acquire_in_thread(limiter: Limiter, timeout: float) -> tuple[threading.Thread, dict[str, object]]:
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["lease"] = limiter.acquire(timeout=timeout)
-            out["at"] = time.monotonic()
-        except Exception as exc:
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
-
-
 async def _acquire(lim: AsyncLimiter, timeout: float) -> AsyncLease:
     return await lim.acquire(timeout=timeout)
-
-
 
 
 @pytest.mark.slow

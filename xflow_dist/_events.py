@@ -89,9 +89,6 @@ class Mailroom(Generic[Q]):
     def forget(self, lease_id: str) -> None:
         self._inboxes.pop(lease_id, None)
 
-    def __len__(self) -> int:
-        return len(self._inboxes)
-
     @staticmethod
     def resets(message: dict[str, Any]) -> bool:
         """A (re)subscription or a lost state: the leases held must be registered again."""

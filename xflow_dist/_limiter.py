@@ -56,7 +56,6 @@ from ._scripts import register
 log = logging.getLogger("xflow_dist")
 
 
-
 class _Events:
     """One subscriber thread per limiter: hands each queued acquirer the notices about its ticket.
 
