@@ -904,6 +904,7 @@ def _figures(
     reports = list(ledger.reports.values())
     grants = sorted(g for r in reports for g in r["grants"])
     first_back = all_back = math.nan
+    ahead, pause_back = 0, math.nan
     if times.back is not None:
         shared_after = [t for t, shared in grants if shared and t >= times.back]
         first_back = shared_after[0] - times.back if shared_after else math.inf
@@ -912,6 +913,13 @@ def _figures(
             mine = [t for t, shared in r["grants"] if shared and t >= times.back]
             firsts.append(mine[0] - times.back if mine else math.inf)
         all_back = max(firsts, default=math.nan)
+        if math.isfinite(first_back) and math.isfinite(all_back):
+            # how many grants the rest of the fleet had between the first grant back and the last
+            # process's first: the tickets it was queued behind (its turn), not a stall
+            ahead = sum(1 for t in shared_after if t < times.back + all_back)
+            # the longest gap in the fleet's grants once the first came back: a stall would show here
+            back = [times.back + first_back, *(t for t, _ in grants if times.back + first_back <= t <= end), end]
+            pause_back = max((b - a for a, b in itertools.pairwise(back)), default=math.nan)
     # the longest time without a grant anywhere in the fleet, from the fault to the last new job
     window = [] if math.isnan(times.at) else [times.at, *(t for t, _ in grants if times.at <= t <= end), end]
     pause = max((b - a for a, b in itertools.pairwise(window)), default=math.nan)
@@ -949,6 +957,8 @@ def _figures(
         "longest_pause_s": pause,
         "recovery_first_s": first_back,
         "recovery_all_s": all_back,
+        "grants_before_last_back": ahead,
+        "longest_pause_after_back_s": pause_back,
         "outage_grants": sum(1 for r in reports for _, shared in r["grants"] if not shared),
         "worker_cpu_s": sum(r["cpu_s"] for r in reports),
         "unavailable": sum(r["unavailable"] for r in reports),
@@ -1036,12 +1046,16 @@ def _verdict(results: list[dict[str, Any]]) -> list[str]:
         worst = max(mine, key=lambda r: r["rejected_share"])
         over = [r for r in mine if r["peak_in_flight"] > r["max_concurrency"]]
         first = [r["recovery_first_s"] for r in mine if not math.isnan(r["recovery_first_s"])]
-        every = [r["recovery_all_s"] for r in mine if not math.isnan(r["recovery_all_s"])]
+        every = [r for r in mine if not math.isnan(r["recovery_all_s"])]
+        last = max(every, key=lambda r: r["recovery_all_s"], default=None)
+        stall = max((r["longest_pause_after_back_s"] for r in every), default=math.nan)
         lines.append(
             f"{policy}: worst 429 share {worst['rejected_share']:.2%} ({worst['scenario']} {worst['fault']}; "
             f"goal <= 0.5%); peak in flight over max_concurrency in {len(over)} of {len(mine)} runs; "
             f"slowest recovery to the first grant {max(first, default=math.nan):.2f}s (goal <= 2s), "
-            f"to every process's {max(every, default=math.nan):.2f}s"
+            f"to every process's {last['recovery_all_s'] if last else math.nan:.2f}s "
+            f"(behind {last['grants_before_last_back'] if last else 0} grants to the others); longest pause in "
+            f"grants once the first came back {stall:.2f}s"
         )
     return lines
 
@@ -1146,6 +1160,7 @@ def _line(r: dict[str, Any]) -> str:
         f"peak {r['peak_in_flight']}/{r['max_concurrency']} jobs {r['jobs_done']} rerun {r['jobs_rerun']} "
         f"lost {r['jobs_lost']} hangs {r['hangs']} pause {r['longest_pause_s']:.2f}s "
         f"recovery {r['recovery_first_s']:.2f}/{r['recovery_all_s']:.2f}s "
+        f"(ahead {r['grants_before_last_back']}, then pause {r['longest_pause_after_back_s']:.2f}s) "
         f"util {r['utilisation']:.1%} cpu {r['worker_cpu_s']:.1f}s" + (" | " + ", ".join(extra) if extra else "")
     )
 

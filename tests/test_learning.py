@@ -367,6 +367,58 @@ def test_learn_takes_parsed_headers(url: str, name: str) -> None:
         assert lim.learn(facts, limit_requests=120).rpm == 120  # a keyword overrides the headers
 
 
+OPENAI_REPLY = {
+    "X-RateLimit-Limit-Requests": "600",
+    "X-RateLimit-Limit-Tokens": "60000",
+    "X-RateLimit-Remaining-Requests": "599",
+    "X-RateLimit-Remaining-Tokens": "30000",
+    "X-RateLimit-Reset-Tokens": "30s",
+}
+
+
+def test_report_takes_the_replys_headers_in_one_step(url: str, name: str) -> None:
+    with Limiter(Budget(name, burst=60), url) as lim:
+        with lim.acquire(tokens=100) as lease:
+            reply = lease.report(100, headers=OPENAI_REPLY)
+        assert reply is not None and (reply.rpm, reply.tpm) == (600, 60_000)
+        s = lim.status()
+        assert (s.learned_rpm, s.learned_tpm) == (600, 60_000)
+        # the level is corrected down to what the provider had left (30,000), not a full minute
+        assert s.tokens_available == pytest.approx(30_000, abs=50)
+
+
+def test_release_takes_anthropic_headers_and_a_keyword_overrides_them(url: str, name: str) -> None:
+    headers = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-tokens-limit": "40000"}
+    with Limiter(Budget(name, burst=60), url) as lim:
+        reply = lim.acquire(tokens=10).release(headers=headers, limit_tokens=20_000)
+        assert reply is not None and (reply.rpm, reply.tpm) == (50, 20_000)
+        assert lim.learn(headers={"x-ratelimit-limit-requests": "40"}).rpm == 40  # no lease: the same word
+
+
+def test_a_nonsense_header_teaches_nothing(url: str, name: str) -> None:
+    with Limiter(Budget(name, burst=60), url) as lim:
+        odd = {"x-ratelimit-limit-tokens": "-5", "x-ratelimit-limit-requests": "nan"}
+        odd["x-ratelimit-remaining-tokens"] = "x"
+        reply = lim.acquire().report(1, headers=odd)  # a provider's odd reply must not fail the caller's call
+        assert reply is not None and (reply.rpm, reply.tpm) == (None, None)
+
+
+def test_headers_not_a_mapping_are_refused_before_redis(client: redis.Redis, redis_url: str, name: str) -> None:
+    headers: Any = "x-ratelimit-limit-tokens: 6000"
+    with Limiter(Budget(name), redis_url) as lim:
+        lease = lim.acquire()
+        with pytest.raises(InvalidCostError):
+            lease.report(1, headers=headers)
+        assert not lease.closed  # still held: nothing was sent
+        lease.release()
+    with Limiter(Budget(f"{name}-b"), redis_url) as lim:
+        with pytest.raises(InvalidCostError):
+            lim.learn(headers=headers)
+        with pytest.raises(InvalidCostError):
+            lim.learn(parse_limit_headers(OPENAI_REPLY), headers=OPENAI_REPLY)  # one or the other
+    assert list(client.scan_iter(match=f"{{xflow:{name}-b}}*")) == []
+
+
 # ---- the remaining-correction alongside learning ------------------------------------------------------------
 
 
@@ -400,6 +452,10 @@ async def test_async_report_and_learn(url: str, name: str) -> None:
         s = await lim.status()
         assert (s.rpm, s.tpm, s.probing) == (600, 30_000, False)
         assert (await lim.learn(limit_tokens=90_000)).tpm == 90_000
+        async with lim.acquire(tokens=50) as lease:
+            reply = await lease.report(50, headers={"x-ratelimit-limit-tokens": "80000"})
+            assert reply is not None and reply.tpm == 80_000
+        assert (await lim.learn(headers={"x-ratelimit-limit-tokens": "70000"})).tpm == 70_000
 
 
 # ---- forgetting, and one learned limit per model -------------------------------------------------------------

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Generator
+from collections.abc import Awaitable, Generator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -245,9 +245,7 @@ class AsyncLimiter(LimiterBase):
                 await self._enter_outage(exc)
             lease_id = new_id()  # the failed id is given back in the background: never reuse it
 
-    async def _acquire_shared(
-        self, lease_id: str, requests: float, tokens: float, timeout: float | None
-    ) -> AsyncLease:
+    async def _acquire_shared(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
         hub = await self._hub()
         inbox = hub.mail.expect(lease_id)
         flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
@@ -471,9 +469,7 @@ class AsyncLimiter(LimiterBase):
             await lease.cancel()  # granted as Redis came back: the call has not started, ask Redis instead
         return None
 
-    async def _try_in_outage(
-        self, outage: Outage, requests: float, tokens: float
-    ) -> Decision[AsyncLease] | None:
+    async def _try_in_outage(self, outage: Outage, requests: float, tokens: float) -> Decision[AsyncLease] | None:
         """The share's answer, or None once Redis answers again (ask it then)."""
         if outage.mode == "closed":
             raise outage.unavailable(self.budget.name)
@@ -649,14 +645,18 @@ class AsyncLimiter(LimiterBase):
         remaining_requests: float | None = None,
         remaining_tokens: float | None = None,
         model: str = "",
+        headers: Mapping[str, str] | None = None,
     ) -> SettleReply:
         """Learn from a provider's reply that holds no lease (a call made outside the budget).
 
-        ``facts`` are its parsed headers (``parse_limit_headers``); keywords override them. Limits are
+        ``facts`` are its parsed headers (``parse_limit_headers``), or ``headers`` the raw ones;
+        keywords override them. Limits are
         per minute, learned for ``model`` (each model its own); what remains caps the shared levels.
         Returns the limits in force after it.
         """
-        argv = self._learn_args(facts, limit_requests, limit_tokens, remaining_requests, remaining_tokens, model)
+        argv = self._learn_args(
+            facts, limit_requests, limit_tokens, remaining_requests, remaining_tokens, model, headers
+        )
         return decode_settle(await self._run("settle", argv))
 
     async def cooldown(self, retry_after: float | None = None) -> CooldownReply:
@@ -681,6 +681,7 @@ class AsyncLimiter(LimiterBase):
         except BaseException:
             self._adopt(old)
             raise
+
     async def clear_cooldown(self) -> CooldownReply:
         """End the fleet-wide pause now and reset its backoff; the buckets stay as the 429 left them,
         so dispatch resumes paced. Returns the pause that was ended (``remaining`` 0: none)."""

@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -34,7 +35,7 @@ from ._core import (
     validate_retry_after,
 )
 from ._exceptions import BackendError, ConfigurationError, InvalidCostError
-from ._headers import LimitFacts
+from ._headers import LimitFacts, parse_limit_headers
 from ._outage import Outage, OutagePolicy, outage_policy
 
 L = TypeVar("L")
@@ -235,17 +236,23 @@ class LimiterBase:
                 f"model must be a string of at most 256 characters, not {model!r}", budget=self.budget.name
             )
 
-    def _learn_args(
+    def _facts(
         self,
         facts: LimitFacts | None,
-        limit_requests: float | None,
-        limit_tokens: float | None,
+        headers: Mapping[str, str] | None,
         remaining_requests: float | None,
         remaining_tokens: float | None,
-        model: str = "",
-    ) -> list[str]:
-        """``settle.lua`` without a lease: learn the limits (and cap the levels at the remaining);
-        ``model`` names whose limits they are, so two models on one budget each keep their own."""
+        limit_requests: float | None,
+        limit_tokens: float | None,
+    ) -> tuple[float | None, float | None, float | None, float | None]:
+        """The provider's word as the scripts take it: parsed ``facts`` (or raw ``headers``, parsed
+        here), each overridden by the caller's own keyword; checked before Redis is touched."""
+        if headers is not None:
+            if facts is not None:
+                raise InvalidCostError("give facts or headers, not both", budget=self.budget.name)
+            if not isinstance(headers, Mapping):
+                raise InvalidCostError(f"headers must be a mapping, not {headers!r}", budget=self.budget.name)
+            facts = parse_limit_headers(headers)
         if facts is not None:
             if not isinstance(facts, LimitFacts):
                 raise InvalidCostError(f"facts must be a LimitFacts, not {facts!r}", budget=self.budget.name)
@@ -259,8 +266,23 @@ class LimiterBase:
             if remaining_tokens is None:
                 remaining_tokens = facts.tokens_remaining
         self._check_facts(remaining_requests, remaining_tokens, limit_requests, limit_tokens)
+        return remaining_requests, remaining_tokens, limit_requests, limit_tokens
+
+    def _learn_args(
+        self,
+        facts: LimitFacts | None,
+        limit_requests: float | None,
+        limit_tokens: float | None,
+        remaining_requests: float | None,
+        remaining_tokens: float | None,
+        model: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """``settle.lua`` without a lease: learn the limits (and cap the levels at the remaining);
+        ``model`` names whose limits they are, so two models on one budget each keep their own."""
+        word = self._facts(facts, headers, remaining_requests, remaining_tokens, limit_requests, limit_tokens)
         self._check_model(model)
-        return settle_args("", None, remaining_requests, remaining_tokens, limit_requests, limit_tokens, model=model)
+        return settle_args("", None, *word, model=model)
 
     def _settle_args(
         self,
@@ -271,8 +293,9 @@ class LimiterBase:
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
         model: str = "",
+        headers: Mapping[str, str] | None = None,
     ) -> list[str]:
-        self._check_facts(remaining_requests, remaining_tokens, limit_requests, limit_tokens)
+        word = self._facts(None, headers, remaining_requests, remaining_tokens, limit_requests, limit_tokens)
         self._check_model(model)
         if actual_tokens is not None and (
             isinstance(actual_tokens, bool)
@@ -285,9 +308,7 @@ class LimiterBase:
                 f"actual_tokens must be finite, from 0 to {MAX_UNITS:g}, not {actual_tokens!r}",
                 budget=self.budget.name,
             )
-        return settle_args(
-            lease_id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens, model=model
-        )
+        return settle_args(lease_id, actual_tokens, *word, model=model)
 
     @staticmethod
     def _rejoin_args(

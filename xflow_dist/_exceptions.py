@@ -108,6 +108,8 @@ class ScriptArgumentError(XflowError, ValueError):
     The Python side checks the same bounds first, so this means a caller that bypassed them (the
     scripts are an interface of their own, see docs/lua.md) or a bug worth reporting.
     """
+
+
 class QuotaExhaustedError(XflowError):
     """The provider refused a call because the account's quota is spent (OpenAI's 429 with code
     ``insufficient_quota``): waiting cannot help, so the call is not retried and the fleet is not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,7 @@ class Lease(_LeaseState):
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
         model: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> SettleReply | None:
         """Settle with the tokens really used (refund or debt) and free the slot; once only.
 
@@ -67,11 +69,12 @@ class Lease(_LeaseState):
         ``x-ratelimit-remaining-*`` headers): the shared level is corrected down if it was ahead.
         ``limit_*`` are its limits per minute (``x-ratelimit-limit-*``): the whole fleet learns them,
         and the rates in force become the budget's own lowered to them, learned for ``model``
-        (default: ``lease.model``) and forgotten an hour after its last report.
+        (default: ``lease.model``) and forgotten an hour after its last report. ``headers`` (the
+        reply's, OpenAI's or Anthropic's) give all four in one step; a keyword given overrides them.
         """
         argv = self._limiter._settle_args(
             self.id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens,
-            self.model if model is None else model,
+            self.model if model is None else model, headers,
         )  # fmt: skip
         if not self._close():
             return None
@@ -85,12 +88,13 @@ class Lease(_LeaseState):
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
         model: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> SettleReply | None:
         """Settle at the estimate (the call was made, its usage unknown) and free the slot; the
         provider's word, if any, is taken as by ``report``."""
         argv = self._limiter._settle_args(
             self.id, None, remaining_requests, remaining_tokens, limit_requests, limit_tokens,
-            self.model if model is None else model,
+            self.model if model is None else model, headers,
         )  # fmt: skip
         if not self._close():
             return None
@@ -128,6 +132,7 @@ class AsyncLease(_LeaseState):
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
         model: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> SettleReply | None:
         """Settle with the tokens really used (refund or debt) and free the slot; once only.
 
@@ -135,11 +140,12 @@ class AsyncLease(_LeaseState):
         ``x-ratelimit-remaining-*`` headers): the shared level is corrected down if it was ahead.
         ``limit_*`` are its limits per minute (``x-ratelimit-limit-*``): the whole fleet learns them,
         and the rates in force become the budget's own lowered to them, learned for ``model``
-        (default: ``lease.model``) and forgotten an hour after its last report.
+        (default: ``lease.model``) and forgotten an hour after its last report. ``headers`` (the
+        reply's, OpenAI's or Anthropic's) give all four in one step; a keyword given overrides them.
         """
         argv = self._limiter._settle_args(
             self.id, actual_tokens, remaining_requests, remaining_tokens, limit_requests, limit_tokens,
-            self.model if model is None else model,
+            self.model if model is None else model, headers,
         )  # fmt: skip
         if not self._close():
             return None
@@ -153,12 +159,13 @@ class AsyncLease(_LeaseState):
         limit_requests: float | None = None,
         limit_tokens: float | None = None,
         model: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> SettleReply | None:
         """Settle at the estimate (the call was made, its usage unknown) and free the slot; the
         provider's word, if any, is taken as by ``report``."""
         argv = self._limiter._settle_args(
             self.id, None, remaining_requests, remaining_tokens, limit_requests, limit_tokens,
-            self.model if model is None else model,
+            self.model if model is None else model, headers,
         )  # fmt: skip
         if not self._close():
             return None

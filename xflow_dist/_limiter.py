@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -689,14 +690,18 @@ class Limiter(LimiterBase):
         remaining_requests: float | None = None,
         remaining_tokens: float | None = None,
         model: str = "",
+        headers: Mapping[str, str] | None = None,
     ) -> SettleReply:
         """Learn from a provider's reply that holds no lease (a call made outside the budget).
 
-        ``facts`` are its parsed headers (``parse_limit_headers``); keywords override them. Limits are
+        ``facts`` are its parsed headers (``parse_limit_headers``), or ``headers`` the raw ones;
+        keywords override them. Limits are
         per minute, learned for ``model`` (each model its own); what remains caps the shared levels.
         Returns the limits in force after it.
         """
-        argv = self._learn_args(facts, limit_requests, limit_tokens, remaining_requests, remaining_tokens, model)
+        argv = self._learn_args(
+            facts, limit_requests, limit_tokens, remaining_requests, remaining_tokens, model, headers
+        )
         return decode_settle(self._run("settle", argv))
 
     def cooldown(self, retry_after: float | None = None) -> CooldownReply:
@@ -721,6 +726,7 @@ class Limiter(LimiterBase):
         except BaseException:
             self._adopt(old)
             raise
+
     def clear_cooldown(self) -> CooldownReply:
         """End the fleet-wide pause now and reset its backoff; the buckets stay as the 429 left them,
         so dispatch resumes paced. Returns the pause that was ended (``remaining`` 0: none)."""

@@ -19,7 +19,7 @@ from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
 
 from ._async_limiter import AsyncLimiter
-from ._headers import parse_limit_headers, parse_retry_after
+from ._headers import parse_retry_after
 from ._lease import AsyncLease, Lease
 from ._limiter import Limiter
 from ._quota import quota_error, quota_in_body
@@ -129,15 +129,7 @@ class _UsageScanner:
 
 
 def _settle_kwargs(response: Any, used: int | None) -> dict[str, Any]:
-    facts = parse_limit_headers(response.headers)
-    return {
-        "actual_tokens": used,
-        "remaining_requests": facts.requests_remaining,
-        "remaining_tokens": facts.tokens_remaining,
-        # the provider's limits per minute, learned by the whole fleet; a header of 0 is no limit to learn
-        "limit_requests": facts.request_limit or None,
-        "limit_tokens": facts.token_limit or None,
-    }
+    return {"actual_tokens": used, "headers": response.headers}
 
 
 def _settle_sync(lease: Lease, kwargs: dict[str, Any]) -> None:
