@@ -154,7 +154,7 @@ def run(
         "makespan": makespan,
         "ideal": ideal,
         "binding": binding,
-        "utilisation": use[binding],
+        "utilisation": use.get(binding),
         "sent": sent,
         "rejected": rejected,
         "rejected_share": rejected / sent if sent else 0.0,

@@ -117,10 +117,14 @@ def _budget_mode(args: argparse.Namespace) -> str:
     return f"{rates}; settles with the provider's {told}"
 
 
+def _use(r: FleetResult) -> str:
+    return "n/a" if r.utilisation is None else f"{r.utilisation:.1%}"
+
+
 def _line(scenario: str, processes: int, r: FleetResult) -> str:
     return (
         f"{scenario:<12} P={processes} {r.strategy:<6} makespan {r.makespan:6.2f}s ideal {r.ideal:6.2f}s "
-        f"util {r.utilisation:6.1%} ({r.binding}) 429s {r.rejected:5d}/{r.sent:<5d} ({r.rejected_share:6.2%}) "
+        f"util {_use(r):>6} ({r.binding}) 429s {r.rejected:5d}/{r.sent:<5d} ({r.rejected_share:6.2%}) "
         f"done {r.completed}/{r.jobs} violations {r.violations}" + (f" errors {len(r.errors)}" if r.errors else "")
     )
 
@@ -130,7 +134,7 @@ def _table(rows: list[tuple[str, int, FleetResult]]) -> str:
     out = [head, "|---|---|---|---|---|---|---|---|---|"]
     for scenario, processes, r in rows:
         out.append(
-            f"| {scenario} | {processes} | {r.strategy} | {r.makespan:.2f} | {r.ideal:.2f} | {r.utilisation:.1%} "
+            f"| {scenario} | {processes} | {r.strategy} | {r.makespan:.2f} | {r.ideal:.2f} | {_use(r)} "
             f"| {r.rejected} / {r.sent} | {r.rejected_share:.2%} | {r.completed}/{r.jobs} |"
         )
     return "\n".join(out)

@@ -41,7 +41,9 @@ def test_demo_runs_a_small_fleet_and_reports(tmp_path: Path, redis_url: str) -> 
     assert figures["rejected_share"] <= 0.05
     assert sum(figures["shares"]) == 40
     assert len(figures["shares"]) == 2
-    assert "utilisation" in done.stdout
+    # 40 calls fit in the provider's initial buckets: no limit bound the run, no utilisation claimed
+    assert figures["binding"] == "none" and figures["utilisation"] is None
+    assert "does not apply" in done.stdout and "initial buckets" in done.stdout
     assert plot.stat().st_size > 1000
 
 
@@ -111,3 +113,40 @@ def test_ctrl_c_stops_everything_it_started() -> None:
     assert "interrupted" in rest
     assert not _listening(provider)
     assert not _listening(redis_url)
+
+
+# ---- what the report's figures mean, for small runs and large ------------------------------------------
+
+
+def _stats(completed: int, settled: float, completion: float, span: float) -> dict:
+    return {
+        "first_admission": 100.0,
+        "last_completion": 100.0 + span,
+        "requests": {"completed": completed},
+        "tokens": {"settled": settled, "completion": completion},
+    }
+
+
+def test_a_run_that_fits_the_initial_buckets_has_no_binding_limit() -> None:
+    from xflow_dist._demo import NO_LIMIT, Latency, judge
+    from xflow_dist._fleet import Limits
+
+    latency = Latency(0.05, 0.0002)
+    # 300 calls of 300 tokens (100 of them output) against a 120,000 TPM bucket: nothing binds but
+    # the fleet's own 64 calls at once: 300 x 0.07 s / 64 = 0.33 s of calls
+    makespan, ideal, binding, use = judge(_stats(300, 90_000, 30_000, 0.7), Limits(3_000, 120_000, None), latency, 64)
+    assert binding == NO_LIMIT and NO_LIMIT not in use
+    assert ideal == pytest.approx(300 * 0.07 / 64, abs=0.01) and makespan == pytest.approx(0.7)
+    # twice the tokens: the rate binds, the ideal is the refill of what the bucket did not hold
+    _, ideal, binding, use = judge(_stats(600, 180_000, 60_000, 31), Limits(3_000, 120_000, None), latency, 64)
+    assert binding == "tokens"
+    assert ideal == pytest.approx(60_000 / 2_000 + 0.05)
+    assert use["tokens"] == pytest.approx(180_000 / (120_000 + 2_000 * 31))
+
+
+def test_the_live_rates_count_only_whole_seconds() -> None:
+    from xflow_dist.cli import _per_minute
+
+    assert _per_minute({"series": {"requests": [40]}}, "requests") == "-"  # the first second still filling
+    assert _per_minute({"series": {"requests": [30, 40]}}, "requests") == "1,800"
+    assert _per_minute({"series": {"requests": [0] * 10 + [10] * 5 + [99]}}, "requests") == "600"

@@ -49,7 +49,7 @@ class FleetResult:
     makespan: float = 0.0
     ideal: float = 0.0
     binding: str = ""
-    utilisation: float = 0.0
+    utilisation: float | None = None  # of the binding limit; None where none bound the run
     utilisation_by: dict[str, float] = field(default_factory=dict)
     violations: int = 0
     shares: list[int] = field(default_factory=list)
@@ -66,15 +66,22 @@ class FleetResult:
         return data
 
 
-def judge(stats: dict[str, Any], limits: Limits, latency: Latency) -> tuple[float, float, str, dict[str, float]]:
+NO_LIMIT = "none"
+
+
+def judge(
+    stats: dict[str, Any], limits: Limits, latency: Latency, workers: int | None = None
+) -> tuple[float, float, str, dict[str, float]]:
     """Makespan, the ideal the provider's own limits allow, the binding limit and utilisations.
 
     The ideal counts the provider's initially full buckets (a minute of each limit): the work beyond
     one minute's worth, at the limit's rate, plus one reply's latency; for concurrency, the total
-    time in flight spread over every slot, plus one reply's base latency.
+    time in flight spread over every slot, plus one reply's base latency; never less than the
+    fleet's own ``workers`` (calls at once) allow.
     Utilisation of a rate is what was admitted over what the limit allowed in the makespan (the full
     bucket plus the refill); of concurrency, the ideal over the makespan, since calls of uneven
-    lengths cannot keep every slot busy to the very end.
+    lengths cannot keep every slot busy to the very end. A run that fits in the initial buckets and
+    never fills the slots has no binding limit (``NO_LIMIT``): no limit's utilisation applies.
     """
     first = stats.get("first_admission")
     last = stats.get("last_completion")
@@ -91,11 +98,14 @@ def judge(stats: dict[str, Any], limits: Limits, latency: Latency) -> tuple[floa
         "tokens": settled / (limits.tpm + limits.tpm / 60.0 * makespan) if makespan else 0.0,
         "requests": completed / (limits.rpm + limits.rpm / 60.0 * makespan) if makespan else 0.0,
     }
-    if limits.max_concurrency:
+    if limits.max_concurrency and (workers is None or limits.max_concurrency < workers):
         need["concurrency"] = busy / limits.max_concurrency - latency.base  # the base is added below
         use["concurrency"] = busy / (limits.max_concurrency * makespan) if makespan else 0.0
     binding = max(need, key=lambda k: need[k])
-    ideal = need[binding] + latency.base
+    own = busy / workers - latency.base if workers else 0.0  # the fleet's own calls at once
+    if need[binding] <= 0.0 or need[binding] < own:
+        binding = NO_LIMIT
+    ideal = max(need.get(binding, 0.0), own, 0.0) + latency.base
     return makespan, ideal, binding, use
 
 
@@ -218,7 +228,7 @@ def run_fleet(
         if watch is not None:
             watch.close()
     stats = fetch_stats(spec.provider_url)
-    makespan, ideal, binding, use = judge(stats, spec.limits, latency)
+    makespan, ideal, binding, use = judge(stats, spec.limits, latency, spec.processes * spec.concurrency)
     reports.sort(key=lambda r: r.index)
     return FleetResult(
         strategy=spec.strategy,
@@ -232,7 +242,7 @@ def run_fleet(
         makespan=makespan,
         ideal=ideal,
         binding=binding,
-        utilisation=use[binding],
+        utilisation=use.get(binding),
         utilisation_by=use,
         violations=int(stats["violations"]),
         shares=[r.done for r in reports],

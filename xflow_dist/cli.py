@@ -188,6 +188,19 @@ def _limits_text(limits: Any) -> str:
     return text + (f", {limits.max_concurrency} concurrent" if limits.max_concurrency else "")
 
 
+RATE_WINDOW = 5  # seconds the live view's rates are averaged over
+
+
+def _per_minute(stats: dict[str, Any], what: str) -> str:
+    """A rate per minute over the last whole seconds the provider counted (its current second is
+    still filling up): '-' until one has passed, so a short run shows no rate it did not have."""
+    whole = stats.get("series", {}).get(what, [])[:-1]
+    if not whole:
+        return "-"
+    seconds = whole[-RATE_WINDOW:]
+    return f"{sum(seconds) * 60 / len(seconds):,.0f}"
+
+
 def _run_live(spec: Any, jobs: list[Any], latency: Any, limits: Any, console: Any, *, live: bool) -> Any:
     from rich.live import Live
     from rich.table import Table
@@ -199,20 +212,17 @@ def _run_live(spec: Any, jobs: list[Any], latency: Any, limits: Any, console: An
     def view(stats: dict[str, Any], pause: float | None) -> Table:
         table = Table(
             title="xflow demo: one budget, a whole fleet",
-            caption="rates over the last 5 s; the provider's buckets start with a full minute",
+            caption=f"rates over the last {RATE_WINDOW} whole seconds (fewer at the start; '-' before the "
+            "first one ends); the provider's buckets start with a full minute",
             expand=False,
         )
         for col in ("elapsed", "jobs done", "requests/min", "tokens/min", "in flight", "429s", "fleet pause"):
             table.add_column(col, justify="right")
-        series = stats.get("series", {})
-        window = 5
-        req = sum(series.get("requests", [])[-window - 1 : -1]) * 60 / window
-        tok = sum(series.get("tokens", [])[-window - 1 : -1]) * 60 / window
         table.add_row(
             f"{time.monotonic() - started:.1f}s",
             f"{stats['requests']['completed']}/{len(jobs)}",
-            f"{req:,.0f} / {limits.rpm:,.0f}",
-            f"{tok:,.0f} / {limits.tpm:,.0f}",
+            f"{_per_minute(stats, 'requests')} / {limits.rpm:,.0f}",
+            f"{_per_minute(stats, 'tokens')} / {limits.tpm:,.0f}",
             f"{stats['in_flight']}",
             f"{stats['requests']['rejected']}",
             "-" if pause is None else (f"{pause:.1f}s left" if pause > 0 else "none"),
@@ -231,11 +241,17 @@ def _report(result: Any, console: Any) -> None:
     table = Table(title=f"result: strategy {result.strategy}")
     table.add_column("figure")
     table.add_column("value", justify="right")
+    workers = result.processes * result.concurrency
     rows = [
         ("jobs completed", f"{result.completed}/{result.jobs}"),
-        ("makespan", f"{result.makespan:.2f}s"),
-        ("ideal (provider's limits, full bucket at start)", f"{result.ideal:.2f}s"),
-        (f"utilisation of the binding limit ({result.binding})", f"{result.utilisation:.1%}"),
+        ("makespan (first admission to last reply)", f"{result.makespan:.2f}s"),
+        (f"ideal (provider's limits, full buckets at start, {workers} calls at once)", f"{result.ideal:.2f}s"),
+    ]
+    if result.utilisation is None:
+        rows.append(("utilisation", "does not apply: no limit bound this run (see below)"))
+    else:
+        rows.append((f"utilisation of the binding limit ({result.binding})", f"{result.utilisation:.1%}"))
+    rows += [
         ("requests sent", f"{result.sent}"),
         ("answered 429", f"{result.rejected} ({result.rejected_share:.2%})"),
         ("limit violations seen by the provider", f"{result.violations}"),
@@ -244,6 +260,12 @@ def _report(result: Any, console: Any) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    if result.utilisation is None:
+        console.print(
+            "The whole run fit in the provider's initial buckets (a minute of each limit) and in "
+            f"its slots: the fleet's own {workers} calls at once set the pace, and the budget never "
+            "had to hold a call back. Run more jobs (-n) to see it at a limit."
+        )
     for err in result.errors:
         console.print(f"[red]worker error: {err}[/red]")
 
