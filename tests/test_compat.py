@@ -275,6 +275,47 @@ async def test_a_429_pauses_queued_siblings_and_other_schedulers(redis_url: str,
     _spaced(sorted(starts.values()), 0.2)
 
 
+async def test_a_retry_holds_back_a_sibling_started_after_it_before_redis_hears_of_it(url: str, name: str) -> None:
+    """XtremeFlow blocked a task started after a backoff at once, in-process; so does this, even
+    when the fleet's cooldown is slow to reach Redis (here held back 1 s on purpose)."""
+    failed_at: list[float] = []
+    started: list[float] = []
+
+    @auto_backoff(base_retry_after=5.0)
+    async def call(fail: bool) -> None:
+        if fail and not failed_at:
+            failed_at.append(time.monotonic())
+            raise RetryException("429 Too Many Requests", retry_after=0.6)
+        started.append(time.monotonic())
+
+    kw: dict[str, Any] = {"redis": url, "name": name} if not url.startswith("memory://") else {}
+    async with RequestRateScheduler(max_rps=100, max_concurrency=10, burst_ratio=1.0, **kw) as s:
+        real = s.limiter.cooldown
+
+        async def late_cooldown(retry_after: float | None = None) -> Any:
+            await asyncio.sleep(1.0)  # the 429's word has not reached Redis yet
+            return await real(retry_after=retry_after)
+
+        s.limiter.cooldown = late_cooldown  # type: ignore[method-assign]
+        first = await s.start_task(call(True))
+        while not failed_at:
+            await asyncio.sleep(0)
+        sibling = await s.start_task(call(False))  # started right after the 429, same process
+        await asyncio.gather(first, sibling)
+        assert (await s.limiter.status()).queued == 0
+    assert len(started) == 2
+    assert min(started) >= failed_at[0] + 0.6 - SLACK, [round(t - failed_at[0], 3) for t in started]
+
+
+async def test_notify_rate_limit_exceeded_holds_back_this_process_at_once(url: str, name: str) -> None:
+    kw: dict[str, Any] = {"redis": url, "name": name} if not url.startswith("memory://") else {}
+    async with RequestRateScheduler(max_rps=100, max_concurrency=4, burst_ratio=1.0, **kw) as s:
+        t0 = time.monotonic()
+        await s.notify_rate_limit_exceeded(0.4)
+        _, starts = await _run_all(s, 2)
+    assert min(starts) - t0 >= 0.4 - SLACK
+
+
 async def test_backoff_is_exponential_and_reads_retry_after_headers() -> None:
     class Response:
         headers: ClassVar[dict[str, str]] = {"retry-after-ms": "250"}
@@ -627,6 +668,32 @@ async def test_kv_batch_failures_close_or_cancel_the_rest() -> None:
         kv_batch([*coros, asyncio.sleep])  # type: ignore[list-item]
     assert all(inspect.getcoroutinestate(c) == inspect.CORO_CLOSED for c in coros)
     gc.collect()
+
+
+async def test_kv_batch_errors_say_what_xtremeflow_said() -> None:
+    async def ok() -> str:
+        return "ok"
+
+    with pytest.raises(TypeError, match="^kv_batch rest elements must be coroutines, got Task$"):
+        await kv_batch([ok(), asyncio.ensure_future(ok())])
+
+    async def source() -> Any:
+        yield ok()
+        yield asyncio.ensure_future(ok())
+
+    with pytest.raises(TypeError, match="^a coroutine was expected, got <Task"):
+        await kv_batch(source())
+    with pytest.raises(TypeError, match="must be an iterable, not int$"):
+        kv_batch(5)  # type: ignore[arg-type]
+    gc.collect()
+
+
+def test_a_concurrency_below_one_is_refused_in_xtremeflows_words() -> None:
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"^max_concurrency must be positive, got {bad}$"):
+            TaskScheduler(bad)
+        with pytest.raises(ConfigurationError, match="must be positive"):
+            TokenRateScheduler(max_tps=10, max_concurrency=bad)
 
 
 async def test_async_pipeline_one_worker_keeps_order() -> None:

@@ -34,6 +34,14 @@ def _rest(item: object) -> Coroutine[Any, Any, Any]:
     return item
 
 
+def _arrived(item: object) -> Coroutine[Any, Any, Any]:
+    """A rest element from an async iterator, checked as it arrives (XtremeFlow's message: it
+    handed the element to ``asyncio.create_task``)."""
+    if not asyncio.iscoroutine(item):
+        raise InvalidTaskError(f"a coroutine was expected, got {item!r}")
+    return item
+
+
 async def _gather_all(tasks: list[asyncio.Task[T]]) -> list[T]:
     """All results in order; on the first error the others are cancelled, then it is raised."""
     try:
@@ -75,7 +83,7 @@ async def _from_async(source: AsyncIterator[Awaitable[T]], seen: list[object]) -
     try:
         first = await first_aw
         while (item := await queue.get()) is not _END:
-            tasks.append(asyncio.create_task(_rest(item)))
+            tasks.append(asyncio.create_task(_arrived(item)))
         await collector  # re-raises a failure of the source
     except BaseException:
         collector.cancel()
@@ -90,13 +98,16 @@ def kv_batch(aws: Iterable[Awaitable[T]] | AsyncIterator[Awaitable[T]]) -> async
     """A task that awaits the first awaitable alone, then the rest (coroutines) concurrently.
 
     Results come in input order. From an iterable, a rest element that is not a coroutine raises
-    ``InvalidTaskError`` (a ``TypeError``) here; from an async iterator, when it arrives.
+    ``InvalidTaskError`` (a ``TypeError``) here; from an async iterator, when it arrives; the
+    messages are XtremeFlow's.
     Must be called with an event loop running.
     """
     if isinstance(aws, AsyncIterator):
         seen: list[object] = []
         task = asyncio.create_task(_from_async(aws, seen))
     else:
+        if not isinstance(aws, Iterable):
+            raise InvalidTaskError(f"kv_batch argument must be an iterable, not {type(aws).__name__}")
         items = list(aws)
         try:
             if items and not inspect.isawaitable(items[0]):

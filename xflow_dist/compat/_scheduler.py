@@ -26,7 +26,7 @@ import redis.asyncio.cluster
 from .._async_limiter import AsyncLimiter
 from .._backend import RedisLike, _check_url
 from .._budget import Budget, CooldownPolicy
-from .._core import validate_cost
+from .._core import validate_cost, validate_retry_after
 from .._exceptions import (
     BackendError,
     ConfigurationError,
@@ -79,12 +79,25 @@ class ExecutionContext:
     def estimated_tokens(self) -> float:
         return float(self.extra["estimated_tokens"])
 
+    async def _acquire(self) -> AsyncLease:
+        """The lease of the next attempt, never while this process's backoff is in force: a grant
+        that came during it (Redis had not heard of the 429 yet) is given back, and asked for again
+        once the backoff is over, as XtremeFlow's tasks waited out its backoff after their turn."""
+        while True:
+            await self.scheduler._backoff_over()
+            lease = await self._limiter.acquire(tokens=self.estimated_tokens)
+            if self.scheduler._backoff_left() <= 0:
+                return lease
+            await lease.cancel()
+
     async def _retry(self, wait: float) -> None:
-        """Pause the fleet for ``wait`` seconds, settle the failed attempt, acquire the next one."""
+        """Pause this process at once and the fleet for ``wait`` seconds, settle the failed
+        attempt, acquire the next one."""
+        self.scheduler._back_off(wait)
         if wait > 0:
             await self._limiter.cooldown(retry_after=wait)
         await _release_quietly(self.lease)
-        self.lease = await self._limiter.acquire(tokens=self.estimated_tokens)
+        self.lease = await self._acquire()
 
 
 _current: contextvars.ContextVar[ExecutionContext | None] = contextvars.ContextVar(
@@ -160,6 +173,9 @@ class TaskScheduler:
         burst_ratio: float = 0.0,
     ) -> None:
         _check_redis(redis)
+        if isinstance(max_concurrency, int | float) and not isinstance(max_concurrency, bool) and max_concurrency <= 0:
+            # XtremeFlow's words (the Budget would say "a whole number from 1 to ...")
+            raise ConfigurationError(f"max_concurrency must be positive, got {max_concurrency}")
         if redis is not None and name is None:
             raise ConfigurationError("a shared budget needs a name=: schedulers of the same name share it")
         if cooldown_policy is not None and not isinstance(cooldown_policy, CooldownPolicy):
@@ -177,6 +193,7 @@ class TaskScheduler:
         self._redis: RedisLike = redis if redis is not None else f"memory://xtremeflow-{uuid.uuid4().hex}"
         self._cooldown_policy = cooldown_policy or _EXACT_PAUSE
         self._rt: _Runtime | None = None
+        self._backoff_until = 0.0  # loop.time() before which no task of this process starts
         self.active_tasks = 0
         self.total_completed = 0
         self.pending_tasks: set[asyncio.Task[Any]] = set()
@@ -225,9 +242,23 @@ class TaskScheduler:
         task.add_done_callback(functools.partial(self._task_done, coro, ctx, rt.slots))
         return task
 
+    def _back_off(self, wait: float) -> None:
+        """Hold back every task of this process that starts from now on, at once: the fleet's
+        cooldown follows one Redis round trip later."""
+        wait = min(wait, self._cooldown_policy.max_pause)  # as the fleet's pause is capped
+        if wait > 0:
+            self._backoff_until = max(self._backoff_until, asyncio.get_running_loop().time() + wait)
+
+    def _backoff_left(self) -> float:
+        return self._backoff_until - asyncio.get_running_loop().time()
+
+    async def _backoff_over(self) -> None:
+        while (left := self._backoff_left()) > 0:
+            await asyncio.sleep(left)
+
     @staticmethod
     async def _execute(coro: Coroutine[Any, Any, T], ctx: ExecutionContext) -> T:
-        ctx.lease = await ctx._limiter.acquire(tokens=ctx.estimated_tokens)
+        ctx.lease = await ctx._acquire()
         ctx._dispatched = True
         try:
             return await coro
@@ -255,8 +286,11 @@ class TaskScheduler:
             await asyncio.gather(*self.pending_tasks, return_exceptions=True)
 
     async def notify_rate_limit_exceeded(self, retry_after: float) -> None:
-        """Pause the whole fleet for ``retry_after`` seconds (XtremeFlow's name; a coroutine here)."""
-        await self._runtime().limiter.cooldown(retry_after=retry_after)
+        """Pause the whole fleet for ``retry_after`` seconds (XtremeFlow's name; a coroutine here):
+        this process's tasks at once, the others when the cooldown reaches Redis."""
+        limiter = self._runtime().limiter
+        self._back_off(validate_retry_after(self.budget, retry_after) or 0.0)
+        await limiter.cooldown(retry_after=retry_after)
 
     async def aclose(self) -> None:
         """Wait for the pending tasks, then close this loop's limiter (and its connections).
