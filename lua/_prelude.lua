@@ -275,22 +275,28 @@ end
 local REAPED_REQ, REAPED_TOK = 0, 0
 
 
--- Earliest time a cost fits one bucket (see the header): when it holds min(cost, capacity).
-local function dim_fit(tat, cost, rate, burst)
+-- How far a bucket's TAT may be ahead of now for a cost to fit: while it holds min(cost, capacity)
+-- (see the header); in overdraft, while it is not in debt, whatever the cost (XtremeFlow's rule: the
+-- whole cost is charged, the excess as debt that delays the next grants).
+local function slack_of(cost, rate, burst, overdraft)
+  if overdraft then
+    return burst
+  end
+  return math.max(0, burst - cost / rate)
+end
+
+-- Earliest time a cost fits one bucket.
+local function dim_fit(tat, cost, rate, burst, overdraft)
   if rate <= 0 or cost <= 0 then
     return NOW
   end
-  local slack = burst - cost / rate
-  if slack < 0 then
-    slack = 0
-  end
-  return math.max(NOW, tat - slack)
+  return math.max(NOW, tat - slack_of(cost, rate, burst, overdraft))
 end
 
 -- Earliest time a cost fits every dimension and the cooldown is over.
-local function fit_time(st, creq, ctok)
-  return math.max(NOW, st.cu, dim_fit(st.rt, creq, RATE_REQ, BURST_REQ),
-    dim_fit(st.tt, ctok, RATE_TOK, BURST_TOK))
+local function fit_time(st, creq, ctok, overdraft)
+  return math.max(NOW, st.cu, dim_fit(st.rt, creq, RATE_REQ, BURST_REQ, overdraft),
+    dim_fit(st.tt, ctok, RATE_TOK, BURST_TOK, overdraft))
 end
 
 -- A free slot: below max concurrency, and none at all in flight while the budget probes.
@@ -312,8 +318,8 @@ end
 -- plus, only when t1 is such a late head's grant, min(its cost, r * lateness, r * LATE_CREDIT).
 local LATE_CREDIT = 0.0625
 
-local function charged_from(st, tat, fit, cost, rate, burst)
-  local slack = math.max(0, burst - cost / rate)
+local function charged_from(st, tat, fit, cost, rate, burst, overdraft)
+  local slack = slack_of(cost, rate, burst, overdraft)
   if fit < 0 or fit >= NOW or st.cu >= fit - 0.000001 or tat - slack < fit - 0.000001 then
     return math.max(tat, NOW)
   end
@@ -322,14 +328,14 @@ end
 
 -- Charge every dimension: all limits or none. ``fit``: the fit time told to a head of the queue
 -- (-1: none, charged from now).
-local function charge(st, creq, ctok, fit)
+local function charge(st, creq, ctok, fit, overdraft)
   st.cq = st.cq + creq
   st.ct = st.ct + ctok
   if RATE_REQ > 0 then
-    st.rt = charged_from(st, st.rt, fit, creq, RATE_REQ, BURST_REQ) + creq / RATE_REQ
+    st.rt = charged_from(st, st.rt, fit, creq, RATE_REQ, BURST_REQ, overdraft) + creq / RATE_REQ
   end
   if RATE_TOK > 0 then
-    st.tt = charged_from(st, st.tt, fit, ctok, RATE_TOK, BURST_TOK) + ctok / RATE_TOK
+    st.tt = charged_from(st, st.tt, fit, ctok, RATE_TOK, BURST_TOK, overdraft) + ctok / RATE_TOK
   end
 end
 
@@ -352,8 +358,8 @@ end
 -- A grant, now; ``fit``: the fit time told to a head of the queue (see charge()). A grant to a queued
 -- ticket is provisional (``provisional`` true): it expires after the claim window unless its holder
 -- claims it (acquire.lua with the same id), and is then refunded (see reap()).
-local function grant(st, id, creq, ctok, fit, provisional)
-  charge(st, creq, ctok, fit or -1)
+local function grant(st, id, creq, ctok, fit, provisional, overdraft)
+  charge(st, creq, ctok, fit or -1, overdraft)
   local data = creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
     snapshot(st.rt, RATE_REQ, BURST_REQ) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK) .. ' ' ..
     fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct)
@@ -551,13 +557,13 @@ end
 local function ticket(id)
   local t = words(redis.call('HGET', K_TICKETS, id) or '0 0 0 0 -1')
   return {creq = tonumber(t[1]), ctok = tonumber(t[2]), alive = tonumber(t[3]), ttl = tonumber(t[4]),
-    fit = tonumber(t[5])}
+    fit = tonumber(t[5]), overdraft = t[6] == 'o'}
 end
 
 local function save_ticket(st, id, t)
   st.qa = math.max(st.qa, t.alive)
   redis.call('HSET', K_TICKETS, id, t.creq .. ' ' .. t.ctok .. ' ' .. fmt(t.alive) .. ' ' .. fmt(t.ttl) ..
-    ' ' .. fmt(t.fit))
+    ' ' .. fmt(t.fit) .. (t.overdraft and ' o' or ''))
 end
 
 -- The process an id belongs to: ids are "<process>.<unique>" (an id without a dot is its own).
@@ -614,10 +620,10 @@ local function advance(st)
       end
       return
     else
-      local fit = fit_time(st, t.creq, t.ctok)
+      local fit = fit_time(st, t.creq, t.ctok, t.overdraft)
       if fit <= NOW then
         dequeue(head)
-        grant(st, head, t.creq, t.ctok, t.fit, true)
+        grant(st, head, t.creq, t.ctok, t.fit, true, t.overdraft)
         redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW))
       else
         announce(st, head, t, fit)

@@ -13,6 +13,10 @@
 -- ARGV[16] ticket time to live, seconds: a queued ticket not renewed within it is dropped
 -- ARGV[17] "1": the budget probes: while it has learned no limit, it grants one call at a time
 --          until the first settle or learned limit (see settle.lua); "0" (or absent): no probe
+-- ARGV[18] "1": overdraft: the cost fits once every bucket is out of debt, whatever its size (a
+--          cost larger than a bucket is granted when that bucket is full, not refused), and is
+--          charged in full, the excess as debt (XtremeFlow's admission); "0" (or absent): it fits
+--          once every bucket holds it (or is full)
 --
 -- Reply, all strings:
 --   {"granted", start, now, expiry}  the lease exists, charged now (start = its grant time)
@@ -39,11 +43,12 @@ local A, REFUSED = operation_args({
   {'may queue', FLAG},
   {'ticket ttl', POSITIVE_SECONDS},
   {'probe', FLAG, '0'},
+  {'overdraft', FLAG, '0'},
 })
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
-local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE = unpack(A)
+local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT = unpack(A)
 
 reap()
 local st = load_state()
@@ -101,17 +106,17 @@ local function most(rate, burst, floor)
 end
 
 local most_req, most_tok = most(RATE_REQ, BURST_REQ, 1), most(RATE_TOK, BURST_TOK, 0)
-if most_req >= 0 and CREQ > most_req then
+if not OVERDRAFT and most_req >= 0 and CREQ > most_req then
   return finish({'too_large', fmt(most_req), fmt(NOW), 'requests'})
 end
-if most_tok >= 0 and CTOK > most_tok then
+if not OVERDRAFT and most_tok >= 0 and CTOK > most_tok then
   return finish({'too_large', fmt(most_tok), fmt(NOW), 'tokens'})
 end
 
 if redis.call('ZCARD', K_QUEUE) == 0 and slot_free() then
-  local fit = fit_time(st, CREQ, CTOK)
+  local fit = fit_time(st, CREQ, CTOK, OVERDRAFT)
   if fit <= NOW then
-    grant(st, ID, CREQ, CTOK)
+    grant(st, ID, CREQ, CTOK, nil, false, OVERDRAFT)
     return finish({'granted', fmt(NOW), fmt(NOW), fmt(NOW + LEASE_TTL)})
   end
   if not MAY_QUEUE or (MAX_WAIT >= 0 and fit - NOW > MAX_WAIT) then
@@ -123,6 +128,7 @@ end
 
 st.seq = st.seq + 1
 redis.call('ZADD', K_QUEUE, st.seq, ID)
-save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1})
+save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1,
+  overdraft = OVERDRAFT})
 advance(st)
 return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})

@@ -47,6 +47,7 @@ def test_bad_names_are_refused(bad: object) -> None:
         {"tpm": 10, "tps": 1},
         {"probe": "yes"},
         {"probe": 1},
+        {"overdraft": "yes"},
     ],
 )
 def test_bad_limits_are_refused(kwargs: dict[str, object]) -> None:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import pytest
 import redis
 
-from xflow_dist import ConfigurationError, CostTooLargeError, InvalidCostError, XflowError
+from xflow_dist import ConfigurationError, InvalidCostError, XflowError
 from xflow_dist._exceptions import InvalidTaskError, OutsideTaskError
 from xflow_dist.compat import (
     RequestRateScheduler,
@@ -105,16 +105,30 @@ async def test_requests_and_tokens_are_reserved_jointly(url: str, name: str) -> 
     assert status.requests_available is not None and status.tokens_available is not None
 
 
-async def test_burst_of_rate_times_burst_ratio_after_idle(url: str, name: str) -> None:
+async def test_burst_of_rate_times_burst_ratio_plus_one_after_idle(url: str, name: str) -> None:
     async with RequestRateScheduler(max_rps=10, burst_ratio=0.5, redis=url, name=name) as s:
         for _ in range(2):  # a fresh budget is full; after 0.7 s idle it is full again
             t0, starts = await _run_all(s, 8)
-            # rate x burst_ratio = 5 start at once (paced, they would span 0.4 s), then one every
-            # 0.1 s: the sixth is due 0.1 s after the first (XtremeFlow let a sixth through at once)
-            assert starts[4] - starts[0] < 0.2, [round(t - t0, 3) for t in starts]
-            _due(t0, starts, 0.1, burst=5)
-            _spaced(starts[5:], 0.1)
+            # as XtremeFlow: rate x burst_ratio = 5 start at once and a sixth (a start is due while
+            # the bucket is out of debt; paced, they would span 0.5 s), then one every 0.1 s
+            assert starts[5] - starts[0] < 0.2, [round(t - t0, 3) for t in starts]
+            _due(t0, starts, 0.1, burst=6)
+            _spaced(starts[6:], 0.1)
             await asyncio.sleep(0.7)
+
+
+async def test_an_estimate_larger_than_the_bucket_starts_when_it_is_full_and_delays_the_next(
+    url: str, name: str
+) -> None:
+    """XtremeFlow admits it (its start is due) and the next start waits for the whole cost: the
+    excess is debt. Here: a bucket of 1,000 tokens (1,000/s, burst_ratio 1), an estimate of 1,500."""
+    async with TokenRateScheduler(max_tps=1_000, burst_ratio=1.0, redis=url, name=name) as s:
+        t0, starts = await _run_all(s, 1, tokens=1_500)
+        assert starts[0] - t0 < 0.3  # the full bucket admits it at once, as XtremeFlow did
+        _, more = await _run_all(s, 1, tokens=100)
+    # 500 tokens of debt at 1,000/s: the next start is due 0.5 s after the first
+    assert more[0] - starts[0] >= 0.5 - SLACK, more[0] - starts[0]
+    assert more[0] - starts[0] < 1.5
 
 
 async def test_default_backend_is_private_memory_per_scheduler() -> None:
@@ -603,8 +617,8 @@ async def test_bad_arguments_raise_before_redis_is_touched(redis_url: str, name:
         await s.start_task(coro, estimated_tokens=-5)
     assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
     coro = asyncio.sleep(0)
-    with pytest.raises(CostTooLargeError):
-        await s.start_task(coro, estimated_tokens=7_000)  # more than a minute of the budget
+    with pytest.raises(InvalidCostError):
+        await s.start_task(coro, estimated_tokens=float("inf"))
     assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
     with pytest.raises(InvalidTaskError):
         await s.start_task(lambda: None)  # type: ignore[arg-type]
@@ -674,16 +688,16 @@ async def test_kv_batch_errors_say_what_xtremeflow_said() -> None:
     async def ok() -> str:
         return "ok"
 
-    with pytest.raises(TypeError, match="^kv_batch rest elements must be coroutines, got Task$"):
+    with pytest.raises(TypeError, match=r"^kv_batch rest elements must be coroutines, got Task$"):
         await kv_batch([ok(), asyncio.ensure_future(ok())])
 
     async def source() -> Any:
         yield ok()
         yield asyncio.ensure_future(ok())
 
-    with pytest.raises(TypeError, match="^a coroutine was expected, got <Task"):
+    with pytest.raises(TypeError, match=r"^a coroutine was expected, got <Task"):
         await kv_batch(source())
-    with pytest.raises(TypeError, match="must be an iterable, not int$"):
+    with pytest.raises(TypeError, match=r"must be an iterable, not int$"):
         kv_batch(5)  # type: ignore[arg-type]
     gc.collect()
 

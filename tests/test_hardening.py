@@ -145,9 +145,7 @@ def test_a_waiter_whose_notice_was_lost_asks_again_when_the_events_connection_re
     with Limiter(Budget(name, max_concurrency=1), redis_url) as holder:
         decision = holder.try_acquire()  # the holder never subscribes: only the waiter is cut off
         assert decision.lease is not None
-        child = subprocess.Popen(
-            [sys.executable, "-c", _WAITER, name, redis_url], stdout=subprocess.PIPE, text=True
-        )
+        child = subprocess.Popen([sys.executable, "-c", _WAITER, name, redis_url], stdout=subprocess.PIPE, text=True)
         try:
             _until(lambda: holder.status().queued == 1)
             assert client.client_kill_filter(_type="pubsub") == 1  # the waiter's subscriber
@@ -269,6 +267,7 @@ async def test_a_cancel_that_meets_a_notice_is_not_lost(redis_url: str, name: st
     cancel and drops the cancel; the waiter must still end cancelled and give its ticket back."""
     async with AsyncLimiter(Budget(name, max_concurrency=1), redis_url) as lim:
         held = await lim.acquire()
+
         async def wait() -> object:
             return await lim.acquire(timeout=30)
 

@@ -113,6 +113,7 @@ class Ticket:
     alive_until: Fraction
     ttl: Fraction
     fit: Fraction | None = None  # the fit time last announced to it as head
+    overdraft: bool = False  # fits once the buckets are out of debt, whatever its cost
 
 
 Reply = tuple[list[Any], list[tuple[Any, ...]]]  # (reply fields, events published in order)
@@ -127,6 +128,7 @@ class Grant:
     segment: tuple[int, Fraction, Fraction]
     cost: tuple[Fraction, Fraction]
     late_fit: Fraction | None
+    overdraft: bool = False
 
 
 def ceil_us(x: Fraction) -> Fraction:
@@ -204,22 +206,25 @@ class BudgetModel:
             return ZERO
         return rate * self.burst - rate * max(ZERO, tat - now)
 
-    def _fits_from(self, tat: Fraction, rate: Fraction, cost: Fraction, now: Fraction) -> Fraction:
-        """Earliest t >= now at which the bucket holds min(cost, C)."""
+    def _need(self, rate: Fraction, cost: Fraction, overdraft: bool) -> Fraction:
+        """What the bucket must hold for a cost to fit: min(cost, C); in overdraft, nothing (out of debt)."""
+        return ZERO if overdraft else min(cost, rate * self.burst)
+
+    def _fits_from(self, tat: Fraction, rate: Fraction, cost: Fraction, now: Fraction, overdraft: bool) -> Fraction:
+        """Earliest t >= now at which the bucket holds what the cost needs."""
         if rate == 0 or cost == 0:
             return now
         capacity = rate * self.burst
-        need = min(cost, capacity)
         # capacity - rate * (tat - t) >= need  <=>  t >= tat - (capacity - need) / rate
-        return max(now, tat - (capacity - need) / rate)
+        return max(now, tat - (capacity - self._need(rate, cost, overdraft)) / rate)
 
-    def _fit(self, requests: Fraction, tokens: Fraction, now: Fraction) -> Fraction:
+    def _fit(self, requests: Fraction, tokens: Fraction, now: Fraction, overdraft: bool = False) -> Fraction:
         """Every limit at once, and never inside a pause."""
         return max(
             now,
             self.cu,
-            self._fits_from(self.rt, self.request_rate, requests, now),
-            self._fits_from(self.tt, self.token_rate, tokens, now),
+            self._fits_from(self.rt, self.request_rate, requests, now, overdraft),
+            self._fits_from(self.tt, self.token_rate, tokens, now, overdraft),
         )
 
     @staticmethod
@@ -247,25 +252,29 @@ class BudgetModel:
         return self.max_concurrency == 0 or len(self.leases) < self.max_concurrency
 
     def _charged_from(
-        self, tat: Fraction, rate: Fraction, cost: Fraction, fit: Fraction | None, now: Fraction
+        self, tat: Fraction, rate: Fraction, cost: Fraction, fit: Fraction | None, now: Fraction, overdraft: bool
     ) -> Fraction:
         """Where a charge starts: now; for a head of the queue back after its fit time, as of then in
         a bucket that set that time (not full before it) unless a cooldown set it, at most
         LATE_CREDIT and its cost's refill time back."""
-        slack = max(ZERO, self.burst - cost / rate)
+        slack = (rate * self.burst - self._need(rate, cost, overdraft)) / rate
         if fit is None or fit >= now or self.cu >= fit or tat - slack < fit:
             return max(tat, now)
         return max(tat, fit, now - LATE_CREDIT, now - cost / rate)
 
-    def _charge(self, requests: Fraction, tokens: Fraction, now: Fraction, fit: Fraction | None = None) -> None:
+    def _charge(
+        self, requests: Fraction, tokens: Fraction, now: Fraction, fit: Fraction | None = None, overdraft: bool = False
+    ) -> None:
         """Charge every limited bucket, all or none (see _charged_from; ``fit``: the fit time told to a
         head of the queue, None: charged from now), counting it in cq, ct."""
         self.cq += requests
         self.ct += tokens
         if self.request_rate:
-            self.rt = self._charged_from(self.rt, self.request_rate, requests, fit, now) + requests / self.request_rate
+            start = self._charged_from(self.rt, self.request_rate, requests, fit, now, overdraft)
+            self.rt = start + requests / self.request_rate
         if self.token_rate:
-            self.tt = self._charged_from(self.tt, self.token_rate, tokens, fit, now) + tokens / self.token_rate
+            start = self._charged_from(self.tt, self.token_rate, tokens, fit, now, overdraft)
+            self.tt = start + tokens / self.token_rate
 
     def _grant(
         self,
@@ -275,9 +284,10 @@ class BudgetModel:
         now: Fraction,
         fit: Fraction | None = None,
         provisional: bool = False,
+        overdraft: bool = False,
     ) -> None:
         """Charge every limited bucket and hand out the lease (remembering the levels after, now)."""
-        self._charge(requests, tokens, now, fit)
+        self._charge(requests, tokens, now, fit, overdraft)
         self.leases[lease_id] = Lease(
             requests,
             tokens,
@@ -424,10 +434,10 @@ class BudgetModel:
                     ticket.alive_until = max(ticket.alive_until, ticket.fit + ticket.ttl)
                     events.append(("h", head, ticket.fit, now))
                 return
-            fit = self._fit(ticket.requests, ticket.tokens, now)
+            fit = self._fit(ticket.requests, ticket.tokens, now, ticket.overdraft)
             if fit <= now:
                 del self.queue[head]
-                self._grant(head, ticket.requests, ticket.tokens, now, ticket.fit, provisional=True)
+                self._grant(head, ticket.requests, ticket.tokens, now, ticket.fit, True, ticket.overdraft)
                 events.append(("g", head, now))
                 continue
             if ticket.fit != fit:
@@ -491,10 +501,13 @@ class BudgetModel:
         ticket_ttl: Fraction,
         probe: bool = False,
         seen_keys: bool = False,
+        overdraft: bool = False,
     ) -> Reply:
         events: list[tuple[Any, ...]] = []
         lost = self._load(now, seen_keys)
-        reply = self._acquire(now, lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, probe, events)
+        reply = self._acquire(
+            now, lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, probe, events, overdraft
+        )
         return reply, self._saved(lost, now, events)
 
     def _acquire(
@@ -508,6 +521,7 @@ class BudgetModel:
         ticket_ttl: Fraction,
         probe: bool,
         events: list[tuple[Any, ...]],
+        overdraft: bool = False,
     ) -> list[Any]:
         if probe and self.pb == 0:  # the first acquire of a probing budget: one call at a time
             self.pb = 2 if self.lr or self.lt else 1
@@ -528,18 +542,18 @@ class BudgetModel:
             ("tokens", tokens, self.token_rate, ZERO),
         ):
             most = max(floor, rate * max(self.burst, F(60)))
-            if rate > 0 and cost > most:
+            if rate > 0 and cost > most and not overdraft:
                 return ["too_large", most, now, what]
         if not self.queue and self._slot_free():
-            fit = self._fit(requests, tokens, now)
+            fit = self._fit(requests, tokens, now, overdraft)
             if fit <= now:
-                self._grant(lease_id, requests, tokens, now)
+                self._grant(lease_id, requests, tokens, now, overdraft=overdraft)
                 return ["granted", now, now, now + self.lease_ttl]
             if not may_queue or (max_wait is not None and fit - now > max_wait):
                 return ["refused", fit - now, now]
         elif not may_queue:
             return ["refused", F(-1), now]
-        self.queue[lease_id] = Ticket(requests, tokens, now + ticket_ttl, ticket_ttl)
+        self.queue[lease_id] = Ticket(requests, tokens, now + ticket_ttl, ticket_ttl, overdraft=overdraft)
         self._advance(now, events)
         return ["queued", self._wait_hint(lease_id, now), now]
 
@@ -822,6 +836,7 @@ DRAWS = st.sampled_from([0.0, 0.25, 0.5, 0.75])
 MAX_WAIT = st.sampled_from([None, 0.0, 0.25, 1.0, 2.5])
 REQUESTS = st.sampled_from([0, 1, 1, 1, 2, 3])
 TOKENS = st.integers(0, 200)
+OVERDRAFT = st.sampled_from([False, False, False, True])  # XtremeFlow's admission, now and then
 ACTUAL = st.none() | st.integers(0, 300)
 
 # learned limits per minute: rates of whole powers of two per second, so times stay on the grid
@@ -854,6 +869,7 @@ class BudgetMachine(RuleBasedStateMachine):
         self.ticket_ttl = self.budget.lease_ttl
         self.base_args = budget_args(self.budget)
         self.costs: dict[str, tuple[int, int]] = {}
+        self.overdrafts: set[str] = set()  # leases asked for in overdraft (XtremeFlow's admission)
         self.serial = 0
         self.probe = False
         self.memory = 5.0
@@ -986,7 +1002,8 @@ class BudgetMachine(RuleBasedStateMachine):
         late = fit is not None and fit < at and fit > self.paused_until  # a cooldown did not set it
         segment = (self.model.rescales, self.model.request_rate, self.model.token_rate)
         self.charged[lease_id] = (F(requests), F(tokens))
-        self.grants.append(Grant(at, segment, (F(requests), F(tokens)), fit if late else None))
+        overdraft = lease_id in self.overdrafts
+        self.grants.append(Grant(at, segment, (F(requests), F(tokens)), fit if late else None, overdraft))
 
     def _record(self, reply: list[str], events: list[str]) -> None:
         """What the safety check needs: each grant at the time Redis records, what stays charged of
@@ -1050,7 +1067,8 @@ class BudgetMachine(RuleBasedStateMachine):
 
     def _acquire(self, lease_id: str, max_wait: float | None, may_queue: bool) -> None:
         requests, tokens = self.costs[lease_id]
-        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, self.ticket_ttl, self.probe)
+        overdraft = lease_id in self.overdrafts
+        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, self.ticket_ttl, self.probe, overdraft)
         raw = self._run("acquire", argv)
         result = self.model.acquire(
             CLOCK.now(),
@@ -1062,8 +1080,9 @@ class BudgetMachine(RuleBasedStateMachine):
             frac(self.ticket_ttl),
             self.probe,
             self.seen,
+            overdraft,
         )
-        self._check(f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue})", raw, result)
+        self._check(f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue}, {overdraft})", raw, result)
         reply, want = decode_acquire(raw), result[0]
         assert reply.kind == want[0]
         if reply.kind == "queued":
@@ -1075,17 +1094,26 @@ class BudgetMachine(RuleBasedStateMachine):
 
     # ---- rules ---------------------------------------------------------------------------------
 
-    @rule(target=ids, requests=REQUESTS, tokens=TOKENS, max_wait=MAX_WAIT, may_queue=st.booleans())
-    def acquire(self, requests: int, tokens: int, max_wait: float | None, may_queue: bool) -> str:
+    @rule(
+        target=ids,
+        requests=REQUESTS,
+        tokens=TOKENS,
+        max_wait=MAX_WAIT,
+        may_queue=st.booleans(),
+        overdraft=OVERDRAFT,
+    )
+    def acquire(self, requests: int, tokens: int, max_wait: float | None, may_queue: bool, overdraft: bool) -> str:
         lease_id = self._fresh()
         self.costs[lease_id] = (requests, tokens)
+        if overdraft:
+            self.overdrafts.add(lease_id)
         self._acquire(lease_id, max_wait, may_queue)
         return lease_id
 
-    @rule(target=ids, requests=REQUESTS, tokens=TOKENS, max_wait=st.none() | MAX_WAIT)
-    def acquire_or_queue(self, requests: int, tokens: int, max_wait: float | None) -> str:
+    @rule(target=ids, requests=REQUESTS, tokens=TOKENS, max_wait=st.none() | MAX_WAIT, overdraft=OVERDRAFT)
+    def acquire_or_queue(self, requests: int, tokens: int, max_wait: float | None, overdraft: bool) -> str:
         """The way the limiter acquires: queue for a slot when none is free."""
-        return self.acquire(requests, tokens, max_wait, True)
+        return self.acquire(requests, tokens, max_wait, True, overdraft)
 
     @rule(lease_id=ids, max_wait=MAX_WAIT)
     def repoll(self, lease_id: str, max_wait: float | None) -> None:
@@ -1096,7 +1124,7 @@ class BudgetMachine(RuleBasedStateMachine):
     def a_head_released_by_a_cooldown_comes_back_late(self, retry_after: float, tokens: int, late: int) -> None:
         """Where a late head's credit would overflow a full bucket: the pause outlasts the refill."""
         self.cooldown(retry_after, 0.0)
-        self.acquire(1, tokens, None, True)
+        self.acquire(1, tokens, None, True, False)
         if self.model.queue:
             self.head_returns_late(late)
         self.drain(tokens)
@@ -1425,7 +1453,9 @@ class BudgetMachine(RuleBasedStateMachine):
                     total += last.cost[d]
                     if last.cost[d] == 0:  # a cost of 0 fits whatever the level: it bounds nothing
                         continue
-                    bound = rate * (last.at - first.at) + max(rate * burst, last.cost[d]) + slack
+                    # the last grant had to find the bucket holding min(cost, C); in overdraft, out of debt
+                    most = rate * burst + last.cost[d] if last.overdraft else max(rate * burst, last.cost[d])
+                    bound = rate * (last.at - first.at) + most + slack
                     assert total <= bound, (
                         f"{'requests' if d == 0 else 'tokens'}: grants {i}..{j} admit {float(total)} in "
                         f"{float(last.at - first.at):.6f} s, more than {float(bound)}"

@@ -35,7 +35,7 @@ from xflow_dist._core import acquire_args, budget_args, cooldown_args, keys, set
 # The kinds of every argument (lua/_prelude.lua), budget block first; "opt": may be left out.
 BLOCK = ["rate", "seconds", "rate", "seconds", "count", "positive", "seconds", "text", "positive", "flag"]
 OPS: dict[str, list[str]] = {
-    "acquire": ["text", "units", "units", "seconds_or_unset", "flag", "positive", "flag_opt"],
+    "acquire": ["text", "units", "units", "seconds_or_unset", "flag", "positive", "flag_opt", "flag_opt"],
     "settle": [
         "text_or_empty",
         "units_or_unset",

@@ -20,6 +20,31 @@ def test_grant_within_burst_starts_now(rclient: redis.Redis, name: str) -> None:
         assert r.start == r.now
 
 
+def test_overdraft_grants_once_out_of_debt_and_charges_the_whole_cost(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, tps=100, burst=1)  # a bucket of 100 tokens
+    _, r = o.acquire(tokens=7_000)  # more than a minute of the rate: never granted by default
+    assert r.kind == "too_large"
+    _, r = o.acquire(tokens=250, overdraft=True)  # the full bucket admits it; 150 tokens of debt
+    assert r.kind == "granted"
+    assert o.status().tokens_available == pytest.approx(-150, abs=2)
+    _, r = o.acquire(tokens=1, overdraft=True, queue=False)  # in debt: not even one token
+    assert r.kind == "refused" and r.retry_after == pytest.approx(1.5, abs=0.02)
+    _, r = o.acquire(tokens=1, queue=False)  # nor by the default rule
+    assert r.kind == "refused"
+    ticket, r = o.acquire(tokens=7_000, overdraft=True)  # queued: out of debt in 1.5 s, then granted
+    assert r.kind == "queued" and r.wait == pytest.approx(1.5, abs=0.02)
+    o.wait_redis_until(r.now + r.wait)
+    _, r = o.acquire(lease_id=ticket, tokens=7_000, overdraft=True)
+    assert r.kind == "granted"
+    assert o.status().tokens_available == pytest.approx(-7_000, abs=5)  # granted at 0 (out of debt)
+
+
+def test_overdraft_lets_one_more_through_after_idle(rclient: redis.Redis, name: str) -> None:
+    o = ops(rclient, name, rps=10, burst=0.5)  # 5 requests of credit
+    granted = [o.acquire(overdraft=True, queue=False)[1].kind for _ in range(7)]
+    assert granted == ["granted"] * 6 + ["refused"]  # XtremeFlow's rate x burst_ratio + 1
+
+
 def test_even_pacing_at_burst_zero_queues_the_next_for_one_interval(rclient: redis.Redis, name: str) -> None:
     o = ops(rclient, name, rps=10)
     assert o.acquire()[1].kind == "granted"

@@ -206,7 +206,9 @@ class LimiterBase:
         return new_id(), requests, tokens
 
     def _try_args(self, lease_id: str, requests: float, tokens: float) -> list[str]:
-        return acquire_args(lease_id, requests, tokens, 0.0, False, self.ticket_ttl, self.budget.probe)
+        return acquire_args(
+            lease_id, requests, tokens, 0.0, False, self.ticket_ttl, self.budget.probe, self.budget.overdraft
+        )
 
     def _check_facts(
         self,

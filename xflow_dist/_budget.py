@@ -59,6 +59,13 @@ class Budget:
     them alone where none is configured. ``probe=True`` grants one call at a time until the first
     call is settled or a limit is learned, so that a budget without configured rates does not
     send a first wave the provider may not hold.
+
+    ``overdraft=True`` is XtremeFlow's admission: a call is granted once every bucket is out of
+    debt, whatever its cost, which is charged in full (the excess as debt that delays the next
+    grants). A cost larger than a bucket is then granted when that bucket is full instead of
+    refused, and after idle one call more than the burst starts at once. A provider that checks
+    each call against what its bucket holds may refuse the call that overdraws: the compatible
+    API uses it; a fleet that must see no 429 keeps the default.
     """
 
     name: str
@@ -71,6 +78,7 @@ class Budget:
     lease_ttl: float = field(default=30.0, kw_only=True)
     claim_window: float = field(default=0.5, kw_only=True)
     probe: bool = field(default=False, kw_only=True)
+    overdraft: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -87,8 +95,9 @@ class Budget:
             raise ConfigurationError(
                 f"max_concurrency must be a whole number from 1 to {MAX_UNITS:g}, not {mc!r}", budget=self.name
             )
-        if not isinstance(self.probe, bool):
-            raise ConfigurationError(f"probe must be True or False, not {self.probe!r}", budget=self.name)
+        for flag in ("probe", "overdraft"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigurationError(f"{flag} must be True or False, not {getattr(self, flag)!r}", budget=self.name)
         for what, rate in (("requests", self.request_rate), ("tokens", self.token_rate)):
             if rate is not None and not MIN_RATE <= rate <= MAX_UNITS:
                 raise ConfigurationError(

@@ -66,6 +66,8 @@ def validate_cost(budget: Budget, requests: float, tokens: float) -> tuple[float
             raise InvalidCostError(
                 f"{what} must be finite, zero or more and at most {MAX_UNITS:g}, not {value!r}", budget=budget.name
             )
+    if budget.overdraft:  # any cost is granted once the buckets are out of debt
+        return float(requests), float(tokens)
     if tokens > budget.max_tokens_per_request:
         raise CostTooLargeError(
             f"{tokens:g} tokens can never fit budget {budget.name!r}: it grants at most "
@@ -89,8 +91,9 @@ def acquire_args(
     may_queue: bool,
     ticket_ttl: float,
     probe: bool = False,
+    overdraft: bool = False,
 ) -> list[str]:
-    """ARGV[10..16] of ``acquire.lua``; a max wait beyond the scripts' bound is no bound at all."""
+    """The operation arguments of ``acquire.lua``; a max wait beyond the scripts' bound is no bound at all."""
     return [
         lease_id,
         _num(requests),
@@ -99,6 +102,7 @@ def acquire_args(
         "1" if may_queue else "0",
         _num(ticket_ttl),
         "1" if probe else "0",
+        "1" if overdraft else "0",
     ]
 
 

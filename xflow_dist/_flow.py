@@ -66,7 +66,9 @@ def acquire_flow(
             yield GiveBack(lease_id)
             raise AcquireTimeout(f"no grant from budget {budget.name!r} within {timeout:g}s", budget=budget.name)
         first = False
-        argv = acquire_args(lease_id, requests, tokens, remaining, timeout != 0, ticket_ttl, budget.probe)
+        argv = acquire_args(
+            lease_id, requests, tokens, remaining, timeout != 0, ticket_ttl, budget.probe, budget.overdraft
+        )
         reply = decode_acquire((yield RunScript("acquire", argv)))
         if reply.kind == "granted":
             return

@@ -79,6 +79,7 @@ def share(budget: Budget, mode: str, processes: int) -> Budget:
         burst=budget.burst,
         lease_ttl=budget.lease_ttl,
         claim_window=budget.claim_window,
+        overdraft=budget.overdraft,
     )
 
 

@@ -188,6 +188,7 @@ class TaskScheduler:
             tpm=tpm,
             max_concurrency=max_concurrency,
             burst=burst_ratio,
+            overdraft=True,  # XtremeFlow's admission: a start is due once no debt is left, whatever its cost
         )
         # Each scheduler without a Redis gets a memory server of its own: independent, like XtremeFlow's.
         self._redis: RedisLike = redis if redis is not None else f"memory://xtremeflow-{uuid.uuid4().hex}"
@@ -317,8 +318,9 @@ class TaskScheduler:
 class RequestRateScheduler(TaskScheduler):
     """XtremeFlow's ``RequestRateScheduler``: ``max_rps`` (or ``max_rpm``) and concurrency, jointly.
 
-    ``burst_ratio`` is seconds of credit: 0 paces one start every 1/rate; after idle, up to
-    rate x burst_ratio start at once.
+    ``burst_ratio`` is seconds of credit: 0 paces one start every 1/rate; after idle,
+    rate x burst_ratio + 1 start at once (a start is due once the budget is out of debt, as in
+    XtremeFlow: the budget is made with ``overdraft=True``).
     """
 
     def __init__(
@@ -346,8 +348,9 @@ class RequestRateScheduler(TaskScheduler):
 class TokenRateScheduler(RequestRateScheduler):
     """XtremeFlow's ``TokenRateScheduler``: tokens, requests and concurrency, reserved jointly.
 
-    ``start_task(coro, estimated_tokens=n)`` reserves ``n`` tokens; ``report_token_usage(actual)``
-    inside the task refunds an over-estimate or charges the rest.
+    ``start_task(coro, estimated_tokens=n)`` reserves ``n`` tokens (more than the bucket holds:
+    granted when it is full, the excess charged as debt); ``report_token_usage(actual)`` inside the
+    task refunds an over-estimate or charges the rest.
     """
 
     def __init__(
