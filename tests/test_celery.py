@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _helpers import until
 
 from xflow_dist import AcquireTimeout, Budget, ConfigurationError, CooldownPolicy, Lease, Limiter
 
@@ -452,6 +453,33 @@ def test_a_long_wait_requeues_and_frees_the_worker(
     assert outcome["at"] - sent >= pause - 0.3, "the limited task ran before the pause ended"
     assert outcome["retries"] == 0, "a wait for budget is not a retry"
     assert retries.get(waiting.id, 0) >= 1, "it was re-queued, not slept"
+
+
+@pytest.mark.timeout(60)
+def test_a_task_requeued_after_its_in_place_wait_comes_back_when_it_fits(
+    app: Celery, name: str, redis_url: str, retries: dict[str, int]
+) -> None:
+    """Waiting for a slot, the budget cannot say when it frees: the task waits its max_wait in place,
+    re-queues with no floor (the slot may free any moment) and waits in place again, so it runs
+    within a moment of the release, not a max_wait later."""
+    budget = Budget(name, max_concurrency=1)
+
+    @rate_limited_task(app, shared=False, budget=budget, policy=TaskPolicy(max_wait=1.0), usage=None)
+    def limited(self: Any) -> float:
+        return time.time()
+
+    with (
+        Limiter(budget, redis_url) as holder,
+        start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING", shutdown_timeout=20),
+    ):
+        lease = holder.acquire()
+        waiting = limited.delay()
+        until(lambda: retries.get(waiting.id, 0) >= 1, timeout=10)  # timed out in place: re-queued
+        time.sleep(0.3)  # it is back, waiting in place again
+        released = time.time()
+        lease.release()
+        ran = waiting.get(timeout=20)
+    assert ran - released < 0.5, f"ran {ran - released:.2f}s after the slot was freed"
 
 
 @pytest.mark.timeout(60)

@@ -464,7 +464,10 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         except BudgetUnavailableError:  # the "closed" outage policy: come back once Redis may answer
             wait = max(policy.max_wait, limiter.outage_policy.probe_interval, 1.0)
         if wait is None:  # queued behind others, or waiting for a slot: no exact answer
-            wait = _estimate_wait(limiter, tokens, requests, policy.max_wait)
+            # No floor after an in-place wait: the task comes back when it is estimated to fit (it
+            # then waits in place again, which bounds the churn); without one, a short floor does.
+            floor = 0.0 if policy.max_wait > 0 else REQUEUE_FLOOR
+            wait = _estimate_wait(limiter, tokens, requests, floor)
         raise self._requeue(limiter, wait, policy)
 
     def _requeue(self, limiter: Limiter, wait: float, policy: TaskPolicy) -> BaseException:
@@ -531,6 +534,11 @@ def _keeping(base: type) -> type:
         if found is None:
             found = _keepers[base] = type(f"Task{base.__name__}", (base,), {"close": lambda self: None})
         return found
+
+
+#: The shortest re-queue of a task that never waits in place (``max_wait=0``) and whose wait the
+#: budget cannot tell: without it, a task behind a queue would bounce through the broker at once.
+REQUEUE_FLOOR = 0.1
 
 
 def _estimate_wait(limiter: Limiter, tokens: float, requests: float, floor: float) -> float:
