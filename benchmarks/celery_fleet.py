@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", action="append", choices=STRATEGIES)
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds one run may take at most")
     parser.add_argument(
-        "--burst", type=float, default=59.9, help="the budget's burst, seconds (the provider's minute less a margin)"
+        "--burst",
+        type=float,
+        default=60.0,
+        help="the budget's burst, seconds (the provider's minute; the library keeps its dispatch margin back)",
     )
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)

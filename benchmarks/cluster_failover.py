@@ -103,9 +103,10 @@ def sync_worker(conn: Any, url: str, names: dict[str, str], args: dict[str, Any]
         tally = Tally(in_flight)
         lock = threading.Lock()
         end = args["until"]
-        with Limiter(make_budget(names["a"], args["slots"]), url, outage=args["outage"]) as a, Limiter(
-            make_budget(names["b"], args["slots"]), url, outage=args["outage"]
-        ) as b:
+        with (
+            Limiter(make_budget(names["a"], args["slots"]), url, outage=args["outage"]) as a,
+            Limiter(make_budget(names["b"], args["slots"]), url, outage=args["outage"]) as b,
+        ):
 
             def loop(limiter: Limiter, which: str) -> None:
                 while time.monotonic() < end:
@@ -144,9 +145,10 @@ def async_worker(conn: Any, url: str, names: dict[str, str], args: dict[str, Any
     async def main() -> tuple[str, dict[str, Any]]:
         tally = Tally(in_flight)
         end = args["until"]
-        async with AsyncLimiter(make_budget(names["a"], args["slots"]), url, outage=args["outage"]) as a, AsyncLimiter(
-            make_budget(names["b"], args["slots"]), url, outage=args["outage"]
-        ) as b:
+        async with (
+            AsyncLimiter(make_budget(names["a"], args["slots"]), url, outage=args["outage"]) as a,
+            AsyncLimiter(make_budget(names["b"], args["slots"]), url, outage=args["outage"]) as b,
+        ):
 
             async def loop(limiter: AsyncLimiter, which: str) -> None:
                 while time.monotonic() < end:

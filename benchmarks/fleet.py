@@ -5,7 +5,8 @@ Same simulated provider, same job list, same processes x workers; the strategies
   retry  - no limiter: retry each 429 after exponential backoff with full jitter
   split  - a static split: each process limits itself in-process to 1/P of every limit (aiolimiter)
 
-Scenarios: tokens bind, requests bind, concurrency binds; each at P = 4 and P = 8.
+Scenarios: tokens bind, requests bind, concurrency binds; each at P = 4 and P = 8 (--processes 16 too).
+--uneven gives the processes unequal worker counts (from about 2C/(P+1) to 2CP/(P+1), C on average).
 Figures come from the provider's own ledger. Loopback only; every run is bounded by --deadline.
 
 The shared budget (xflow) is, by default, configured with the provider's real limits. Learning:
@@ -47,7 +48,7 @@ def scenarios(quick: bool) -> list[tuple[Scenario, int]]:
             96 if not quick else 48, max_tokens=(64, 384),
         ),
     ]  # fmt: skip
-    return [(s, p) for s in base for p in (4, 8)]
+    return [(s, p) for s in base for p in (4, 8, 16)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter job lists")
     parser.add_argument("--concurrency", type=int, default=16, help="workers per process (default 16)")
     parser.add_argument("--scenario", action="append", choices=("tokens", "requests", "concurrency"))
-    parser.add_argument("--processes", action="append", type=int, choices=(4, 8))
+    parser.add_argument("--processes", action="append", type=int, choices=(4, 8, 16), help="default: 4 and 8")
+    parser.add_argument("--uneven", action="store_true", help="unequal worker counts across the processes")
     parser.add_argument("--strategy", action="append", choices=STRATEGIES)
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds one run may take at most")
     parser.add_argument(
@@ -71,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [
         (s, p)
         for s, p in scenarios(args.quick)
-        if (not args.scenario or s.name in args.scenario) and (not args.processes or p in args.processes)
+        if (not args.scenario or s.name in args.scenario) and p in (args.processes or (4, 8))
     ]
     strategies = args.strategy or list(STRATEGIES)
     rows: list[tuple[str, int, FleetResult]] = []
     t0 = time.monotonic()
     with EmbeddedRedis(allow_fake=False) as redis_server:
-        print(f"redis: {redis_server.kind} at {redis_server.url}; {args.concurrency} workers per process")
+        each = "unequal worker counts, on average" if args.uneven else "workers per process"
+        print(f"redis: {redis_server.kind} at {redis_server.url}; {args.concurrency} {each}")
         print(f"shared budget: {_budget_mode(args)}")
         for scenario, processes in chosen:
             jobs = make_jobs(scenario.jobs, seed=7, prompt_tokens=scenario.prompt_tokens,
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         budget_rates=not args.learn,
                         probe=args.probe,
                         report_limits=not args.remaining_only,
+                        uneven=args.uneven,
                     )
                     result = run_fleet(spec, jobs, scenario.latency)
                     rows.append((scenario.name, processes, result))

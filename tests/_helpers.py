@@ -26,6 +26,11 @@ from xflow_dist._core import (
 from xflow_dist._scripts import register
 
 
+def full_tokens(budget: Budget) -> float:
+    """What a full token bucket holds: the rate times the credit (the burst less the dispatch margin)."""
+    return (budget.token_rate or 0.0) * budget.credit
+
+
 def until(predicate: Any, timeout: float = 10.0) -> None:
     """Wait for a condition on counts, bounded: raises AssertionError if it is not met in time."""
     deadline = time.monotonic() + timeout

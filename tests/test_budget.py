@@ -5,7 +5,7 @@ import math
 import pytest
 
 from xflow_dist import Budget, ConfigurationError, CooldownPolicy, CostTooLargeError, InvalidCostError
-from xflow_dist._core import validate_cost
+from xflow_dist._core import budget_args, validate_cost
 
 
 def test_per_minute_limits_become_per_second_rates() -> None:
@@ -62,9 +62,10 @@ def test_errors_name_the_budget() -> None:
     assert isinstance(info.value, ValueError)
 
 
-def test_largest_cost_is_a_minute_or_the_burst_whichever_is_more() -> None:
+def test_largest_cost_is_a_minute_or_the_credit_whichever_is_more() -> None:
     assert Budget("x", tps=100).max_tokens_per_request == pytest.approx(6_000)
-    assert Budget("x", tps=100, burst=120).max_tokens_per_request == pytest.approx(12_000)
+    assert Budget("x", tps=100, burst=120).max_tokens_per_request == pytest.approx(11_975)  # the credit: 119.75 s
+    assert Budget("x", tps=100, burst=120, dispatch_margin=0).max_tokens_per_request == pytest.approx(12_000)
 
 
 @pytest.mark.parametrize("tokens", [-1, math.nan, math.inf, -math.inf, "5", None, True])
@@ -87,3 +88,33 @@ def test_cost_that_can_never_fit_is_refused() -> None:
 def test_bad_cooldown_policy_is_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigurationError):
         CooldownPolicy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("burst", "margin", "credit"),
+    [
+        (60, None, 59.75),  # the README's per-minute budget: a quarter second kept back for the trip
+        (59.8, None, 59.75),
+        (59.75, None, 59.75),  # the provider's bucket keeps a quarter second of room already
+        (30, None, 30),
+        (0.5, None, 0.5),
+        (0, None, 0),
+        (120, None, 119.75),
+        (60, 0.0, 60),
+        (60, 1.0, 59),
+        (0.5, 1.0, 0.5),
+    ],
+)
+def test_the_dispatch_margin_comes_off_a_burst_that_reaches_into_the_providers_last_minute(
+    burst: float, margin: float | None, credit: float
+) -> None:
+    kwargs = {} if margin is None else {"dispatch_margin": margin}
+    b = Budget("x", rpm=600, burst=burst, **kwargs)
+    assert b.credit == pytest.approx(credit)
+    assert budget_args(b)[1] == budget_args(b)[3] == repr(float(b.credit))  # what the scripts hold
+
+
+@pytest.mark.parametrize("margin", [-0.1, math.nan, math.inf, "0.25", None, True])
+def test_a_bad_dispatch_margin_is_refused(margin: object) -> None:
+    with pytest.raises(ConfigurationError, match="dispatch_margin"):
+        Budget("x", rpm=600, burst=60, dispatch_margin=margin)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import tiktoken
+from _helpers import full_tokens
 
 from xflow_dist import AsyncLimiter, Budget, ConfigurationError, Limiter, _tokens
 from xflow_dist._transport import _usage
@@ -50,7 +51,7 @@ async def test_async_chat_settles_with_the_replys_usage(sim: SimulatorServer, re
             status = await lim.status()
         # charged the estimate, settled to the usage: the bucket lacks exactly what was used
         assert status.in_flight == 0
-        assert 60_000 - status.tokens_available == pytest.approx(used, abs=40)
+        assert full_tokens(lim.budget) - status.tokens_available == pytest.approx(used, abs=40)
 
 
 async def test_a_429_with_no_retry_left_still_pauses_the_fleet(redis_url: str, name: str) -> None:
@@ -92,7 +93,7 @@ async def test_a_stream_holds_its_lease_until_closed_and_settles_with_its_usage(
             usage = json.loads(lines[-1][6:])["usage"]["total_tokens"]
             status = await lim.status()
         assert status.in_flight == 0
-        assert 60_000 - status.tokens_available == pytest.approx(usage, abs=40)
+        assert full_tokens(lim.budget) - status.tokens_available == pytest.approx(usage, abs=40)
 
 
 async def test_an_abandoned_stream_gives_its_slot_back(sim: SimulatorServer, redis_url: str, name: str) -> None:
@@ -202,7 +203,7 @@ def test_an_unrouted_call_is_refused_before_it_spends_or_goes_out(
         transport = RateLimitedTransport(Router({"only-this": lim}))
         with httpx.Client(transport=transport, base_url=sim.url) as client, pytest.raises(NoRouteError):
             client.post("/v1/chat/completions", json=CHAT)
-        assert lim.status().requests_available == pytest.approx(60, abs=0.1)
+        assert lim.status().requests_available == pytest.approx(lim.budget.credit, abs=0.1)  # 1/s: full
     assert sim.stats()["requests"]["completed"] == 0
 
 

@@ -38,7 +38,7 @@ def one(text: str) -> int:
 
 
 EST = estimate_request("/v1/chat/completions", BODY, tokenizer=one)  # 3 + 4 + 1 + 200
-FULL = 600.0
+FULL = 10.0 * Budget("full", tpm=600, burst=60).credit  # 600 tokens a minute, less the dispatch margin
 CHARGED = FULL - EST
 USAGE_CHUNK = b'data: {"choices": [], "usage": {"total_tokens": 30}}\n\n'
 USAGE_REPLY = b'{"choices": [], "usage": {"total_tokens": 30}}'

@@ -187,3 +187,14 @@ def test_a_client_passed_in_is_not_closed(redis_url: str, name: str) -> None:
         lim.acquire().release()
     assert c.ping()
     c.close()
+
+
+def test_a_per_minute_budget_keeps_its_dispatch_margin_back(url: str, name: str) -> None:
+    """The README's configuration (the provider's limits, burst=60) holds 59.75 s of each rate: a
+    quarter second stays back for the trip of a grant to the provider (docs/concepts.md)."""
+    with Limiter(Budget(name, rpm=600, tpm=60_000, burst=60), url) as lim:
+        s = lim.status()
+    assert s.requests_available == pytest.approx(597.5, abs=0.01)
+    assert s.tokens_available == pytest.approx(59_750, abs=1)
+    with Limiter(Budget(f"{name}-all", rpm=600, burst=60, dispatch_margin=0), url) as lim:
+        assert lim.status().requests_available == pytest.approx(600, abs=0.01)

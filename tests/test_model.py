@@ -733,7 +733,7 @@ def model_of(budget: Budget) -> BudgetModel:
     return BudgetModel(
         configured_request_rate=frac(budget.request_rate or 0.0),
         configured_token_rate=frac(budget.token_rate or 0.0),
-        burst=frac(budget.burst),
+        burst=frac(budget.credit),
         max_concurrency=budget.max_concurrency or 0,
         lease_ttl=frac(budget.lease_ttl),
         claim_window=frac(min(budget.claim_window, budget.lease_ttl)),
@@ -1434,7 +1434,7 @@ class BudgetMachine(RuleBasedStateMachine):
         between: dict[tuple[int, int], Fraction] = {}
         for position, dim, amount in self.adjustments:
             between[(position, dim)] = between.get((position, dim), ZERO) + amount
-        burst = frac(self.budget.burst)
+        burst = frac(self.budget.credit)
         for i, first in enumerate(self.grants):
             for d in (0, 1):
                 rate = first.segment[1 + d]

@@ -15,6 +15,13 @@ _NAME = re.compile(r"[A-Za-z0-9._:/@+=-]{1,200}")
 #: Providers' buckets hold one minute of their rate: no single request may cost more.
 PROVIDER_WINDOW = 60.0
 
+#: Seconds of credit a budget that mirrors the provider's minute keeps back, by default, for the
+#: trip of a grant to the provider: it arrives some time after Redis made it, and by a time that
+#: varies (the event loop, the network), so two grants a rate's interval apart may reach the provider
+#: closer together. A bucket that far behind the provider's absorbs that. A quarter of a second costs
+#: a per-minute budget 0.4 % of its first minute and nothing after.
+DISPATCH_MARGIN = 0.25
+
 #: Bounds the scripts enforce (``lua/_prelude.lua``), checked here first: no cost, usage, rate (per
 #: second) or limit (per minute) above MAX_UNITS, no duration above MAX_SECONDS (about 31.7 years),
 #: no rate or limit below MIN_RATE (one request per 11.6 days).
@@ -60,6 +67,11 @@ class Budget:
     call is settled or a limit is learned, so that a budget without configured rates does not
     send a first wave the provider may not hold.
 
+    ``dispatch_margin`` (seconds) is kept back from a burst that reaches into the provider's last
+    minute: the credit is ``min(burst, max(burst, 60) - dispatch_margin)`` seconds, so ``burst=60``
+    holds 59.75 s by default (see ``DISPATCH_MARGIN``), and a burst of 59.75 s or less is untouched
+    (the provider's bucket keeps the rest of its minute as room for the trip).
+
     ``overdraft=True`` is XtremeFlow's admission: a call is granted once every bucket is out of
     debt, whatever its cost, which is charged in full (the excess as debt that delays the next
     grants). A cost larger than a bucket is then granted when that bucket is full instead of
@@ -79,6 +91,7 @@ class Budget:
     claim_window: float = field(default=0.5, kw_only=True)
     probe: bool = field(default=False, kw_only=True)
     overdraft: bool = field(default=False, kw_only=True)
+    dispatch_margin: float = field(default=DISPATCH_MARGIN, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -90,6 +103,9 @@ class Budget:
         _positive(self.name, "burst", self.burst, zero_ok=True)
         _positive(self.name, "lease_ttl", self.lease_ttl)
         _positive(self.name, "claim_window", self.claim_window)
+        if self.dispatch_margin is None:
+            raise ConfigurationError("dispatch_margin must be a number of seconds, not None", budget=self.name)
+        _positive(self.name, "dispatch_margin", self.dispatch_margin, zero_ok=True)
         mc = self.max_concurrency
         if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= MAX_UNITS):
             raise ConfigurationError(
@@ -116,16 +132,22 @@ class Budget:
         return _per_second(self.name, self.tpm, self.tps, "tokens")
 
     @property
+    def credit(self) -> float:
+        """Seconds of credit each bucket holds: the burst, less the dispatch margin where it reaches
+        into the provider's last minute."""
+        return max(0.0, min(self.burst, max(self.burst, PROVIDER_WINDOW) - self.dispatch_margin))
+
+    @property
     def max_tokens_per_request(self) -> float:
         """The largest token cost that can ever be granted (infinite when tokens are unlimited)."""
         rate = self.token_rate
-        return math.inf if rate is None else rate * max(self.burst, PROVIDER_WINDOW)
+        return math.inf if rate is None else rate * max(self.credit, PROVIDER_WINDOW)
 
     @property
     def max_requests_per_acquire(self) -> float:
         """The largest request count one acquire may charge."""
         rate = self.request_rate
-        return math.inf if rate is None else max(1.0, rate * max(self.burst, PROVIDER_WINDOW))
+        return math.inf if rate is None else max(1.0, rate * max(self.credit, PROVIDER_WINDOW))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

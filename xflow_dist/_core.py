@@ -41,9 +41,9 @@ def budget_args(budget: Budget, seen: bool = False) -> list[str]:
     keys cannot have expired, so that their absence means they were lost (see ``lua/_prelude.lua``)."""
     return [
         _num(budget.request_rate or 0.0),
-        _num(budget.burst),
+        _num(budget.credit),
         _num(budget.token_rate or 0.0),
-        _num(budget.burst),
+        _num(budget.credit),
         str(budget.max_concurrency or 0),
         _num(budget.lease_ttl),
         _num(IDLE_GRACE),
@@ -183,7 +183,8 @@ def describe_limits(text: str) -> str:
         return f"{round(x, 9):g}"
 
     parts = [f"rpm={g(rreq * 60)}" if rreq > 0 else "rpm=None", f"tpm={g(rtok * 60)}" if rtok > 0 else "tpm=None"]
-    parts += [f"burst={g(breq)}"] if breq == btok else [f"request burst={g(breq)}", f"token burst={g(btok)}"]
+    # the scripts hold the credit: the burst less the dispatch margin (Budget.credit)
+    parts += [f"credit={g(breq)}s"] if breq == btok else [f"request credit={g(breq)}s", f"token credit={g(btok)}s"]
     parts += [f"max_concurrency={int(conc) if conc > 0 else None}", f"lease_ttl={g(ttl)}", f"claim_window={g(claim)}"]
     return ", ".join(parts)
 

@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from ._backend import sync_client
-from ._fleet import FleetSpec, Job, Limits, Strategy, WorkerReport, fleet_budget, load_jobs, worker_main
+from ._fleet import FleetSpec, Job, Limits, Strategy, WorkerReport, fleet_budget, load_jobs, worker_main, workers_of
 from ._limiter import Limiter
 
 
@@ -228,7 +228,8 @@ def run_fleet(
         if watch is not None:
             watch.close()
     stats = fetch_stats(spec.provider_url)
-    makespan, ideal, binding, use = judge(stats, spec.limits, latency, spec.processes * spec.concurrency)
+    workers = sum(workers_of(spec, i) for i in range(spec.processes))
+    makespan, ideal, binding, use = judge(stats, spec.limits, latency, workers)
     reports.sort(key=lambda r: r.index)
     return FleetResult(
         strategy=spec.strategy,
@@ -270,6 +271,7 @@ def fleet_spec(
     budget_rates: bool = True,
     probe: bool = False,
     report_limits: bool = True,
+    uneven: bool = False,
 ) -> FleetSpec:
     return FleetSpec(
         strategy=strategy,
@@ -285,4 +287,5 @@ def fleet_spec(
         budget_rates=budget_rates,
         probe=probe,
         report_limits=report_limits,
+        uneven=uneven,
     )

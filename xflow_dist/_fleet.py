@@ -28,12 +28,6 @@ from ._tokens import estimate_messages_tokens
 Strategy = Literal["xflow", "retry", "split"]
 STRATEGIES: tuple[Strategy, ...] = ("xflow", "retry", "split")
 
-#: The provider's bucket is full while our first grant travels to it, so it loses the refill of that
-#: trip that our bucket keeps; a budget a fraction of a second smaller than the provider's minute
-#: starts that much lower and stays below it. The fleet lines its processes up before it starts,
-#: so the first trip is short: a tenth of a second covers it (1/600 of the minute).
-DISPATCH_MARGIN = 0.1
-
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 
 
@@ -99,6 +93,15 @@ class FleetSpec:
     budget_rates: bool = True  # False: the budget configures no rates and learns them from the headers
     probe: bool = False  # with budget_rates=False: one call at a time until the first reply teaches them
     report_limits: bool = True  # False: settle with the remaining counts only (as Azure sends no limits)
+    uneven: bool = False  # True: process i runs workers_of(spec, i) workers, from a few to twice the mean
+
+
+def workers_of(spec: FleetSpec, index: int) -> int:
+    """Process ``index``'s workers: ``concurrency`` each, or (``uneven``) rising linearly from about
+    2C/(P+1) to 2CP/(P+1), the same C on average, so that processes load the budget unevenly."""
+    if not spec.uneven:
+        return spec.concurrency
+    return max(1, round(2 * spec.concurrency * (index + 1) / (spec.processes + 1)))
 
 
 def fleet_budget(spec: FleetSpec) -> Budget:
@@ -110,12 +113,10 @@ def fleet_budget(spec: FleetSpec) -> Budget:
             rpm=limits.rpm * spec.budget_scale,
             tpm=limits.tpm * spec.budget_scale,
             max_concurrency=limits.max_concurrency,
-            burst=60 - DISPATCH_MARGIN,
+            burst=60,
         )
     # no rates: the provider's headers teach them (concurrency is in no header)
-    return Budget(
-        spec.budget_name, max_concurrency=limits.max_concurrency, burst=60 - DISPATCH_MARGIN, probe=spec.probe
-    )
+    return Budget(spec.budget_name, max_concurrency=limits.max_concurrency, burst=60, probe=spec.probe)
 
 
 @dataclass(slots=True)
@@ -187,7 +188,8 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
         if limits.max_concurrency:
             slots = asyncio.Semaphore(max(1, limits.max_concurrency // spec.processes))
 
-    limit = httpx.Limits(max_connections=spec.concurrency + 4, max_keepalive_connections=spec.concurrency + 4)
+    workers = workers_of(spec, report.index)
+    limit = httpx.Limits(max_connections=workers + 4, max_keepalive_connections=workers + 4)
     async with httpx.AsyncClient(base_url=spec.provider_url, timeout=120, limits=limit) as http:
         await http.get("/stats")  # connected, and the HTTP stack warm
         await jobs.ping()
@@ -257,7 +259,7 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
                 await run(Job(job_id, prompt, max_tokens))
 
         try:
-            await asyncio.gather(*(loop() for _ in range(spec.concurrency)))
+            await asyncio.gather(*(loop() for _ in range(workers)))
         finally:
             if limiter is not None:
                 await limiter.aclose()

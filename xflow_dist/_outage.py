@@ -80,6 +80,7 @@ def share(budget: Budget, mode: str, processes: int) -> Budget:
         lease_ttl=budget.lease_ttl,
         claim_window=budget.claim_window,
         overdraft=budget.overdraft,
+        dispatch_margin=budget.dispatch_margin,
     )
 
 
@@ -91,8 +92,8 @@ def no_slot(budget: Budget, mode: str, processes: int) -> bool:
 def emptying_cost(local: Budget) -> tuple[float, float]:
     """A share's full capacity (requests, tokens): charged once at the start, it leaves the buckets
     empty, as the shared ones may be."""
-    req = 0.0 if local.request_rate is None else local.request_rate * local.burst
-    tok = 0.0 if local.token_rate is None else local.token_rate * local.burst
+    req = 0.0 if local.request_rate is None else local.request_rate * local.credit
+    tok = 0.0 if local.token_rate is None else local.token_rate * local.credit
     return req, tok
 
 
@@ -107,11 +108,11 @@ def spent(local: Budget, status: Status, elapsed: float) -> tuple[float, float]:
     req = 0.0
     tok = 0.0
     if local.request_rate is not None and status.requests_available is not None:
-        cap = local.request_rate * local.burst
+        cap = local.request_rate * local.credit
         unearned = max(0.0, cap - local.request_rate * elapsed)
         req = max(0.0, cap - status.requests_available - unearned)
     if local.token_rate is not None and status.tokens_available is not None:
-        cap = local.token_rate * local.burst
+        cap = local.token_rate * local.credit
         unearned = max(0.0, cap - local.token_rate * elapsed)
         tok = max(0.0, cap - status.tokens_available - unearned)
     return req, tok

@@ -18,7 +18,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("xflow_dist.settings needs pydantic-settings: pip install 'xflow-dist[settings]'") from exc
 
-from ._budget import Budget, CooldownPolicy
+from ._budget import DISPATCH_MARGIN, Budget, CooldownPolicy
 from ._exceptions import ConfigurationError
 from ._redact import redact_url
 
@@ -42,6 +42,7 @@ class BudgetSettings(BaseModel):
     max_concurrency: int | None = None
     burst: float = 0.0
     lease_ttl: float = 30.0
+    dispatch_margin: float = DISPATCH_MARGIN
 
     @model_validator(mode="after")
     def _valid(self) -> BudgetSettings:
@@ -58,6 +59,7 @@ class BudgetSettings(BaseModel):
             max_concurrency=self.max_concurrency,
             burst=self.burst,
             lease_ttl=self.lease_ttl,
+            dispatch_margin=self.dispatch_margin,
         )
 
 

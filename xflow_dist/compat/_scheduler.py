@@ -189,6 +189,7 @@ class TaskScheduler:
             max_concurrency=max_concurrency,
             burst=burst_ratio,
             overdraft=True,  # XtremeFlow's admission: a start is due once no debt is left, whatever its cost
+            dispatch_margin=0.0,  # burst_ratio is all of the credit, as in XtremeFlow
         )
         # Each scheduler without a Redis gets a memory server of its own: independent, like XtremeFlow's.
         self._redis: RedisLike = redis if redis is not None else f"memory://xtremeflow-{uuid.uuid4().hex}"
