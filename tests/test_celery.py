@@ -157,7 +157,11 @@ def test_retry_from_the_body_settles_each_attempt_at_the_estimate(app: Celery, n
     attempts: list[int] = []
 
     @rate_limited_task(
-        app, shared=False, budget=Budget(name, tps=10, burst=100, max_concurrency=1), cost=300, usage=None
+        app,
+        shared=False,
+        budget=Budget(name, tps=10, burst=100, max_concurrency=1, dispatch_margin=0),
+        cost=300,
+        usage=None,
     )
     def work(self: Any) -> int:
         attempts.append(self.request.retries)
@@ -193,7 +197,11 @@ def test_a_later_call_failing_mid_read_gives_its_own_lease_back(
     body = {"model": "m", "messages": [], "max_tokens": 93}  # estimate: 3 + 4 + 93 = 100 tokens
 
     @rate_limited_task(
-        app, shared=False, budget=Budget(name, tps=10, burst=100, max_concurrency=2), cost=100, max_retries=0
+        app,
+        shared=False,
+        budget=Budget(name, tps=10, burst=100, max_concurrency=2, dispatch_margin=0),
+        cost=100,
+        max_retries=0,
     )
     def work(self: Any) -> None:
         transport = self.transport(inner, http=module, tokenizer=lambda text: 1)
@@ -550,7 +558,7 @@ def _holder_with_the_lock(redis_url: str, budget: Budget, ready: Any) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_sigterm_while_the_main_thread_holds_the_lock_cannot_deadlock(redis_url: str, name: str) -> None:
-    budget = Budget(name, tps=10, burst=100, max_concurrency=1, lease_ttl=30.0)
+    budget = Budget(name, tps=10, burst=100, max_concurrency=1, lease_ttl=30.0, dispatch_margin=0)
     with Limiter(budget, redis_url) as limiter:
         ready = _FORK.Queue()
         child = _FORK.Process(target=_holder_with_the_lock, args=(redis_url, budget, ready))
