@@ -160,6 +160,25 @@ def test_open_lets_calls_through_counts_them_and_registers_those_still_running(s
         assert in_flight(server, name) == 0
 
 
+def test_open_charges_the_calls_it_let_through_on_the_way_back(server: Server, name: str) -> None:
+    """The shared bucket refilled through a freeze; the calls open let through spent the provider's.
+    Uncharged, the fleet would burst on top of them as Redis thaws (the chaos benchmark saw 6 429s
+    at the thaw, then a cooldown of 8 s)."""
+    policy = OutagePolicy(mode="open", probe_interval=0.05)
+    with Limiter(Budget(name, rpm=60, burst=10), server.url, outage=policy, io_timeout=0.3) as lim:
+        lim.acquire().release()  # 9 of 10 left, one more a second
+        server.freeze()
+        try:
+            for _ in range(6):
+                lim.acquire(timeout=2).release()
+            assert (lim.status().mode, lim.status().outage_grants) == ("open", 6)
+        finally:
+            server.thaw()
+        until(lambda: lim.status().mode == "shared")
+        level = lim.status().requests_available
+    assert level is not None and level <= 9 - 6 + 3, level  # uncharged, it would be full (10)
+
+
 # --- local --------------------------------------------------------------------------------------------
 
 

@@ -51,7 +51,7 @@ from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, Cost
 from ._flow import GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import AsyncLease
-from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share, spent
+from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
@@ -437,7 +437,8 @@ class AsyncLimiter(LimiterBase):
             lease = await self._acquire_from_share(outage, requests, tokens, timeout)
         finally:
             outage.waiting -= 1
-            outage.grants += lease is not None
+            if lease is not None:
+                outage.granted(requests, tokens)
             if outage.ended and outage.waiting == 0:
                 await outage.local.aclose()
         return lease
@@ -481,7 +482,7 @@ class AsyncLimiter(LimiterBase):
         if outage.ended:  # granted as Redis came back: the call has not started, ask Redis instead
             await decision.lease.cancel()
             return None
-        outage.grants += 1
+        outage.granted(requests, tokens)
         return decision
 
     async def _probe(self, outage: Outage) -> None:
@@ -502,10 +503,8 @@ class AsyncLimiter(LimiterBase):
         """Charge what the share spent, register every lease held (shared, then the share's), switch
         back (see ``Limiter._come_back``)."""
         local = outage.local
-        spent_now = (0.0, 0.0)
-        if local is not None and outage.budget is not None and outage.mode == "local":
-            level = await local.status()
-            spent_now = spent(outage.budget, level, time.monotonic() - outage.since)
+        level = await local.status() if local is not None and outage.mode == "local" else None
+        spent_now = outage.to_charge(level)
         if local is not None:
             # Other processes back from the same outage must register their shares' calls before
             # anyone takes a slot that Redis, thawed, may just have freed: a short hold on new grants.

@@ -51,7 +51,7 @@ from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, Cost
 from ._flow import AwaitNotice, GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import Lease
-from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share, spent
+from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
@@ -550,7 +550,8 @@ class Limiter(LimiterBase):
         finally:
             with self._outage_lock:
                 outage.waiting -= 1
-                outage.grants += lease is not None
+                if lease is not None:
+                    outage.granted(requests, tokens)
                 last = outage.ended and outage.waiting == 0
             if last:
                 outage.local.close()
@@ -596,7 +597,7 @@ class Limiter(LimiterBase):
             decision.lease.cancel()
             return None
         with self._outage_lock:
-            outage.grants += 1
+            outage.granted(requests, tokens)
         return decision
 
     def _probe(self, outage: Outage) -> None:
@@ -618,10 +619,7 @@ class Limiter(LimiterBase):
         Waiters on the share see ``ended`` and ask Redis; a lease the share grants meanwhile is taken
         over here or given back by its waiter, whichever comes first (see ``_acquire_from_share``)."""
         local = outage.local
-        spent_now = (0.0, 0.0)
-        if local is not None and outage.budget is not None and outage.mode == "local":
-            level = local.status()
-            spent_now = spent(outage.budget, level, time.monotonic() - outage.since)
+        spent_now = outage.to_charge(local.status() if local is not None and outage.mode == "local" else None)
         if local is not None:
             # Other processes back from the same outage must register their shares' calls before
             # anyone takes a slot that Redis, thawed, may just have freed: a short hold on new grants.

@@ -144,9 +144,27 @@ class Outage:
     back: Any  # an Event set when Redis answers again (threading or asyncio)
     since: float = field(default_factory=time.monotonic)
     grants: int = 0
+    let_through: tuple[float, float] = (0.0, 0.0)  # requests and tokens granted, counted under open
     waiting: int = 0
     ended: bool = False
     shadows: dict[str, Any] = field(default_factory=dict)  # shared lease id -> its slot in the share
+
+    def granted(self, requests: float, tokens: float) -> None:
+        """One more call the outage let through: under ``open`` its cost is kept, for the way back
+        to charge (an unlimited share has no level to tell it)."""
+        self.grants += 1
+        if self.mode == "open":
+            req, tok = self.let_through
+            self.let_through = (req + requests, tok + tokens)
+
+    def to_charge(self, level: Status | None) -> tuple[float, float]:
+        """What to charge the shared buckets on the way back: the share's spending (``local``),
+        every call's cost at its estimate (``open``), nothing (``closed``)."""
+        if self.mode == "open":
+            return self.let_through
+        if self.mode == "local" and self.budget is not None and level is not None:
+            return spent(self.budget, level, time.monotonic() - self.since)
+        return (0.0, 0.0)
 
     def unavailable(self, name: str) -> BudgetUnavailableError:
         return BudgetUnavailableError(
