@@ -30,7 +30,7 @@ from ._base import (
     transient,
 )
 from ._budget import Budget, CooldownPolicy
-from ._cluster import subscriber
+from ._cluster import async_subscribers, subscriber
 from ._core import (
     CooldownReply,
     SettleReply,
@@ -107,10 +107,10 @@ class _Events:
     async def _census(self) -> None:
         """Count the processes using the budget (its channel's subscribers): an outage shares by it."""
         self._census_at = time.monotonic() + CENSUS_INTERVAL
-        # best effort, and never the end of the reader: redis-py 5's asyncio RedisCluster has no
-        # pubsub_numsub at all (the last count, or the policy's fleet_size, stands)
+        # best effort, and never the end of the reader: on a failure the last count (or the policy's
+        # fleet_size) stands; so does it on a count of none, which cannot have seen this process
         with contextlib.suppress(Exception):
-            self._limiter._fleet = int((await self._limiter._client.pubsub_numsub(self._name))[0][1])
+            self._limiter._fleet = await async_subscribers(self._limiter._client, self._name) or self._limiter._fleet
 
     async def aclose(self) -> None:
         if self._task is not None:

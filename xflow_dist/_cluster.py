@@ -196,6 +196,42 @@ def ride_out_migrations(client: Any, scripts: dict[str, Any], io_timeout: float)
 # --- the events subscriber ---
 
 
+def _numsub(reply: Any) -> int:
+    """A ``PUBSUB NUMSUB`` reply as redis-py gives it ([(channel, n)], [channel, n], or per node)."""
+    if isinstance(reply, dict):
+        return sum(_numsub(v) for v in reply.values())
+    if not reply:
+        return 0
+    if isinstance(reply[0], list | tuple):
+        return sum(int(n) for _, n in reply)
+    return int(reply[1]) if len(reply) >= 2 else 0
+
+
+def subscribers(client: Any, channel: str) -> int:
+    """How many connections listen on ``channel``: ``PUBSUB NUMSUB`` counts one node's own, and a
+    cluster's subscribers may be on any node (classic pub/sub reaches them all; ours start on the
+    channel slot's master and move on a failure), so a cluster is asked node by node and summed;
+    a node that does not answer counts none. (redis-py sends NUMSUB to its default node alone.)"""
+    if not isinstance(client, redis.cluster.RedisCluster):
+        return _numsub(client.pubsub_numsub(channel))
+    total = 0
+    for node in client.get_nodes():  # type: ignore[no-untyped-call]
+        with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+            total += _numsub(client.execute_command("PUBSUB NUMSUB", channel, target_nodes=node))  # type: ignore[no-untyped-call]
+    return total
+
+
+async def async_subscribers(client: Any, channel: str) -> int:
+    """``subscribers`` for the asyncio clients."""
+    if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+        return _numsub(await client.pubsub_numsub(channel))
+    total = 0
+    for node in client.get_nodes():
+        with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+            total += _numsub(await client.execute_command("PUBSUB NUMSUB", channel, target_nodes=node))
+    return total
+
+
 def _first_node(client: Any, channel: str) -> Any:
     """The node serving ``channel``'s slot, where its budget's scripts publish (any node if unknown)."""
     try:

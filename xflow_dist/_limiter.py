@@ -30,7 +30,7 @@ from ._base import (
     transient,
 )
 from ._budget import Budget, CooldownPolicy
-from ._cluster import subscriber
+from ._cluster import subscriber, subscribers
 from ._core import (
     CooldownReply,
     SettleReply,
@@ -108,10 +108,10 @@ class _Events:
     def _census(self) -> None:
         """Count the processes using the budget (its channel's subscribers): an outage shares by it."""
         self._census_at = time.monotonic() + CENSUS_INTERVAL
-        # best effort, and never the end of the reader: redis-py 5's asyncio RedisCluster has no
-        # pubsub_numsub at all (the last count, or the policy's fleet_size, stands)
+        # best effort, and never the end of the reader: on a failure the last count (or the policy's
+        # fleet_size) stands; so does it on a count of none, which cannot have seen this process
         with contextlib.suppress(Exception):
-            self._limiter._fleet = int(self._client.pubsub_numsub(self._name)[0][1])
+            self._limiter._fleet = subscribers(self._client, self._name) or self._limiter._fleet
 
     def close(self) -> None:
         self._stop.set()
