@@ -43,6 +43,7 @@ class FleetResult:
     concurrency: int
     jobs: int
     limits: dict[str, Any]
+    workers: int = 0  # calls the fleet could make at once (uneven processes included)
     completed: int = 0
     sent: int = 0
     rejected: int = 0
@@ -237,6 +238,7 @@ def run_fleet(
         concurrency=spec.concurrency,
         jobs=len(jobs),
         limits=asdict(spec.limits),
+        workers=workers,
         completed=int(stats["requests"]["completed"]),
         sent=sum(r.sent for r in reports),
         rejected=int(stats["requests"]["rejected"]),

@@ -241,7 +241,7 @@ def _report(result: Any, console: Any) -> None:
     table = Table(title=f"result: strategy {result.strategy}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    workers = result.processes * result.concurrency
+    workers = result.workers
     rows = [
         ("jobs completed", f"{result.completed}/{result.jobs}"),
         ("makespan (first admission to last reply)", f"{result.makespan:.2f}s"),
