@@ -23,6 +23,10 @@ Key expiry is checked rather than re-implemented: when the budget's keys are fou
 model must have had nothing left to remember (every bucket full, no pause, no quiet period, no
 live lease, no live ticket); it then forgets everything too.
 
+Every step also runs on ``memory://``'s engine (``xflow_dist/_engine.py``, the scripts in plain
+Python) at the same clock, and must give the very same reply bytes, publish the very same events,
+leave the same keys and set the same expiry (``Twin``): the in-process mode is the Lua, exactly.
+
 One more test replays a fixed sequence against the real redis-server, the model taking as its
 clock the ``now`` each reply reports.
 """
@@ -68,6 +72,7 @@ from xflow_dist._core import (
     keys,
     settle_args,
 )
+from xflow_dist._memory import MemoryServer
 from xflow_dist._scripts import register
 
 F = Fraction
@@ -806,6 +811,40 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return CLOCK
 
 
+class Twin:
+    """``memory://``'s engine beside a fakeredis running the Lua, on the same clock: every call runs
+    on both, and everything they answer, publish and keep must be the same."""
+
+    def __init__(self, client: fakeredis.FakeRedis, channel_name: str) -> None:
+        self.client = client
+        self.server = MemoryServer(clock=CLOCK.time)
+        self.inbox: list[bytes] = []
+        self.server.subscribers[channel_name] = [self]  # type: ignore[list-item]
+
+    def deliver(self, message: dict[str, Any]) -> None:
+        self.inbox.append(message["data"])
+
+    def run(self, op: str, keys_: list[str], args: list[str], lua: Any) -> None:
+        """``lua``: the Lua's reply (or the ResponseError it raised) to the same call, just made."""
+        try:
+            mine: Any = self.server.run(op, keys_, args)
+        except redis.ResponseError as exc:
+            mine = exc
+        if isinstance(lua, redis.ResponseError):
+            assert isinstance(mine, redis.ResponseError) and str(mine) == str(lua), (op, args, mine, lua)
+        else:
+            assert mine == lua, f"{op}{args}: the engine answered {mine}, the Lua {lua}"
+        lua_keys = {k.decode() for k in self.client.keys("*")}
+        assert set(k.decode() for k in self.server.keys()) == lua_keys, (op, args)
+        for key in lua_keys:
+            budget = self.server.engine.budgets[key.rsplit(":", 1)[0] + ":state"]
+            assert budget.expire_at is not None and int(budget.expire_at * 1000) == self.client.pexpiretime(key), key
+
+    def take_events(self) -> list[bytes]:
+        out, self.inbox = self.inbox, []
+        return out
+
+
 # --------------------------------------------------------------------------------------------
 # The state machine
 # --------------------------------------------------------------------------------------------
@@ -865,6 +904,7 @@ class BudgetMachine(RuleBasedStateMachine):
         self.model = model_of(self.budget)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(channel(self.budget))
+        self.twin = Twin(self.client, channel(self.budget))
         self.policy = CooldownPolicy()
         self.ticket_ttl = self.budget.lease_ttl
         self.base_args = budget_args(self.budget)
@@ -961,6 +1001,7 @@ class BudgetMachine(RuleBasedStateMachine):
         self.seen = self._seen(now)
         block = [*self.base_args[:9], "1" if self.seen else "0"]
         raw = self.scripts[op](keys=self.keys, args=[*block, *argv])
+        self.twin.run(op, self.keys, [*block, *argv], raw)
         if op != "status":  # status.lua writes nothing: no sighting of the keys
             self.fresh_until = now + F(4, 5) * self.idle_grace
         return raw
@@ -970,6 +1011,7 @@ class BudgetMachine(RuleBasedStateMachine):
         while (msg := self.pubsub.get_message(timeout=0)) is not None:
             if msg["type"] == "message":
                 out.append(msg["data"].decode())
+        assert [e.decode() for e in self.twin.take_events()] == out, "the engine published other events"
         return out
 
     def _check(self, what: str, raw: Any, result: tuple[list[Any], list[tuple[Any, ...]]]) -> None:
@@ -1312,6 +1354,7 @@ class BudgetMachine(RuleBasedStateMachine):
         next call says it has seen the keys and makes them anew as a lost state."""
         self._sync_expiry()
         self.client.flushall()
+        self.twin.server.flush()
         self.model.reset()
         self.told.clear()  # those tickets are gone: a fit time told before is no one's
         self.paused_until = self.hold_until = ZERO  # a state made afresh has neither

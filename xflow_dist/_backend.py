@@ -5,13 +5,13 @@
 ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS) makes a ``RedisCluster``
 with the same bounded timeouts as a ``redis://`` URL (see ``_cluster``).
 
-``memory://NAME`` is an in-process Redis (fakeredis running the same Lua through lupa), shared by
-every limiter of this process that names it; it cannot coordinate several processes.
+``memory://NAME`` is an in-process budget server (``_memory``: the scripts' decisions in plain Python,
+no Lua, no socket), shared by every limiter of this process that names it; it cannot coordinate
+several processes.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,20 +33,11 @@ SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 RedisLike = str | SyncClient | AsyncClient
 
-_memory_servers: dict[str, Any] = {}
-_memory_lock = threading.Lock()
-
 
 def _memory_server(url: str) -> Any:
-    try:
-        import fakeredis
-    except ImportError as exc:  # pragma: no cover - a core dependency
-        raise ConfigurationError("memory:// needs fakeredis[lua]: pip install 'fakeredis[lua]'") from exc
-    name = urlsplit(url).netloc or "default"
-    with _memory_lock:
-        if name not in _memory_servers:
-            _memory_servers[name] = fakeredis.FakeServer()
-        return _memory_servers[name]
+    from . import _memory
+
+    return _memory.server(urlsplit(url).netloc or "default")
 
 
 #: Seconds any one Redis call of a client made from a URL may take: connecting, waiting for a pooled
@@ -102,9 +93,9 @@ def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Sync
     if isinstance(target, str):
         scheme = _check_url(target)
         if scheme == "memory":
-            import fakeredis
+            from ._memory import MemoryClient
 
-            return fakeredis.FakeRedis(server=_memory_server(target)), True
+            return MemoryClient(_memory_server(target)), True
         if scheme in SENTINEL_SCHEMES:
             spec = parse_sentinel_url(target)
             return sync_master(spec, _pool_options(io_timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0))), True
@@ -127,9 +118,9 @@ def async_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Asy
     if isinstance(target, str):
         scheme = _check_url(target)
         if scheme == "memory":
-            import fakeredis
+            from ._memory import AsyncMemoryClient
 
-            return fakeredis.FakeAsyncRedis(server=_memory_server(target)), True
+            return AsyncMemoryClient(_memory_server(target)), True
         if scheme in SENTINEL_SCHEMES:
             spec = parse_sentinel_url(target)
             retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)

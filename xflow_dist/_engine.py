@@ -1,0 +1,919 @@
+"""The budget's operations in pure Python, for ``memory://``: the scripts of ``lua/``, decision for decision.
+
+A process that shares its budget with nobody needs neither Redis nor a Lua interpreter, and should
+not pay for them on every call. ``memory://`` runs each operation here instead, on the same state
+(a TAT per bucket, the cooldown, leases, one FIFO queue of tickets, learned limits), rounded exactly
+where the scripts round it: six decimals where they store ``%.6f``, 14 significant digits where Lua
+turns a number into text. Every reply, every event and every expiry is therefore the one the script
+would give at the same clock; tests/test_model.py runs every step of its state machine on both and
+compares them byte for byte. The comments name the Lua function each piece mirrors; the rules
+themselves are documented once, in ``lua/_prelude.lua`` and each operation's header.
+
+Not thread-safe by itself: ``_memory`` calls it under one lock, as Redis runs one script at a time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+import time
+from collections.abc import Callable
+from itertools import islice
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+MAX_UNITS, MAX_SECONDS, MIN_RATE, MAX_TEXT = 1e15, 1e9, 1e-6, 256
+RECOVERY_WINDOWS = 3
+LATE_CREDIT = 0.0625
+
+UNITS, UNITS_OR_UNSET, COUNT = "a number in [0, 1e15]", "-1 or a number in [0, 1e15]", "a whole number in [0, 1e15]"
+RATE, LIMIT_OR_UNSET = "0 or a rate in [1e-6, 1e15]", "-1 or a limit in [1e-6, 1e15]"
+SECONDS, POSITIVE_SECONDS = "seconds in [0, 1e9]", "seconds in (0, 1e9]"
+SECONDS_OR_UNSET, FACTOR, DRAW = "-1 or seconds in [0, 1e9]", "a number in [0, 1e9]", "a number in [0, 1)"
+FLAG = '"0" or "1"'
+TEXT = "1 to 256 bytes, no space or control character"
+TEXT_OR_EMPTY = '"" or 1 to 256 bytes, no space or control character'
+CHECKED = "checked before"
+
+_NUMBER_CHARS = re.compile(r"[0-9.eE+\-]+")
+_SPACE_OR_CONTROL = re.compile(rb"[\s\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+Spec = tuple[tuple[Any, ...], ...]
+
+_BLOCK = (
+    ("request rate", RATE),
+    ("request burst", SECONDS),
+    ("token rate", RATE),
+    ("token burst", SECONDS),
+    ("max concurrency", COUNT),
+    ("lease ttl", POSITIVE_SECONDS),
+    ("idle grace", SECONDS),
+    ("channel", TEXT),
+    ("claim window", POSITIVE_SECONDS),
+    ("seen", FLAG),
+)
+_LIMITS = (0, 1, 2, 3, 4, 5, 8)  # the block's arguments stored as the budget's limits (`cf`)
+
+_SPECS: dict[str, Spec] = {
+    "acquire": (
+        ("id", TEXT),
+        ("requests", UNITS),
+        ("tokens", UNITS),
+        ("max wait", SECONDS_OR_UNSET),
+        ("may queue", FLAG),
+        ("ticket ttl", POSITIVE_SECONDS),
+        ("probe", FLAG, "0"),
+        ("overdraft", FLAG, "0"),
+    ),
+    "settle": (
+        ("id", TEXT_OR_EMPTY),
+        ("actual tokens", UNITS_OR_UNSET),
+        ("remaining requests", UNITS_OR_UNSET),
+        ("remaining tokens", UNITS_OR_UNSET),
+        ("request limit", LIMIT_OR_UNSET),
+        ("token limit", LIMIT_OR_UNSET),
+        ("limit memory", SECONDS),
+        ("model", TEXT_OR_EMPTY, ""),
+    ),
+    "cancel": (("id", TEXT),),
+    "extend": (("id", TEXT),),
+    "rejoin": (
+        ("id", TEXT_OR_EMPTY),
+        ("requests", UNITS),
+        ("tokens", UNITS),
+        ("spent requests", UNITS),
+        ("spent tokens", UNITS),
+        ("hold", SECONDS, "0"),
+    ),
+    "cooldown": (
+        ("retry after", SECONDS_OR_UNSET),
+        ("base backoff", POSITIVE_SECONDS),
+        ("max backoff", POSITIVE_SECONDS),
+        ("quiet period", SECONDS),
+        ("jitter fraction", FACTOR),
+        ("jitter draw", DRAW),
+        ("max pause", POSITIVE_SECONDS),
+    ),
+    "clear_cooldown": (),
+    "configure": (),
+    "status": (),
+}
+
+
+def fmt(x: float) -> str:
+    """Lua's ``string.format('%.6f', x)``."""
+    return "%.6f" % x
+
+
+def r6(x: float) -> float:
+    """What ``tonumber(fmt(x))`` reads back: the state keeps six decimals."""
+    return float("%.6f" % x)
+
+
+def g14(x: float) -> str:
+    """Lua's ``tostring(x)`` (and ``x .. ''``): ``%.14g``."""
+    return "%.14g" % x
+
+
+def _lua_number(s: str) -> float | None:
+    """Lua's ``tonumber`` for the strings value_of() lets through to it."""
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def _value_of(kind: str, s: str) -> Any:
+    """value_of() of _prelude.lua: the value, or None."""
+    if kind == CHECKED:
+        return float(s)
+    if kind == FLAG:
+        return s == "1" if s in ("0", "1") else None
+    if kind is TEXT or kind is TEXT_OR_EMPTY:
+        b = s.encode()
+        if len(b) <= MAX_TEXT and (b or kind is TEXT_OR_EMPTY) and not _SPACE_OR_CONTROL.search(b):
+            return s
+        return None
+    if len(s) > 40 or not _NUMBER_CHARS.fullmatch(s) or s[0] == "+":
+        return None
+    x = _lua_number(s)
+    if x is None or x != x:
+        return None
+    if kind is UNITS:
+        ok = 0 <= x <= MAX_UNITS
+    elif kind is UNITS_OR_UNSET:
+        ok = x == -1 or 0 <= x <= MAX_UNITS
+    elif kind is COUNT:
+        ok = 0 <= x <= MAX_UNITS and x == math.floor(x)
+    elif kind is RATE:
+        ok = x == 0 or MIN_RATE <= x <= MAX_UNITS
+    elif kind is LIMIT_OR_UNSET:
+        ok = x == -1 or MIN_RATE <= x <= MAX_UNITS
+    elif kind is SECONDS or kind is FACTOR:
+        ok = 0 <= x <= MAX_SECONDS
+    elif kind is POSITIVE_SECONDS:
+        ok = 0 < x <= MAX_SECONDS
+    elif kind is SECONDS_OR_UNSET:
+        ok = x == -1 or 0 <= x <= MAX_SECONDS
+    else:  # DRAW
+        ok = 0 <= x < 1
+    return x if ok else None
+
+
+def _quoted(raw: str) -> str:
+    """``string.format('%q', raw:sub(1, 40)):gsub('%c', '?')``."""
+    s = raw.encode()[:40].decode(errors="replace")
+    out = ['"']
+    for ch in s:
+        if ch in '"\\\n':
+            out.append("\\" + ch)
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\0":
+            out.append("\\000")
+        else:
+            out.append(ch)
+    out.append('"')
+    return _CONTROL.sub("?", "".join(out))
+
+
+def _checked(argv: list[str], first: int, spec: Spec, kinds: tuple[str, ...] | None = None, more: bool = False) -> list[Any]:
+    """checked(): the values of ARGV[first..] (1-based), else raise the XFLOW_BADARG refusal."""
+    values = []
+    for i, arg in enumerate(spec):
+        n = first + i
+        raw = argv[n - 1] if n <= len(argv) else (arg[2] if len(arg) > 2 else None)
+        kind = kinds[i] if kinds else arg[1]
+        value = _value_of(kind, raw) if raw is not None else None
+        if value is None:
+            got = _quoted(raw) if raw is not None else "nothing"
+            raise ResponseError(f"XFLOW_BADARG ARGV[{n}] {arg[0]}: got {got}, expected {kind}")
+        values.append(value)
+    last = first + len(spec) - 1
+    if not more and len(argv) > last:
+        raise ResponseError(f"XFLOW_BADARG ARGV[{last + 1}]: unexpected, this script takes {last} arguments")
+    return values
+
+
+class _Lease:
+    """One lease_data entry: what it was charged and the levels and counters just after."""
+
+    __slots__ = ("creq", "ctok", "start", "snap_req", "snap_tok", "kr", "kt", "cq", "ct", "provisional")
+
+    def __init__(
+        self, creq: float, ctok: float, start: str, snap_req: float | None, snap_tok: float | None,
+        kr: float, kt: float, cq: float, ct: float, provisional: bool,
+    ) -> None:
+        self.creq, self.ctok, self.start = creq, ctok, start
+        self.snap_req, self.snap_tok = snap_req, snap_tok
+        self.kr, self.kt, self.cq, self.ct = kr, kt, cq, ct
+        self.provisional = provisional
+
+
+class _Ticket:
+    __slots__ = ("creq", "ctok", "alive", "ttl", "fit", "overdraft")
+
+    def __init__(self, creq: float, ctok: float, alive: float, ttl: float, fit: float, overdraft: bool) -> None:
+        self.creq, self.ctok, self.alive, self.ttl, self.fit, self.overdraft = creq, ctok, alive, ttl, fit, overdraft
+
+
+class _Leases:
+    """The leases ZSET: id -> expiry, with its first and last by (expiry, id) as Redis orders them."""
+
+    __slots__ = ("by_id", "_low", "_high")
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, float] = {}
+        self._low: list[tuple[float, str]] = []
+        self._high: list[tuple[float, str]] = []  # negated expiry; ids compared reversed by _last()
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def add(self, lid: str, expiry: float) -> None:
+        if self.by_id.get(lid) == expiry:
+            return
+        self.by_id[lid] = expiry
+        heapq.heappush(self._low, (expiry, lid))
+        heapq.heappush(self._high, (-expiry, lid))
+        if len(self._low) > 2 * len(self.by_id) + 32:
+            self._low = [(e, i) for i, e in self.by_id.items()]
+            heapq.heapify(self._low)
+            self._high = [(-e, i) for i, e in self.by_id.items()]
+            heapq.heapify(self._high)
+
+    def remove(self, lid: str) -> None:
+        self.by_id.pop(lid, None)
+
+    def first(self) -> tuple[str, float] | None:
+        low, by_id = self._low, self.by_id
+        while low and by_id.get(low[0][1]) != low[0][0]:
+            heapq.heappop(low)
+        return (low[0][1], low[0][0]) if low else None
+
+    def last_expiry(self) -> float | None:
+        high, by_id = self._high, self.by_id
+        while high and by_id.get(high[0][1]) != -high[0][0]:
+            heapq.heappop(high)
+        return -high[0][0] if high else None
+
+    def due(self, now: float) -> list[str]:
+        """ZRANGEBYSCORE -inf now, in order."""
+        out = []
+        low, by_id = self._low, self.by_id
+        while low and low[0][0] <= now:
+            e, lid = heapq.heappop(low)
+            if by_id.get(lid) == e:
+                out.append(lid)
+        for lid in out:  # popped here, removed by the caller
+            heapq.heappush(low, (by_id[lid], lid))
+        return out
+
+    def count_after(self, t: float) -> int:
+        return sum(1 for e in self.by_id.values() if e > t)
+
+
+class _Budget:
+    """The six keys of one budget. ``state`` holds the state HASH's fields as the scripts wrote them."""
+
+    __slots__ = ("state", "leases", "data", "queue", "tickets", "learned", "expire_at")
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.leases = _Leases()
+        self.data: dict[str, _Lease] = {}
+        self.queue: dict[str, int] = {}  # id -> sequence number, in that order
+        self.tickets: dict[str, _Ticket] = {}
+        self.learned: dict[str, list[float]] = {}  # model -> [rpm, rpm until, tpm, tpm until]
+        self.expire_at: float | None = None
+
+    def empty(self) -> bool:
+        return not (self.state or self.leases.by_id or self.data or self.queue or self.tickets or self.learned)
+
+
+class _State:
+    """load_state()'s table."""
+
+    __slots__ = ("rt", "tt", "cu", "cl", "cr", "seq", "qa", "kr", "kt", "cq", "ct", "lr", "lt", "lu", "pb", "stored", "lost")
+
+
+_STATE_FIELDS = ("rt", "tt", "cu", "cl", "cr", "seq", "qa", "kr", "kt", "cq", "ct", "lr", "lt", "lu", "pb")
+
+
+class Engine:
+    """Every budget of one ``memory://`` server. ``run`` is EVALSHA of one operation; what it
+    publishes goes to ``publish(channel, message)``."""
+
+    def __init__(self, publish: Callable[[str, str], None], clock: Callable[[], float] = time.time) -> None:
+        self.budgets: dict[str, _Budget] = {}
+        self.publish = publish
+        self.clock = clock
+
+    # --- the keyspace, as the few commands ``_memory`` offers see it ---
+
+    def _live(self, key: str, at: float) -> _Budget | None:
+        b = self.budgets.get(key)
+        if b is not None and b.expire_at is not None and b.expire_at < at:
+            del self.budgets[key]
+            return None
+        return b
+
+    def flush(self) -> None:
+        self.budgets.clear()
+
+    def existing_keys(self, keys_of: Callable[[str], list[str]]) -> list[str]:
+        """Every key that exists now (``keys_of`` names the six keys of a budget from its first)."""
+        at = self.clock()
+        out = []
+        for first in list(self.budgets):
+            b = self._live(first, at)
+            if b is None:
+                continue
+            parts = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned)
+            out.extend(k for k, part in zip(keys_of(first), parts, strict=True) if part)
+        return out
+
+    def pttl(self, first: str) -> int:
+        b = self._live(first, self.clock())
+        if b is None or b.empty():
+            return -2
+        if b.expire_at is None:
+            return -1
+        return max(0, round((b.expire_at - self.clock()) * 1000))
+
+    def learned_models(self, first: str) -> list[str]:
+        b = self._live(first, self.clock())
+        return list(b.learned) if b is not None else []
+
+    # --- one operation ---
+
+    def run(self, op: str, keys: list[str], argv: list[str]) -> list[str]:
+        t = self.clock()
+        now_us = round(t * 1_000_000)
+        now = now_us // 1_000_000 + (now_us % 1_000_000) / 1000000
+        b = self._live(keys[0], t)
+        if b is None:
+            b = self.budgets[keys[0]] = _Budget()
+        try:
+            return _Call(self, b, t, now, argv).run(op)
+        finally:
+            if b.empty():
+                self.budgets.pop(keys[0], None)
+
+
+class _Call:
+    """One script's run: its clock, its budget block and what it changes."""
+
+    def __init__(self, engine: Engine, b: _Budget, t: float, now: float, argv: list[str]) -> None:
+        self.engine, self.b, self.t, self.now, self.argv = engine, b, t, now, argv
+        self.reaped_req = 0.0
+        self.reaped_tok = 0.0
+
+    # --- the budget block (prelude) ---
+
+    def run(self, op: str) -> list[str]:
+        argv = self.argv
+        stored = self.b.state.get("cf")
+        config = " ".join(argv[i] for i in _LIMITS) if len(argv) >= 9 else None
+        same = config is not None and config == stored
+        kinds = tuple(CHECKED if same and i in _LIMITS else kind for i, (_, kind) in enumerate(_BLOCK))
+        block = _checked(argv, 1, _BLOCK, kinds, more=True)
+        (self.cfg_rate_req, self.burst_req, self.cfg_rate_tok, self.burst_tok, self.max_conc, self.lease_ttl,
+         self.idle_grace, self.channel, self.claim_window, self.seen) = block
+        self.stored, self.config = stored, config
+        self.rate_req, self.rate_tok, self.probing = self.cfg_rate_req, self.cfg_rate_tok, False
+        if op == "configure":
+            _checked(argv, 11, ())
+            return self.configure()
+        values = _checked(argv, 11, _SPECS[op])
+        if stored is not None and stored != config:
+            mine = [block[i] for i in _LIMITS]
+            words = stored.split()
+            if len(words) != 7 or any(_lua_number(w) != m for w, m in zip(words, mine, strict=False)):
+                raise ResponseError(f"XFLOW_CONFLICT stored {stored}; given {config}")
+        return getattr(self, op)(*values)
+
+    # --- _prelude.lua ---
+
+    def apply_limits(self, st: _State) -> None:
+        self.rate_req = _effective(self.cfg_rate_req, st.lr)
+        self.rate_tok = _effective(self.cfg_rate_tok, st.lt)
+        self.probing = st.pb == 1
+
+    def refund(self, st: _State, creq: float, ctok: float) -> None:
+        now = self.now
+        if self.rate_req > 0 and st.rt > now:
+            st.rt = max(now, st.rt - creq / self.rate_req)
+        if self.rate_tok > 0 and st.tt > now:
+            st.tt = max(now, st.tt - ctok / self.rate_tok)
+
+    def dim_fit(self, tat: float, cost: float, rate: float, burst: float, overdraft: bool) -> float:
+        if rate <= 0 or cost <= 0:
+            return self.now
+        return max(self.now, tat - _slack_of(cost, rate, burst, overdraft))
+
+    def fit_time(self, st: _State, creq: float, ctok: float, overdraft: bool) -> float:
+        return max(self.now, st.cu, self.dim_fit(st.rt, creq, self.rate_req, self.burst_req, overdraft),
+                   self.dim_fit(st.tt, ctok, self.rate_tok, self.burst_tok, overdraft))
+
+    def slot_free(self) -> bool:
+        if self.max_conc <= 0 and not self.probing:
+            return True
+        n = len(self.b.leases)
+        return (self.max_conc <= 0 or n < self.max_conc) and not (self.probing and n > 0)
+
+    def charged_from(self, st: _State, tat: float, fit: float, cost: float, rate: float, burst: float,
+                     overdraft: bool) -> float:
+        now = self.now
+        slack = _slack_of(cost, rate, burst, overdraft)
+        if fit < 0 or fit >= now or st.cu >= fit - 0.000001 or tat - slack < fit - 0.000001:
+            return max(tat, now)
+        return max(tat, fit, now - LATE_CREDIT, now - cost / rate)
+
+    def charge(self, st: _State, creq: float, ctok: float, fit: float, overdraft: bool) -> None:
+        st.cq = st.cq + creq
+        st.ct = st.ct + ctok
+        if self.rate_req > 0:
+            st.rt = self.charged_from(st, st.rt, fit, creq, self.rate_req, self.burst_req, overdraft) + creq / self.rate_req
+        if self.rate_tok > 0:
+            st.tt = self.charged_from(st, st.tt, fit, ctok, self.rate_tok, self.burst_tok, overdraft) + ctok / self.rate_tok
+
+    def level(self, tat: float, rate: float, burst: float) -> float:
+        if rate <= 0:
+            return 0
+        return rate * burst - rate * max(0, tat - self.now)
+
+    def snapshot(self, tat: float, rate: float, burst: float) -> float | None:
+        return None if rate <= 0 else r6(self.level(tat, rate, burst))
+
+    def grant(self, st: _State, lid: str, creq: float, ctok: float, fit: float | None, provisional: bool,
+              overdraft: bool) -> None:
+        self.charge(st, creq, ctok, -1 if fit is None else fit, overdraft)
+        lease = _Lease(
+            float(g14(creq)), float(g14(ctok)), fmt(self.now),
+            self.snapshot(st.rt, self.rate_req, self.burst_req), self.snapshot(st.tt, self.rate_tok, self.burst_tok),
+            r6(st.kr), r6(st.kt), r6(st.cq), r6(st.ct), provisional,
+        )
+        self.b.leases.add(lid, self.now + (self.claim_window if provisional else self.lease_ttl))
+        self.b.data[lid] = lease
+
+    def claim(self, lid: str, held: _Lease | None) -> bool:
+        if held is None or not held.provisional:
+            return False
+        self.b.leases.add(lid, self.now + self.lease_ttl)
+        held.provisional = False
+        return True
+
+    def prolong(self, lid: str) -> float | None:
+        expiry = self.b.leases.by_id.get(lid)
+        if expiry is None:
+            return None
+        self.claim(lid, self.b.data.get(lid))
+        new_expiry = max(expiry, self.now + self.lease_ttl)
+        self.b.leases.add(lid, new_expiry)
+        return new_expiry
+
+    def rescale(self, tat: float, r1: float, r2: float, burst: float, charged: float,
+                burst2: float | None = None) -> tuple[float, float]:
+        now = self.now
+        burst2 = burst if burst2 is None else burst2
+        if r2 <= 0 or (r1 == r2 and burst == burst2):
+            return tat, 0
+        if r1 <= 0:
+            capacity = r2 * burst2
+            return now + _ceil_us(min(capacity, charged) / r2), 0
+        debt = max(0, tat - now)
+        if burst2 != burst:
+            owed = debt * r1
+            before = r1 * burst - owed
+            after = min(before, r2 * burst2 - owed)
+            return now + _ceil_us(burst2 - after / r2), before - after
+        if r2 < r1:
+            return now + _ceil_us(debt * r1 / r2), (r1 - r2) * burst
+        return now + _ceil_us(burst - (burst - debt) * r1 / r2), 0
+
+    def live_limits(self, st: _State) -> tuple[float, float]:
+        now = self.now
+        if st.lu <= now:
+            return 0, 0
+        lr: float = 0
+        lt: float = 0
+        for r, ru, t, tu in self.b.learned.values():
+            if r > 0 and ru > now and (lr == 0 or r < lr):
+                lr = r
+            if t > 0 and tu > now and (lt == 0 or t < lt):
+                lt = t
+        return lr, lt
+
+    def relimit(self, st: _State, lr: float, lt: float) -> None:
+        if lr == st.lr and lt == st.lt:
+            return
+        old_req, old_tok = self.rate_req, self.rate_tok
+        st.lr, st.lt = lr, lt
+        self.apply_limits(st)
+        st.rt, drop = self.rescale(st.rt, old_req, self.rate_req, self.burst_req, st.cq)
+        st.kr = st.kr + drop
+        st.tt, drop = self.rescale(st.tt, old_tok, self.rate_tok, self.burst_tok, st.ct)
+        st.kt = st.kt + drop
+
+    def load_state(self) -> _State:
+        fields = self.b.state
+        st = _State()
+        for name in _STATE_FIELDS:
+            setattr(st, name, fields.get(name, 0))
+        st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
+        st.lost = False
+        self.apply_limits(st)
+        if self.seen and "rt" not in fields:
+            st.lost = True
+            st.rt, st.tt = self.now + self.burst_req, self.now + self.burst_tok
+            st.cu = self.now + RECOVERY_WINDOWS * self.claim_window
+        if self.reaped_req > 0 or self.reaped_tok > 0:
+            self.refund(st, self.reaped_req, self.reaped_tok)
+            self.reaped_req = self.reaped_tok = 0.0
+        self.relimit(st, *self.live_limits(st))
+        return st
+
+    def save_state(self, st: _State) -> None:
+        f = self.b.state
+        f["rt"], f["tt"], f["cu"] = r6(st.rt), r6(st.tt), r6(st.cu)
+        f["cl"], f["cr"], f["seq"], f["qa"] = st.cl, r6(st.cr), st.seq, r6(st.qa)
+        f["kr"], f["kt"], f["cq"], f["ct"] = r6(st.kr), r6(st.kt), r6(st.cq), r6(st.ct)
+        f["cf"] = self.config
+        if st.stored or st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0:
+            f["lr"], f["lt"], f["lu"], f["pb"] = r6(st.lr), r6(st.lt), r6(st.lu), st.pb
+        if st.lost:
+            st.lost = False
+            self.engine.publish(self.channel, "l " + fmt(self.now))
+
+    def learn(self, st: _State, per_min_req: float, per_min_tok: float, memory: float, model: str) -> None:
+        if per_min_req <= 0 and per_min_tok <= 0:
+            return
+        now = self.now
+        learned = self.b.learned
+        e = list(learned.get(model, (0, 0, 0, 0)))
+        until = now + memory
+        if per_min_req > 0:
+            e[0], e[1] = per_min_req, until
+        if per_min_tok > 0:
+            e[2], e[3] = per_min_tok, until
+        learned[model] = [r6(x) for x in e]
+        for name in [m for m, w in learned.items() if w[1] <= now and w[3] <= now]:
+            del learned[name]
+        st.lu = max(st.lu, until)
+        if st.pb == 1:
+            st.pb = 2
+        self.relimit(st, *self.live_limits(st))
+
+    def reap(self) -> None:
+        b = self.b
+        for lid in b.leases.due(self.now):
+            held = b.data.get(lid)
+            if held is not None and held.provisional:
+                self.reaped_req = self.reaped_req + held.creq
+                self.reaped_tok = self.reaped_tok + held.ctok
+            b.leases.remove(lid)
+            b.data.pop(lid, None)
+
+    def save_ticket(self, st: _State, lid: str, t: _Ticket) -> None:
+        st.qa = max(st.qa, t.alive)
+        t.creq, t.ctok = float(g14(t.creq)), float(g14(t.ctok))
+        t.alive, t.ttl, t.fit = r6(t.alive), r6(t.ttl), r6(t.fit)
+        self.b.tickets[lid] = t
+
+    def ticket(self, lid: str) -> _Ticket:
+        t = self.b.tickets.get(lid)
+        if t is None:
+            return _Ticket(0, 0, 0, 0, -1, False)
+        return _Ticket(t.creq, t.ctok, t.alive, t.ttl, t.fit, t.overdraft)
+
+    def dequeue(self, lid: str) -> None:
+        self.b.queue.pop(lid, None)
+        self.b.tickets.pop(lid, None)
+
+    def announce(self, st: _State, lid: str, t: _Ticket, fit: float) -> None:
+        if abs(fit - t.fit) > 0.0000005:
+            t.fit = fit
+            t.alive = max(t.alive, fit + t.ttl)
+            self.save_ticket(st, lid, t)
+            self.engine.publish(self.channel, f"h {lid} {fmt(fit)} {fmt(self.now)}")
+
+    def advance(self, st: _State) -> None:
+        b = self.b
+        while True:
+            head = next(iter(b.queue), None)
+            if head is None:
+                return
+            t = self.ticket(head)
+            if t.alive < self.now:
+                self.dequeue(head)
+            elif not self.slot_free():
+                first = b.leases.first()
+                data = b.data.get(first[0]) if first else None
+                if first is not None and data is not None and data.provisional:
+                    at = first[1]
+                    target, tk = head, t
+                    owner = _owner_of(first[0])
+                    if _owner_of(head) == owner:
+                        for lid in islice(b.queue, 1, 16):
+                            if _owner_of(lid) != owner:
+                                target, tk = lid, self.ticket(lid)
+                                break
+                    self.announce(st, target, tk, at)
+                return
+            else:
+                fit = self.fit_time(st, t.creq, t.ctok, t.overdraft)
+                if fit <= self.now:
+                    self.dequeue(head)
+                    self.grant(st, head, t.creq, t.ctok, t.fit, True, t.overdraft)
+                    self.engine.publish(self.channel, f"g {head} {fmt(self.now)}")
+                else:
+                    self.announce(st, head, t, fit)
+                    owner = _owner_of(head)
+                    for lid in islice(b.queue, 1, 16):
+                        if _owner_of(lid) != owner:
+                            self.announce(st, lid, self.ticket(lid), fit + self.claim_window)
+                            break
+                    return
+
+    def touch(self, st: _State) -> None:
+        b = self.b
+        now = self.now
+        horizon = max(now, st.rt, st.tt, st.cu, st.cr, st.lu)
+        if b.queue:
+            horizon = max(horizon, st.qa)
+        last = b.leases.last_expiry()
+        if last is not None:
+            horizon = max(horizon, last)
+        ms = math.ceil((min(horizon - now, 1e11) + self.idle_grace) * 1000)
+        b.expire_at = self.t + ms / 1000.0  # PEXPIRE counts from the command's time
+
+    def finish(self, st: _State, reply: list[str]) -> list[str]:
+        self.save_state(st)
+        self.touch(st)
+        return reply
+
+    # --- the operations ---
+
+    def acquire(self, lid: str, creq: float, ctok: float, max_wait: float, may_queue: bool, ticket_ttl: float,
+                probe: bool, overdraft: bool) -> list[str]:
+        b, now = self.b, self.now
+        self.reap()
+        st = self.load_state()
+        if probe and st.pb == 0:
+            st.pb = 1
+            if st.lr > 0 or st.lt > 0:
+                st.pb = 2
+            self.apply_limits(st)
+        self.advance(st)
+
+        held = b.data.get(lid)
+        if held is not None:
+            self.claim(lid, held)
+            return self.finish(st, ["granted", held.start, fmt(now), fmt(b.leases.by_id[lid])])
+
+        if lid in b.queue:
+            t = self.ticket(lid)
+            t.alive = max(now, t.fit) + t.ttl
+            self.save_ticket(st, lid, t)
+            return self.finish(st, ["queued", fmt(self.wait_hint(lid)), fmt(now)])
+
+        most_req = _most(self.rate_req, self.burst_req, 1)
+        most_tok = _most(self.rate_tok, self.burst_tok, 0)
+        if not overdraft and most_req >= 0 and creq > most_req:
+            return self.finish(st, ["too_large", fmt(most_req), fmt(now), "requests"])
+        if not overdraft and most_tok >= 0 and ctok > most_tok:
+            return self.finish(st, ["too_large", fmt(most_tok), fmt(now), "tokens"])
+
+        if not b.queue and self.slot_free():
+            fit = self.fit_time(st, creq, ctok, overdraft)
+            if fit <= now:
+                self.grant(st, lid, creq, ctok, None, False, overdraft)
+                return self.finish(st, ["granted", fmt(now), fmt(now), fmt(now + self.lease_ttl)])
+            if not may_queue or (max_wait >= 0 and fit - now > max_wait):
+                return self.finish(st, ["refused", fmt(fit - now), fmt(now)])
+        elif not may_queue:
+            return self.finish(st, ["refused", "-1", fmt(now)])
+
+        st.seq = st.seq + 1
+        b.queue[lid] = st.seq
+        self.save_ticket(st, lid, _Ticket(creq, ctok, now + ticket_ttl, ticket_ttl, -1, overdraft))
+        self.advance(st)
+        return self.finish(st, ["queued", fmt(self.wait_hint(lid)), fmt(now)])
+
+    def wait_hint(self, lid: str) -> float:
+        b, now = self.b, self.now
+        t = self.ticket(lid)
+        head = next(iter(b.queue), None)
+        hint = t.ttl / 2
+        if head == lid and t.fit > now:
+            hint = t.fit - now
+        first = b.leases.first()
+        if head == lid and first is not None:
+            hint = min(hint, first[1] - now)
+        return max(0.001, hint)
+
+    def settle(self, lid: str, actual: float, seen_req: float, seen_tok: float, limit_req: float,
+               limit_tok: float, memory: float, model: str) -> list[str]:
+        b, now = self.b, self.now
+        self.reap()
+        st = self.load_state()
+        self.learn(st, limit_req, limit_tok, memory, model)
+        held = b.data.get(lid) if lid != "" else None
+        reply = ["unknown", "0", fmt(now)]
+        if lid == "":
+            st.rt, st.kr = self.corrected(st.rt, self.rate_req, self.burst_req, st.kr, seen_req)
+            st.tt, st.kt = self.corrected(st.tt, self.rate_tok, self.burst_tok, st.kt, seen_tok)
+            reply = ["learned", "0", fmt(now)]
+        elif held is not None:
+            b.leases.remove(lid)
+            del b.data[lid]
+            if st.pb == 1:
+                st.pb = 2
+                self.apply_limits(st)
+            st.rt, st.kr = self.corrected(st.rt, self.rate_req, self.burst_req, st.kr, seen_req,
+                                          held.snap_req, held.kr, st.cq, held.cq)
+            st.tt, st.kt = self.corrected(st.tt, self.rate_tok, self.burst_tok, st.kt, seen_tok,
+                                          held.snap_tok, held.kt, st.ct, held.ct)
+            est = held.ctok
+            if actual >= 0:
+                diff = est - actual
+                if diff > 0:
+                    self.refund(st, 0, diff)
+                elif diff < 0 and self.rate_tok > 0:
+                    st.tt = max(st.tt, now) - diff / self.rate_tok
+                reply = ["settled", fmt(diff), fmt(now)]
+            else:
+                reply = ["settled", "0", fmt(now)]
+        reply.append(fmt(self.rate_req * 60))
+        reply.append(fmt(self.rate_tok * 60))
+        self.advance(st)
+        return self.finish(st, reply)
+
+    def corrected(self, tat: float, rate: float, burst: float, k: float, seen: float, snap: float | None = None,
+                  k0: float = 0, c: float = 0, c0: float = 0) -> tuple[float, float]:
+        if seen < 0 or rate <= 0:
+            return tat, k
+        if snap is not None:
+            ahead = snap - (k - k0) - (c - c0) - (seen + 1)
+        else:
+            ahead = self.level(tat, rate, burst) - (seen + 1)
+        if ahead > 0:
+            return max(tat, self.now) + ahead / rate, k + ahead
+        return tat, k
+
+    def cancel(self, lid: str) -> list[str]:
+        b, now = self.b, self.now
+        self.reap()
+        st = self.load_state()
+        reply = ["unknown", fmt(now)]
+        if lid in b.queue:
+            self.dequeue(lid)
+            reply = ["dequeued", fmt(now)]
+        else:
+            held = b.data.get(lid)
+            if held is not None:
+                b.leases.remove(lid)
+                del b.data[lid]
+                self.refund(st, held.creq, held.ctok)
+                reply = ["cancelled", fmt(now)]
+        self.advance(st)
+        return self.finish(st, reply)
+
+    def extend(self, lid: str) -> list[str]:
+        self.reap()
+        st = self.load_state()
+        self.advance(st)
+        reply = ["lost", "0", fmt(self.now)]
+        new_expiry = self.prolong(lid)
+        if new_expiry is not None:
+            reply = ["extended", fmt(new_expiry), fmt(self.now)]
+        return self.finish(st, reply)
+
+    def rejoin(self, lid: str, creq: float, ctok: float, spent_req: float, spent_tok: float, hold: float) -> list[str]:
+        b, now = self.b, self.now
+        self.reap()
+        st = self.load_state()
+        if (spent_req > 0 or spent_tok > 0) and not st.lost:
+            self.charge(st, spent_req, spent_tok, -1, False)
+        if hold > 0:
+            st.cu = max(st.cu, now + hold)
+        reply = ["charged", fmt(now)]
+        if lid != "":
+            if self.prolong(lid) is not None:
+                reply = ["extended", fmt(now)]
+            else:
+                b.leases.add(lid, now + self.lease_ttl)
+                b.data[lid] = _Lease(float(g14(creq)), float(g14(ctok)), fmt(now), None, None,
+                                     r6(st.kr), r6(st.kt), r6(st.cq), r6(st.ct), False)
+                reply = ["adopted", fmt(now)]
+        self.advance(st)
+        return self.finish(st, reply)
+
+    def cooldown(self, retry_after: float, base: float, max_backoff: float, quiet: float, jitter: float,
+                 draw: float, max_pause: float) -> list[str]:
+        now = self.now
+        self.reap()
+        st = self.load_state()
+        level = 0
+        if st.cu > now:
+            level = st.cl
+        elif st.cr > now:
+            level = st.cl + 1
+        backoff: float = 0
+        if retry_after < 0 or level > 0:
+            backoff = min(max_backoff, base * 2.0**level)
+        pause = min(max_pause, max(retry_after, backoff) * (1 + jitter * draw))
+        st.cu = max(st.cu, now + pause)
+        if self.rate_req > 0:
+            st.rt = max(st.rt, now + self.burst_req)
+        if self.rate_tok > 0:
+            st.tt = max(st.tt, now + self.burst_tok)
+        st.cl = level
+        st.cr = st.cu + quiet
+        self.advance(st)
+        self.save_state(st)
+        self.touch(st)
+        self.engine.publish(self.channel, f"c {fmt(now)} {fmt(st.cu)}")
+        return ["cooldown", fmt(st.cu), fmt(now), g14(level)]
+
+    def clear_cooldown(self) -> list[str]:
+        now = self.now
+        self.reap()
+        st = self.load_state()
+        was_until, was_level = st.cu, st.cl
+        if st.cu > now:
+            st.cu = now
+        if st.cr > now:
+            st.cr = now
+        st.cl = 0
+        self.advance(st)
+        self.save_state(st)
+        self.touch(st)
+        self.engine.publish(self.channel, f"c {fmt(now)} {fmt(now)}")
+        return ["cleared", fmt(was_until), fmt(now), g14(was_level)]
+
+    def configure(self) -> list[str]:
+        previous = self.stored or ""
+        old = [_lua_number(w) for w in previous.split()]
+        self.reap()
+        st = self.load_state()
+        if previous != self.config and len(old) == 7:
+            o = [x if x is not None else 0.0 for x in old]  # stored limits were checked when stored
+            st.rt, drop = self.rescale(st.rt, _effective(o[0], st.lr), self.rate_req, o[1], st.cq, self.burst_req)
+            st.kr = st.kr + drop
+            st.tt, drop = self.rescale(st.tt, _effective(o[2], st.lt), self.rate_tok, o[3], st.ct, self.burst_tok)
+            st.kt = st.kt + drop
+        self.advance(st)
+        self.save_state(st)
+        self.touch(st)
+        return ["unchanged" if previous == self.config else "configured", fmt(self.now), previous]
+
+    def status(self) -> list[str]:
+        st = self.load_state()
+        b = self.b
+        return [
+            fmt(self.now),
+            fmt(self.level(st.rt, self.rate_req, self.burst_req)),
+            fmt(self.level(st.tt, self.rate_tok, self.burst_tok)),
+            str(b.leases.count_after(r6(self.now))),
+            str(len(b.queue)),
+            fmt(max(0, st.cu - self.now)),
+            g14(st.cl),
+            fmt(self.rate_req * 60),
+            fmt(self.rate_tok * 60),
+            fmt(st.lr),
+            fmt(st.lt),
+            "1" if self.probing else "0",
+        ]
+
+
+def _effective(configured: float, per_minute: float) -> float:
+    learned = per_minute / 60
+    if learned > 0 and (configured <= 0 or learned < configured):
+        return learned
+    return configured
+
+
+def _slack_of(cost: float, rate: float, burst: float, overdraft: bool) -> float:
+    if overdraft:
+        return burst
+    return max(0, burst - cost / rate)
+
+
+def _ceil_us(x: float) -> float:
+    return math.ceil(x * 1000000 - 0.001) / 1000000
+
+
+def _most(rate: float, burst: float, floor: float) -> float:
+    if rate <= 0:
+        return -1
+    return max(floor, rate * max(burst, 60))
+
+
+def _owner_of(lid: str) -> str:
+    dot = lid.find(".")
+    return lid[:dot] if dot > 0 else lid
