@@ -95,7 +95,7 @@ def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Sync
         if scheme == "memory":
             from ._memory import MemoryClient
 
-            return MemoryClient(_memory_server(target)), True
+            return MemoryClient(_memory_server(target)), True  # type: ignore[return-value]  # the calls limiters make
         if scheme in SENTINEL_SCHEMES:
             spec = parse_sentinel_url(target)
             return sync_master(spec, _pool_options(io_timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0))), True
@@ -120,7 +120,7 @@ def async_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[Asy
         if scheme == "memory":
             from ._memory import AsyncMemoryClient
 
-            return AsyncMemoryClient(_memory_server(target)), True
+            return AsyncMemoryClient(_memory_server(target)), True  # type: ignore[return-value]
         if scheme in SENTINEL_SCHEMES:
             spec = parse_sentinel_url(target)
             retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)

@@ -56,6 +56,7 @@ _BLOCK = (
     ("seen", FLAG),
 )
 _LIMITS = (0, 1, 2, 3, 4, 5, 8)  # the block's arguments stored as the budget's limits (`cf`)
+_BLOCKS: dict[tuple[str, ...], list[Any]] = {}  # budget blocks that passed their checks, and their values
 
 _SPECS: dict[str, Spec] = {
     "acquire": (
@@ -105,17 +106,17 @@ _SPECS: dict[str, Spec] = {
 
 def fmt(x: float) -> str:
     """Lua's ``string.format('%.6f', x)``."""
-    return "%.6f" % x
+    return f"{x:.6f}"
 
 
 def r6(x: float) -> float:
     """What ``tonumber(fmt(x))`` reads back: the state keeps six decimals."""
-    return float("%.6f" % x)
+    return float(f"{x:.6f}")
 
 
 def g14(x: float) -> str:
     """Lua's ``tostring(x)`` (and ``x .. ''``): ``%.14g``."""
-    return "%.14g" % x
+    return f"{x:.14g}"
 
 
 def _lua_number(s: str) -> float | None:
@@ -180,20 +181,24 @@ def _quoted(raw: str) -> str:
     return _CONTROL.sub("?", "".join(out))
 
 
-def _checked(argv: list[str], first: int, spec: Spec, kinds: tuple[str, ...] | None = None, more: bool = False) -> list[Any]:
+def _checked(
+    argv: list[str], first: int, spec: Spec, kinds: tuple[str, ...] | None = None, more: bool = False
+) -> list[Any]:
     """checked(): the values of ARGV[first..] (1-based), else raise the XFLOW_BADARG refusal."""
     values = []
-    for i, arg in enumerate(spec):
-        n = first + i
-        raw = argv[n - 1] if n <= len(argv) else (arg[2] if len(arg) > 2 else None)
-        kind = kinds[i] if kinds else arg[1]
+    n_argv = len(argv)
+    n = first
+    for arg in spec:
+        raw = argv[n - 1] if n <= n_argv else (arg[2] if len(arg) > 2 else None)
+        kind = kinds[n - first] if kinds else arg[1]
         value = _value_of(kind, raw) if raw is not None else None
         if value is None:
             got = _quoted(raw) if raw is not None else "nothing"
             raise ResponseError(f"XFLOW_BADARG ARGV[{n}] {arg[0]}: got {got}, expected {kind}")
         values.append(value)
+        n += 1
     last = first + len(spec) - 1
-    if not more and len(argv) > last:
+    if not more and n_argv > last:
         raise ResponseError(f"XFLOW_BADARG ARGV[{last + 1}]: unexpected, this script takes {last} arguments")
     return values
 
@@ -201,11 +206,20 @@ def _checked(argv: list[str], first: int, spec: Spec, kinds: tuple[str, ...] | N
 class _Lease:
     """One lease_data entry: what it was charged and the levels and counters just after."""
 
-    __slots__ = ("creq", "ctok", "start", "snap_req", "snap_tok", "kr", "kt", "cq", "ct", "provisional")
+    __slots__ = ("cq", "creq", "ct", "ctok", "kr", "kt", "provisional", "snap_req", "snap_tok", "start")
 
     def __init__(
-        self, creq: float, ctok: float, start: str, snap_req: float | None, snap_tok: float | None,
-        kr: float, kt: float, cq: float, ct: float, provisional: bool,
+        self,
+        creq: float,
+        ctok: float,
+        start: str,
+        snap_req: float | None,
+        snap_tok: float | None,
+        kr: float,
+        kt: float,
+        cq: float,
+        ct: float,
+        provisional: bool,
     ) -> None:
         self.creq, self.ctok, self.start = creq, ctok, start
         self.snap_req, self.snap_tok = snap_req, snap_tok
@@ -214,7 +228,7 @@ class _Lease:
 
 
 class _Ticket:
-    __slots__ = ("creq", "ctok", "alive", "ttl", "fit", "overdraft")
+    __slots__ = ("alive", "creq", "ctok", "fit", "overdraft", "ttl")
 
     def __init__(self, creq: float, ctok: float, alive: float, ttl: float, fit: float, overdraft: bool) -> None:
         self.creq, self.ctok, self.alive, self.ttl, self.fit, self.overdraft = creq, ctok, alive, ttl, fit, overdraft
@@ -223,7 +237,7 @@ class _Ticket:
 class _Leases:
     """The leases ZSET: id -> expiry, with its first and last by (expiry, id) as Redis orders them."""
 
-    __slots__ = ("by_id", "_low", "_high")
+    __slots__ = ("_high", "_low", "by_id")
 
     def __init__(self) -> None:
         self.by_id: dict[str, float] = {}
@@ -279,7 +293,7 @@ class _Leases:
 class _Budget:
     """The six keys of one budget. ``state`` holds the state HASH's fields as the scripts wrote them."""
 
-    __slots__ = ("state", "leases", "data", "queue", "tickets", "learned", "expire_at")
+    __slots__ = ("data", "expire_at", "learned", "leases", "queue", "state", "tickets")
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
@@ -297,10 +311,42 @@ class _Budget:
 class _State:
     """load_state()'s table."""
 
-    __slots__ = ("rt", "tt", "cu", "cl", "cr", "seq", "qa", "kr", "kt", "cq", "ct", "lr", "lt", "lu", "pb", "stored", "lost")
-
-
-_STATE_FIELDS = ("rt", "tt", "cu", "cl", "cr", "seq", "qa", "kr", "kt", "cq", "ct", "lr", "lt", "lu", "pb")
+    __slots__ = (
+        "cl",
+        "cq",
+        "cr",
+        "ct",
+        "cu",
+        "kr",
+        "kt",
+        "lost",
+        "lr",
+        "lt",
+        "lu",
+        "pb",
+        "qa",
+        "rt",
+        "seq",
+        "stored",
+        "tt",
+    )
+    rt: float
+    tt: float
+    cu: float
+    cl: float
+    cr: float
+    seq: int
+    qa: float
+    kr: float
+    kt: float
+    cq: float
+    ct: float
+    lr: float
+    lt: float
+    lu: float
+    pb: int
+    stored: bool
+    lost: bool
 
 
 class Engine:
@@ -327,7 +373,7 @@ class Engine:
     def existing_keys(self, keys_of: Callable[[str], list[str]]) -> list[str]:
         """Every key that exists now (``keys_of`` names the six keys of a budget from its first)."""
         at = self.clock()
-        out = []
+        out: list[str] = []
         for first in list(self.budgets):
             b = self._live(first, at)
             if b is None:
@@ -377,12 +423,28 @@ class _Call:
     def run(self, op: str) -> list[str]:
         argv = self.argv
         stored = self.b.state.get("cf")
-        config = " ".join(argv[i] for i in _LIMITS) if len(argv) >= 9 else None
+        config = " ".join([argv[i] for i in _LIMITS]) if len(argv) >= 9 else None
         same = config is not None and config == stored
-        kinds = tuple(CHECKED if same and i in _LIMITS else kind for i, (_, kind) in enumerate(_BLOCK))
-        block = _checked(argv, 1, _BLOCK, kinds, more=True)
-        (self.cfg_rate_req, self.burst_req, self.cfg_rate_tok, self.burst_tok, self.max_conc, self.lease_ttl,
-         self.idle_grace, self.channel, self.claim_window, self.seen) = block
+        head = tuple(argv[:10])
+        block = _BLOCKS.get(head)
+        if block is None:  # checked once per distinct block: a budget sends the same one every time
+            kinds = tuple(CHECKED if same and i in _LIMITS else kind for i, (_, kind) in enumerate(_BLOCK))
+            block = _checked(argv, 1, _BLOCK, kinds, more=True)
+            if len(_BLOCKS) >= 256:
+                _BLOCKS.clear()
+            _BLOCKS[head] = block
+        (
+            self.cfg_rate_req,
+            self.burst_req,
+            self.cfg_rate_tok,
+            self.burst_tok,
+            self.max_conc,
+            self.lease_ttl,
+            self.idle_grace,
+            self.channel,
+            self.claim_window,
+            self.seen,
+        ) = block
         self.stored, self.config = stored, config
         self.rate_req, self.rate_tok, self.probing = self.cfg_rate_req, self.cfg_rate_tok, False
         if op == "configure":
@@ -394,7 +456,8 @@ class _Call:
             words = stored.split()
             if len(words) != 7 or any(_lua_number(w) != m for w, m in zip(words, mine, strict=False)):
                 raise ResponseError(f"XFLOW_CONFLICT stored {stored}; given {config}")
-        return getattr(self, op)(*values)
+        reply: list[str] = getattr(self, op)(*values)
+        return reply
 
     # --- _prelude.lua ---
 
@@ -416,8 +479,12 @@ class _Call:
         return max(self.now, tat - _slack_of(cost, rate, burst, overdraft))
 
     def fit_time(self, st: _State, creq: float, ctok: float, overdraft: bool) -> float:
-        return max(self.now, st.cu, self.dim_fit(st.rt, creq, self.rate_req, self.burst_req, overdraft),
-                   self.dim_fit(st.tt, ctok, self.rate_tok, self.burst_tok, overdraft))
+        return max(
+            self.now,
+            st.cu,
+            self.dim_fit(st.rt, creq, self.rate_req, self.burst_req, overdraft),
+            self.dim_fit(st.tt, ctok, self.rate_tok, self.burst_tok, overdraft),
+        )
 
     def slot_free(self) -> bool:
         if self.max_conc <= 0 and not self.probing:
@@ -425,8 +492,9 @@ class _Call:
         n = len(self.b.leases)
         return (self.max_conc <= 0 or n < self.max_conc) and not (self.probing and n > 0)
 
-    def charged_from(self, st: _State, tat: float, fit: float, cost: float, rate: float, burst: float,
-                     overdraft: bool) -> float:
+    def charged_from(
+        self, st: _State, tat: float, fit: float, cost: float, rate: float, burst: float, overdraft: bool
+    ) -> float:
         now = self.now
         slack = _slack_of(cost, rate, burst, overdraft)
         if fit < 0 or fit >= now or st.cu >= fit - 0.000001 or tat - slack < fit - 0.000001:
@@ -437,9 +505,13 @@ class _Call:
         st.cq = st.cq + creq
         st.ct = st.ct + ctok
         if self.rate_req > 0:
-            st.rt = self.charged_from(st, st.rt, fit, creq, self.rate_req, self.burst_req, overdraft) + creq / self.rate_req
+            st.rt = (
+                self.charged_from(st, st.rt, fit, creq, self.rate_req, self.burst_req, overdraft) + creq / self.rate_req
+            )
         if self.rate_tok > 0:
-            st.tt = self.charged_from(st, st.tt, fit, ctok, self.rate_tok, self.burst_tok, overdraft) + ctok / self.rate_tok
+            st.tt = (
+                self.charged_from(st, st.tt, fit, ctok, self.rate_tok, self.burst_tok, overdraft) + ctok / self.rate_tok
+            )
 
     def level(self, tat: float, rate: float, burst: float) -> float:
         if rate <= 0:
@@ -449,13 +521,21 @@ class _Call:
     def snapshot(self, tat: float, rate: float, burst: float) -> float | None:
         return None if rate <= 0 else r6(self.level(tat, rate, burst))
 
-    def grant(self, st: _State, lid: str, creq: float, ctok: float, fit: float | None, provisional: bool,
-              overdraft: bool) -> None:
+    def grant(
+        self, st: _State, lid: str, creq: float, ctok: float, fit: float | None, provisional: bool, overdraft: bool
+    ) -> None:
         self.charge(st, creq, ctok, -1 if fit is None else fit, overdraft)
         lease = _Lease(
-            float(g14(creq)), float(g14(ctok)), fmt(self.now),
-            self.snapshot(st.rt, self.rate_req, self.burst_req), self.snapshot(st.tt, self.rate_tok, self.burst_tok),
-            r6(st.kr), r6(st.kt), r6(st.cq), r6(st.ct), provisional,
+            float(g14(creq)),
+            float(g14(ctok)),
+            fmt(self.now),
+            self.snapshot(st.rt, self.rate_req, self.burst_req),
+            self.snapshot(st.tt, self.rate_tok, self.burst_tok),
+            r6(st.kr),
+            r6(st.kt),
+            r6(st.cq),
+            r6(st.ct),
+            provisional,
         )
         self.b.leases.add(lid, self.now + (self.claim_window if provisional else self.lease_ttl))
         self.b.data[lid] = lease
@@ -472,12 +552,13 @@ class _Call:
         if expiry is None:
             return None
         self.claim(lid, self.b.data.get(lid))
-        new_expiry = max(expiry, self.now + self.lease_ttl)
+        new_expiry: float = max(expiry, self.now + self.lease_ttl)
         self.b.leases.add(lid, new_expiry)
         return new_expiry
 
-    def rescale(self, tat: float, r1: float, r2: float, burst: float, charged: float,
-                burst2: float | None = None) -> tuple[float, float]:
+    def rescale(
+        self, tat: float, r1: float, r2: float, burst: float, charged: float, burst2: float | None = None
+    ) -> tuple[float, float]:
         now = self.now
         burst2 = burst if burst2 is None else burst2
         if r2 <= 0 or (r1 == r2 and burst == burst2):
@@ -522,8 +603,14 @@ class _Call:
     def load_state(self) -> _State:
         fields = self.b.state
         st = _State()
-        for name in _STATE_FIELDS:
-            setattr(st, name, fields.get(name, 0))
+        if fields:
+            get = fields.get
+            st.rt, st.tt, st.cu, st.cl, st.cr = get("rt", 0), get("tt", 0), get("cu", 0), get("cl", 0), get("cr", 0)
+            st.seq, st.qa, st.kr, st.kt, st.cq = get("seq", 0), get("qa", 0), get("kr", 0), get("kt", 0), get("cq", 0)
+            st.ct, st.lr, st.lt, st.lu, st.pb = get("ct", 0), get("lr", 0), get("lt", 0), get("lu", 0), get("pb", 0)
+        else:
+            st.rt = st.tt = st.cu = st.cl = st.cr = st.seq = st.qa = st.kr = st.kt = st.cq = st.ct = 0
+            st.lr = st.lt = st.lu = st.pb = 0
         st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
         st.lost = False
         self.apply_limits(st)
@@ -658,8 +745,17 @@ class _Call:
 
     # --- the operations ---
 
-    def acquire(self, lid: str, creq: float, ctok: float, max_wait: float, may_queue: bool, ticket_ttl: float,
-                probe: bool, overdraft: bool) -> list[str]:
+    def acquire(
+        self,
+        lid: str,
+        creq: float,
+        ctok: float,
+        max_wait: float,
+        may_queue: bool,
+        ticket_ttl: float,
+        probe: bool,
+        overdraft: bool,
+    ) -> list[str]:
         b, now = self.b, self.now
         self.reap()
         st = self.load_state()
@@ -716,8 +812,17 @@ class _Call:
             hint = min(hint, first[1] - now)
         return max(0.001, hint)
 
-    def settle(self, lid: str, actual: float, seen_req: float, seen_tok: float, limit_req: float,
-               limit_tok: float, memory: float, model: str) -> list[str]:
+    def settle(
+        self,
+        lid: str,
+        actual: float,
+        seen_req: float,
+        seen_tok: float,
+        limit_req: float,
+        limit_tok: float,
+        memory: float,
+        model: str,
+    ) -> list[str]:
         b, now = self.b, self.now
         self.reap()
         st = self.load_state()
@@ -734,10 +839,12 @@ class _Call:
             if st.pb == 1:
                 st.pb = 2
                 self.apply_limits(st)
-            st.rt, st.kr = self.corrected(st.rt, self.rate_req, self.burst_req, st.kr, seen_req,
-                                          held.snap_req, held.kr, st.cq, held.cq)
-            st.tt, st.kt = self.corrected(st.tt, self.rate_tok, self.burst_tok, st.kt, seen_tok,
-                                          held.snap_tok, held.kt, st.ct, held.ct)
+            st.rt, st.kr = self.corrected(
+                st.rt, self.rate_req, self.burst_req, st.kr, seen_req, held.snap_req, held.kr, st.cq, held.cq
+            )
+            st.tt, st.kt = self.corrected(
+                st.tt, self.rate_tok, self.burst_tok, st.kt, seen_tok, held.snap_tok, held.kt, st.ct, held.ct
+            )
             est = held.ctok
             if actual >= 0:
                 diff = est - actual
@@ -753,8 +860,18 @@ class _Call:
         self.advance(st)
         return self.finish(st, reply)
 
-    def corrected(self, tat: float, rate: float, burst: float, k: float, seen: float, snap: float | None = None,
-                  k0: float = 0, c: float = 0, c0: float = 0) -> tuple[float, float]:
+    def corrected(
+        self,
+        tat: float,
+        rate: float,
+        burst: float,
+        k: float,
+        seen: float,
+        snap: float | None = None,
+        k0: float = 0,
+        c: float = 0,
+        c0: float = 0,
+    ) -> tuple[float, float]:
         if seen < 0 or rate <= 0:
             return tat, k
         if snap is not None:
@@ -807,18 +924,36 @@ class _Call:
                 reply = ["extended", fmt(now)]
             else:
                 b.leases.add(lid, now + self.lease_ttl)
-                b.data[lid] = _Lease(float(g14(creq)), float(g14(ctok)), fmt(now), None, None,
-                                     r6(st.kr), r6(st.kt), r6(st.cq), r6(st.ct), False)
+                b.data[lid] = _Lease(
+                    float(g14(creq)),
+                    float(g14(ctok)),
+                    fmt(now),
+                    None,
+                    None,
+                    r6(st.kr),
+                    r6(st.kt),
+                    r6(st.cq),
+                    r6(st.ct),
+                    False,
+                )
                 reply = ["adopted", fmt(now)]
         self.advance(st)
         return self.finish(st, reply)
 
-    def cooldown(self, retry_after: float, base: float, max_backoff: float, quiet: float, jitter: float,
-                 draw: float, max_pause: float) -> list[str]:
+    def cooldown(
+        self,
+        retry_after: float,
+        base: float,
+        max_backoff: float,
+        quiet: float,
+        jitter: float,
+        draw: float,
+        max_pause: float,
+    ) -> list[str]:
         now = self.now
         self.reap()
         st = self.load_state()
-        level = 0
+        level: float = 0
         if st.cu > now:
             level = st.cl
         elif st.cr > now:

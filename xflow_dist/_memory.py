@@ -12,6 +12,7 @@ AttributeError, not a silent difference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import queue
 import threading
@@ -72,7 +73,9 @@ class MemoryServer:
         if op == "check_rights":
             return [b"checked"]  # no ACL here: every right is held
         with self.lock:
-            reply = self.engine.run(op, [_text(k) for k in keys], [_text(a) for a in args])
+            reply = self.engine.run(
+                op, [k if type(k) is str else _text(k) for k in keys], [a if type(a) is str else _text(a) for a in args]
+            )
         return [x.encode() for x in reply]
 
     def numsub(self, channel: str) -> list[tuple[bytes, int]]:
@@ -117,7 +120,9 @@ class MemoryServer:
             if key not in self.keys_now():
                 return None
             b = self.engine.budgets[_first_key(key)]
-            part: Any = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned)[_SUFFIXES.index(key[key.rfind(":"):])]
+            part: Any = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned)[
+                _SUFFIXES.index(key[key.rfind(":") :])
+            ]
             if part is b.data or part is b.tickets:
                 part = {k: [getattr(v, f) for f in v.__slots__] for k, v in part.items()}
             return repr(sorted(part.items())).encode()
@@ -151,7 +156,7 @@ class _Script:
 
 
 class _AsyncScript(_Script):
-    async def __call__(self, keys: list[Any] | None = None, args: list[Any] | None = None, client: Any = None) -> Any:  # type: ignore[override]
+    async def __call__(self, keys: list[Any] | None = None, args: list[Any] | None = None, client: Any = None) -> Any:
         return self.server.run(self.op, list(keys or ()), list(args or ()))
 
 
@@ -168,7 +173,9 @@ class _SyncPubSub:
         for channel in channels:
             self.server.subscribe(channel, self)
             self.channels.append(channel)
-            self.inbox.put({"type": "subscribe", "pattern": None, "channel": channel.encode(), "data": len(self.channels)})
+            self.inbox.put(
+                {"type": "subscribe", "pattern": None, "channel": channel.encode(), "data": len(self.channels)}
+            )
 
     def unsubscribe(self, *channels: str) -> None:
         for channel in channels or tuple(self.channels):
@@ -181,7 +188,11 @@ class _SyncPubSub:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                msg = self.inbox.get(timeout=max(0.0, deadline - time.monotonic())) if timeout > 0 else self.inbox.get_nowait()
+                msg = (
+                    self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if timeout > 0
+                    else self.inbox.get_nowait()
+                )
             except queue.Empty:
                 return None
             if not ignore_subscribe_messages or msg["type"] == "message":
@@ -211,10 +222,8 @@ class _AsyncPubSub:
         if threading.get_ident() == self.thread:
             self.inbox.put_nowait(message)
         else:
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens any more
                 self.loop.call_soon_threadsafe(self.inbox.put_nowait, message)
-            except RuntimeError:  # that loop is closed: nobody is listening any more
-                pass
 
     async def subscribe(self, *channels: str) -> None:
         if self.inbox is None:
@@ -224,7 +233,9 @@ class _AsyncPubSub:
         for channel in channels:
             self.server.subscribe(channel, self)
             self.channels.append(channel)
-            self.inbox.put_nowait({"type": "subscribe", "pattern": None, "channel": channel.encode(), "data": len(self.channels)})
+            self.inbox.put_nowait(
+                {"type": "subscribe", "pattern": None, "channel": channel.encode(), "data": len(self.channels)}
+            )
 
     async def unsubscribe(self, *channels: str) -> None:
         for channel in channels or tuple(self.channels):
@@ -232,7 +243,9 @@ class _AsyncPubSub:
             if channel in self.channels:
                 self.channels.remove(channel)
 
-    async def get_message(self, ignore_subscribe_messages: bool = False, timeout: float | None = 0.0) -> dict[str, Any] | None:
+    async def get_message(
+        self, ignore_subscribe_messages: bool = False, timeout: float | None = 0.0
+    ) -> dict[str, Any] | None:
         if self.inbox is None:
             return None
         deadline = time.monotonic() + (timeout or 0.0)
