@@ -422,3 +422,52 @@ def test_an_async_limiter_works_in_a_forked_child(redis_url: str, name: str) -> 
     assert answer == "1 True", answer
     with Limiter(Budget(name, max_concurrency=3, lease_ttl=1.0), redis_url) as check:
         assert check.status().in_flight == 0
+
+
+async def test_a_thousand_callers_in_one_process_queue_before_the_pool_not_into_an_outage(
+    redis_url: str, name: str
+) -> None:
+    """More callers than pooled connections: beyond the pool they would wait for a connection only
+    the pool's timeout and fail as if Redis were down, so the limiter would run on its outage share
+    while Redis answers. They queue before the pool instead; none sees an outage."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=4, timeout=0.05)
+    client = redis.asyncio.Redis.from_pool(pool)
+    limiter = AsyncLimiter(Budget(name, rps=1e6, tps=1e9), client)
+    try:
+
+        async def one() -> None:
+            lease = await limiter.acquire(tokens=10)
+            await lease.release()
+
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(1000))), timeout=60)
+        status = await limiter.status()
+        assert (status.mode, status.outage_grants) == ("shared", 0)
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
+def test_more_threads_than_pooled_connections_queue_before_the_pool(redis_url: str, name: str) -> None:
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=4, timeout=0.05)
+    client = redis.Redis.from_pool(pool)
+    limiter = Limiter(Budget(name, rps=1e6, tps=1e9), client)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(25):
+                limiter.acquire(tokens=10).release()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        status = limiter.status()
+        assert errors == [] and (status.mode, status.outage_grants) == ("shared", 0)
+    finally:
+        limiter.close()
+        client.close()

@@ -25,6 +25,7 @@ from ._base import (
     RETRY_MAX,
     Decision,
     LimiterBase,
+    gate_size,
     left,
     new_id,
     transient,
@@ -55,6 +56,19 @@ from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost,
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
+
+
+class _NoGate:
+    """The gate of a client without a pool to protect."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_GATE: Any = _NoGate()
 
 
 class _Events:
@@ -170,6 +184,7 @@ class AsyncLimiter(LimiterBase):
         self._target = redis
         self._client, self._owns = async_client(redis, self.io_timeout)
         self._scripts = register(self._client, self.io_timeout)
+        self._gate: asyncio.Semaphore | None = None  # made in the loop, sized by gate_size()
         self._events: _Events | None = None
         self._events_lock: asyncio.Lock | None = None
         self._held: dict[str, float] = {}  # lease id -> when its next heartbeat is due
@@ -188,6 +203,13 @@ class AsyncLimiter(LimiterBase):
 
     async def _run(self, op: str, argv: list[str]) -> Any:
         await self._rights.ensure_async(self._client)
+        if self._gate is None:
+            size = gate_size(self._client)
+            self._gate = asyncio.Semaphore(size) if size is not None else _NO_GATE
+        async with self._gate:
+            return await self._call(op, argv)
+
+    async def _call(self, op: str, argv: list[str]) -> Any:
         for attempt in (1, 2):
             try:
                 reply = await self._scripts[op](keys=self._keys, args=self._argv(argv))
@@ -739,6 +761,7 @@ class AsyncLimiter(LimiterBase):
         self._beater = None
         self._events = None
         self._events_lock = None
+        self._gate = None
         self._kicked = asyncio.Event()
         self._queued = set()
         self._outage = None

@@ -94,6 +94,21 @@ _INHERITED: list[Any] = []
 _PROCESS = [uuid.uuid4().hex[:12]]
 
 
+def gate_size(client: Any) -> int | None:
+    """How many script calls may be in flight on ``client`` at once, or None for no gate.
+
+    Beyond its pool's connections, a call waits for one only ``io_timeout``, then fails as if Redis
+    were down: a burst of callers in one process (a thousand tasks started at once) would put the
+    limiter in its outage policy while Redis answers every call. So callers queue before the pool
+    instead, for as long as their own deadline allows, leaving two connections to the events
+    subscriber and the probe. A Cluster client (one pool per node) and ``memory://`` have no gate.
+    """
+    size = getattr(getattr(client, "connection_pool", None), "max_connections", None)
+    if not isinstance(size, int) or size <= 0 or size > 1_000_000:
+        return None
+    return max(1, size - 2)
+
+
 def new_id() -> str:
     """A lease (and ticket) id: ``<process>.<unique>``."""
     return f"{_PROCESS[0]}.{uuid.uuid4().hex}"

@@ -25,6 +25,7 @@ from ._base import (
     RETRY_MAX,
     Decision,
     LimiterBase,
+    gate_size,
     left,
     new_id,
     transient,
@@ -55,6 +56,12 @@ from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost,
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
+
+
+def _gate(client: Any) -> Any:
+    """A semaphore of ``gate_size`` permits in front of the pool, or a no-op."""
+    size = gate_size(client)
+    return threading.BoundedSemaphore(size) if size is not None else contextlib.nullcontext()
 
 
 class _Events:
@@ -294,6 +301,7 @@ class Limiter(LimiterBase):
         self._target = redis
         self._client, self._owns = sync_client(redis, self.io_timeout)
         self._scripts = register(self._client, self.io_timeout)
+        self._gate = _gate(self._client)
         self._events: _Events | None = None
         self._events_lock = threading.Lock()
         self._upkeep = _Upkeep(self)
@@ -305,6 +313,10 @@ class Limiter(LimiterBase):
 
     def _run(self, op: str, argv: list[str]) -> Any:
         self._rights.ensure(self._client)
+        with self._gate:
+            return self._call(op, argv)
+
+    def _call(self, op: str, argv: list[str]) -> Any:
         for attempt in (1, 2):
             try:
                 reply = self._scripts[op](keys=self._keys, args=self._argv(argv))
@@ -782,6 +794,7 @@ class Limiter(LimiterBase):
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
             self._client, _ = sync_client(self._target, self.io_timeout)
             self._scripts = register(self._client, self.io_timeout)
+        self._gate = _gate(self._client)
 
     def __enter__(self) -> Limiter:
         return self
