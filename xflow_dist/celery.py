@@ -464,10 +464,13 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         except BudgetUnavailableError:  # the "closed" outage policy: come back once Redis may answer
             wait = max(policy.max_wait, limiter.outage_policy.probe_interval, 1.0)
         if wait is None:  # queued behind others, or waiting for a slot: no exact answer
-            # No floor after an in-place wait: the task comes back when it is estimated to fit (it
-            # then waits in place again, which bounds the churn); without one, a short floor does.
-            floor = 0.0 if policy.max_wait > 0 else REQUEUE_FLOOR
-            wait = _estimate_wait(limiter, tokens, requests, floor)
+            # No floor after an in-place wait: the task comes back half its max_wait before it is
+            # estimated to fit, and waits in place for the rest, so an estimate too long by up to
+            # that much idles nothing (one too short re-queues again); without one, a short floor.
+            if policy.max_wait > 0:
+                wait = max(0.0, _estimate_wait(limiter, tokens, requests, 0.0) - policy.max_wait / 2)
+            else:
+                wait = _estimate_wait(limiter, tokens, requests, REQUEUE_FLOOR)
         raise self._requeue(limiter, wait, policy)
 
     def _requeue(self, limiter: Limiter, wait: float, policy: TaskPolicy) -> BaseException:
