@@ -9,6 +9,12 @@ Scenarios: tokens bind, requests bind, concurrency binds; each at P = 4 and P = 
 --uneven gives the processes unequal worker counts (from about 2C/(P+1) to 2CP/(P+1), C on average).
 Figures come from the provider's own ledger. Loopback only; every run is bounded by --deadline.
 
+Redis's side of each xflow run, per grant (a call the provider admitted or refused; each was granted
+first): ``cmds`` the limiter's top-level script calls (EVALSHA), ``in-script`` the commands those
+scripts ran (INFO commandstats by name: every command but the ones only a client sends, the job
+list's and the harness's), ``cpu`` the redis-server's CPU time (user + sys) in microseconds. The
+stats are reset before each run and read after it.
+
 The shared budget (xflow) is, by default, configured with the provider's real limits. Learning:
   --budget-scale 1.3   configure it 30 % above them (the fleet learns the real ones from the headers)
   --learn              configure no rates at all (concurrency only): the headers teach them
@@ -25,7 +31,8 @@ import json
 import sys
 import time
 
-from _common import Scenario
+import redis
+from _common import CLIENT_ONLY, HARNESS_COMMANDS, Scenario, commandstats, redis_cpu, reset_stats
 
 from xflow_dist._demo import FleetResult, Latency, fleet_spec, run_fleet, simulator_process
 from xflow_dist._embedded import EmbeddedRedis
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     strategies = args.strategy or list(STRATEGIES)
     rows: list[tuple[str, int, FleetResult]] = []
+    costs: dict[int, dict[str, float]] = {}
     t0 = time.monotonic()
     with EmbeddedRedis(allow_fake=False) as redis_server:
         each = "unequal worker counts, on average" if args.uneven else "workers per process"
@@ -101,14 +109,21 @@ def main(argv: list[str] | None = None) -> int:
                         report_limits=not args.remaining_only,
                         uneven=args.uneven,
                     )
+                    admin = redis.Redis.from_url(redis_server.url)
+                    reset_stats(admin)
+                    cpu0 = redis_cpu(admin)
                     result = run_fleet(spec, jobs, scenario.latency)
+                    cost = _redis_cost(commandstats(admin), redis_cpu(admin) - cpu0, result.sent)
+                    admin.close()
                     rows.append((scenario.name, processes, result))
-                    print(_line(scenario.name, processes, result), flush=True)
+                    costs[id(result)] = cost
+                    print(_line(scenario.name, processes, result) + (_cost(cost) if strategy == "xflow" else ""),
+                          flush=True)  # fmt: skip
     print(f"\ntotal {time.monotonic() - t0:.0f}s\n")
-    print(_table(rows))
+    print(_table(rows, costs))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump([{"scenario": s, **r.to_dict()} for s, _, r in rows], fh, indent=2)
+            json.dump([{"scenario": s, **r.to_dict(), "redis": costs[id(r)]} for s, _, r in rows], fh, indent=2)
     return 0
 
 
@@ -119,6 +134,23 @@ def _budget_mode(args: argparse.Namespace) -> str:
         rates = f"rates configured at {args.budget_scale:g}x the provider's"
     told = "remaining only" if args.remaining_only else "remaining and limits"
     return f"{rates}; settles with the provider's {told}"
+
+
+#: The job list's commands (top level, never in a script: a budget has no list).
+JOB_LIST = frozenset({"rpush", "lpop", "del", "llen", "lrange"})
+
+
+def _redis_cost(stats: dict[str, dict[str, float]], cpu: float, grants: int) -> dict[str, float]:
+    """Top-level script calls, commands run inside scripts and Redis CPU, per grant."""
+    top = sum(stats.get(name, {}).get("calls", 0.0) for name in ("evalsha", "eval"))
+    outside = CLIENT_ONLY | HARNESS_COMMANDS | JOB_LIST | {"ping", "pubsub|numsub"}  # the probe, the census
+    inside = sum(v["calls"] for name, v in stats.items() if name not in outside)
+    n = max(1, grants)
+    return {"grants": grants, "cmds": top / n, "in_script": inside / n, "cpu_us": cpu * 1e6 / n}
+
+
+def _cost(c: dict[str, float]) -> str:
+    return f" | redis per grant: {c['cmds']:.2f} cmds, {c['in_script']:.1f} in-script, {c['cpu_us']:.0f} us cpu"
 
 
 def _use(r: FleetResult) -> str:
@@ -133,13 +165,20 @@ def _line(scenario: str, processes: int, r: FleetResult) -> str:
     )
 
 
-def _table(rows: list[tuple[str, int, FleetResult]]) -> str:
-    head = "| scenario | P | strategy | makespan s | ideal s | utilisation | 429s / sent | 429 share | done |"
-    out = [head, "|---|---|---|---|---|---|---|---|---|"]
+def _table(rows: list[tuple[str, int, FleetResult]], costs: dict[int, dict[str, float]]) -> str:
+    head = (
+        "| scenario | P | strategy | makespan s | ideal s | utilisation | 429s / sent | 429 share | done "
+        "| cmds / grant | in-script / grant | Redis CPU µs / grant |"
+    )
+    out = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, processes, r in rows:
+        c = costs[id(r)]
+        redis_side = (
+            f"{c['cmds']:.2f} | {c['in_script']:.1f} | {c['cpu_us']:.0f}" if r.strategy == "xflow" else "- | - | -"
+        )
         out.append(
             f"| {scenario} | {processes} | {r.strategy} | {r.makespan:.2f} | {r.ideal:.2f} | {_use(r)} "
-            f"| {r.rejected} / {r.sent} | {r.rejected_share:.2%} | {r.completed}/{r.jobs} |"
+            f"| {r.rejected} / {r.sent} | {r.rejected_share:.2%} | {r.completed}/{r.jobs} | {redis_side} |"
         )
     return "\n".join(out)
 

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+import xflow_dist
 from xflow_dist._embedded import find_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -150,3 +151,9 @@ def test_the_live_rates_count_only_whole_seconds() -> None:
     assert _per_minute({"series": {"requests": [40]}}, "requests") == "-"  # the first second still filling
     assert _per_minute({"series": {"requests": [30, 40]}}, "requests") == "1,800"
     assert _per_minute({"series": {"requests": [0] * 10 + [10] * 5 + [99]}}, "requests") == "600"
+
+
+def test_version_through_the_entry_point() -> None:
+    done = subprocess.run([sys.executable, "-m", "xflow_dist.cli", "--version"], capture_output=True, text=True,
+                          timeout=30, check=False)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == f"xflow-dist {xflow_dist.__version__}", done

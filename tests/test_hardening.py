@@ -457,7 +457,7 @@ def test_more_threads_than_pooled_connections_queue_before_the_pool(redis_url: s
         try:
             for _ in range(25):
                 limiter.acquire(tokens=10).release()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     try:

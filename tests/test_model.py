@@ -835,7 +835,7 @@ class Twin:
         else:
             assert mine == lua, f"{op}{args}: the engine answered {mine}, the Lua {lua}"
         lua_keys = {k.decode() for k in self.client.keys("*")}
-        assert set(k.decode() for k in self.server.keys()) == lua_keys, (op, args)
+        assert set(k.decode() for k in self.server.scan()) == lua_keys, (op, args)
         for key in lua_keys:
             budget = self.server.engine.budgets[key.rsplit(":", 1)[0] + ":state"]
             assert budget.expire_at is not None and int(budget.expire_at * 1000) == self.client.pexpiretime(key), key

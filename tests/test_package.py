@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -72,3 +73,27 @@ def test_ci_runs_the_suite_on_valkey_too() -> None:
     command = "XFLOW_TEST_SERVER=valkey python -m pytest"
     assert command in (ROOT / "README.md").read_text()
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_memory_budgets_need_neither_fakeredis_nor_lupa() -> None:
+    """fakeredis is the demo's fallback server only: a production install (the core dependencies)
+    runs ``memory://`` on the plain-Python engine, sync and asyncio fronts alike."""
+    code = textwrap.dedent(
+        """
+        import asyncio, sys
+        sys.modules["fakeredis"] = None  # import fakeredis now fails, as where it is not installed
+        sys.modules["lupa"] = None
+        from xflow_dist import AsyncLimiter, Budget, Limiter
+        with Limiter(Budget("core", rps=10, max_concurrency=1), "memory://core") as limiter:
+            limiter.acquire(tokens=1).release()
+            assert limiter.status().requests_available is not None
+        async def main():
+            async with AsyncLimiter(Budget("core-async", tps=100), "memory://core") as limiter:
+                lease = await limiter.acquire(tokens=10)
+                await lease.report(actual_tokens=5)
+        asyncio.run(main())
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -158,8 +158,14 @@ class EmbeddedRedis:
         self._wait_ready()
 
     def _start_fake(self) -> None:
-        import fakeredis
-        from fakeredis import TcpFakeServer
+        try:
+            import fakeredis
+            from fakeredis import TcpFakeServer
+        except ImportError:
+            raise ConfigurationError(
+                "no redis-server or valkey-server found, and fakeredis (the fallback) is not installed: "
+                "install one, or pip install 'xflow-dist[demo]'"
+            ) from None
 
         port = free_port()
         self._fake = TcpFakeServer(("127.0.0.1", port), server_type="redis")

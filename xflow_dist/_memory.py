@@ -94,7 +94,7 @@ class MemoryServer:
             if not subs:
                 self.subscribers.pop(channel, None)
 
-    def keys(self, pattern: str = "*") -> list[bytes]:
+    def scan(self, pattern: str = "*") -> list[bytes]:
         with self.lock:
             found = self.engine.existing_keys(_six_keys)
         return [k.encode() for k in found if fnmatch.fnmatchcase(k, pattern)]
@@ -279,7 +279,7 @@ class _Inspect:
         return us // 1_000_000, us % 1_000_000
 
     def scan_iter(self, match: str = "*", **_: Any) -> Iterator[bytes]:
-        return iter(self.server.keys(match))
+        return iter(self.server.scan(match))
 
     def pttl(self, key: str) -> int:
         return self.server.pttl(_text(key))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
 
+from . import __version__
 from ._redact import redact_text, redact_url
 
 _NEEDS = "xflow demo needs the demo extra: pip install 'xflow-dist[demo]'"
@@ -50,6 +51,7 @@ def _demo_parser(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xflow", description="xflow-dist: one LLM rate-limit budget for a fleet")
+    parser.add_argument("--version", action="version", version=f"xflow-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     sub.add_parser("simulate", help="serve the simulated provider (see: xflow simulate --help)", add_help=False)
