@@ -27,7 +27,12 @@ LEARN_MEMORY = 3600.0
 
 def keys(budget: Budget) -> list[str]:
     """The six keys of a budget, in the order every script expects (see ``lua/_prelude.lua``)."""
-    tag = f"{{xflow:{budget.name}}}"
+    return key_names(budget.name)
+
+
+def key_names(name: str) -> list[str]:
+    """``keys`` of the budget called ``name``."""
+    tag = f"{{xflow:{name}}}"
     return [f"{tag}:state", f"{tag}:leases", f"{tag}:lease_data", f"{tag}:queue", f"{tag}:tickets", f"{tag}:learned"]
 
 

@@ -77,6 +77,11 @@ class BudgetUnavailableError(BackendError):
     until it does (see ``OutagePolicy``)."""
 
 
+class BudgetNotFoundError(XflowError, LookupError):
+    """No budget of that name in this Redis: never used, or idle past its grace (its keys expired).
+    Raised by the operator commands (``xflow status``, ``cooldown``, ``reset``), which act by name."""
+
+
 class BudgetConflictError(ConfigurationError):
     """The budget's keys in Redis hold other limits than this process's: two deployments share a name.
 

@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("simulate", help="serve the simulated provider (see: xflow simulate --help)", add_help=False)
     p = sub.add_parser("settings", help="show the settings XFLOW_* variables give (passwords masked)")
     p.add_argument("--status", action="store_true", help="also show each budget's live status from Redis")
+    _operator_parsers(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "simulate":
         try:
@@ -69,7 +70,125 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "settings":
         return show_settings(args.status)
+    if args.command in OPERATOR_COMMANDS:
+        return operate(args)
     return demo(args)
+
+
+OPERATOR_COMMANDS = ("budgets", "status", "cooldown", "reset")
+
+
+def _operator_parsers(sub: Any) -> None:
+    def with_url(p: Any) -> Any:
+        p.add_argument("--redis-url", default=None, help="the fleet's Redis (default: $XFLOW_REDIS_URL)")
+        return p
+
+    with_url(sub.add_parser("budgets", help="list the budgets whose keys exist in a Redis (SCAN)"))
+    p = with_url(sub.add_parser("status", help="a budget's live status from Redis: credit, in flight, queue, pause"))
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="one JSON object (per refresh with --watch)")
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 1) until Ctrl-C")  # fmt: skip
+    p.add_argument("--times", type=int, default=None, help=argparse.SUPPRESS)  # bounds --watch (tests)
+    p = with_url(sub.add_parser("cooldown", help="pause the whole fleet on a budget, or end its pause"))
+    p.add_argument("name")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--set", type=float, metavar="SECONDS", help="pause every process for SECONDS")
+    group.add_argument("--clear", action="store_true", help="end the pause now")
+    p = with_url(sub.add_parser("reset", help="delete a budget's keys: it starts afresh, full (asks first)"))
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="do not ask")
+
+
+def operate(args: argparse.Namespace) -> int:
+    """The operator commands: 0 done, 1 Redis or the budget said no, 2 bad usage. One line per error."""
+    import json
+    import os
+    import time
+
+    from ._exceptions import BudgetNotFoundError, XflowError
+    from ._operator import Operator
+
+    command = args.command
+    url = args.redis_url or os.environ.get("XFLOW_REDIS_URL")
+    if not url:
+        print(f"xflow {command}: no Redis: give --redis-url or set XFLOW_REDIS_URL", file=sys.stderr)
+        return 2
+    try:
+        with Operator(url) as op:
+            if command == "budgets":
+                for name in op.budgets():
+                    print(name)
+            elif command == "status":
+                shown = 0
+                while True:
+                    snapshot = op.status(args.name)
+                    print(json.dumps(snapshot) if args.json else _status_text(snapshot), flush=True)
+                    shown += 1
+                    if args.watch is None or (args.times is not None and shown >= args.times):
+                        break
+                    time.sleep(max(0.05, args.watch))
+            elif command == "cooldown":
+                if args.clear:
+                    left = op.clear_cooldown(args.name)
+                    print(f"budget {args.name}: pause ended" + (f" ({left:.1f}s were left)" if left > 0 else " (none)"))
+                else:
+                    print(f"budget {args.name}: every process paused for {op.set_cooldown(args.name, args.set):.1f}s")
+            else:  # reset
+                if not args.yes:
+                    answer = input(f"Delete budget {args.name!r} (its leases, queue, pause and learned limits)? [y/N] ")
+                    if answer.strip().lower() not in ("y", "yes"):
+                        print("nothing deleted")
+                        return 1
+                print(f"budget {args.name}: {op.reset(args.name)} keys deleted; it starts afresh on its next call")
+    except KeyboardInterrupt:
+        return 0
+    except BudgetNotFoundError as exc:
+        print(f"xflow {command}: {exc}", file=sys.stderr)
+        return 1
+    except XflowError as exc:
+        print(f"xflow {command}: {redact_text(str(exc))}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    return 0
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    """A table with rich where it is installed, plain lines otherwise."""
+
+    def per_minute(v: float | None) -> str:
+        return "not limited" if v is None else f"{v:,.0f}/min"
+
+    def credit(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.1f}"
+
+    def limit(v: float | None, learned: float | None) -> str:
+        return per_minute(v) + (f" (learned {learned:,.0f})" if learned else "")
+
+    rows = [
+        ("requests: limit in force", limit(s["rpm"], s["learned_rpm"])),
+        ("requests: credit now", credit(s["requests_available"])),
+        ("tokens: limit in force", limit(s["tpm"], s["learned_tpm"])),
+        ("tokens: credit now", credit(s["tokens_available"])),
+        ("in flight", f"{s['in_flight']}" + (f" of {s['max_concurrency']}" if s["max_concurrency"] else "")),
+        ("queued", str(s["queued"])),
+        ("cooldown left", f"{s['cooldown_remaining']:.1f}s (backoff level {s['backoff_level']})"),
+        ("probing", "yes" if s["probing"] else "no"),
+    ]  # fmt: skip
+    try:
+        import io
+
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        return "\n".join([f"budget {s['budget']}", *(f"  {k}: {v}" for k, v in rows)])
+    table = Table(title=f"budget {s['budget']}")
+    table.add_column("")
+    table.add_column("")
+    for k, v in rows:
+        table.add_row(k, v)
+    out = io.StringIO()
+    Console(file=out, width=100).print(table)
+    return out.getvalue().rstrip()
 
 
 def show_settings(status: bool) -> int:
