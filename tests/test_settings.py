@@ -182,8 +182,7 @@ def test_manifests_parse_and_use_only_known_variables(clean_env: pytest.MonkeyPa
 
 
 def test_workers_deployment_reads_the_config_and_the_secret() -> None:
-    documents = dict(_documents_by_name())
-    deployment = documents["xflow-workers"]
+    deployment = next(d for n, d in _documents_by_name() if n == "xflow-workers" and d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
     assert refs == {"xflow-config", "xflow-secrets"}
