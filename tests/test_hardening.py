@@ -471,3 +471,41 @@ def test_more_threads_than_pooled_connections_queue_before_the_pool(redis_url: s
     finally:
         limiter.close()
         client.close()
+
+
+def test_a_memory_budget_works_in_a_child_forked_while_a_thread_held_its_lock() -> None:
+    """A fork copies a lock held by another thread as held, with no thread left to release it:
+    the child's memory:// servers take fresh locks, or its first call would hang forever."""
+    from xflow_dist import _memory
+
+    server = _memory.server("fork-lock")
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with server.lock:
+            held.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the budget answers
+        try:
+            with Limiter(Budget("fork-lock", rps=10), "memory://fork-lock") as limiter:
+                limiter.acquire().release()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    done.set()
+    holder.join(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child hung on the memory server's lock")
