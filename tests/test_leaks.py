@@ -506,3 +506,20 @@ def test_a_stream_still_open_at_process_exit_settles(lib: Lib, redis_url: str, n
     assert done.stdout.split() == ["1"], "the stream held its lease until the exit"
     with Limiter(_budget(name), redis_url) as lim:
         _charged(lim.status())
+
+
+def test_a_private_memory_budget_goes_with_its_last_limiter() -> None:
+    """Every outage's local share and every compat scheduler names a memory:// budget of its own:
+    the server goes with the last limiter that held it, so a long-lived process does not pile them up."""
+    import gc
+    import secrets
+
+    from xflow_dist import _memory
+
+    name = f"private-{secrets.token_hex(8)}"
+    with Limiter(Budget("private", rps=10), f"memory://{name}") as limiter:
+        limiter.acquire().release()
+        assert name in _memory._servers
+    del limiter
+    gc.collect()
+    assert name not in _memory._servers

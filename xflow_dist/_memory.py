@@ -1,12 +1,12 @@
 """``memory://NAME``: an in-process budget server, with the few client calls the limiters make of Redis.
 
-Each name is one ``MemoryServer``, shared by every limiter of this process that names it (threads and
-event loops alike); it cannot coordinate several processes. The operations run in ``_engine`` (the
-Lua's decisions in plain Python) under one lock, as Redis runs one script at a time; events go
-straight to each subscriber's queue. The clients answer ``register_script`` (the operations),
-``pubsub``, ``pubsub_numsub``, ``ping`` and ``close``, plus the inspection calls the tests make
-(``time``, ``scan_iter``, ``pttl``, ``hkeys``, ``flushall``, ``script_flush``); anything else is an
-AttributeError, not a silent difference.
+Each name is one ``MemoryServer``, shared by every limiter of this process that names it (threads
+and event loops alike) for as long as one of them holds it; it cannot coordinate several processes.
+The operations run in ``_engine`` (the Lua's decisions in plain Python) under one lock, as Redis
+runs one script at a time; events go straight to each subscriber's queue. The clients answer
+``register_script`` (the operations), ``pubsub``, ``pubsub_numsub``, ``ping`` and ``close``, plus
+the inspection calls the tests make (``time``, ``scan_iter``, ``pttl``, ``hkeys``, ``dump``,
+``flushall``, ``script_flush``); anything else is an AttributeError, not a silent difference.
 """
 
 from __future__ import annotations
@@ -18,13 +18,17 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _acl, _scripts
 from ._engine import Engine
 
-_servers: dict[str, MemoryServer] = {}
+#: By name, while some client holds the server: the last one gone (a limiter closed and dropped), its
+#: budgets go too, so that private names (every outage's local share, each compat scheduler's own
+#: budget) do not pile up in a long-lived process.
+_servers: weakref.WeakValueDictionary[str, MemoryServer] = weakref.WeakValueDictionary()
 _servers_lock = threading.Lock()
 
 
@@ -42,9 +46,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def server(name: str) -> MemoryServer:
     """The one server of this process called ``name``."""
     with _servers_lock:
-        if name not in _servers:
-            _servers[name] = MemoryServer()
-        return _servers[name]
+        found = _servers.get(name)
+        if found is None:
+            found = _servers[name] = MemoryServer()
+        return found
 
 
 def _text(arg: Any) -> str:
