@@ -15,6 +15,12 @@ scripts ran (INFO commandstats by name: every command but the ones only a client
 list's and the harness's), ``cpu`` the redis-server's CPU time (user + sys) in microseconds. The
 stats are reset before each run and read after it.
 
+Where the concurrency limit binds, the provider's books also give the drain tail (from the last
+admission to the last completion: calls of uneven lengths cannot keep every slot busy to the end),
+the slots' use before it, and the hand-over: from a completion that freed a slot of the full limit
+to the next admission, as the provider sees it (the release's settle, the notice, the waiter's
+claim and its HTTP request), median and 90th percentile.
+
 The shared budget (xflow) is, by default, configured with the provider's real limits. Learning:
   --budget-scale 1.3   configure it 30 % above them (the fleet learns the real ones from the headers)
   --learn              configure no rates at all (concurrency only): the headers teach them
@@ -117,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                     admin.close()
                     rows.append((scenario.name, processes, result))
                     costs[id(result)] = cost
-                    print(_line(scenario.name, processes, result) + (_cost(cost) if strategy == "xflow" else ""),
-                          flush=True)  # fmt: skip
+                    extra = (_cost(cost) if strategy == "xflow" else "") + _drain_text(result)
+                    print(_line(scenario.name, processes, result) + extra, flush=True)
     print(f"\ntotal {time.monotonic() - t0:.0f}s\n")
     print(_table(rows, costs))
     if args.json:
@@ -151,6 +157,18 @@ def _redis_cost(stats: dict[str, dict[str, float]], cpu: float, grants: int) -> 
 
 def _cost(c: dict[str, float]) -> str:
     return f" | redis per grant: {c['cmds']:.2f} cmds, {c['in_script']:.1f} in-script, {c['cpu_us']:.0f} us cpu"
+
+
+def _drain_text(r: FleetResult) -> str:
+    """For a run where concurrency binds: the slots' use before the drain tail, the tail, the hand-over."""
+    if r.binding != "concurrency" or r.before_tail is None or r.tail is None:
+        return ""
+    handover = (
+        ""
+        if r.handover_median is None
+        else (f", hand-over median {r.handover_median * 1e3:.1f} ms (p90 {(r.handover_p90 or 0) * 1e3:.1f} ms)")
+    )
+    return f" | before the tail {r.before_tail:.1%}, tail {r.tail:.2f}s{handover}"
 
 
 def _use(r: FleetResult) -> str:

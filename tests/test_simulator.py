@@ -647,3 +647,24 @@ def test_the_command_line_prints_its_url_and_stops_cleanly(sig: signal.Signals) 
             proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert out == b"" and err == b""
+
+
+def test_the_ledger_books_the_concurrency_drain_and_hand_overs() -> None:
+    """Two slots, three calls: the third starts 0.5 s after the first frees its slot (a hand-over of
+    0.5 s); the run's last admission is then, and the slots were busy 2 x 1 s of the 1 s before it
+    but for the half second one stood free."""
+    clock = FakeClock()
+    ledger = ProviderLedger(rpm=6_000, tpm=1_000_000, max_concurrency=2, clock=clock)
+    a = ledger.try_admit(10, hold=2.0)
+    b = ledger.try_admit(10, hold=2.0)
+    clock.advance(1.0)
+    ledger.complete(a.ticket, 5)  # the limit was full: a slot freed at 1.0
+    clock.advance(0.5)
+    c = ledger.try_admit(10, hold=1.0)  # taken again at 1.5
+    clock.advance(1.0)
+    ledger.complete(b.ticket, 5)
+    ledger.complete(c.ticket, 5)
+    stats = ledger.stats()
+    assert stats["handovers"] == {"count": 1, "median": pytest.approx(0.5), "p90": pytest.approx(0.5)}
+    assert stats["last_admission"] == pytest.approx(1.5)
+    assert stats["busy_before_last_admission"] == pytest.approx(2 * 1.0 + 1 * 0.5)

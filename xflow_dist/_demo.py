@@ -53,6 +53,12 @@ class FleetResult:
     utilisation: float | None = None  # of the binding limit; None where none bound the run
     utilisation_by: dict[str, float] = field(default_factory=dict)
     violations: int = 0
+    # where a concurrency limit binds: the drain tail (last admission to last completion, seconds),
+    # the slots' use before it, and the hand-over from a freed slot to the next start (seconds)
+    tail: float | None = None
+    before_tail: float | None = None
+    handover_median: float | None = None
+    handover_p90: float | None = None
     shares: list[int] = field(default_factory=list)
     series: dict[str, list[int]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -248,10 +254,27 @@ def run_fleet(
         utilisation=use.get(binding),
         utilisation_by=use,
         violations=int(stats["violations"]),
+        **_drain(stats, spec.limits),
         shares=[r.done for r in reports],
         series=stats.get("series", {}),
         errors=[e for r in reports for e in r.errors],
     )
+
+
+def _drain(stats: dict[str, Any], limits: Limits) -> dict[str, float | None]:
+    """The concurrency's drain tail, its use before it and the hand-overs, from the provider's books."""
+    first, last_in, last_out = stats.get("first_admission"), stats.get("last_admission"), stats.get("last_completion")
+    if not limits.max_concurrency or first is None or last_in is None or last_out is None:
+        return {}
+    span = last_in - first
+    busy = stats.get("busy_before_last_admission")
+    handovers = stats.get("handovers") or {}
+    return {
+        "tail": last_out - last_in,
+        "before_tail": busy / (limits.max_concurrency * span) if busy is not None and span > 0 else None,
+        "handover_median": handovers.get("median"),
+        "handover_p90": handovers.get("p90"),
+    }
 
 
 def _watch(spec: FleetSpec) -> Limiter:

@@ -234,6 +234,17 @@ class _InFlight:
     prompt: int
 
 
+def _summary(values: list[float]) -> dict[str, float | int | None]:
+    """Count, median and 90th percentile (seconds) of ``values``; None where there are none."""
+    ordered = sorted(values)
+    n = len(ordered)
+    return {
+        "count": n,
+        "median": ordered[n // 2] if n else None,
+        "p90": ordered[min(n - 1, int(n * 0.9))] if n else None,
+    }
+
+
 def _bump(series: list[int], index: int, amount: int) -> None:
     if index < 0:
         return
@@ -281,7 +292,15 @@ class ProviderLedger:
         self.completion_tokens = 0
         self.peak_in_flight = 0
         self.first_admission: float | None = None
+        self.last_admission: float | None = None
         self.last_completion: float | None = None
+        # the concurrency's own books: slot-seconds in flight (up to the last admission, too), and
+        # the hand-overs, from a completion that freed a slot of a full limit to the next admission
+        self._busy = 0.0
+        self._busy_at: float | None = None
+        self.busy_before_last_admission = 0.0
+        self._freed: list[float] = []
+        self.handovers: list[float] = []
         self.violations = 0
         self._series_requests: list[int] = []
         self._series_tokens: list[int] = []
@@ -338,6 +357,11 @@ class ProviderLedger:
             return self._reject(now, reason, waits[reason], cost)
         self._requests.level = max(0.0, self._requests.level - 1)
         self._tokens.level = max(0.0, self._tokens.level - cost)
+        self._count_busy(now)
+        self.busy_before_last_admission = self._busy
+        self.last_admission = now - self.started
+        if self._freed:  # a slot a completion freed in a full limit, taken again
+            self.handovers.append(now - self._freed.pop(0))
         ticket = self._next_ticket
         self._next_ticket += 1
         self._in_flight[ticket] = _InFlight(
@@ -355,6 +379,12 @@ class ProviderLedger:
             self.violations += 1
         return Admission(admitted=True, ticket=ticket, reason=None, retry_after=None, levels=self._levels(), cost=cost)
 
+    def _count_busy(self, now: float) -> None:
+        """Add the slot-seconds since the last change of the calls in flight."""
+        if self._busy_at is not None:
+            self._busy += len(self._in_flight) * (now - self._busy_at)
+        self._busy_at = now
+
     def _reject(self, now: float, reason: RejectReason, wait: float | None, cost: int) -> Admission:
         self.rejected += 1
         self.rejected_by[reason] += 1
@@ -365,10 +395,13 @@ class ProviderLedger:
         """Settle an admitted request at its actual completion tokens; refund and return the unused reservation."""
         if isinstance(completion_tokens, bool) or not isinstance(completion_tokens, int) or completion_tokens < 0:
             raise InvalidCostError(f"completion_tokens must be a whole number of at least 0, not {completion_tokens!r}")
-        flight = self._in_flight.pop(ticket, None)
-        if flight is None:
+        if ticket not in self._in_flight:
             raise KeyError(f"no request in flight with ticket {ticket}")
         now = self._now()
+        self._count_busy(now)
+        if self.max_concurrency is not None and len(self._in_flight) >= self.max_concurrency:
+            self._freed.append(now)
+        flight = self._in_flight.pop(ticket)
         refund = max(0, flight.reserved - completion_tokens)
         if refund:
             self._tokens.level = min(self._tokens.capacity, self._tokens.level + refund)
@@ -405,7 +438,10 @@ class ProviderLedger:
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
             "first_admission": self.first_admission,
+            "last_admission": self.last_admission,
             "last_completion": self.last_completion,
+            "busy_before_last_admission": self.busy_before_last_admission,
+            "handovers": _summary(self.handovers),
             "levels": {"requests": self._requests.level, "tokens": self._tokens.level},
             "peak_window": {"requests": self._request_check.peak_window, "tokens": self._token_check.peak_window},
             "series": {
