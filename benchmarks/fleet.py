@@ -12,7 +12,9 @@ Figures come from the provider's own ledger. Loopback only; every run is bounded
 Redis's side of each xflow run, per grant (a call the provider admitted or refused; each was granted
 first): ``cmds`` the limiter's top-level script calls (EVALSHA), ``in-script`` the commands those
 scripts ran (INFO commandstats by name: every command but the ones only a client sends, the job
-list's and the harness's), ``cpu`` the redis-server's CPU time (user + sys) in microseconds. The
+list's and the harness's), ``us in scripts`` the time Redis spent running those scripts
+(commandstats' usec of EVALSHA, inner calls included), ``cpu`` the redis-server's whole CPU time
+(user + sys) over the run, its idle housekeeping and the job list included, in microseconds. The
 stats are reset before each run and read after it.
 
 Where the concurrency limit binds, the provider's books also give the drain tail (from the last
@@ -151,12 +153,22 @@ def _redis_cost(stats: dict[str, dict[str, float]], cpu: float, grants: int) -> 
     top = sum(stats.get(name, {}).get("calls", 0.0) for name in ("evalsha", "eval"))
     outside = CLIENT_ONLY | HARNESS_COMMANDS | JOB_LIST | {"ping", "pubsub|numsub"}  # the probe, the census
     inside = sum(v["calls"] for name, v in stats.items() if name not in outside)
+    script_us = sum(stats.get(name, {}).get("usec", 0.0) for name in ("evalsha", "eval"))
     n = max(1, grants)
-    return {"grants": grants, "cmds": top / n, "in_script": inside / n, "cpu_us": cpu * 1e6 / n}
+    return {
+        "grants": grants,
+        "cmds": top / n,
+        "in_script": inside / n,
+        "script_us": script_us / n,
+        "cpu_us": cpu * 1e6 / n,
+    }
 
 
 def _cost(c: dict[str, float]) -> str:
-    return f" | redis per grant: {c['cmds']:.2f} cmds, {c['in_script']:.1f} in-script, {c['cpu_us']:.0f} us cpu"
+    return (
+        f" | redis per grant: {c['cmds']:.2f} cmds, {c['in_script']:.1f} in-script, "
+        f"{c['script_us']:.0f} us in scripts, {c['cpu_us']:.0f} us cpu"
+    )
 
 
 def _drain_text(r: FleetResult) -> str:
@@ -186,13 +198,15 @@ def _line(scenario: str, processes: int, r: FleetResult) -> str:
 def _table(rows: list[tuple[str, int, FleetResult]], costs: dict[int, dict[str, float]]) -> str:
     head = (
         "| scenario | P | strategy | makespan s | ideal s | utilisation | 429s / sent | 429 share | done "
-        "| cmds / grant | in-script / grant | Redis CPU µs / grant |"
+        "| cmds / grant | in-script / grant | µs in scripts / grant | Redis CPU µs / grant |"
     )
-    out = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, processes, r in rows:
         c = costs[id(r)]
         redis_side = (
-            f"{c['cmds']:.2f} | {c['in_script']:.1f} | {c['cpu_us']:.0f}" if r.strategy == "xflow" else "- | - | -"
+            f"{c['cmds']:.2f} | {c['in_script']:.1f} | {c['script_us']:.0f} | {c['cpu_us']:.0f}"
+            if r.strategy == "xflow"
+            else "- | - | - | -"
         )
         out.append(
             f"| {scenario} | {processes} | {r.strategy} | {r.makespan:.2f} | {r.ideal:.2f} | {_use(r)} "
