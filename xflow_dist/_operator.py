@@ -73,7 +73,9 @@ class Operator:
             raise BackendError(f"budget {name!r} stores limits this version cannot read: {stored!r}", budget=name)
         rate_req, burst_req, rate_tok, burst_tok, conc, ttl, claim = words
         channel = f"{_TAG}{name}}}:events"
-        return [rate_req, burst_req, rate_tok, burst_tok, conc, ttl, _num(IDLE_GRACE), channel, claim, "1"]
+        # "not seen": keys that vanished since (expired, flushed) are then made fresh, never taken for
+        # a lost state with its hold and its notice to the fleet, which only a fleet's own call may say
+        return [rate_req, burst_req, rate_tok, burst_tok, conc, ttl, _num(IDLE_GRACE), channel, claim, "0"]
 
     def _run(self, op: str, name: str, argv: list[str]) -> Any:
         block = self._block(name)

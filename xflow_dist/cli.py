@@ -140,7 +140,8 @@ def operate(args: argparse.Namespace) -> int:
                     if answer.strip().lower() not in ("y", "yes"):
                         print("nothing deleted")
                         return 1
-                print(f"budget {args.name}: {op.reset(args.name)} keys deleted; it starts afresh on its next call")
+                deleted = op.reset(args.name)
+                print(f"budget {args.name}: {deleted} key{'s' if deleted != 1 else ''} deleted; it starts afresh on its next call")
     except KeyboardInterrupt:
         return 0
     except BudgetNotFoundError as exc:
