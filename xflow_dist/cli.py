@@ -141,7 +141,8 @@ def operate(args: argparse.Namespace) -> int:
                         print("nothing deleted")
                         return 1
                 deleted = op.reset(args.name)
-                print(f"budget {args.name}: {deleted} key{'s' if deleted != 1 else ''} deleted; it starts afresh on its next call")
+                keys = "1 key" if deleted == 1 else f"{deleted} keys"
+                print(f"budget {args.name}: {keys} deleted; it starts afresh on its next call")
     except KeyboardInterrupt:
         return 0
     except BudgetNotFoundError as exc:
