@@ -157,3 +157,9 @@ def test_version_through_the_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "xflow_dist.cli", "--version"], capture_output=True, text=True,
                           timeout=30, check=False)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == f"xflow-dist {xflow_dist.__version__}", done
+
+
+def test_simulate_help_names_the_command_it_was_given_as() -> None:
+    done = subprocess.run([sys.executable, "-m", "xflow_dist.cli", "simulate", "--help"], capture_output=True,
+                          text=True, timeout=30, check=False)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.startswith("usage: xflow simulate"), done.stdout[:200]

@@ -97,3 +97,23 @@ def test_memory_budgets_need_neither_fakeredis_nor_lupa() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sdist_carries_what_its_tests_need(tmp_path: Path) -> None:
+    """The suite's fleet tests start ``workers/`` and read ``deploy/``: an sdist without them cannot
+    run its own tests."""
+    import tarfile
+
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (sdist,) = tmp_path.glob("xflow_dist-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
+    for needed in ("workers/app.py", "deploy/Dockerfile", "deploy/k8s/workers.yaml", "tests/conftest.py",
+                   "lua/acquire.lua", "LICENSE", "CHANGELOG.md"):  # fmt: skip
+        assert needed in names, needed

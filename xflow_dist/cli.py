@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             print("xflow simulate needs aiohttp: pip install 'xflow-dist[demo]'", file=sys.stderr)
             return 2
-        return simulate(rest)
+        return simulate(rest, prog="xflow simulate")
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "settings":

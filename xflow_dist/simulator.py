@@ -1038,11 +1038,12 @@ async def _serve_foreground(config: SimulatorConfig, host: str, port: int) -> in
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Serve the simulator in the foreground until SIGINT or SIGTERM."""
+def main(argv: list[str] | None = None, prog: str = "python -m xflow_dist.simulator") -> int:
+    """Serve the simulator in the foreground until SIGINT or SIGTERM; ``prog`` names the command in
+    its usage (``xflow simulate`` when the CLI runs it)."""
     defaults = SimulatorConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m xflow_dist.simulator",
+        prog=prog,
         description="A simulated OpenAI-compatible provider with strict rate limits.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback unless --allow-remote)")
