@@ -58,19 +58,6 @@ from ._scripts import register
 log = logging.getLogger("xflow_dist")
 
 
-class _NoGate:
-    """The gate of a client without a pool to protect."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_GATE: Any = _NoGate()
-
-
 class _Events:
     """One reader task per limiter: hands each queued acquirer the notices about its ticket."""
 
@@ -187,7 +174,7 @@ class AsyncLimiter(LimiterBase):
         self._target = redis
         self._client, self._owns = async_client(redis, self.io_timeout)
         self._scripts = register(self._client, self.io_timeout)
-        self._gate: asyncio.Semaphore | None = None  # made in the loop, sized by gate_size()
+        self._gate: asyncio.Semaphore | contextlib.nullcontext[None] | None = None  # made in the loop: gate_size()
         self._events: _Events | None = None
         self._events_lock: asyncio.Lock | None = None
         self._held: dict[str, float] = {}  # lease id -> when its next heartbeat is due
@@ -208,7 +195,7 @@ class AsyncLimiter(LimiterBase):
         await self._rights.ensure_async(self._client)
         if self._gate is None:
             size = gate_size(self._client)
-            self._gate = asyncio.Semaphore(size) if size is not None else _NO_GATE
+            self._gate = asyncio.Semaphore(size) if size is not None else contextlib.nullcontext()
         async with self._gate:
             return await self._call(op, argv)
 

@@ -242,7 +242,7 @@ class _Leases:
     def __init__(self) -> None:
         self.by_id: dict[str, float] = {}
         self._low: list[tuple[float, str]] = []
-        self._high: list[tuple[float, str]] = []  # negated expiry; ids compared reversed by _last()
+        self._high: list[tuple[float, str]] = []  # negated expiry: the last expiry on top
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -383,12 +383,13 @@ class Engine:
         return out
 
     def pttl(self, first: str) -> int:
-        b = self._live(first, self.clock())
+        at = self.clock()
+        b = self._live(first, at)
         if b is None or b.empty():
             return -2
         if b.expire_at is None:
             return -1
-        return max(0, round((b.expire_at - self.clock()) * 1000))
+        return max(0, round((b.expire_at - at) * 1000))
 
     def learned_models(self, first: str) -> list[str]:
         b = self._live(first, self.clock())
@@ -970,10 +971,9 @@ class _Call:
         st.cl = level
         st.cr = st.cu + quiet
         self.advance(st)
-        self.save_state(st)
-        self.touch(st)
+        reply = self.finish(st, ["cooldown", fmt(st.cu), fmt(now), g14(level)])
         self.engine.publish(self.channel, f"c {fmt(now)} {fmt(st.cu)}")
-        return ["cooldown", fmt(st.cu), fmt(now), g14(level)]
+        return reply
 
     def clear_cooldown(self) -> list[str]:
         now = self.now
@@ -986,10 +986,9 @@ class _Call:
             st.cr = now
         st.cl = 0
         self.advance(st)
-        self.save_state(st)
-        self.touch(st)
+        reply = self.finish(st, ["cleared", fmt(was_until), fmt(now), g14(was_level)])
         self.engine.publish(self.channel, f"c {fmt(now)} {fmt(now)}")
-        return ["cleared", fmt(was_until), fmt(now), g14(was_level)]
+        return reply
 
     def configure(self) -> list[str]:
         previous = self.stored or ""
@@ -1003,9 +1002,7 @@ class _Call:
             st.tt, drop = self.rescale(st.tt, _effective(o[2], st.lt), self.rate_tok, o[3], st.ct, self.burst_tok)
             st.kt = st.kt + drop
         self.advance(st)
-        self.save_state(st)
-        self.touch(st)
-        return ["unchanged" if previous == self.config else "configured", fmt(self.now), previous]
+        return self.finish(st, ["unchanged" if previous == self.config else "configured", fmt(self.now), previous])
 
     def status(self) -> list[str]:
         st = self.load_state()
