@@ -25,9 +25,9 @@ from typing import Any
 import redis
 
 import xflow_dist
-from xflow_dist._demo import Latency
-from xflow_dist._embedded import EmbeddedRedis
-from xflow_dist._fleet import Limits
+from xflow_dist.tools._demo import Latency
+from xflow_dist.tools._embedded import EmbeddedRedis
+from xflow_dist.tools._fleet import Limits
 
 HERE = Path(__file__).resolve().parent
 

@@ -35,9 +35,9 @@ from _common import Scenario, source_state  # noqa: E402  (benchmarks/, the scri
 from celery import Celery  # type: ignore[import-untyped]  # noqa: E402
 
 from workers.fleet import start_nodes, stop_nodes  # noqa: E402
-from xflow_dist._demo import Latency, fetch_stats, judge, reset_provider, simulator_process  # noqa: E402
-from xflow_dist._embedded import EmbeddedRedis  # noqa: E402
-from xflow_dist._fleet import Job, Limits, make_jobs  # noqa: E402
+from xflow_dist.tools._demo import Latency, fetch_stats, judge, reset_provider, simulator_process  # noqa: E402
+from xflow_dist.tools._embedded import EmbeddedRedis  # noqa: E402
+from xflow_dist.tools._fleet import Job, Limits, make_jobs  # noqa: E402
 
 STRATEGIES = ("xflow", "rate_limit")
 

@@ -1,7 +1,7 @@
 """A fleet against the simulated provider while Redis misbehaves: one fault per run, each outage policy.
 
 P worker processes x C workers (asyncio tasks; threads with ``--front sync``) call the simulated provider
-(``xflow_dist.simulator``, on loopback) through one shared budget, configured as the README recommends
+(``xflow_dist.tools.simulator``, on loopback) through one shared budget, configured as the README recommends
 for a per-minute provider:
 ``Budget(name, rpm=, tpm=, max_concurrency=, burst=60)`` with the provider's own limits, every other
 setting at its default, each reply settled with its usage and rate-limit headers, each 429 answered
@@ -74,10 +74,10 @@ import redis
 
 from xflow_dist import AcquireTimeout, AsyncLimiter, Budget, BudgetUnavailableError, Limiter
 from xflow_dist._base import new_id
-from xflow_dist._demo import Latency, fetch_stats, judge, reset_provider, simulator_process
-from xflow_dist._embedded import find_redis_server, free_port
-from xflow_dist._fleet import Job, Limits
 from xflow_dist._headers import parse_limit_headers, parse_retry_after
+from xflow_dist.tools._demo import Latency, fetch_stats, judge, reset_provider, simulator_process
+from xflow_dist.tools._embedded import find_redis_server, free_port
+from xflow_dist.tools._fleet import Job, Limits
 
 POLICIES = ("local", "open", "closed")
 FAULTS = ("none", "redis-kill", "redis-stop", "proxy-cut", "worker-kill", "sentinel")

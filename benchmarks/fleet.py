@@ -42,9 +42,9 @@ import time
 import redis
 from _common import CLIENT_ONLY, HARNESS_COMMANDS, Scenario, commandstats, redis_cpu, reset_stats
 
-from xflow_dist._demo import FleetResult, Latency, fleet_spec, run_fleet, simulator_process
-from xflow_dist._embedded import EmbeddedRedis
-from xflow_dist._fleet import STRATEGIES, Limits, make_jobs
+from xflow_dist.tools._demo import FleetResult, Latency, fleet_spec, run_fleet, simulator_process
+from xflow_dist.tools._embedded import EmbeddedRedis
+from xflow_dist.tools._fleet import STRATEGIES, Limits, make_jobs
 
 
 def scenarios(quick: bool) -> list[tuple[Scenario, int]]:

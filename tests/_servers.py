@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import redis
 
-from xflow_dist._embedded import find_redis_server, free_port
+from xflow_dist.tools._embedded import find_redis_server, free_port
 
 Ping = Callable[[int], redis.Redis]
 

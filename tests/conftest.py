@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from xflow_dist._backend import sync_client
-from xflow_dist._embedded import EmbeddedRedis
+from xflow_dist.tools._embedded import EmbeddedRedis
 
 _REQUIRE = os.environ.get("XFLOW_REQUIRE_REDIS", "") not in ("", "0")
 _SERVER = os.environ.get("XFLOW_TEST_SERVER", "") or "redis"

@@ -597,8 +597,8 @@ def test_fleet_of_prefork_workers_shares_the_budget_and_survives_a_kill(
         pytest.skip("a fleet of worker processes needs a real redis-server")
     from workers.fleet import start_nodes, stop_nodes
     from workers.producer import load_jobs
-    from xflow_dist._demo import Latency, fetch_stats, reset_provider, simulator_process
-    from xflow_dist._fleet import Limits
+    from xflow_dist.tools._demo import Latency, fetch_stats, reset_provider, simulator_process
+    from xflow_dist.tools._fleet import Limits
 
     queue = f"fleet-{uuid.uuid4().hex[:8]}"
     broker = _broker(redis_url)
@@ -674,8 +674,8 @@ def test_revoke_with_terminate_releases_the_lease_at_once(redis_url: str, real_r
     if not real_redis:
         pytest.skip("a worker node needs a real redis-server")
     from workers.fleet import start_nodes, stop_nodes
-    from xflow_dist._demo import Latency, simulator_process
-    from xflow_dist._fleet import Limits
+    from xflow_dist.tools._demo import Latency, simulator_process
+    from xflow_dist.tools._fleet import Limits
 
     queue = f"revoke-{uuid.uuid4().hex[:8]}"
     broker = _broker(redis_url)

@@ -30,7 +30,7 @@ from xflow_dist import AsyncLimiter, BackendError, Budget, ConfigurationError, L
 from xflow_dist._base import transient
 from xflow_dist._cluster import AsyncClusterSubscriber, ClusterSubscriber, _as_redis_error
 from xflow_dist._core import keys
-from xflow_dist._embedded import EmbeddedRedis
+from xflow_dist.tools._embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.timeout(180)
 

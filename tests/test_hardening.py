@@ -25,8 +25,8 @@ from _helpers import acquire_in_thread as _acquire_in_thread
 from _helpers import until as _until
 
 from xflow_dist import AcquireTimeout, AsyncLimiter, BackendError, Budget, Limiter
-from xflow_dist._embedded import EmbeddedRedis, free_port
 from xflow_dist._events import Resubscribed
+from xflow_dist.tools._embedded import EmbeddedRedis, free_port
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from xflow_dist._durations import format_duration
 from xflow_dist._headers import LimitFacts, parse_limit_headers, parse_retry_after
-from xflow_dist.simulator import SimulatorConfig, SimulatorServer
+from xflow_dist.tools.simulator import SimulatorConfig, SimulatorServer
 
 NOW = datetime.datetime(2026, 11, 24, 12, 0, 0, tzinfo=datetime.UTC)
 

@@ -23,7 +23,7 @@ from xflow_dist.httpx import (
     Router,
     estimate_request,
 )
-from xflow_dist.simulator import SimulatorConfig, SimulatorServer
+from xflow_dist.tools.simulator import SimulatorConfig, SimulatorServer
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
 

@@ -16,7 +16,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from xflow_dist import AsyncLimiter, Budget, Limiter
 from xflow_dist.httpx2 import AsyncRateLimitedTransport, RateLimitedTransport, Router
-from xflow_dist.simulator import SimulatorConfig, SimulatorServer
+from xflow_dist.tools.simulator import SimulatorConfig, SimulatorServer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hi"}]

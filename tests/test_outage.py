@@ -31,7 +31,7 @@ from xflow_dist import (
     OutagePolicy,
     XflowError,
 )
-from xflow_dist._embedded import find_redis_server, free_port
+from xflow_dist.tools._embedded import find_redis_server, free_port
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -26,9 +26,9 @@ from _helpers import until as _until
 
 from xflow_dist import AsyncLease, AsyncLimiter, BackendError, Budget, ConfigurationError, Limiter, XflowError
 from xflow_dist._backend import async_client, sync_client
-from xflow_dist._embedded import find_redis_server, free_port
 from xflow_dist._redact import redact_text, redact_url
 from xflow_dist._sentinel import AsyncBlockingSentinelPool, BlockingSentinelPool, SentinelURL, parse_sentinel_url
+from xflow_dist.tools._embedded import find_redis_server, free_port
 
 SECRET = "S3cr3t-pa55word"
 SENTINEL_SECRET = "Sent1nel-pa55word"

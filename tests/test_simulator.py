@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from xflow_dist import ConfigurationError
 from xflow_dist._durations import format_duration, parse_duration
 from xflow_dist._tokens import estimate_messages_tokens, estimate_text_tokens
-from xflow_dist.simulator import ProviderLedger, SimulatorConfig, SimulatorServer, _WindowCheck, main
+from xflow_dist.tools.simulator import ProviderLedger, SimulatorConfig, SimulatorServer, main
+from xflow_dist.tools.simulator._limits import _WindowCheck
 
 ROOT = Path(__file__).resolve().parent.parent
 WALL = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -614,7 +615,7 @@ async def test_a_burst_over_the_limits_gets_429s_and_never_over_admits(
 
 
 def test_importing_xflow_dist_does_not_import_aiohttp() -> None:
-    code = "import sys, xflow_dist; assert 'aiohttp' not in sys.modules and 'xflow_dist.simulator' not in sys.modules"
+    code = "import sys, xflow_dist; assert 'aiohttp' not in sys.modules and 'xflow_dist.tools' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
@@ -622,7 +623,7 @@ def test_importing_xflow_dist_does_not_import_aiohttp() -> None:
 def test_the_command_line_prints_its_url_and_stops_cleanly(sig: signal.Signals) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xflow_dist.simulator", "--port", "0", "--rpm", "5", "--latency-base", "0"],
+        [sys.executable, "-m", "xflow_dist.tools.simulator", "--port", "0", "--rpm", "5", "--latency-base", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,

@@ -18,7 +18,7 @@ from _servers import RedisServer
 
 from xflow_dist import AsyncLimiter, BackendError, Budget, Limiter
 from xflow_dist._backend import async_client, sync_client
-from xflow_dist._embedded import free_port
+from xflow_dist.tools._embedded import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

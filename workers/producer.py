@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from xflow_dist._fleet import make_jobs
+from xflow_dist.tools._fleet import make_jobs
 
 
 def load_jobs(path: Path | None, count: int, seed: int) -> list[dict[str, Any]]:

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "simulate":
         try:
-            from .simulator import main as simulate
+            from .tools.simulator import main as simulate
         except ImportError:
             print("xflow simulate needs aiohttp: pip install 'xflow-dist[demo]'", file=sys.stderr)
             return 2
@@ -221,16 +221,16 @@ def demo(args: argparse.Namespace) -> int:
         import httpx  # noqa: F401
         import rich  # noqa: F401
 
-        from . import simulator  # noqa: F401
+        from .tools import simulator  # noqa: F401
     except ImportError as exc:
         print(f"{_NEEDS} (missing: {exc.name})", file=sys.stderr)
         return 2
     from rich.console import Console
 
-    from ._demo import Latency, fleet_spec, simulator_process
-    from ._embedded import EmbeddedRedis
     from ._exceptions import XflowError
-    from ._fleet import Limits, make_jobs
+    from .tools._demo import Latency, fleet_spec, simulator_process
+    from .tools._embedded import EmbeddedRedis
+    from .tools._fleet import Limits, make_jobs
 
     console = Console()
     for flag in ("processes", "concurrency", "jobs"):
@@ -328,7 +328,7 @@ def _run_live(spec: Any, jobs: list[Any], latency: Any, limits: Any, console: An
     from rich.live import Live
     from rich.table import Table
 
-    from ._demo import run_fleet
+    from .tools._demo import run_fleet
 
     started = time.monotonic()
 

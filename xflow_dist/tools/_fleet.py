@@ -20,10 +20,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from ._backend import SyncClient
-from ._budget import Budget
-from ._headers import parse_limit_headers, parse_retry_after
-from ._tokens import estimate_messages_tokens
+from .._backend import SyncClient
+from .._budget import Budget
+from .._headers import parse_limit_headers, parse_retry_after
+from .._tokens import estimate_messages_tokens
 
 Strategy = Literal["xflow", "retry", "split"]
 STRATEGIES: tuple[Strategy, ...] = ("xflow", "retry", "split")
@@ -167,8 +167,8 @@ def worker_main(spec: FleetSpec, index: int, results: Any, ready: Any = None, st
 async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start: Any = None) -> None:
     import httpx
 
-    from ._async_limiter import AsyncLimiter
-    from ._backend import async_client
+    from .._async_limiter import AsyncLimiter
+    from .._backend import async_client
 
     jobs, _ = async_client(spec.redis_url)  # any URL a limiter takes (redis+sentinel:// too)
     limits = spec.limits

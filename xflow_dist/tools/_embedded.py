@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import redis
 
-from ._exceptions import BackendError, ConfigurationError
+from .._exceptions import BackendError, ConfigurationError
 
 Server = Literal["auto", "redis", "valkey"]
 SERVERS: tuple[Server, ...] = ("auto", "redis", "valkey")

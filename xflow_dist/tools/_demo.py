@@ -21,9 +21,9 @@ from typing import Any
 
 import redis
 
-from ._backend import sync_client
+from .._backend import sync_client
+from .._limiter import Limiter
 from ._fleet import FleetSpec, Job, Limits, Strategy, WorkerReport, fleet_budget, load_jobs, worker_main, workers_of
-from ._limiter import Limiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +122,7 @@ def simulator_process(
 ) -> Iterator[str]:
     """The simulated provider in a process of its own; yields its URL and stops it after."""
     cmd = [
-        sys.executable, "-m", "xflow_dist.simulator", "--port", "0",
+        sys.executable, "-m", "xflow_dist.tools.simulator", "--port", "0",
         "--rpm", repr(limits.rpm), "--tpm", repr(limits.tpm),
         "--latency-base", repr(latency.base), "--latency-per-token", repr(latency.per_token),
         "--seed", str(seed), "--headers", headers,
