@@ -17,7 +17,8 @@
 -- A 429 means the provider's bucket is empty now: both buckets drop to zero credit now and refill
 -- during the pause, so that dispatch resumes paced (the refill, then the rate), not as a herd.
 --
--- Reply: {"cooldown", until (Redis time), now, backoff level}
+-- Reply: {"cooldown", until (Redis time), now, backoff level, started ("1": no pause was in force,
+-- this 429 began one; "0": it met a pause and at most lengthened it)}
 -- Also published on the events channel as "c <now> <until>".
 -- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
 -- nothing changed.
@@ -48,6 +49,7 @@ if RETRY_AFTER < 0 or level > 0 then
   backoff = math.min(MAX_BACKOFF, BASE * 2 ^ level)
 end
 local pause = math.min(MAX_PAUSE, math.max(RETRY_AFTER, backoff) * (1 + JITTER * DRAW))
+local started = st.cu <= NOW
 st.cu = math.max(st.cu, NOW + pause)
 if RATE_REQ > 0 then
   st.rt = math.max(st.rt, NOW + BURST_REQ)
@@ -61,4 +63,4 @@ advance(st)
 save_state(st)
 touch(st)
 redis.call('PUBLISH', CHANNEL, 'c ' .. fmt(NOW) .. ' ' .. fmt(st.cu))
-return {'cooldown', fmt(st.cu), fmt(NOW), tostring(level)}
+return {'cooldown', fmt(st.cu), fmt(NOW), tostring(level), started and '1' or '0'}

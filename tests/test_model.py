@@ -691,6 +691,7 @@ class BudgetModel:
         if retry_after is None or level > 0:
             pause = max(pause, min(frac(policy.max_backoff), frac(policy.base) * 2**level))
         pause = min(frac(policy.max_pause), pause * (1 + frac(policy.jitter) * draw))
+        started = self.cu <= now  # no pause was in force: this 429 begins one
         self.cu = max(self.cu, now + pause)  # never shortened
         # the provider's bucket is empty now: zero credit now (level(now) = 0), debt kept
         if self.request_rate:
@@ -702,7 +703,7 @@ class BudgetModel:
         self._advance(now, events)
         self._saved(lost, now, events)
         events.append(("c", now, self.cu))
-        return ["cooldown", self.cu, now, level], events
+        return ["cooldown", self.cu, now, level, "1" if started else "0"], events
 
     def status(self, now: Fraction, seen_keys: bool = False) -> list[Any]:
         """Read-only: leases past expiry are not counted, dead tickets still are (not dropped yet);
@@ -1446,6 +1447,7 @@ class BudgetMachine(RuleBasedStateMachine):
         )
         self._check(f"cooldown({retry_after}, draw={draw}, {self.policy})", raw, result)
         assert decode_cooldown(raw).level == result[0][3]
+        assert decode_cooldown(raw).started == (result[0][4] == "1")
 
     @rule(ticks=st.integers(0, TICKS // 2) | st.integers(0, 3 * TICKS))
     def advance(self, ticks: int) -> None:

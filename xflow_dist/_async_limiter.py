@@ -16,6 +16,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
+from . import _observe as observe
 from ._backend import IO_TIMEOUT, RedisLike, async_client
 from ._base import (
     _INHERITED,
@@ -235,7 +236,19 @@ class AsyncLimiter(LimiterBase):
         Bad input raises here, before anything is awaited.
         """
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout)
-        return _Acquiring(self._acquire(lease_id, requests, tokens, timeout))
+        if not observe.OBSERVERS or self._quiet:
+            return _Acquiring(self._acquire(lease_id, requests, tokens, timeout))
+        return _Acquiring(self._observed(lease_id, requests, tokens, timeout))
+
+    async def _observed(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
+        started = time.monotonic()
+        try:
+            lease = await self._acquire(lease_id, requests, tokens, timeout)
+        except AcquireTimeout:
+            observe.timed_out(self.budget.name, started)
+            raise
+        observe.granted(self.budget.name, started, requests, tokens)
+        return lease
 
     async def _acquire(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -299,6 +312,15 @@ class AsyncLimiter(LimiterBase):
     async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[AsyncLease]:
         """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
+        decision = await self._try_acquire(lease_id, requests, tokens)
+        if observe.OBSERVERS and not self._quiet:
+            if decision:
+                observe.granted(self.budget.name, time.monotonic(), requests, tokens)
+            else:
+                observe.refused(self.budget.name)
+        return decision
+
+    async def _try_acquire(self, lease_id: str, requests: float, tokens: float) -> Decision[AsyncLease]:
         outage = self._outage
         if outage is not None and not outage.ended:
             decision = await self._try_in_outage(outage, requests, tokens)
@@ -406,6 +428,7 @@ class AsyncLimiter(LimiterBase):
             share_budget = share(self.budget, policy.mode, n)
             local = AsyncLimiter(share_budget, f"memory://xflow-outage-{uuid.uuid4().hex}",
                                  cooldown_policy=self.cooldown_policy, ticket_ttl=self.ticket_ttl)  # fmt: skip
+            local._quiet = True
         outage = Outage(policy.mode, reason(exc), n, local, share_budget, back=asyncio.Event())
         self._outage = outage  # set before any await: one outage per limiter
         if local is not None and share_budget is not None:
@@ -632,7 +655,14 @@ class AsyncLimiter(LimiterBase):
             log.warning("%s of lease %s failed (%s); retrying in the background", op, lease.id, exc)
             self._later(op, argv, lease.id)
             return None
-        return decode_settle(raw) if op == "settle" else None
+        if op != "settle":  # an outage's share reports its settles: they are the fleet's own
+            if observe.OBSERVERS:
+                observe.settled(self.budget.name, lease.tokens, lease.tokens)
+            return None
+        reply = decode_settle(raw)
+        if observe.OBSERVERS and reply.settled:
+            observe.settled(self.budget.name, lease.tokens, reply.refunded)
+        return reply
 
     async def _give_back(self, lease_id: str, *, now: bool) -> None:
         """Cancel a ticket or a grant not handed out; once now if ``now``, else (and on failure) later."""
@@ -676,8 +706,11 @@ class AsyncLimiter(LimiterBase):
         outage = self._outage
         if outage is not None and outage.local is not None:
             reply: CooldownReply = await outage.local.cooldown(retry_after)
-            return reply
-        return decode_cooldown(await self._run("cooldown", self._cooldown_args(retry_after)))
+        else:
+            reply = decode_cooldown(await self._run("cooldown", self._cooldown_args(retry_after)))
+        if observe.OBSERVERS and not self._quiet:
+            observe.rate_limited(self.budget.name, reply.started)
+        return reply
 
     async def reconfigure(self, budget: Budget) -> str | None:
         """Change this budget's limits for the whole fleet, live, to ``budget``'s (the same name).

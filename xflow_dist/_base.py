@@ -181,6 +181,9 @@ class LimiterBase:
         self._fresh_until = -math.inf
         #: Processes using the budget as last counted in Redis (0: never counted).
         self._fleet = 0
+        #: True for a limiter the library runs for itself (an outage's local share): the limiter that
+        #: uses it reports its grants, timeouts and 429s, never twice (its settles it reports itself).
+        self._quiet = False
         #: The outage under way (Redis does not answer), or None.
         self._outage: Outage | None = None
 

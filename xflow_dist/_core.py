@@ -313,11 +313,13 @@ def decode_extend(raw: Any) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class CooldownReply:
-    """A fleet-wide pause: ``until`` is Redis time, ``remaining`` seconds from now."""
+    """A fleet-wide pause: ``until`` is Redis time, ``remaining`` seconds from now; ``started``:
+    this call began the pause (none was in force), rather than meeting one."""
 
     until: float
     now: float
     level: int
+    started: bool = False
 
     @property
     def remaining(self) -> float:
@@ -325,8 +327,9 @@ class CooldownReply:
 
 
 def decode_cooldown(raw: Any) -> CooldownReply:
-    _, until, now, level = _strings(raw, 4, "cooldown")[:4]
-    return CooldownReply(float(until), float(now), int(level))
+    fields = _strings(raw, 4, "cooldown")
+    _, until, now, level = fields[:4]
+    return CooldownReply(float(until), float(now), int(level), len(fields) > 4 and fields[4] == "1")
 
 
 def decode_clear_cooldown(raw: Any) -> CooldownReply:

@@ -963,6 +963,7 @@ class _Call:
         if retry_after < 0 or level > 0:
             backoff = min(max_backoff, base * 2.0**level)
         pause = min(max_pause, max(retry_after, backoff) * (1 + jitter * draw))
+        started = st.cu <= now
         st.cu = max(st.cu, now + pause)
         if self.rate_req > 0:
             st.rt = max(st.rt, now + self.burst_req)
@@ -971,7 +972,7 @@ class _Call:
         st.cl = level
         st.cr = st.cu + quiet
         self.advance(st)
-        reply = self.finish(st, ["cooldown", fmt(st.cu), fmt(now), g14(level)])
+        reply = self.finish(st, ["cooldown", fmt(st.cu), fmt(now), g14(level), "1" if started else "0"])
         self.engine.publish(self.channel, f"c {fmt(now)} {fmt(st.cu)}")
         return reply
 

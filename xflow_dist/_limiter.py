@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from . import _observe as observe
 from ._backend import IO_TIMEOUT, RedisLike, sync_client
 from ._base import (
     _INHERITED,
@@ -353,6 +354,18 @@ class Limiter(LimiterBase):
         ``BudgetUnavailableError`` (see ``OutagePolicy``).
         """
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout)
+        if not observe.OBSERVERS or self._quiet:
+            return self._acquire(lease_id, requests, tokens, timeout)
+        started = time.monotonic()
+        try:
+            lease = self._acquire(lease_id, requests, tokens, timeout)
+        except AcquireTimeout:
+            observe.timed_out(self.budget.name, started)
+            raise
+        observe.granted(self.budget.name, started, requests, tokens)
+        return lease
+
+    def _acquire(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> Lease:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             outage = self._outage
@@ -416,6 +429,15 @@ class Limiter(LimiterBase):
     def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[Lease]:
         """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
+        decision = self._try_acquire(lease_id, requests, tokens)
+        if observe.OBSERVERS and not self._quiet:
+            if decision:
+                observe.granted(self.budget.name, time.monotonic(), requests, tokens)
+            else:
+                observe.refused(self.budget.name)
+        return decision
+
+    def _try_acquire(self, lease_id: str, requests: float, tokens: float) -> Decision[Lease]:
         outage = self._outage
         if outage is not None and not outage.ended:
             decision = self._try_in_outage(outage, requests, tokens)
@@ -469,7 +491,14 @@ class Limiter(LimiterBase):
         except BaseException:  # interrupted mid-call (a soft time limit, Ctrl-C): it still goes out
             self._upkeep.later(op, argv, lease.id)
             raise
-        return decode_settle(raw) if op == "settle" else None
+        if op != "settle":  # an outage's share reports its settles: they are the fleet's own
+            if observe.OBSERVERS:
+                observe.settled(self.budget.name, lease.tokens, lease.tokens)
+            return None
+        reply = decode_settle(raw)
+        if observe.OBSERVERS and reply.settled:
+            observe.settled(self.budget.name, lease.tokens, reply.refunded)
+        return reply
 
     def _extend(self, lease: Lease) -> bool:
         if lease.closed:
@@ -522,6 +551,7 @@ class Limiter(LimiterBase):
                 share_budget = share(self.budget, policy.mode, n)
                 local = Limiter(share_budget, f"memory://xflow-outage-{uuid.uuid4().hex}",
                                 cooldown_policy=self.cooldown_policy, ticket_ttl=self.ticket_ttl)  # fmt: skip
+                local._quiet = True
                 req, tok = emptying_cost(share_budget)
                 if req or tok:
                     first = local.try_acquire(tok, requests=req)
@@ -720,8 +750,11 @@ class Limiter(LimiterBase):
         outage = self._outage
         if outage is not None and outage.local is not None:
             reply: CooldownReply = outage.local.cooldown(retry_after)
-            return reply
-        return decode_cooldown(self._run("cooldown", self._cooldown_args(retry_after)))
+        else:
+            reply = decode_cooldown(self._run("cooldown", self._cooldown_args(retry_after)))
+        if observe.OBSERVERS and not self._quiet:
+            observe.rate_limited(self.budget.name, reply.started)
+        return reply
 
     def reconfigure(self, budget: Budget) -> str | None:
         """Change this budget's limits for the whole fleet, live, to ``budget``'s (the same name).

@@ -12,12 +12,14 @@ import asyncio
 import json
 import logging
 import math
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
 
+from . import _observe as observe
 from ._async_limiter import AsyncLimiter
 from ._headers import parse_retry_after
 from ._lease import AsyncLease, Lease
@@ -397,11 +399,13 @@ class _Holding:
     """What the driver must give back if the call ends by an exception: the lease the flow was
     granted and has neither settled nor handed to a stream, and the reply it got for it, if any."""
 
-    __slots__ = ("lease", "response")
+    __slots__ = ("lease", "response", "since", "span")
 
-    def __init__(self) -> None:
+    def __init__(self, span: Any = None) -> None:
         self.lease: Any = None
         self.response: Any = None
+        self.span = span  # the call's trace span (``xflow_dist.tracing``), or None
+        self.since = time.monotonic() if span is not None else 0.0
 
     def saw(self, step: _Step, result: Any) -> None:
         if isinstance(step, _Acquire):
@@ -410,6 +414,25 @@ class _Holding:
             self.response = result
         elif isinstance(step, _Hold):
             self.lease = None  # the stream settles it now
+        if self.span is not None:
+            self._trace(step, result)
+
+    def _trace(self, step: _Step, result: Any) -> None:
+        """The wait, the reservation, the status and the charge, as the span's attributes."""
+        span, now = self.span, time.monotonic()
+        if isinstance(step, _Acquire):
+            span.set_attribute("xflow.wait_seconds", now - self.since)
+            span.set_attribute("xflow.tokens_reserved", float(result.tokens))
+        elif isinstance(step, _Send):
+            span.set_attribute("http.response.status_code", int(result.status_code))
+        elif isinstance(step, _Settle):
+            used = step.kwargs.get("actual_tokens")
+            span.set_attribute("xflow.tokens_charged", float(step.lease.tokens if used is None else used))
+        elif isinstance(step, _Cooldown):
+            span.add_event(
+                "xflow.cooldown", {"xflow.retry_after": -1.0 if step.retry_after is None else step.retry_after}
+            )
+        self.since = now
 
     def owed(self, http: Any, step: _Step, exc: BaseException) -> tuple[Any, dict[str, Any] | None]:
         """The lease to settle and how: None to cancel it (the request surely never left: the
@@ -441,22 +464,23 @@ class SyncTransportCore(_TransportCore[Limiter]):
         if body is None:
             return self._inner.handle_request(request)
         limiter, flow = self._plan(request, body)
-        holding = _Holding()
-        step = next(flow)
-        try:
-            while True:
-                result = self._run(limiter, step, request)
-                holding.saw(step, result)
-                step = flow.send(result)
-        except StopIteration as done:
-            return done.value
-        except BaseException as exc:  # any error, KeyboardInterrupt or SystemExit: give the lease back
-            lease, facts = holding.owed(self.http, step, exc)
-            if lease is not None:
-                _quietly(lease.cancel if facts is None else lambda: _settle_sync(lease, facts))
-            raise
-        finally:
-            flow.close()
+        with observe.call_span(limiter.budget.name) as span:
+            holding = _Holding(span)
+            step = next(flow)
+            try:
+                while True:
+                    result = self._run(limiter, step, request)
+                    holding.saw(step, result)
+                    step = flow.send(result)
+            except StopIteration as done:
+                return done.value
+            except BaseException as exc:  # any error, KeyboardInterrupt or SystemExit: give the lease back
+                lease, facts = holding.owed(self.http, step, exc)
+                if lease is not None:
+                    _quietly(lease.cancel if facts is None else lambda: _settle_sync(lease, facts))
+                raise
+            finally:
+                flow.close()
 
     def _run(self, limiter: Limiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):
@@ -495,22 +519,23 @@ class AsyncTransportCore(_TransportCore[AsyncLimiter]):
         if body is None:
             return await self._inner.handle_async_request(request)
         limiter, flow = self._plan(request, body)
-        holding = _Holding()
-        step = next(flow)
-        try:
-            while True:
-                result = await self._run(limiter, step, request)
-                holding.saw(step, result)
-                step = flow.send(result)
-        except StopIteration as done:
-            return done.value
-        except BaseException as exc:  # a cancellation too: the settle runs (and survives a second cancel)
-            lease, facts = holding.owed(self.http, step, exc)
-            if lease is not None:
-                await _aquietly(lease.cancel() if facts is None else _settle_async(lease, facts))
-            raise
-        finally:
-            flow.close()
+        with observe.call_span(limiter.budget.name) as span:
+            holding = _Holding(span)
+            step = next(flow)
+            try:
+                while True:
+                    result = await self._run(limiter, step, request)
+                    holding.saw(step, result)
+                    step = flow.send(result)
+            except StopIteration as done:
+                return done.value
+            except BaseException as exc:  # a cancellation too: the settle runs (and survives a second cancel)
+                lease, facts = holding.owed(self.http, step, exc)
+                if lease is not None:
+                    await _aquietly(lease.cancel() if facts is None else _settle_async(lease, facts))
+                raise
+            finally:
+                flow.close()
 
     async def _run(self, limiter: AsyncLimiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):

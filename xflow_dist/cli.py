@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from typing import Any
 
 from . import __version__
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return demo(args)
 
 
-OPERATOR_COMMANDS = ("budgets", "status", "cooldown", "reset")
+OPERATOR_COMMANDS = ("budgets", "status", "cooldown", "reset", "metrics")
 
 
 def _operator_parsers(sub: Any) -> None:
@@ -98,6 +98,12 @@ def _operator_parsers(sub: Any) -> None:
     p = with_url(sub.add_parser("reset", help="delete a budget's keys: it starts afresh, full (asks first)"))
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask")
+    p = with_url(sub.add_parser("metrics", help="serve Prometheus metrics: budgets' gauges from Redis, and the "
+                                "counters of this node's processes ($PROMETHEUS_MULTIPROC_DIR)"))  # fmt: skip
+    p.add_argument("names", nargs="*", metavar="NAME", help="budgets to show (default: every budget found)")
+    p.add_argument("--port", type=int, default=9108, help="port to serve /metrics on (default 9108)")
+    p.add_argument("--addr", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a pod)")
+    p.add_argument("--once", action="store_true", help="print the metrics once and exit, instead of serving")
 
 
 def operate(args: argparse.Namespace) -> int:
@@ -114,6 +120,8 @@ def operate(args: argparse.Namespace) -> int:
     if not url:
         print(f"xflow {command}: no Redis: give --redis-url or set XFLOW_REDIS_URL", file=sys.stderr)
         return 2
+    if command == "metrics":
+        return _metrics(args, url)
     try:
         with Operator(url) as op:
             if command == "budgets":
@@ -151,6 +159,42 @@ def operate(args: argparse.Namespace) -> int:
     except XflowError as exc:
         print(f"xflow {command}: {redact_text(str(exc))}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
+    return 0
+
+
+def _metrics(args: argparse.Namespace, url: str) -> int:
+    """Serve (or print, ``--once``) the metrics until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from ._exceptions import XflowError
+
+    try:
+        from . import metrics
+    except ImportError as exc:
+        print(f"xflow metrics: {exc}", file=sys.stderr)
+        return 2
+    names = args.names or None
+    try:
+        if args.once:
+            from prometheus_client import generate_latest
+
+            sys.stdout.write(generate_latest(metrics.registry_for(url, names)).decode())
+            return 0
+        server, _ = metrics.serve(args.port, redis=url, budgets=names, addr=args.addr)
+    except OSError as exc:
+        print(f"xflow metrics: cannot listen on {args.addr}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    except XflowError as exc:
+        print(f"xflow metrics: {redact_text(str(exc))}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    print(f"xflow metrics: serving http://{args.addr}:{server.server_port}/metrics", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with suppress(KeyboardInterrupt):
+        stop.wait()
+    server.shutdown()
+    server.server_close()
     return 0
 
 
