@@ -767,3 +767,72 @@ def test_celery_fleet_imports_cleanly() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["workers.chat", "workers.chat_baseline"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_prefork_node_serves_its_childrens_metrics(
+    redis_url: str, real_redis: bool, name: str, tmp_path: Path
+) -> None:
+    """``XFLOW_METRICS_PORT``: the node's main process serves what its prefork children counted
+    (prometheus multiprocess mode) and the budget's gauges; checked against the provider's ledger."""
+    if not real_redis:
+        pytest.skip("a worker node needs a real redis-server")
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from workers.fleet import start_nodes, stop_nodes
+    from workers.producer import load_jobs
+    from xflow_dist.tools._demo import Latency, fetch_stats, reset_provider, simulator_process
+    from xflow_dist.tools._fleet import Limits
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jobs_n = 12
+    queue = f"metrics-{uuid.uuid4().hex[:8]}"
+    broker = _broker(redis_url)
+    env = {
+        "XFLOW_REDIS_URL": redis_url, "XFLOW_BROKER_URL": broker, "XFLOW_QUEUE": queue,
+        "XFLOW_BUDGET__NAME": name, "XFLOW_BUDGET__RPM": "600", "XFLOW_BUDGET__TPM": "1000000",
+        "XFLOW_BUDGET__MAX_CONCURRENCY": "2", "XFLOW_BUDGET__BURST": "60", "XFLOW_MODEL": "sim",
+        "XFLOW_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }  # fmt: skip
+    producer = Celery("producer", broker=broker, backend=broker, set_as_current=False)
+    producer.conf.update(task_default_queue=queue, broker_connection_retry_on_startup=True)
+    nodes: list[Any] = []
+
+    def scrape() -> dict[tuple[str, str], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        return {
+            (s.name, s.labels.get("budget", "")): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if "le" not in s.labels
+        }
+
+    with simulator_process(Limits(rpm=600, tpm=1_000_000, max_concurrency=2), Latency(0.05, 0.0)) as provider:
+        env["XFLOW_PROVIDER_URL"] = f"{provider}/v1"
+        try:
+            nodes = start_nodes(1, concurrency=2, pool="prefork", loglevel="warning", env=env, quiet=True)
+            deadline = time.monotonic() + 60
+            while len(producer.control.ping(timeout=0.5)) < 1:
+                assert time.monotonic() < deadline, "the worker node did not come up"
+                assert all(n.poll() is None for n in nodes), "the worker node exited at start"
+            reset_provider(provider)
+            results = [producer.send_task("workers.chat", args=[job]) for job in load_jobs(None, jobs_n, seed=3)]
+            for r in results:
+                r.get(timeout=60)
+            got = scrape()
+            stats = fetch_stats(provider)
+        finally:
+            stop_nodes(nodes, grace=20)
+            _close_app(producer)
+    assert got[("xflow_grants_total", name)] == stats["requests"]["admitted"] == jobs_n
+    assert got[("xflow_tokens_charged_total", name)] == stats["tokens"]["settled"]
+    assert got[("xflow_budget_in_flight", name)] == 0
+    assert got[("xflow_budget_max_concurrency", name)] == 2
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".db")]) >= 1

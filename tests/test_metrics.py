@@ -189,9 +189,9 @@ def sim() -> Iterator[SimulatorServer]:
 def test_a_traced_call_carries_its_wait_reservation_status_and_charge(
     sim: SimulatorServer, redis_url: str, name: str, spans: InMemorySpanExporter
 ) -> None:
-    with Limiter(Budget(name, tpm=60_000, burst=60), redis_url) as lim:
-        with httpx.Client(transport=RateLimitedTransport(lim), base_url=sim.url) as client:
-            reply = client.post("/v1/chat/completions", json=CHAT)
+    lim = Limiter(Budget(name, tpm=60_000, burst=60), redis_url)
+    with lim, httpx.Client(transport=RateLimitedTransport(lim), base_url=sim.url) as client:
+        reply = client.post("/v1/chat/completions", json=CHAT)
     used = reply.json()["usage"]["total_tokens"]
     by_name = {s.name: s for s in spans.get_finished_spans()}
     call, acquire = by_name["xflow.call"], by_name["xflow.acquire"]
@@ -233,10 +233,10 @@ def _fleet_worker(redis_url: str, name: str, provider: str, calls: int, go: Any)
 
     m.enable()
     go.wait(30)
-    with Limiter(Budget(name, rpm=1_200, tpm=24_000, max_concurrency=2, burst=60), redis_url) as lim:
-        with httpx.Client(transport=RateLimitedTransport(lim), base_url=provider, timeout=30) as client:
-            for _ in range(calls):
-                client.post("/v1/chat/completions", json=CHAT).raise_for_status()
+    lim = Limiter(Budget(name, rpm=1_200, tpm=24_000, max_concurrency=2, burst=60), redis_url)
+    with lim, httpx.Client(transport=RateLimitedTransport(lim), base_url=provider, timeout=30) as client:
+        for _ in range(calls):
+            client.post("/v1/chat/completions", json=CHAT).raise_for_status()
 
 
 @pytest.mark.slow
@@ -284,3 +284,32 @@ def test_a_scraped_fleet_matches_the_providers_ledger(
     assert after[("xflow_request_tokens_count", name)] == processes * calls
     assert after[("xflow_budget_in_flight", name)] == 0
     assert os.listdir(tmp_path), "the children wrote their counters to the multiprocess directory"
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_library_exports(redis_url: str, name: str) -> None:
+    import json
+    import re
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "xflow-dashboard.json").read_text())
+    asked = {
+        m
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for m in re.findall(r"\bxflow_[a-z_]+", target["expr"])
+    }
+    reg = CollectorRegistry()
+    observer = metrics.PrometheusObserver(reg)
+    for budget in (name,):  # one of each labelled series, so that every name is exported
+        observer.granted(budget, 0.0, 1, 1)
+        observer.refused(budget)
+        observer.timed_out(budget, 0.0)
+        observer.settled(budget, 1, 1, 1)
+        observer.rate_limited(budget, True)
+    with Limiter(Budget(name, rpm=60, tpm=600, max_concurrency=1), redis_url) as lim:
+        lim.acquire().release()
+        reg.register(metrics.BudgetCollector(redis_url, [name]))
+        exported = {sample_name for sample_name, _ in samples(reg)} | {
+            f"{sample_name}_bucket" for sample_name, _ in samples(reg) if sample_name.endswith("_count")
+        }
+    exported |= {n.removesuffix("_count") + "_bucket" for n in exported if n.endswith("_count")}
+    assert asked and asked <= exported, f"the dashboard asks for {sorted(asked - exported)}"

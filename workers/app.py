@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from celery import Celery  # type: ignore[import-untyped]
 
+from xflow_dist.celery import serve_metrics
+
 from .settings import WorkerSettings
 
 settings = WorkerSettings.load()
@@ -30,3 +32,5 @@ app.conf.update(
     worker_send_task_events=False,
     xflow_redis_url=settings.redis_url,
 )
+if settings.metrics_port is not None:  # the node's counters and the budget's gauges, for Prometheus
+    serve_metrics(settings.metrics_port, redis=settings.redis_url)

@@ -13,7 +13,8 @@ class WorkerSettings(Settings):
     ``/v1``), ``XFLOW_API_KEY``, ``XFLOW_MODEL``, ``XFLOW_VISIBILITY_TIMEOUT`` (seconds before the
     broker hands an unacknowledged task to another worker: longer than any task runs),
     ``XFLOW_MAX_RETRIES`` (429s a task may retry), ``XFLOW_BASELINE_RATE_LIMIT`` (Celery's own
-    per-worker ``rate_limit`` of the comparison task ``workers.chat_baseline``, e.g. ``"120/m"``)."""
+    per-worker ``rate_limit`` of the comparison task ``workers.chat_baseline``, e.g. ``"120/m"``),
+    ``XFLOW_METRICS_PORT`` (serve Prometheus metrics of the node on that port, ``/metrics``)."""
 
     broker_url: str | None = None
     result_backend: str | None = None
@@ -25,6 +26,7 @@ class WorkerSettings(Settings):
     visibility_timeout: float = Field(default=3600.0, gt=0)
     max_retries: int = Field(default=5, ge=0)
     baseline_rate_limit: str | None = None
+    metrics_port: int | None = Field(default=None, ge=0, le=65_535)
 
     @property
     def broker(self) -> str:

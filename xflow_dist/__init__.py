@@ -26,7 +26,7 @@ from ._lease import AsyncLease, Lease
 from ._limiter import Limiter
 from ._outage import OutagePolicy
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it ([tool.hatch.version])
 
 __all__ = [
     "AcquireTimeout",

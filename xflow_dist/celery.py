@@ -43,8 +43,10 @@ import math
 import os
 import select
 import signal
+import sys
+import tempfile
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal, cast
@@ -65,7 +67,7 @@ from ._limiter import Limiter
 from ._outage import OutagePolicy, outage_policy
 from ._quota import quota_error, quota_in_exception
 
-__all__ = ["RateLimitedTask", "TaskPolicy", "limiter_for", "openai_usage", "rate_limited_task"]
+__all__ = ["RateLimitedTask", "TaskPolicy", "limiter_for", "openai_usage", "rate_limited_task", "serve_metrics"]
 
 log = logging.getLogger("xflow_dist.celery")
 
@@ -245,6 +247,43 @@ def _on_process_init(**_: Any) -> None:
 def _on_shutdown(**_: Any) -> None:
     _release_held(timeout=5.0)
     _close_all()
+
+
+def serve_metrics(
+    port: int, *, redis: RedisLike | None = None, budgets: Sequence[str] | None = None, addr: str = "0.0.0.0"
+) -> None:
+    """Count this worker node's tasks in Prometheus and serve them on ``addr:port`` (``/metrics``).
+
+    Call it where the app is defined, before the worker starts. Prefork children count into
+    ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary directory when unset); the node's main process
+    serves their sum from ``worker_init`` on, with the budgets' gauges read from ``redis``
+    (default: the app's ``xflow_redis_url``); a child that exits is marked dead so that its
+    live-only values drop out. Needs the ``metrics`` extra.
+    """
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if "prometheus_client" in sys.modules:
+            raise ConfigurationError(
+                "serve_metrics needs PROMETHEUS_MULTIPROC_DIR set before prometheus_client is imported: "
+                "set it in the worker's environment"
+            )
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="xflow-metrics-")
+    from . import metrics
+
+    metrics.enable()  # before the pool forks: every child inherits the counting
+
+    def start(sender: Any = None, **_: Any) -> None:
+        url = redis
+        if url is None and sender is not None:
+            url = getattr(getattr(sender, "app", None), "conf", {}).get("xflow_redis_url")
+        metrics.serve(port, redis=url, budgets=budgets, addr=addr)
+
+    def child_gone(**_: Any) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+    celery_signals.worker_init.connect(start, weak=False, dispatch_uid="xflow_dist.metrics_serve")
+    celery_signals.worker_process_shutdown.connect(child_gone, weak=False, dispatch_uid="xflow_dist.metrics_dead")
 
 
 celery_signals.worker_process_init.connect(_on_process_init, weak=False, dispatch_uid="xflow_dist.process_init")

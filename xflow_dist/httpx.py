@@ -14,7 +14,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import ClassVar
 
-import httpx
+try:
+    import httpx
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("xflow_dist.httpx needs httpx: pip install 'xflow-dist[httpx]'") from exc
 
 from ._router import Call, NoRouteError, Router
 from ._transport import AsyncTransportCore, SyncTransportCore, estimate_request

@@ -9,7 +9,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import ClassVar
 
-import httpx2
+try:
+    import httpx2
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("xflow_dist.httpx2 needs httpx2: pip install 'xflow-dist[httpx2]'") from exc
 
 from ._router import Call, NoRouteError, Router
 from ._transport import AsyncTransportCore, SyncTransportCore, estimate_request
