@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,20 +154,37 @@ def _known(key: str) -> bool:
 
 
 def _documents() -> list[tuple[str, Any]]:
-    files = [ROOT / "deploy" / "docker-compose.yml", *sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))]
+    """compose and every manifest of deploy/k8s (the base, the overlays' resources and patches)."""
+    files = [ROOT / "deploy" / "docker-compose.yml", *sorted((ROOT / "deploy" / "k8s").rglob("*.yaml"))]
     return [(f.name, doc) for f in files for doc in yaml.safe_load_all(f.read_text()) if doc is not None]
+
+
+def _secrets_examples() -> dict[str, str]:
+    """The overlays' committed secrets.env.example files (their secretGenerator reads secrets.env)."""
+    found: dict[str, str] = {}
+    for example in sorted((ROOT / "deploy" / "k8s" / "overlays").glob("*/secrets.env.example")):
+        for line in example.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, _, value = line.partition("=")
+                found[key.strip()] = value.strip()
+    return found
 
 
 def test_manifests_parse_and_use_only_known_variables(clean_env: pytest.MonkeyPatch) -> None:
     documents = _documents()
     kinds = {doc.get("kind") for _, doc in documents}
-    assert {"ConfigMap", "Secret", "Deployment", "Job", "Kustomization"} <= kinds
+    assert {"ConfigMap", "Deployment", "Job", "Kustomization"} <= kinds
     seen: dict[str, str] = {}
     for _, doc in documents:
-        if doc.get("kind") in ("ConfigMap", "Secret"):
-            seen.update({k: str(v) for k, v in (doc.get("data") or doc.get("stringData")).items()})
+        if doc.get("kind") == "ConfigMap":
+            seen.update({k: str(v) for k, v in (doc.get("data") or {}).items()})
+        for container in (((doc.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []:
+            seen.update({e["name"]: str(e["value"]) for e in container.get("env") or [] if "value" in e})
         for service in (doc.get("services") or {}).values():
             seen.update({k: str(v) for k, v in (service.get("environment") or {}).items()})
+    secrets = _secrets_examples()
+    assert set(secrets) == {"XFLOW_REDIS_URL", "XFLOW_BROKER_URL", "XFLOW_API_KEY"}
+    seen.update(secrets)
     assert seen, "no XFLOW_* variables found"
     unknown = sorted(k for k in seen if not _known(k))
     assert not unknown, f"variables the fleet does not read: {unknown}"
@@ -182,18 +198,19 @@ def test_manifests_parse_and_use_only_known_variables(clean_env: pytest.MonkeyPa
 
 
 def test_workers_deployment_reads_the_config_and_the_secret() -> None:
-    deployment = next(d for n, d in _documents_by_name() if n == "xflow-workers" and d["kind"] == "Deployment")
+    k8s = ROOT / "deploy" / "k8s"
+    deployment = next(
+        d for d in yaml.safe_load_all((k8s / "base" / "workers.yaml").read_text()) if d and d["kind"] == "Deployment"
+    )
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
     assert refs == {"xflow-config", "xflow-secrets"}
     assert container["command"][:4] == ["celery", "-A", "workers.app", "worker"]
-    kustomization = next(doc for _, doc in _documents() if doc.get("kind") == "Kustomization")
-    listed = set(kustomization["resources"])
-    assert listed == {p.name for p in (ROOT / "deploy" / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
-
-
-def _documents_by_name() -> Iterator[tuple[str, Any]]:
-    for _, doc in _documents():
-        name = (doc.get("metadata") or {}).get("name")
-        if name:
-            yield name, doc
+    # every manifest sits in a kustomization (as a resource or a patch), and each overlay makes the secret
+    for kustomization in sorted(k8s.rglob("kustomization.yaml")):
+        doc = yaml.safe_load(kustomization.read_text())
+        listed = set(doc.get("resources") or []) | {p["path"] for p in doc.get("patches") or []}
+        here = {p.name for p in kustomization.parent.glob("*.yaml")} - {"kustomization.yaml"}
+        assert here <= listed, (kustomization, here - listed)
+        if kustomization.parent.parent.name == "overlays":
+            assert [g["name"] for g in doc["secretGenerator"]] == ["xflow-secrets"], kustomization
