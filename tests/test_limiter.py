@@ -191,7 +191,7 @@ def test_a_client_passed_in_is_not_closed(redis_url: str, name: str) -> None:
 
 def test_a_per_minute_budget_keeps_its_dispatch_margin_back(url: str, name: str) -> None:
     """The README's configuration (the provider's limits, burst=60) holds 59.75 s of each rate: a
-    quarter second stays back for the trip of a grant to the provider (docs/concepts.md)."""
+    quarter second stays back for the trip of a grant to the provider (docs/concepts/budgets-and-burst.md)."""
     with Limiter(Budget(name, rpm=600, tpm=60_000, burst=60), url) as lim:
         s = lim.status()
     assert s.requests_available == pytest.approx(597.5, abs=0.01)
