@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from xflow_dist import Budget, ConfigurationError, CooldownPolicy
+from xflow_dist import Budget, ConfigurationError, CooldownPolicy, Limiter
 
 pytest.importorskip("pydantic_settings")
 from xflow_dist.settings import Settings, mask_url
@@ -129,7 +129,15 @@ def test_cli_shows_each_budgets_status(
     clean_env.setenv("XFLOW_BUDGET__NAME", name)
     clean_env.setenv("XFLOW_BUDGET__RPM", "60")
     assert main(["settings", "--status"]) == 0
-    assert f"budget='{name}'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"budget {name}: nothing in Redis yet" in out  # never used: no keys to show
+    with Limiter(Budget(name, rpm=60), redis_url) as lim:
+        lease = lim.acquire()
+        assert main(["settings", "--status"]) == 0
+        lease.release()
+    out = capsys.readouterr().out
+    assert name in out and "Status(" not in out  # the table of `xflow status`, not a dataclass repr
+    assert "in flight" in out.lower()
 
 
 # ------------------------------------------------------------------------------------------

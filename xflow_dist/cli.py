@@ -244,16 +244,19 @@ def show_settings(status: bool) -> int:
     except ImportError:
         print("xflow settings needs pydantic-settings: pip install 'xflow-dist[settings]'", file=sys.stderr)
         return 2
-    from ._exceptions import XflowError
-    from ._limiter import Limiter
+    from ._exceptions import BudgetNotFoundError, XflowError
+    from ._operator import Operator
 
     try:
         settings = Settings.load()
         print(settings.describe())
         if status:
-            for budget in settings.all_budgets():
-                with Limiter(budget, settings.redis_url) as limiter:
-                    print(limiter.status())
+            with Operator(settings.redis_url) as op:
+                for budget in settings.all_budgets():
+                    try:  # the same table as `xflow status NAME`
+                        print(_status_text(op.status(budget.name)))
+                    except BudgetNotFoundError:
+                        print(f"budget {budget.name}: nothing in Redis yet (never used, or idle past its grace)")
     except XflowError as exc:
         print(f"xflow settings: {redact_text(str(exc))}", file=sys.stderr)
         return 2 if not status else 1
