@@ -313,3 +313,18 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_library_exports(redis_u
         }
     exported |= {n.removesuffix("_count") + "_bucket" for n in exported if n.endswith("_count")}
     assert asked and asked <= exported, f"the dashboard asks for {sorted(asked - exported)}"
+
+
+def test_a_process_file_still_empty_does_not_fail_the_scrape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process creates its multiprocess file before sizing it; a scrape at that moment (or after
+    the process was killed then) must still answer, with the other processes' values."""
+    from prometheus_client import values
+    from prometheus_client.mmap_dict import MmapedDict
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    counts = MmapedDict(str(tmp_path / "counter_111.db"))  # one process's file, as it writes them
+    counts.write_value(values.mmap_key("xflow_grants_total", "xflow_grants_total", ("budget",), ("b",), ""), 3.0, 0.0)
+    counts.close()
+    (tmp_path / "counter_222.db").write_bytes(b"")  # another's, caught between creation and sizing
+    got = samples(metrics.registry_for())
+    assert got[("xflow_grants_total", "b")] == 3.0

@@ -17,6 +17,8 @@ beside them) reads them all (prometheus-client's multiprocess mode). Needs the `
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,7 +26,7 @@ from typing import Any
 
 try:
     import prometheus_client
-    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -183,14 +185,29 @@ class BudgetCollector(Collector):
         self._operator.close()
 
 
+class _ProcessFiles(multiprocess.MultiProcessCollector):
+    """prometheus-client's multiprocess collector, skipping the files still empty.
+
+    A process creates its file before sizing it: a scrape at that moment, or one after a process
+    killed then, fails whole on the empty file (prometheus/client_python#1199). An empty file
+    holds no value, so leaving it out changes no figure.
+    """
+
+    def collect(self) -> Iterable[Any]:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(OSError):  # gone meanwhile: a process marked dead
+                if os.path.getsize(path) >= 8:
+                    files.append(path)
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call, no-any-return]
+
+
 def registry_for(redis: RedisLike | None = None, budgets: Sequence[str] | None = None) -> CollectorRegistry:
     """A registry with this process's metrics (or, in multiprocess mode, every process's) and, with
     ``redis``, the budgets' gauges."""
     if multiprocess_dir():
-        from prometheus_client import multiprocess
-
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        _ProcessFiles(registry)  # type: ignore[no-untyped-call]
     else:
         registry = prometheus_client.REGISTRY
     if redis is not None:
