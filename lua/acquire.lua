@@ -92,6 +92,8 @@ end
 
 if redis.call('ZSCORE', K_QUEUE, ID) then
   local t = ticket(ID)
+  t.ttl = TICKET_TTL -- the caller's: a waiter that leaves the queue for a while (a Celery task
+  -- re-queued with a countdown) keeps its place that long, and renews with its usual TTL on return
   t.alive = math.max(NOW, t.fit) + t.ttl
   save_ticket(st, ID, t)
   return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})

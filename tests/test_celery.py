@@ -505,6 +505,38 @@ def test_a_short_wait_sleeps_in_place(app: Celery, name: str, retries: dict[str,
     assert retries == {}, "waits under max_wait are slept in place"
 
 
+@pytest.mark.timeout(60)
+def test_a_requeued_task_keeps_its_place_and_later_tasks_never_pass_it(
+    app: Celery, name: str, redis_url: str, retries: dict[str, int]
+) -> None:
+    """A large task waits longer than max_wait and re-queues; small tasks sent after it would each
+    fit long before it on their own, yet it runs first: its ticket kept its place in the fleet's
+    queue across the countdown, and it came back to it (without this, the small tasks take the
+    refill as it comes and the large one starves). Its ticket is gone once it ran."""
+    budget = Budget(name, tps=100, burst=1)  # 100 tokens of credit, refilling at 100 a second
+
+    @rate_limited_task(
+        app, shared=False, budget=budget, cost=lambda n: n, policy=TaskPolicy(max_wait=0.3), usage=None
+    )
+    def limited(self: Any, n: int) -> float:
+        return time.time()
+
+    with (
+        Limiter(budget, redis_url) as holder,
+        start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING",
+                     shutdown_timeout=20),
+    ):  # fmt: skip
+        holder.acquire(tokens=100).release()  # empty: 100 tokens fit in 1 s, 10 in 0.1 s
+        big = limited.delay(100)
+        until(lambda: retries.get(big.id, 0) >= 1, timeout=10)  # re-queued, its ticket kept
+        small = [limited.delay(10) for _ in range(6)]
+        big_at = big.get(timeout=30)
+        small_at = [r.get(timeout=30) for r in small]
+        status = holder.status()
+    assert big_at < min(small_at), "a task sent after the re-queued one ran before it"
+    assert status.queued == 0 and status.in_flight == 0
+
+
 # ------------------------------------------------------------------------------------------
 # A prefork child terminated by SIGTERM gives its leases back at once.
 

@@ -539,6 +539,7 @@ class BudgetModel:
             return ["granted", held.start, now, held.expiry]
         ticket = self.queue.get(lease_id)
         if ticket is not None:  # a return: same place, renewed from now (or from its fit time)
+            ticket.ttl = ticket_ttl  # for the caller's TTL: a parked waiter keeps its place that long
             ticket.alive_until = max(now, ticket.fit if ticket.fit is not None else now) + ticket.ttl
             return ["queued", self._wait_hint(lease_id, now), now]
         # a cost the limits in force can never grant (a minute, or the burst if longer) is refused
@@ -1108,10 +1109,13 @@ class BudgetMachine(RuleBasedStateMachine):
         self.serial += 1
         return f"L{self.serial}"
 
-    def _acquire(self, lease_id: str, max_wait: float | None, may_queue: bool) -> None:
+    def _acquire(
+        self, lease_id: str, max_wait: float | None, may_queue: bool, ticket_ttl: float | None = None
+    ) -> None:
         requests, tokens = self.costs[lease_id]
         overdraft = lease_id in self.overdrafts
-        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, self.ticket_ttl, self.probe, overdraft)
+        ticket_ttl = self.ticket_ttl if ticket_ttl is None else ticket_ttl
+        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, self.probe, overdraft)
         raw = self._run("acquire", argv)
         result = self.model.acquire(
             CLOCK.now(),
@@ -1120,7 +1124,7 @@ class BudgetMachine(RuleBasedStateMachine):
             F(tokens),
             None if max_wait is None else frac(max_wait),
             may_queue,
-            frac(self.ticket_ttl),
+            frac(ticket_ttl),
             self.probe,
             self.seen,
             overdraft,
@@ -1290,6 +1294,14 @@ class BudgetMachine(RuleBasedStateMachine):
     @rule(data=st.data(), max_wait=MAX_WAIT)
     def repoll_queued(self, data: st.DataObject, max_wait: float | None) -> None:
         self.repoll(data.draw(st.sampled_from(list(self.model.queue)), label="ticket"), max_wait)
+
+    @precondition(lambda self: self.model.queue)
+    @rule(data=st.data(), away=st.sampled_from([0.5, 2.0, 6.0]))
+    def park_queued(self, data: st.DataObject, away: float) -> None:
+        """A waiter leaves for a while (a Celery task re-queued with a countdown) and keeps its
+        ticket that long: it renews with a TTL of ``away`` times its usual one."""
+        ticket = data.draw(st.sampled_from(list(self.model.queue)), label="ticket")
+        self._acquire(ticket, None, True, self.ticket_ttl * away)
 
     @precondition(lambda self: any(t.fit is not None and t.fit > CLOCK.now() for t in self.model.queue.values()))
     @rule()

@@ -26,6 +26,7 @@ from ._base import (
     RETRY_MAX,
     Decision,
     LimiterBase,
+    _check_seconds,
     gate_size,
     left,
     new_id,
@@ -47,6 +48,7 @@ from ._core import (
     decode_status,
     queued,
     script_error,
+    too_large_error,
 )
 from ._events import Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
@@ -226,31 +228,44 @@ class AsyncLimiter(LimiterBase):
                     raise BackendError(f"cannot subscribe to budget events: {exc}", budget=self.budget.name) from exc
             return self._events
 
-    def acquire(self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None) -> _Acquiring:
+    def acquire(
+        self,
+        tokens: float = 0,
+        *,
+        requests: float = 1,
+        timeout: float | None = None,
+        keep_place: bool = False,
+        ticket: str | None = None,
+    ) -> _Acquiring:
         """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
 
         ``async with limiter.acquire(tokens=n) as lease:`` or ``lease = await limiter.acquire(...)``.
         Waits in first-come-first-served order across the fleet; raises ``AcquireTimeout`` at
         once when the budget can tell the start would come after ``timeout``, or at the deadline.
         When Redis does not answer the outage policy decides (see ``OutagePolicy``).
-        Bad input raises here, before anything is awaited.
+        Bad input raises here, before anything is awaited. ``keep_place`` and ``ticket``: as
+        ``Limiter.acquire``'s.
         """
-        lease_id, requests, tokens = self._prepare(requests, tokens, timeout)
+        lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place)
         if not observe.OBSERVERS or self._quiet:
-            return _Acquiring(self._acquire(lease_id, requests, tokens, timeout))
-        return _Acquiring(self._observed(lease_id, requests, tokens, timeout))
+            return _Acquiring(self._acquire(lease_id, requests, tokens, timeout, keep_place))
+        return _Acquiring(self._observed(lease_id, requests, tokens, timeout, keep_place))
 
-    async def _observed(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
+    async def _observed(
+        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool
+    ) -> AsyncLease:
         started = time.monotonic()
         try:
-            lease = await self._acquire(lease_id, requests, tokens, timeout)
+            lease = await self._acquire(lease_id, requests, tokens, timeout, keep_place)
         except AcquireTimeout:
             observe.timed_out(self.budget.name, started)
             raise
         observe.granted(self.budget.name, started, requests, tokens)
         return lease
 
-    async def _acquire(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
+    async def _acquire(
+        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool = False
+    ) -> AsyncLease:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             outage = self._outage
@@ -263,17 +278,19 @@ class AsyncLimiter(LimiterBase):
                     await asyncio.sleep(0.01)  # the way back is being made: a moment
                 continue
             try:
-                return await self._acquire_shared(lease_id, requests, tokens, left(deadline))
+                return await self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place)
             except BackendError as exc:
                 if not transient(exc):
                     raise
                 await self._enter_outage(exc)
             lease_id = new_id()  # the failed id is given back in the background: never reuse it
 
-    async def _acquire_shared(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> AsyncLease:
+    async def _acquire_shared(
+        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool = False
+    ) -> AsyncLease:
         hub = await self._hub()
         inbox = hub.mail.expect(lease_id)
-        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
+        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place)
         try:
             step = next(flow)
             while True:
@@ -308,6 +325,16 @@ class AsyncLimiter(LimiterBase):
             hub.mail.forget(lease_id)
             self._queued.discard(lease_id)
         return self._hold(lease_id, requests, tokens)
+
+    async def park(self, ticket: str, seconds: float, tokens: float = 0, *, requests: float = 1) -> AsyncLease | None:
+        """As ``Limiter.park``: keep ``ticket`` in the queue for ``seconds`` more; the lease if it was
+        granted meanwhile, else None."""
+        lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket)
+        _check_seconds("seconds", seconds)
+        reply = decode_acquire(await self._run("acquire", self._park_args(lease_id, requests, tokens, seconds)))
+        if reply.kind == "too_large":
+            raise too_large_error(self.budget, requests, tokens, reply)
+        return self._hold(lease_id, requests, tokens) if reply.kind == "granted" else None
 
     async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[AsyncLease]:
         """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""

@@ -6,6 +6,7 @@ import atexit
 import logging
 import math
 import os
+import re
 import time
 import uuid
 import weakref
@@ -107,6 +108,10 @@ def gate_size(client: Any) -> int | None:
     if not isinstance(size, int) or size <= 0 or size > 1_000_000:
         return None
     return max(1, size - 2)
+
+
+#: What a ticket given back to ``acquire(ticket=...)`` looks like: an id ``new_id`` made.
+_TICKET = re.compile(r"[0-9A-Za-z_-]{1,64}\.[0-9a-f]{32}")
 
 
 def new_id() -> str:
@@ -218,10 +223,27 @@ class LimiterBase:
         self._blocks = (budget_args(budget), budget_args(budget, seen=True))
         return old
 
-    def _prepare(self, requests: float, tokens: float, timeout: float | None) -> tuple[str, float, float]:
+    def _prepare(
+        self, requests: float, tokens: float, timeout: float | None, ticket: str | None = None, away: bool = False
+    ) -> tuple[str, float, float]:
         requests, tokens = validate_cost(self.budget, requests, tokens)
         _check_seconds("timeout", timeout)
-        return new_id(), requests, tokens
+        if ticket is None:
+            # A ticket that may leave this process (keep_place) is its own process for the queue:
+            # when its turn comes while it is away, the waiter behind it is told to come back a
+            # claim window later, as behind the ticket of a dead process (ids are "<process>.<unique>").
+            return (f"{uuid.uuid4().hex[:12]}.{uuid.uuid4().hex}" if away else new_id()), requests, tokens
+        if not isinstance(ticket, str) or not _TICKET.fullmatch(ticket):
+            raise InvalidCostError(f"ticket must be an id that acquire gave (AcquireTimeout.ticket), not {ticket!r}",
+                                   budget=self.budget.name)  # fmt: skip
+        return ticket, requests, tokens
+
+    def _park_args(self, lease_id: str, requests: float, tokens: float, seconds: float) -> list[str]:
+        """Renew a ticket for ``seconds`` away plus its usual TTL (or claim its grant)."""
+        return acquire_args(
+            lease_id, requests, tokens, None, True, min(MAX_SECONDS, seconds + self.ticket_ttl),
+            self.budget.probe, self.budget.overdraft,
+        )  # fmt: skip
 
     def _try_args(self, lease_id: str, requests: float, tokens: float) -> list[str]:
         return acquire_args(

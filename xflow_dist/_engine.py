@@ -774,6 +774,7 @@ class _Call:
 
         if lid in b.queue:
             t = self.ticket(lid)
+            t.ttl = ticket_ttl  # the caller's: a parked waiter keeps its place that long
             t.alive = max(now, t.fit) + t.ttl
             self.save_ticket(st, lid, t)
             return self.finish(st, ["queued", fmt(self.wait_hint(lid)), fmt(now)])

@@ -61,11 +61,17 @@ class CostTooLargeError(InvalidCostError):
 
 
 class AcquireTimeout(XflowError, TimeoutError):
-    """The deadline passed (or would pass) before the budget could grant the request."""
+    """The deadline passed (or would pass) before the budget could grant the request.
 
-    def __init__(self, message: str, *, budget: str | None = None, retry_after: float | None = None) -> None:
+    ``ticket``: the place in the queue that ``acquire(..., keep_place=True)`` kept (pass it back as
+    ``ticket=`` to take it up again), or None where none was kept."""
+
+    def __init__(
+        self, message: str, *, budget: str | None = None, retry_after: float | None = None, ticket: str | None = None
+    ) -> None:
         super().__init__(message, budget=budget)
         self.retry_after = retry_after
+        self.ticket = ticket
 
 
 class BackendError(XflowError):

@@ -51,23 +51,41 @@ def acquire_flow(
     tokens: float,
     timeout: float | None,
     ticket_ttl: float,
+    keep_place: bool = False,
 ) -> Generator[Step, Any, None]:
     """Acquire, queue, sleep until the fit time or a notice, and claim a grant made in the queue.
 
     ``timeout=0`` tries once and never queues. A grant made to the queued ticket is provisional
     until this flow claims it (acquire again with the same id), and so is every return after a
     reconnect: the same call renews the ticket, claims a grant, or re-enters a ticket that Redis lost.
+    ``keep_place``: a wait longer than ``timeout`` still queues, and at the deadline the ticket stays
+    in the queue (``AcquireTimeout.ticket``) for the caller to come back to with the same id.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     first = True
+    fits_at: float | None = None  # when the head was told it fits (monotonic), if it was
     while True:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0 and not first:
+            if keep_place:
+                raise AcquireTimeout(
+                    f"no grant from budget {budget.name!r} within {timeout:g}s; ticket {lease_id} keeps its place",
+                    budget=budget.name,
+                    retry_after=None if fits_at is None else max(0.0, fits_at - time.monotonic()),
+                    ticket=lease_id,
+                )
             yield GiveBack(lease_id)
             raise AcquireTimeout(f"no grant from budget {budget.name!r} within {timeout:g}s", budget=budget.name)
         first = False
         argv = acquire_args(
-            lease_id, requests, tokens, remaining, timeout != 0, ticket_ttl, budget.probe, budget.overdraft
+            lease_id,
+            requests,
+            tokens,
+            None if keep_place else remaining,  # keeping its place, it queues whatever the wait
+            timeout != 0,
+            ticket_ttl,
+            budget.probe,
+            budget.overdraft,
         )
         reply = decode_acquire((yield RunScript("acquire", argv)))
         if reply.kind == "granted":
@@ -93,4 +111,4 @@ def acquire_flow(
             if isinstance(notice, GrantNotice | Resubscribed):
                 break
             if isinstance(notice, HeadNotice):
-                wake = notice.arrived + notice.delay
+                wake = fits_at = notice.arrived + notice.delay

@@ -26,6 +26,7 @@ from ._base import (
     RETRY_MAX,
     Decision,
     LimiterBase,
+    _check_seconds,
     gate_size,
     left,
     new_id,
@@ -47,6 +48,7 @@ from ._core import (
     decode_status,
     queued,
     script_error,
+    too_large_error,
 )
 from ._events import Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
@@ -344,7 +346,15 @@ class Limiter(LimiterBase):
     def _holding(self) -> bool:
         return self._upkeep.holding() or bool(self._queued) or self._outage is not None
 
-    def acquire(self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None) -> Lease:
+    def acquire(
+        self,
+        tokens: float = 0,
+        *,
+        requests: float = 1,
+        timeout: float | None = None,
+        keep_place: bool = False,
+        ticket: str | None = None,
+    ) -> Lease:
         """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
 
         Waits in first-come-first-served order across the fleet; raises ``AcquireTimeout`` at
@@ -352,20 +362,26 @@ class Limiter(LimiterBase):
         (``timeout=0``: try once, never queue). When Redis does not answer (within ``io_timeout``)
         the outage policy decides: a local share of the budget, no limit, or
         ``BudgetUnavailableError`` (see ``OutagePolicy``).
+
+        ``keep_place=True``: a wait beyond ``timeout`` still joins the queue, and at the deadline the
+        ticket keeps its place (``AcquireTimeout.ticket``, alive for the limiter's ticket TTL, or
+        longer with ``park``); ``acquire(..., ticket=that)`` takes it up again, in its turn.
         """
-        lease_id, requests, tokens = self._prepare(requests, tokens, timeout)
+        lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place)
         if not observe.OBSERVERS or self._quiet:
-            return self._acquire(lease_id, requests, tokens, timeout)
+            return self._acquire(lease_id, requests, tokens, timeout, keep_place)
         started = time.monotonic()
         try:
-            lease = self._acquire(lease_id, requests, tokens, timeout)
+            lease = self._acquire(lease_id, requests, tokens, timeout, keep_place)
         except AcquireTimeout:
             observe.timed_out(self.budget.name, started)
             raise
         observe.granted(self.budget.name, started, requests, tokens)
         return lease
 
-    def _acquire(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> Lease:
+    def _acquire(
+        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool = False
+    ) -> Lease:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             outage = self._outage
@@ -378,17 +394,19 @@ class Limiter(LimiterBase):
                     time.sleep(0.01)  # the way back is being made: a moment
                 continue
             try:
-                return self._acquire_shared(lease_id, requests, tokens, left(deadline))
+                return self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place)
             except BackendError as exc:
                 if not transient(exc):
                     raise
                 self._enter_outage(exc)
             lease_id = new_id()  # the failed id is given back in the background: never reuse it
 
-    def _acquire_shared(self, lease_id: str, requests: float, tokens: float, timeout: float | None) -> Lease:
+    def _acquire_shared(
+        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool = False
+    ) -> Lease:
         hub = self._hub()
         inbox = hub.mail.expect(lease_id)
-        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl)
+        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place)
         try:
             step = next(flow)
             while True:
@@ -425,6 +443,18 @@ class Limiter(LimiterBase):
             return inbox.get(timeout=step.timeout)
         except queue.Empty:
             return None
+
+    def park(self, ticket: str, seconds: float, tokens: float = 0, *, requests: float = 1) -> Lease | None:
+        """Keep ``ticket`` (from ``AcquireTimeout.ticket``) in the queue for ``seconds`` more while its
+        holder is away (a Celery task re-queued with a countdown); ``tokens`` and ``requests`` are
+        the ticket's. Returns the lease if the ticket was granted meanwhile (claimed now: use it),
+        else None. A ticket Redis lost joins the queue again, at its end."""
+        lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket)
+        _check_seconds("seconds", seconds)
+        reply = decode_acquire(self._run("acquire", self._park_args(lease_id, requests, tokens, seconds)))
+        if reply.kind == "too_large":
+            raise too_large_error(self.budget, requests, tokens, reply)
+        return self._hold(lease_id, requests, tokens) if reply.kind == "granted" else None
 
     def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[Lease]:
         """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""

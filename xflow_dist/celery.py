@@ -58,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("xflow_dist.celery needs celery: pip install 'xflow-dist[celery]'") from exc
 
 from ._backend import RedisLike
+from ._base import _TICKET as TICKET_ID
 from ._budget import Budget, CooldownPolicy
 from ._core import CooldownReply
 from ._exceptions import AcquireTimeout, BudgetUnavailableError, ConfigurationError, QuotaExhaustedError, XflowError
@@ -489,38 +490,54 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             return limiter.acquire(tokens, requests=requests)
         policy = self._policy()
         wait: float | None
+        ticket: str | None = None
         try:
-            if policy.max_wait > 0:
-                try:
-                    return limiter.acquire(tokens, requests=requests, timeout=policy.max_wait)
-                except AcquireTimeout as exc:
-                    wait = exc.retry_after
-            else:
-                decision = limiter.try_acquire(tokens, requests=requests)
-                if decision.lease is not None:
-                    return decision.lease
-                wait = decision.retry_after
+            # The task keeps its place in the fleet's queue while it is re-queued: it comes back to
+            # the same ticket (a header of the re-sent message), so later tasks never pass it.
+            try:
+                return limiter.acquire(
+                    tokens, requests=requests, timeout=max(policy.max_wait, KEEP_PLACE_WAIT), keep_place=True,
+                    ticket=_ticket_of(request),
+                )  # fmt: skip
+            except AcquireTimeout as exc:
+                wait, ticket = exc.retry_after, exc.ticket
         except BudgetUnavailableError:  # the "closed" outage policy: come back once Redis may answer
             wait = max(policy.max_wait, limiter.outage_policy.probe_interval, 1.0)
-        if wait is None:  # queued behind others, or waiting for a slot: no exact answer
+        if wait is not None and ticket is not None:
+            # the head, told when it fits: back half its max_wait before, to be there in its turn
+            wait = max(0.0, wait - policy.max_wait / 2)
+        elif wait is None:  # queued behind others, or waiting for a slot: no exact answer
             # No floor after an in-place wait: the task comes back half its max_wait before it is
             # estimated to fit, and waits in place for the rest, so an estimate too long by up to
-            # that much idles nothing (one too short re-queues again); without one, a short floor.
+            # that much idles nothing (one too short re-queues again, keeping its place); without
+            # one, a short floor. A kept ticket is counted among the queued already.
+            queued = 0 if ticket is not None else 1
             if policy.max_wait > 0:
-                wait = max(0.0, _estimate_wait(limiter, tokens, requests, 0.0) - policy.max_wait / 2)
+                wait = max(0.0, _estimate_wait(limiter, tokens, requests, 0.0, queued) - policy.max_wait / 2)
             else:
-                wait = _estimate_wait(limiter, tokens, requests, REQUEUE_FLOOR)
-        raise self._requeue(limiter, wait, policy)
+                wait = _estimate_wait(limiter, tokens, requests, REQUEUE_FLOOR, queued)
+        countdown = self._countdown(wait, policy)
+        if ticket is not None:
+            try:  # the ticket outlives the countdown; granted meanwhile, the task runs now
+                lease = limiter.park(ticket, countdown, tokens, requests=requests)
+            except XflowError as exc:
+                log.warning("could not keep ticket %s in the queue (%s): the task comes back to a new one", ticket, exc)
+                lease, ticket = None, None
+            if lease is not None:
+                return lease
+        raise self._requeue(limiter, wait, countdown, ticket)
 
-    def _requeue(self, limiter: Limiter, wait: float, policy: TaskPolicy) -> BaseException:
-        """Re-send this task to run after ``wait`` seconds, keeping its retry count."""
+    def _countdown(self, wait: float, policy: TaskPolicy) -> float:
+        """``wait``, capped below the broker's visibility timeout (or ``max_countdown``)."""
         countdown = max(0.0, wait)
         cap = policy.max_countdown
         if cap is None:
             visibility = (self.app.conf.broker_transport_options or {}).get("visibility_timeout")
             cap = visibility / 2.0 if isinstance(visibility, int | float) and visibility > 0 else None
-        if cap is not None:
-            countdown = min(countdown, cap)
+        return countdown if cap is None else min(countdown, cap)
+
+    def _requeue(self, limiter: Limiter, wait: float, countdown: float, ticket: str | None) -> BaseException:
+        """Re-send this task to run after ``countdown`` seconds, keeping its retry count and its ticket."""
         name = limiter.budget.name
         reason = AcquireTimeout(
             f"budget {name!r} can grant this task in about {wait:.3f}s: re-queued", budget=name, retry_after=wait
@@ -528,7 +545,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         request = self.request
         request.retries -= 1  # retry() sends retries + 1: the re-sent task keeps this count
         try:
-            retry: BaseException = self.retry(countdown=countdown, exc=reason, throw=False)
+            headers = {TICKET_HEADER: ticket} if ticket is not None else {}
+            retry: BaseException = self.retry(countdown=countdown, exc=reason, throw=False, headers=headers)
         finally:
             request.retries += 1
         return retry
@@ -583,15 +601,31 @@ def _keeping(base: type) -> type:
 REQUEUE_FLOOR = 0.1
 
 
-def _estimate_wait(limiter: Limiter, tokens: float, requests: float, floor: float) -> float:
-    """How long until a newcomer fits, when the budget cannot say (a queue ahead, or a slot):
-    the queue ahead taken to cost what this task costs. At least ``floor``."""
+#: The message header that carries a re-queued task's ticket (its place in the fleet's queue).
+TICKET_HEADER = "xflow_ticket"
+
+#: The shortest in-place wait: a task with ``max_wait=0`` still joins the queue (and keeps its place).
+KEEP_PLACE_WAIT = 0.001
+
+
+def _ticket_of(request: Any) -> str | None:
+    """The ticket a re-queued task left in the queue, from its message's headers."""
+    found = getattr(request, TICKET_HEADER, None)
+    if found is None and isinstance(getattr(request, "headers", None), Mapping):
+        found = request.headers.get(TICKET_HEADER)
+    return found if isinstance(found, str) and TICKET_ID.fullmatch(found) else None  # else: a new ticket
+
+
+def _estimate_wait(limiter: Limiter, tokens: float, requests: float, floor: float, newcomer: int = 1) -> float:
+    """How long until this task fits, when the budget cannot say (a queue ahead, or a slot): the
+    queue taken to cost what this task costs, plus ``newcomer`` (1: the task is not in the queue
+    yet; 0: its kept ticket is, as its last). At least ``floor``."""
     try:
         status = limiter.status()
     except XflowError:
         return floor
     budget = limiter.budget
-    ahead = status.queued + 1
+    ahead = max(1, status.queued + newcomer)
     waits = [floor, status.cooldown_remaining]
     if budget.token_rate and status.tokens_available is not None:
         waits.append((ahead * tokens - status.tokens_available) / budget.token_rate)
