@@ -58,8 +58,9 @@ def acquire_flow(
     ``timeout=0`` tries once and never queues. A grant made to the queued ticket is provisional
     until this flow claims it (acquire again with the same id), and so is every return after a
     reconnect: the same call renews the ticket, claims a grant, or re-enters a ticket that Redis lost.
-    ``keep_place``: a wait longer than ``timeout`` still queues, and at the deadline the ticket stays
-    in the queue (``AcquireTimeout.ticket``) for the caller to come back to with the same id.
+    ``keep_place``: the ticket stays in the queue when the flow gives up (``AcquireTimeout.ticket``),
+    for the caller to come back to with the same id: at the deadline, or at once when the budget
+    can tell the wait is longer (then the ticket is queued first, and ``retry_after`` is that wait).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     first = True
@@ -78,20 +79,26 @@ def acquire_flow(
             raise AcquireTimeout(f"no grant from budget {budget.name!r} within {timeout:g}s", budget=budget.name)
         first = False
         argv = acquire_args(
-            lease_id,
-            requests,
-            tokens,
-            None if keep_place else remaining,  # keeping its place, it queues whatever the wait
-            timeout != 0,
-            ticket_ttl,
-            budget.probe,
-            budget.overdraft,
+            lease_id, requests, tokens, remaining, timeout != 0, ticket_ttl, budget.probe, budget.overdraft
         )
         reply = decode_acquire((yield RunScript("acquire", argv)))
         if reply.kind == "granted":
             return
         if reply.kind == "too_large":
             raise too_large_error(budget, requests, tokens, reply)
+        if reply.kind == "refused" and keep_place:
+            # Longer than the timeout, as the budget can tell: take the place (a queue with no
+            # bound on the wait) and leave at once with that wait.
+            argv = acquire_args(lease_id, requests, tokens, None, True, ticket_ttl, budget.probe, budget.overdraft)
+            if decode_acquire((yield RunScript("acquire", argv))).kind == "granted":
+                return  # it fits after all (a release in between)
+            raise AcquireTimeout(
+                f"budget {budget.name!r} can grant this request in about {reply.retry_after or 0:.3f}s, after "
+                f"the {timeout:g}s timeout; ticket {lease_id} keeps its place",
+                budget=budget.name,
+                retry_after=reply.retry_after,
+                ticket=lease_id,
+            )
         if reply.kind == "refused":
             wait = reply.retry_after if reply.retry_after is not None else float("nan")
             raise AcquireTimeout(

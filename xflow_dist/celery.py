@@ -503,19 +503,18 @@ class RateLimitedTask(Task):  # type: ignore[misc]
                 wait, ticket = exc.retry_after, exc.ticket
         except BudgetUnavailableError:  # the "closed" outage policy: come back once Redis may answer
             wait = max(policy.max_wait, limiter.outage_policy.probe_interval, 1.0)
-        if wait is not None and ticket is not None:
-            # the head, told when it fits: back half its max_wait before, to be there in its turn
-            wait = max(0.0, wait - policy.max_wait / 2)
-        elif wait is None:  # queued behind others, or waiting for a slot: no exact answer
-            # No floor after an in-place wait: the task comes back half its max_wait before it is
-            # estimated to fit, and waits in place for the rest, so an estimate too long by up to
-            # that much idles nothing (one too short re-queues again, keeping its place); without
-            # one, a short floor. A kept ticket is counted among the queued already.
+        if wait is None:  # queued behind others, or waiting for a slot: no exact answer
+            # The estimate (the queue, this ticket included, at this task's cost) can run long, and
+            # a task back after its turn leaves the budget idle for a claim window; back early, it
+            # only re-parks (its place kept). So it comes back at half the estimate, less half its
+            # max_wait, and waits in place for the rest (no floor); without an in-place wait, at
+            # half the estimate, at least a short floor.
             queued = 0 if ticket is not None else 1
+            estimate = _estimate_wait(limiter, tokens, requests, 0.0, queued)
             if policy.max_wait > 0:
-                wait = max(0.0, _estimate_wait(limiter, tokens, requests, 0.0, queued) - policy.max_wait / 2)
+                wait = max(0.0, estimate / 2 - policy.max_wait / 2)
             else:
-                wait = _estimate_wait(limiter, tokens, requests, REQUEUE_FLOOR, queued)
+                wait = max(REQUEUE_FLOOR, estimate / 2)
         countdown = self._countdown(wait, policy)
         if ticket is not None:
             try:  # the ticket outlives the countdown; granted meanwhile, the task runs now
