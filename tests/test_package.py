@@ -158,6 +158,26 @@ def test_sdist_carries_what_its_tests_need(dists: dict[str, Path]) -> None:
         assert needed in names, needed
 
 
+@pytest.mark.slow
+def test_the_sdists_own_tests_run(dists: dict[str, Path], tmp_path: Path) -> None:
+    """Unpacked, the sdist runs its tests (a few modules of them: the budget, the scripts against the
+    suite's own redis-server, the exact engine), importing the library from the unpacked tree."""
+    with tarfile.open(dists["sdist"]) as archive:
+        archive.extractall(tmp_path, filter="data")
+    (tree,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    env = {**os.environ, "PYTHONPATH": str(tree), "XFLOW_REQUIRE_REDIS": os.environ.get("XFLOW_REQUIRE_REDIS", "")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_budget.py",
+         "tests/test_scripts.py", "tests/test_script_args.py"],
+        cwd=tree, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and str(tree) in subprocess.run(
+        [sys.executable, "-c", "import xflow_dist; print(xflow_dist.__file__)"],
+        cwd=tree, env=env, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+
+
 def test_the_version_has_one_source() -> None:
     """``__version__`` in ``xflow_dist/__init__.py``: the build reads it (hatch's dynamic version), so
     wheels, sdists and editable installs carry the same one."""
