@@ -33,6 +33,11 @@ from xflow_dist.tools._embedded import find_redis_server, free_port
 SECRET = "S3cr3t-pa55word"
 SENTINEL_SECRET = "Sent1nel-pa55word"
 
+#: The sentinels' own promotion: down-after (1 s), then an election, which a split vote retries
+#: after the failover timeout (2 s); seen at 6.5 s once under CI load. The library's part (waiters
+#: on the new master within a second of the promotion) is asserted on its own.
+PROMOTION_BOUND = 1.0 + 2 * 2.0 + 5.0
+
 
 def _everything(exc: BaseException) -> str:
     return "\n".join([str(exc), repr(exc), *traceback.format_exception(exc)])
@@ -343,7 +348,7 @@ def test_leases_and_the_queue_survive_a_failover_and_waiters_follow_the_new_mast
         with g.switches() as watcher:  # type: ignore[attr-defined]
             old, killed = g.kill_master()  # type: ignore[attr-defined]
             switched, new = watcher.wait(15.0)
-        assert new != old and switched - killed < 5.0, (old, new, switched - killed)
+        assert new != old and switched - killed < PROMOTION_BOUND, (old, new, switched - killed)
         status = None
         while status is None and time.monotonic() < switched + 1.0:
             try:
@@ -383,7 +388,7 @@ async def test_async_leases_and_the_queue_survive_a_failover_and_waiters_follow_
             switched, new = await asyncio.to_thread(watcher.wait, 15.0)
         finally:
             watcher.stop()
-        assert new != old and switched - killed < 5.0, (old, new, switched - killed)
+        assert new != old and switched - killed < PROMOTION_BOUND, (old, new, switched - killed)
         status = None
         while status is None and time.monotonic() < switched + 1.0:
             try:
@@ -419,7 +424,7 @@ def test_a_fleet_grants_again_within_a_second_of_the_promotion(tmp_path: object)
         (result,) = json.load(f)["runs"]
     print(result)
     assert result["backend_errors"] > 0  # the fleet did meet the outage
-    assert result["kill_to_promotion_s"] < 5.0, result
+    assert result["kill_to_promotion_s"] < PROMOTION_BOUND, result
     assert result["promotion_to_first_grant_s"] <= 1.0, result
     assert result["kill_to_first_grant_s"] <= 5.0, result
     assert result["grants_without_master"] == 0, result
