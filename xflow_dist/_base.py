@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
+from . import _observe as observe
 from ._acl import Rights
 from ._backend import IO_TIMEOUT
 from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy
@@ -24,11 +25,14 @@ from ._core import (
     IDLE_GRACE,
     AcquireReply,
     CooldownReply,
+    SettleReply,
     acquire_args,
     budget_args,
     channel,
     cooldown_args,
+    decode_acquire,
     decode_clear_cooldown,
+    decode_settle,
     keys,
     settle_args,
     too_large_error,
@@ -394,6 +398,43 @@ class LimiterBase:
         if reply.remaining > 0:
             log.info("budget %s: cooldown cleared %.3fs early", self.budget.name, reply.remaining)
         return reply
+
+    # -- what both fronts tell the observers (``_observe``: metrics, traces) -------------------------
+
+    def _tried(self, decision: Decision[L], requests: float, tokens: float) -> Decision[L]:
+        """``try_acquire``'s answer, reported."""
+        if observe.OBSERVERS and not self._quiet:
+            if decision:
+                observe.granted(self.budget.name, time.monotonic(), requests, tokens)
+            else:
+                observe.refused(self.budget.name)
+        return decision
+
+    def _finished(self, estimate: float, op: str, raw: Any) -> SettleReply | None:
+        """A settle's reply (None for a cancel), reported. An outage's share reports its own
+        settles: they are the fleet's."""
+        if op != "settle":
+            if observe.OBSERVERS:
+                observe.settled(self.budget.name, estimate, estimate)
+            return None
+        reply = decode_settle(raw)
+        if observe.OBSERVERS and reply.settled:
+            observe.settled(self.budget.name, estimate, reply.refunded)
+        return reply
+
+    def _cooled(self, reply: CooldownReply) -> CooldownReply:
+        """A 429's pause, reported."""
+        if observe.OBSERVERS and not self._quiet:
+            observe.rate_limited(self.budget.name, reply.started)
+        return reply
+
+    def _parked(self, raw: Any, requests: float, tokens: float) -> bool:
+        """Whether ``park``'s acquire found the ticket granted (then claimed); a cost that can never
+        fit raises."""
+        reply = decode_acquire(raw)
+        if reply.kind == "too_large":
+            raise too_large_error(self.budget, requests, tokens, reply)
+        return reply.kind == "granted"
 
     def _refused(self, reply: AcquireReply, requests: float, tokens: float) -> Decision[L]:
         if reply.kind == "too_large":

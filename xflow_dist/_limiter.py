@@ -48,7 +48,6 @@ from ._core import (
     decode_status,
     queued,
     script_error,
-    too_large_error,
 )
 from ._events import Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
@@ -451,21 +450,13 @@ class Limiter(LimiterBase):
         else None. A ticket Redis lost joins the queue again, at its end."""
         lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket)
         _check_seconds("seconds", seconds)
-        reply = decode_acquire(self._run("acquire", self._park_args(lease_id, requests, tokens, seconds)))
-        if reply.kind == "too_large":
-            raise too_large_error(self.budget, requests, tokens, reply)
-        return self._hold(lease_id, requests, tokens) if reply.kind == "granted" else None
+        raw = self._run("acquire", self._park_args(lease_id, requests, tokens, seconds))
+        return self._hold(lease_id, requests, tokens) if self._parked(raw, requests, tokens) else None
 
     def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[Lease]:
         """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
-        decision = self._try_acquire(lease_id, requests, tokens)
-        if observe.OBSERVERS and not self._quiet:
-            if decision:
-                observe.granted(self.budget.name, time.monotonic(), requests, tokens)
-            else:
-                observe.refused(self.budget.name)
-        return decision
+        return self._tried(self._try_acquire(lease_id, requests, tokens), requests, tokens)
 
     def _try_acquire(self, lease_id: str, requests: float, tokens: float) -> Decision[Lease]:
         outage = self._outage
@@ -521,14 +512,7 @@ class Limiter(LimiterBase):
         except BaseException:  # interrupted mid-call (a soft time limit, Ctrl-C): it still goes out
             self._upkeep.later(op, argv, lease.id)
             raise
-        if op != "settle":  # an outage's share reports its settles: they are the fleet's own
-            if observe.OBSERVERS:
-                observe.settled(self.budget.name, lease.tokens, lease.tokens)
-            return None
-        reply = decode_settle(raw)
-        if observe.OBSERVERS and reply.settled:
-            observe.settled(self.budget.name, lease.tokens, reply.refunded)
-        return reply
+        return self._finished(lease.tokens, op, raw)
 
     def _extend(self, lease: Lease) -> bool:
         if lease.closed:
@@ -782,9 +766,7 @@ class Limiter(LimiterBase):
             reply: CooldownReply = outage.local.cooldown(retry_after)
         else:
             reply = decode_cooldown(self._run("cooldown", self._cooldown_args(retry_after)))
-        if observe.OBSERVERS and not self._quiet:
-            observe.rate_limited(self.budget.name, reply.started)
-        return reply
+        return self._cooled(reply)
 
     def reconfigure(self, budget: Budget) -> str | None:
         """Change this budget's limits for the whole fleet, live, to ``budget``'s (the same name).

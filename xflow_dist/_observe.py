@@ -75,8 +75,17 @@ def rate_limited(budget: str, started: bool) -> None:
     _each("rate_limited", budget, started)
 
 
-#: The OpenTelemetry tracer that ``xflow_dist.tracing.instrument()`` installed, or None.
+#: The OpenTelemetry tracer that ``xflow_dist.tracing.instrument()`` installed, or None, and the
+#: span kind of a call to the provider (``SpanKind.CLIENT``), kept here so that this module imports
+#: no OpenTelemetry.
 TRACER: Any = None
+_CLIENT: Any = None
+
+
+def use_tracer(tracer: Any, client_kind: Any = None) -> None:
+    """Make the transports' call spans with ``tracer`` (None: make none)."""
+    global TRACER, _CLIENT
+    TRACER, _CLIENT = tracer, client_kind
 
 
 def call_span(budget: str) -> AbstractContextManager[Any]:
@@ -87,6 +96,3 @@ def call_span(budget: str) -> AbstractContextManager[Any]:
         "xflow.call", kind=_CLIENT, attributes={"xflow.budget": budget}
     )
     return span
-
-
-_CLIENT: Any = None  # opentelemetry.trace.SpanKind.CLIENT, set with TRACER

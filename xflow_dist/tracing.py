@@ -84,7 +84,7 @@ def instrument(tracer_provider: Any = None) -> SpanObserver:
             observe.uninstall(_installed)
         _installed = SpanObserver(tracer)
         observe.install(_installed)
-        observe.TRACER, observe._CLIENT = tracer, trace.SpanKind.CLIENT
+        observe.use_tracer(tracer, trace.SpanKind.CLIENT)
         return _installed
 
 
@@ -95,4 +95,4 @@ def uninstrument() -> None:
         if _installed is not None:
             observe.uninstall(_installed)
         _installed = None
-        observe.TRACER = None
+        observe.use_tracer(None)
