@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +40,16 @@ from xflow_dist.compat import (
 ROOT = Path(__file__).resolve().parent.parent
 SLACK = 0.05  # how early a measured start may look against its ideal: the previous one measured late
 CLOCK = 0.002  # Redis TIME (the wall clock) against time.monotonic() over a second or two
+
+
+@pytest.fixture(params=["redis", "memory", "in-process"])
+def url(request: pytest.FixtureRequest, redis_url: str) -> str | None:
+    """Each place a scheduler's budget can live: the spawned server, the embedded ``memory://``
+    (the scripts' engine, shared by name in this process) and none at all (``redis=None``, the
+    default: the scheduler's own budget, ``LocalLimiter``)."""
+    if request.param == "redis":
+        return redis_url
+    return f"memory://{uuid.uuid4().hex[:8]}" if request.param == "memory" else None
 
 
 def _spaced(starts: list[float], interval: float) -> None:
@@ -78,7 +89,7 @@ async def _run_all(scheduler: TaskScheduler, n: int, tokens: float = 0, hold: fl
 # --------------------------------------------------------------------------------------------
 
 
-async def test_burst_ratio_zero_paces_evenly(url: str, name: str) -> None:
+async def test_burst_ratio_zero_paces_evenly(url: str | None, name: str) -> None:
     async with RequestRateScheduler(max_rps=20, max_concurrency=50, redis=url, name=name) as s:
         t0, starts = await _run_all(s, 11)
     _due(t0, starts, 1 / 20)
@@ -87,7 +98,7 @@ async def test_burst_ratio_zero_paces_evenly(url: str, name: str) -> None:
     assert starts[-1] - starts[0] <= 0.5 * 1.5 + 0.3
 
 
-async def test_tokens_pace_at_burst_ratio_zero(url: str, name: str) -> None:
+async def test_tokens_pace_at_burst_ratio_zero(url: str | None, name: str) -> None:
     async with TokenRateScheduler(max_tps=1_000, max_concurrency=50, redis=url, name=name) as s:
         t0, starts = await _run_all(s, 6, tokens=100)  # 100 tokens at 1,000/s: one start every 0.1 s
     _due(t0, starts, 0.1)
@@ -95,7 +106,7 @@ async def test_tokens_pace_at_burst_ratio_zero(url: str, name: str) -> None:
     assert starts[-1] - starts[0] <= 0.5 * 1.5 + 0.3
 
 
-async def test_requests_and_tokens_are_reserved_jointly(url: str, name: str) -> None:
+async def test_requests_and_tokens_are_reserved_jointly(url: str | None, name: str) -> None:
     # requests bind (5/s) although tokens would allow 10/s; neither is charged without the other
     async with TokenRateScheduler(max_tps=1_000, max_rps=5, redis=url, name=name) as s:
         t0, starts = await _run_all(s, 4, tokens=100)
@@ -105,7 +116,7 @@ async def test_requests_and_tokens_are_reserved_jointly(url: str, name: str) -> 
     assert status.requests_available is not None and status.tokens_available is not None
 
 
-async def test_burst_of_rate_times_burst_ratio_plus_one_after_idle(url: str, name: str) -> None:
+async def test_burst_of_rate_times_burst_ratio_plus_one_after_idle(url: str | None, name: str) -> None:
     async with RequestRateScheduler(max_rps=10, burst_ratio=0.5, redis=url, name=name) as s:
         for _ in range(2):  # a fresh budget is full; after 0.7 s idle it is full again
             t0, starts = await _run_all(s, 8)
@@ -118,7 +129,7 @@ async def test_burst_of_rate_times_burst_ratio_plus_one_after_idle(url: str, nam
 
 
 async def test_an_estimate_larger_than_the_bucket_starts_when_it_is_full_and_delays_the_next(
-    url: str, name: str
+    url: str | None, name: str
 ) -> None:
     """XtremeFlow admits it (its start is due) and the next start waits for the whole cost: the
     excess is debt. Here: a bucket of 1,000 tokens (1,000/s, burst_ratio 1), an estimate of 1,500."""
@@ -146,7 +157,7 @@ async def test_default_backend_is_private_memory_per_scheduler() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_start_task_back_pressures_the_caller(url: str, name: str) -> None:
+async def test_start_task_back_pressures_the_caller(url: str | None, name: str) -> None:
     async with TaskScheduler(2, redis=url, name=name) as s:
         t0 = time.monotonic()
         returned = []
@@ -157,7 +168,7 @@ async def test_start_task_back_pressures_the_caller(url: str, name: str) -> None
     assert (s.active_tasks, s.total_completed) == (0, 3)
 
 
-async def test_concurrency_is_shared_by_schedulers_of_one_name(redis_url: str, name: str) -> None:
+async def test_concurrency_is_shared_by_schedulers_of_one_name(redis_url: str | None, name: str) -> None:
     inflight = peak = 0
 
     async def call() -> None:
@@ -201,14 +212,14 @@ async def _second_start(s: TaskScheduler, reports: list[float]) -> float:
     return t["b"] - t["a"]
 
 
-async def test_report_token_usage_refunds_the_over_estimate(url: str, name: str) -> None:
+async def test_report_token_usage_refunds_the_over_estimate(url: str | None, name: str) -> None:
     async with TokenRateScheduler(max_tps=100, redis=url, name=name) as s:
         assert await _second_start(s, [0]) < 0.3  # all 100 tokens back: B need not wait 1 s
     async with TokenRateScheduler(max_tps=100, redis=url, name=f"{name}-b") as s:
         assert await _second_start(s, []) >= 1.0 - SLACK  # settled at the estimate
 
 
-async def test_report_token_usage_is_idempotent(url: str, name: str) -> None:
+async def test_report_token_usage_is_idempotent(url: str | None, name: str) -> None:
     async with TokenRateScheduler(max_tps=100, redis=url, name=name) as s:
         # the second report changes nothing (XtremeFlow refunded twice and B started at once)
         assert await _second_start(s, [50, 50]) >= 0.5 - SLACK
@@ -239,7 +250,7 @@ async def test_report_token_usage_refuses_a_bad_number() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_every_retry_is_charged(url: str, name: str) -> None:
+async def test_every_retry_is_charged(url: str | None, name: str) -> None:
     attempts = 0
 
     @auto_backoff()
@@ -257,7 +268,7 @@ async def test_every_retry_is_charged(url: str, name: str) -> None:
     assert status.requests_available == pytest.approx(10 - 3, abs=0.5)  # three attempts, three charges
 
 
-async def test_a_429_pauses_queued_siblings_and_other_schedulers(redis_url: str, name: str) -> None:
+async def test_a_429_pauses_queued_siblings_and_other_schedulers(redis_url: str | None, name: str) -> None:
     starts: dict[str, float] = {}
     failed_at: list[float] = []
     running, go = asyncio.Event(), asyncio.Event()
@@ -289,7 +300,7 @@ async def test_a_429_pauses_queued_siblings_and_other_schedulers(redis_url: str,
     _spaced(sorted(starts.values()), 0.2)
 
 
-async def test_a_retry_holds_back_a_sibling_started_after_it_before_redis_hears_of_it(url: str, name: str) -> None:
+async def test_a_retry_holds_back_a_sibling_started_after_it_before_redis_hears_of_it(url: str | None, name: str) -> None:
     """XtremeFlow blocked a task started after a backoff at once, in-process; so does this, even
     when the fleet's cooldown is slow to reach Redis (here held back 1 s on purpose)."""
     failed_at: list[float] = []
@@ -302,7 +313,7 @@ async def test_a_retry_holds_back_a_sibling_started_after_it_before_redis_hears_
             raise RetryException("429 Too Many Requests", retry_after=0.6)
         started.append(time.monotonic())
 
-    kw: dict[str, Any] = {"redis": url, "name": name} if not url.startswith("memory://") else {}
+    kw: dict[str, Any] = {"redis": url, "name": name}
     async with RequestRateScheduler(max_rps=100, max_concurrency=10, burst_ratio=1.0, **kw) as s:
         real = s.limiter.cooldown
 
@@ -321,8 +332,8 @@ async def test_a_retry_holds_back_a_sibling_started_after_it_before_redis_hears_
     assert min(started) >= failed_at[0] + 0.6 - SLACK, [round(t - failed_at[0], 3) for t in started]
 
 
-async def test_notify_rate_limit_exceeded_holds_back_this_process_at_once(url: str, name: str) -> None:
-    kw: dict[str, Any] = {"redis": url, "name": name} if not url.startswith("memory://") else {}
+async def test_notify_rate_limit_exceeded_holds_back_this_process_at_once(url: str | None, name: str) -> None:
+    kw: dict[str, Any] = {"redis": url, "name": name}
     async with RequestRateScheduler(max_rps=100, max_concurrency=4, burst_ratio=1.0, **kw) as s:
         t0 = time.monotonic()
         await s.notify_rate_limit_exceeded(0.4)
@@ -390,7 +401,7 @@ def test_auto_backoff_refuses_bad_arguments() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_cancelling_a_queued_task_gives_its_place_back_and_closes_the_coroutine(url: str, name: str) -> None:
+async def test_cancelling_a_queued_task_gives_its_place_back_and_closes_the_coroutine(url: str | None, name: str) -> None:
     starts: dict[str, float] = {}
 
     async def call(label: str) -> None:
@@ -460,12 +471,12 @@ def _tokens_left(status: Any) -> float:
     return float(status.tokens_available)
 
 
-def _shared(redis_url: str, name: str) -> TokenRateScheduler:
+def _shared(redis_url: str | None, name: str) -> TokenRateScheduler:
     """600 tokens of credit refilling 10 a second: a level near 400 means one 200-token estimate charged."""
     return TokenRateScheduler(max_tps=10, burst_ratio=60, max_concurrency=2, redis=redis_url, name=name)
 
 
-async def test_a_task_raising_after_acquire_is_charged_its_estimate(redis_url: str, name: str) -> None:
+async def test_a_task_raising_after_acquire_is_charged_its_estimate(redis_url: str | None, name: str) -> None:
     async def call() -> None:
         raise ValueError("the provider call failed")
 
@@ -475,7 +486,7 @@ async def test_a_task_raising_after_acquire_is_charged_its_estimate(redis_url: s
         assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
 
 
-async def test_a_task_cancelled_mid_call_by_wait_for_is_charged_its_estimate(redis_url: str, name: str) -> None:
+async def test_a_task_cancelled_mid_call_by_wait_for_is_charged_its_estimate(redis_url: str | None, name: str) -> None:
     running = asyncio.Event()
 
     async def call() -> None:
@@ -492,7 +503,7 @@ async def test_a_task_cancelled_mid_call_by_wait_for_is_charged_its_estimate(red
 
 
 async def test_cancelled_while_auto_backoff_pauses_the_fleet_charges_the_failed_attempt(
-    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str | None, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from xflow_dist import AsyncLimiter
 
@@ -517,7 +528,7 @@ async def test_cancelled_while_auto_backoff_pauses_the_fleet_charges_the_failed_
         assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
 
 
-async def test_cancelled_while_the_retry_waits_for_a_slot_leaves_nothing_held(redis_url: str, name: str) -> None:
+async def test_cancelled_while_the_retry_waits_for_a_slot_leaves_nothing_held(redis_url: str | None, name: str) -> None:
     """The failed attempt's slot went to a waiter queued before it; the retry queues for the next
     one and is cancelled there: it leaves the queue and is charged nothing."""
     go = asyncio.Event()
@@ -556,7 +567,7 @@ async def test_cancelled_while_the_retry_waits_for_a_slot_leaves_nothing_held(re
 
 
 async def test_cancelled_while_report_token_usage_settles_the_settle_still_lands(
-    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str | None, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from xflow_dist import AsyncLimiter
 
@@ -595,7 +606,7 @@ async def test_cancelled_while_report_token_usage_settles_the_settle_still_lands
 # --------------------------------------------------------------------------------------------
 
 
-async def test_bad_arguments_raise_before_redis_is_touched(redis_url: str, name: str) -> None:
+async def test_bad_arguments_raise_before_redis_is_touched(redis_url: str | None, name: str) -> None:
     nowhere = "redis://127.0.0.1:1/0"  # nothing listens: any Redis call would be a BackendError
     for kwargs in (
         {"max_rps": -1},
@@ -869,7 +880,7 @@ def _check_rate(stamps: list[float], calls: int) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_readme_example_in_one_process(redis_url: str, name: str, tmp_path: Path) -> None:
+def test_readme_example_in_one_process(redis_url: str | None, name: str, tmp_path: Path) -> None:
     code = _readme_example()
     shared = code.replace(_README_URL_LINE, f'redis="{redis_url}", name="{name}",')
     _check_rate(_run_example(shared, 1, tmp_path), 15)
@@ -889,7 +900,7 @@ def test_readme_example_in_two_processes_sharing_one_budget(
 
 
 async def test_hundreds_of_tasks_at_once_queue_for_redis_connections_instead_of_failing(
-    redis_url: str, name: str
+    redis_url: str | None, name: str
 ) -> None:
     # redis-py's default pool raises past 100 connections in use; the limiter's pool makes them wait
     async def job() -> None:

@@ -14,7 +14,6 @@ import contextvars
 import functools
 import logging
 import math
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -38,6 +37,7 @@ from .._exceptions import (
 from .._headers import parse_retry_after
 from .._lease import AsyncLease
 from .._quota import quota_error, quota_in_exception
+from ._inprocess import LocalLease, LocalLimiter
 
 __all__ = [
     "ExecutionContext",
@@ -67,11 +67,11 @@ class ExecutionContext:
 
     __slots__ = ("_dispatched", "_limiter", "extra", "lease", "scheduler")
 
-    def __init__(self, scheduler: TaskScheduler, limiter: AsyncLimiter, estimated_tokens: float) -> None:
+    def __init__(self, scheduler: TaskScheduler, limiter: AsyncLimiter | LocalLimiter, estimated_tokens: float) -> None:
         self.scheduler = scheduler
         self.extra: dict[str, Any] = {"estimated_tokens": estimated_tokens}
         #: The lease of the current attempt; a retry replaces it. None until the first grant.
-        self.lease: AsyncLease | None = None
+        self.lease: AsyncLease | LocalLease | None = None
         self._limiter = limiter
         self._dispatched = False
 
@@ -79,14 +79,16 @@ class ExecutionContext:
     def estimated_tokens(self) -> float:
         return float(self.extra["estimated_tokens"])
 
-    async def _acquire(self) -> AsyncLease:
+    async def _acquire(self) -> AsyncLease | LocalLease:
         """The lease of the next attempt, never while this process's backoff is in force: a grant
         that came during it (Redis had not heard of the 429 yet) is given back, and asked for again
         once the backoff is over, as XtremeFlow's tasks waited out its backoff after their turn."""
+        scheduler = self.scheduler
         while True:
-            await self.scheduler._backoff_over()
+            if scheduler._backoff_until:
+                await scheduler._backoff_over()
             lease = await self._limiter.acquire(tokens=self.estimated_tokens)
-            if self.scheduler._backoff_left() <= 0:
+            if not scheduler._backoff_until or scheduler._backoff_left() <= 0:
                 return lease
             await lease.cancel()
 
@@ -110,7 +112,7 @@ def get_context() -> ExecutionContext | None:
     return _current.get()
 
 
-async def _release_quietly(lease: AsyncLease | None) -> None:
+async def _release_quietly(lease: AsyncLease | LocalLease | None) -> None:
     """Settle at the estimate; if Redis fails, the lease expires with its TTL, charged as it was."""
     if lease is None:
         return
@@ -125,7 +127,7 @@ class _Runtime:
     """What belongs to one event loop: the limiter (its connections and tasks) and the local slots."""
 
     loop: asyncio.AbstractEventLoop
-    limiter: AsyncLimiter
+    limiter: AsyncLimiter | LocalLimiter
     slots: asyncio.Semaphore | None
 
 
@@ -191,8 +193,8 @@ class TaskScheduler:
             overdraft=True,  # XtremeFlow's admission: a start is due once no debt is left, whatever its cost
             dispatch_margin=0.0,  # burst_ratio is all of the credit, as in XtremeFlow
         )
-        # Each scheduler without a Redis gets a memory server of its own: independent, like XtremeFlow's.
-        self._redis: RedisLike = redis if redis is not None else f"memory://xtremeflow-{uuid.uuid4().hex}"
+        # Without a Redis the budget is this scheduler's own, in its loop: independent, like XtremeFlow's.
+        self._redis = redis
         self._cooldown_policy = cooldown_policy or _EXACT_PAUSE
         self._rt: _Runtime | None = None
         self._backoff_until = 0.0  # loop.time() before which no task of this process starts
@@ -205,16 +207,18 @@ class TaskScheduler:
         loop = asyncio.get_running_loop()
         if self._rt is None or self._rt.loop is not loop:
             limit = self.budget.max_concurrency
-            self._rt = _Runtime(
-                loop,
-                AsyncLimiter(self.budget, self._redis, cooldown_policy=self._cooldown_policy),
-                asyncio.Semaphore(limit) if limit is not None else None,
-            )
+            limiter: AsyncLimiter | LocalLimiter
+            if self._redis is None:
+                limiter = LocalLimiter(self.budget, self._cooldown_policy)
+            else:
+                limiter = AsyncLimiter(self.budget, self._redis, cooldown_policy=self._cooldown_policy)
+            self._rt = _Runtime(loop, limiter, asyncio.Semaphore(limit) if limit is not None else None)
         return self._rt
 
     @property
-    def limiter(self) -> AsyncLimiter:
-        """The ``AsyncLimiter`` this scheduler uses in the running loop (for ``status()``, ``cooldown()``)."""
+    def limiter(self) -> AsyncLimiter | LocalLimiter:
+        """The limiter this scheduler uses in the running loop (for ``status()``, ``cooldown()``): an
+        ``AsyncLimiter`` over Redis, a ``LocalLimiter`` (the same calls) without."""
         return self._runtime().limiter
 
     async def start_task(self, coro: Coroutine[Any, Any, T], estimated_tokens: float = 0) -> asyncio.Task[T]:
@@ -236,9 +240,7 @@ class TaskScheduler:
             coro.close()
             raise
         ctx = ExecutionContext(self, rt.limiter, float(estimated_tokens))
-        context = contextvars.copy_context()
-        context.run(_current.set, ctx)
-        task = asyncio.create_task(self._execute(coro, ctx), context=context)
+        task = asyncio.create_task(self._execute(coro, ctx))
         self.active_tasks += 1
         self.pending_tasks.add(task)
         task.add_done_callback(functools.partial(self._task_done, coro, ctx, rt.slots))
@@ -260,6 +262,7 @@ class TaskScheduler:
 
     @staticmethod
     async def _execute(coro: Coroutine[Any, Any, T], ctx: ExecutionContext) -> T:
+        _current.set(ctx)  # in the task's own copy of the context
         ctx.lease = await ctx._acquire()
         ctx._dispatched = True
         try:

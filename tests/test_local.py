@@ -1,0 +1,224 @@
+"""The compatible schedulers' in-process budget (``_local``) makes the scripts' decisions.
+
+``LocalBudget`` keeps floats where the scripts keep strings and skips what only a shared budget
+needs (TTLs, renewals, claims). This replays random histories, off any grid (rates, costs, clock
+steps in microseconds), on it and on ``_engine`` (the scripts in plain Python, proved against the
+Lua by ``test_engine.py`` and ``test_model.py``), at the same clock: every acquire is granted or
+queued alike, every head is told the same fit time and granted at the same moment, settles refund
+the same tokens, cooldowns pause alike, and after every step both hold the same leases, the same
+queue and the same buckets.
+
+A queued waiter of the shared budget comes back when told its fit time (or later: ``late``), and
+claims a grant made to it in the queue at once; the in-process budget's head is ticked at the same
+moments.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xflow_dist import Budget, CooldownPolicy
+from xflow_dist._core import acquire_args, budget_args, cooldown_args, key_names, settle_args
+from xflow_dist._engine import Engine
+from xflow_dist._local import Held, LocalBudget, Waiting
+
+POLICY = CooldownPolicy(base=0.3, jitter=0.5, quiet=1.1)
+TTL = 86_400.0  # no lease or ticket lapses in a history: the waiters are all alive
+
+RATES = st.sampled_from([0.0, 0.5, 3.0, 7.5, 40.0, 1000.0])
+TOKEN_RATES = st.sampled_from([0.0, 10.0, 95.5, 1000.0])
+BURSTS = st.sampled_from([0.0, 0.25, 1.0, 2.5])
+STEP = st.one_of(st.integers(0, 2_000), st.integers(0, 400_000), st.integers(0, 13_000_000))  # microseconds
+LATE = st.sampled_from([0, 0, 0, 700, 30_000, 90_000])  # microseconds a head comes back after its time
+ACQUIRE = st.tuples(st.just("acquire"), st.sampled_from([1.0, 2.0]), st.sampled_from([0.0, 1.0, 7.3, 40.0, 2600.0]))
+OP = st.one_of(
+    ACQUIRE,
+    ACQUIRE,
+    st.tuples(st.just("settle"), st.integers(0, 30), st.sampled_from([None, 0.0, 3.1, 7.3, 80.0])),
+    st.tuples(st.just("cancel"), st.integers(0, 30)),
+    st.tuples(st.just("cooldown"), st.sampled_from([None, 0.0, 0.4, 1.7]), st.floats(0, 0.99)),
+    st.tuples(st.just("clear")),
+)
+
+
+class Twins:
+    """One history on both: the engine through its scripts' arguments, the local budget directly."""
+
+    def __init__(self, budget: Budget, start_us: int) -> None:
+        self.budget = budget
+        self.keys = key_names(budget.name)
+        self.block = budget_args(budget)
+        self.us = start_us
+        self.events: list[str] = []
+        self.engine = Engine(lambda _c, m: self.events.append(m), lambda: self.us / 1e6)
+        self.local = LocalBudget(
+            budget.request_rate or 0.0, budget.token_rate or 0.0, budget.credit, budget.max_concurrency or 0,
+            min(budget.claim_window, budget.lease_ttl), lambda t: None,
+        )  # fmt: skip
+        self.items: dict[str, Held | Waiting] = {}
+        self.order: list[str] = []
+        self.fit: dict[str, float] = {}  # the fit time the engine last told each ticket
+
+    @property
+    def now(self) -> float:
+        """The engine's ``now`` for this clock (TIME in microseconds, as the scripts read it)."""
+        return self.us // 1_000_000 + (self.us % 1_000_000) / 1000000
+
+    def run(self, op: str, argv: list[str]) -> list[str]:
+        reply = self.engine.run(op, self.keys, self.block + argv)
+        while self.events:  # as the fronts hear them: a grant in the queue is claimed at once
+            words = self.events.pop(0).split()
+            if words[0] == "g":
+                assert self.run("acquire", self._acquire_args(words[1]))[0] == "granted"
+            elif words[0] == "h":
+                self.fit[words[1]] = float(words[2])
+        return reply
+
+    def _acquire_args(self, lid: str, creq: float = 1.0, ctok: float = 0.0) -> list[str]:
+        return acquire_args(lid, creq, ctok, None, True, TTL, False, True)
+
+    # --- the steps ---
+
+    def acquire(self, creq: float, ctok: float) -> None:
+        lid = f"p.{len(self.order)}"
+        self.order.append(lid)
+        want = self.run("acquire", self._acquire_args(lid, creq, ctok))[0]
+        got = self.local.acquire(self.now, creq, ctok)
+        self.items[lid] = got
+        assert (want, type(got)) in (("granted", Held), ("queued", Waiting)), (want, got)
+
+    def pick(self, i: int) -> tuple[str, Held | Waiting] | None:
+        if not self.order:
+            return None
+        lid = self.order[i % len(self.order)]
+        return lid, self.items[lid]
+
+    def settle(self, i: int, actual: float | None) -> None:
+        picked = self.pick(i)
+        if picked is None:
+            return
+        lid, item = picked
+        held = item.held if isinstance(item, Waiting) else item
+        want = self.run("settle", settle_args(lid, actual))
+        if held is None:  # still queued: the engine knows no lease of that id
+            assert want[0] == "unknown"
+            self.local.tick(self.now)
+            return
+        was_open = held.open
+        got = self.local.settle(self.now, held, actual)
+        assert want[0] == ("settled" if was_open else "unknown"), want
+        assert float(want[1]) == pytest.approx(got, abs=1e-6), (want, got)
+
+    def cancel(self, i: int) -> None:
+        picked = self.pick(i)
+        if picked is None:
+            return
+        lid, item = picked
+        want = self.run("cancel", [lid])[0]
+        assert self.local.cancel(self.now, item) == want
+
+    def cooldown(self, retry_after: float | None, draw: float) -> None:
+        want = self.run("cooldown", cooldown_args(POLICY, retry_after, draw))
+        p = POLICY
+        until, level, started = self.local.cooldown(
+            self.now, retry_after, p.base, p.max_backoff, p.quiet, p.jitter, draw, p.max_pause
+        )
+        assert (float(want[1]), int(want[3]), want[4] == "1") == (until, level, started), want
+
+    def clear(self) -> None:
+        want = self.run("clear_cooldown", [])
+        until, level = self.local.clear_cooldown(self.now)
+        if max(float(want[1]), until) > self.now:
+            assert (float(want[1]), int(want[3])) == (until, level), want
+        # else no pause was in force either way (the scripts' keys may have expired since the last)
+
+    def wait(self, step_us: int, late_us: int) -> None:
+        """Move the clock on; each head due before then comes back at its time (plus ``late``)."""
+        target = self.us + step_us
+        for _ in range(10_000):
+            due = self.local.due
+            head = self._engine_queue()[:1]
+            if due is None:
+                break
+            assert head and self.fit.get(head[0]) == pytest.approx(due, abs=1e-6), (head, self.fit, due)
+            at = min(target, max(self.us, math.ceil(due * 1e6) + late_us))
+            if at // 1_000_000 + (at % 1_000_000) / 1000000 < due:
+                break
+            self.us = at
+            self.run("acquire", self._acquire_args(head[0]))  # the waiter is back; it claims if granted
+            self.local.tick(self.now)  # (a fit told before the state's rounding may be a microsecond early)
+            self.check()
+        self.us = target
+
+    # --- both remember the same ---
+
+    def _engine_queue(self) -> list[str]:
+        b = self.engine.budgets.get(self.keys[0])
+        return list(b.queue) if b is not None else []
+
+    def check(self) -> None:
+        b = self.engine.budgets.get(self.keys[0])
+        local, now = self.local, self.now
+        queued = [lid for lid in self.order if isinstance(self.items[lid], Waiting) and self.items[lid].queued]  # type: ignore[union-attr]
+        held = {
+            lid
+            for lid, item in self.items.items()
+            if (h := item.held if isinstance(item, Waiting) else item) is not None and h.open
+        }
+        if b is None:  # the keys expired: nothing was left to remember, so nothing is here either
+            assert not queued and not held
+            assert max(local.rt, local.tt, local.cu, local.cr) <= now
+            return
+        assert list(b.queue) == queued
+        for lid in queued:  # and each ticket was told the same fit time (it counts when it is charged)
+            assert b.tickets[lid].fit == self.items[lid].fit, (lid, b.tickets[lid].fit, self.items[lid].fit)  # type: ignore[union-attr]
+        assert set(b.data) == held
+        assert local.in_flight == len(held)
+        f = b.state
+        for key, mine in (("rt", local.rt), ("tt", local.tt), ("cu", local.cu), ("cr", local.cr)):
+            theirs = f.get(key, 0)
+            if max(theirs, mine) > now:  # in the past, a value is only "full" or "not paused"
+                assert theirs == mine, (key, theirs, mine)
+        if f.get("cu", 0) > now or f.get("cr", 0) > now:
+            assert f.get("cl", 0) == local.cl
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    rps=RATES,
+    tps=TOKEN_RATES,
+    burst=BURSTS,
+    max_concurrency=st.sampled_from([None, 1, 3]),
+    start_us=st.integers(1_000_000, 2_000_000_000_000_000),
+    steps=st.lists(st.tuples(STEP, LATE, OP), min_size=1, max_size=60),
+)
+def test_the_in_process_budget_decides_as_the_scripts(
+    rps: float,
+    tps: float,
+    burst: float,
+    max_concurrency: int | None,
+    start_us: int,
+    steps: list[tuple[int, int, tuple[Any, ...]]],
+) -> None:
+    budget = Budget(
+        "local",
+        rps=rps or None,
+        tps=tps or None,
+        burst=burst,
+        max_concurrency=max_concurrency,
+        overdraft=True,
+        dispatch_margin=0.0,
+        lease_ttl=TTL,
+    )
+    twins = Twins(budget, start_us)
+    for step_us, late_us, (kind, *args) in steps:
+        twins.wait(step_us, late_us)
+        getattr(twins, kind)(*args)
+        twins.check()
+    twins.wait(60_000_000, 0)  # everything queued is served in the end, alike
+    twins.check()

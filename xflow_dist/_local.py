@@ -1,0 +1,264 @@
+"""One process's own budget on plain floats: the scripts' decisions without their bookkeeping.
+
+The XtremeFlow API's default scheduler has a budget no other process can see, so it needs none of
+what makes a shared budget survive crashes and outages: no lease TTLs, no ticket renewals, no
+claim of a grant made in the queue, no lost keys, no learned limits, no keys to expire. What is
+left is what ``acquire.lua``, ``settle.lua``, ``cancel.lua``, ``cooldown.lua`` and
+``clear_cooldown.lua`` decide for a budget with ``overdraft`` (the compatible API's admission): a
+TAT per bucket, the concurrency count, the cooldown and its backoff level, one FIFO queue whose
+head is told its fit time, and the late head's credit. The arithmetic is the scripts', in the
+same order, state rounded to six decimals as they store it; ``tests/test_local.py`` replays random
+histories on this and on ``_engine`` (the Lua in plain Python, itself proved against the Lua) and
+requires the same grants at the same times, the same replies and the same state.
+
+Time is the caller's (``now``, seconds); a head told its fit time is granted by ``tick`` at or
+after it, as a queued waiter of the shared budget comes back when told.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from ._engine import LATE_CREDIT
+
+
+class Held:
+    """A granted lease: what it was charged. ``open`` until settled or cancelled."""
+
+    __slots__ = ("open", "requests", "tokens")
+
+    def __init__(self, requests: float, tokens: float) -> None:
+        self.requests = requests
+        self.tokens = tokens
+        self.open = True
+
+
+class Waiting:
+    """A queued ticket: its cost, the fit time its head was last told (-1: never), and the grant
+    made to it once its turn came (``held``)."""
+
+    __slots__ = ("fit", "held", "queued", "requests", "tokens", "waiter")
+
+    def __init__(self, requests: float, tokens: float) -> None:
+        self.requests = requests
+        self.tokens = tokens
+        self.fit = -1.0
+        self.held: Held | None = None
+        self.queued = True
+        #: Whatever the front waits on (an asyncio future); the core never touches it.
+        self.waiter: object = None
+
+
+class LocalBudget:
+    """The state and decisions of one in-process budget (see the module's docstring).
+
+    ``granted(ticket)`` is called when a queued ticket's turn comes (its ``held`` set), from within
+    the operation that made the grant: it must not call back into the budget. ``claim_window`` is
+    the shared budget's: a head held back by the slots a grant in the queue just took is told the
+    moment that grant would lapse unclaimed, as the scripts tell it (the claim is instant here, but
+    the time told counts when the head is charged; see ``tick``).
+    """
+
+    __slots__ = (
+        "burst",
+        "cl",
+        "claim_window",
+        "cr",
+        "cu",
+        "due",
+        "granted",
+        "in_flight",
+        "max_conc",
+        "queue",
+        "rate_req",
+        "rate_tok",
+        "rt",
+        "tt",
+    )
+
+    def __init__(
+        self,
+        rate_req: float,
+        rate_tok: float,
+        burst: float,
+        max_conc: int,
+        claim_window: float,
+        granted: Callable[[Waiting], None],
+    ) -> None:
+        self.rate_req, self.rate_tok, self.burst, self.max_conc = rate_req, rate_tok, burst, max_conc
+        self.claim_window = claim_window
+        self.granted = granted
+        self.rt = self.tt = self.cu = self.cl = self.cr = 0.0
+        self.in_flight = 0
+        self.queue: deque[Waiting] = deque()
+        #: When the head is told it fits (a rate or the cooldown holds it): tick then. None otherwise.
+        self.due: float | None = None
+
+    # --- the prelude's helpers, for overdraft budgets ---
+
+    def _fit(self, now: float, creq: float, ctok: float) -> float:
+        """fit_time(): with overdraft each bucket's slack is its whole burst."""
+        fit = now if now > self.cu else self.cu
+        if self.rate_req > 0 and creq > 0 and self.rt - self.burst > fit:
+            fit = self.rt - self.burst
+        if self.rate_tok > 0 and ctok > 0 and self.tt - self.burst > fit:
+            fit = self.tt - self.burst
+        return fit
+
+    def _from(self, now: float, tat: float, fit: float, cost: float, rate: float) -> float:
+        """charged_from(): a head that comes back late is charged from its fit time, by at most
+        LATE_CREDIT and its own refill time; anyone else from now."""
+        if fit < 0 or fit >= now or self.cu >= fit - 0.000001 or tat - self.burst < fit - 0.000001:
+            return max(tat, now)
+        return max(tat, fit, now - LATE_CREDIT, now - cost / rate)
+
+    def _charge(self, now: float, creq: float, ctok: float, fit: float) -> Held:
+        if self.rate_req > 0:
+            self.rt = self._from(now, self.rt, fit, creq, self.rate_req) + creq / self.rate_req
+        if self.rate_tok > 0:
+            self.tt = self._from(now, self.tt, fit, ctok, self.rate_tok) + ctok / self.rate_tok
+        self.in_flight += 1
+        return Held(creq, ctok)
+
+    def _refund(self, now: float, creq: float, ctok: float) -> None:
+        if self.rate_req > 0 and self.rt > now:
+            self.rt = max(now, self.rt - creq / self.rate_req)
+        if self.rate_tok > 0 and self.tt > now:
+            self.tt = max(now, self.tt - ctok / self.rate_tok)
+
+    def _slot_free(self) -> bool:
+        return self.max_conc <= 0 or self.in_flight < self.max_conc
+
+    def _save(self) -> None:
+        """save_state(): the scripts store six decimals; within an operation they work unrounded."""
+        self.rt, self.tt, self.cu, self.cr = round(self.rt, 6), round(self.tt, 6), round(self.cu, 6), round(self.cr, 6)
+
+    def tick(self, now: float) -> None:
+        """The head comes back when told (or anything else happens): grant what fits now."""
+        self._advance(now)
+        self._save()
+
+    def _advance(self, now: float) -> None:
+        """advance(): grant the queue's heads in order while they fit; tell the next its fit time."""
+        self.due = None
+        queue = self.queue
+        granted = False
+        while queue:
+            t = queue[0]
+            if not self._slot_free():
+                if granted:  # the scripts tell it when the grant just made lapses unless claimed
+                    told = now + self.claim_window
+                    if abs(told - t.fit) > 0.0000005:
+                        t.fit = round(told, 6)
+                return
+            fit = self._fit(now, t.requests, t.tokens)
+            if fit > now:
+                if abs(fit - t.fit) > 0.0000005:
+                    t.fit = round(fit, 6)
+                self.due = fit
+                return
+            queue.popleft()
+            t.queued = False
+            t.held = self._charge(now, t.requests, t.tokens, t.fit)
+            granted = True
+            self.granted(t)
+
+    # --- the operations ---
+
+    def acquire(self, now: float, creq: float, ctok: float) -> Held | Waiting:
+        """A lease granted now, or the ticket queued for one (``granted`` is called in its turn)."""
+        if self.queue:
+            self._advance(now)
+        if not self.queue and self._slot_free() and self._fit(now, creq, ctok) <= now:
+            held = self._charge(now, creq, ctok, -1.0)
+            self._save()
+            return held
+        t = Waiting(creq, ctok)
+        self.queue.append(t)
+        self.tick(now)
+        return t
+
+    def settle(self, now: float, held: Held, actual: float | None) -> float:
+        """Free the slot and correct the tokens to ``actual`` (None: the estimate stands); the
+        tokens refunded (negative: debt charged). A lease settled or cancelled before: 0."""
+        refunded = 0.0
+        if held.open:
+            held.open = False
+            self.in_flight -= 1
+            if actual is not None:
+                refunded = held.tokens - actual
+                if refunded > 0:
+                    self._refund(now, 0.0, refunded)
+                elif refunded < 0 and self.rate_tok > 0:
+                    self.tt = max(self.tt, now) - refunded / self.rate_tok
+        self.tick(now)
+        return refunded
+
+    def cancel(self, now: float, item: Held | Waiting) -> str:
+        """Give a reservation back whole: a ticket leaves the queue, a lease is refunded."""
+        reply = "unknown"
+        if isinstance(item, Waiting):
+            if item.queued:
+                item.queued = False
+                self.queue.remove(item)
+                reply = "dequeued"
+            elif item.held is not None:
+                return self.cancel(now, item.held)
+        elif item.open:
+            item.open = False
+            self.in_flight -= 1
+            self._refund(now, item.requests, item.tokens)
+            reply = "cancelled"
+        self.tick(now)
+        return reply
+
+    def cooldown(
+        self,
+        now: float,
+        retry_after: float | None,
+        base: float,
+        max_backoff: float,
+        quiet: float,
+        jitter: float,
+        draw: float,
+        max_pause: float,
+    ) -> tuple[float, int, bool]:
+        """Pause every grant: (until, backoff level, whether this began the pause)."""
+        level = 0.0
+        if self.cu > now:
+            level = self.cl
+        elif self.cr > now:
+            level = self.cl + 1
+        backoff = 0.0
+        if retry_after is None or level > 0:
+            backoff = min(max_backoff, base * 2.0**level)
+        asked = -1.0 if retry_after is None else retry_after
+        pause = min(max_pause, max(asked, backoff) * (1 + jitter * draw))
+        started = self.cu <= now
+        self.cu = max(self.cu, now + pause)
+        if self.rate_req > 0:
+            self.rt = max(self.rt, now + self.burst)
+        if self.rate_tok > 0:
+            self.tt = max(self.tt, now + self.burst)
+        self.cl = level
+        self.cr = self.cu + quiet
+        self.tick(now)
+        return self.cu, int(level), started
+
+    def clear_cooldown(self, now: float) -> tuple[float, int]:
+        """End the pause and reset the backoff: (the pause's end as it stood, its level)."""
+        was_until, was_level = self.cu, self.cl
+        if self.cu > now:
+            self.cu = now
+        if self.cr > now:
+            self.cr = now
+        self.cl = 0.0
+        self.tick(now)
+        return was_until, int(was_level)
+
+    def level(self, now: float, tat: float, rate: float) -> float | None:
+        """What a bucket holds now (negative: debt), None where the dimension is not limited."""
+        if rate <= 0:
+            return None
+        return rate * self.burst - rate * max(0.0, tat - now)

@@ -1,0 +1,208 @@
+"""The compatible schedulers' default: a budget of this scheduler's own, in this event loop.
+
+XtremeFlow kept its scheduler's state in the process; so does a scheduler made without ``redis=``.
+Its budget is ``_local.LocalBudget`` (the scripts' decisions on floats, no bookkeeping for crashes
+no other process could see) driven by the loop's clock: a grant that fits is made within the
+caller's own step, with no await; a queued ticket waits on a future that the budget resolves in its
+turn, and the head told its fit time is ticked by a timer at that time. ``LocalLimiter`` answers the
+calls the schedulers make of an ``AsyncLimiter`` (acquire, cooldown, clear_cooldown, status) the
+same way, so a scheduler behaves alike with or without Redis, only faster without.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from types import TracebackType
+from typing import Any
+
+from .. import _observe as observe
+from .._budget import MAX_UNITS, Budget, CooldownPolicy
+from .._core import CooldownReply, SettleReply, Status, validate_cost, validate_retry_after
+from .._exceptions import ConfigurationError, InvalidCostError
+from .._lease import _LeaseState
+from .._local import Held, LocalBudget, Waiting
+
+
+class LocalLease(_LeaseState):
+    """A lease of the in-process budget: ``report``, ``release``, ``cancel``, as an ``AsyncLease``'s."""
+
+    __slots__ = ("_held", "_limiter")
+
+    def __init__(self, limiter: LocalLimiter, held: Held) -> None:
+        super().__init__("local", held.requests, held.tokens)
+        self._limiter = limiter
+        self._held = held
+
+    async def report(self, actual_tokens: float, **facts: Any) -> SettleReply | None:
+        """Settle with the tokens really used (refund or debt) and free the slot; once only."""
+        limiter = self._limiter
+        if facts:
+            raise ConfigurationError(
+                f"a scheduler without redis= learns nothing from the provider ({', '.join(sorted(facts))} given): "
+                "its limits are the ones it was made with"
+            )
+        if (
+            isinstance(actual_tokens, bool)
+            or not isinstance(actual_tokens, int | float)
+            or not 0 <= actual_tokens <= MAX_UNITS  # NaN fails this too
+            or math.isinf(actual_tokens)
+        ):
+            raise InvalidCostError(
+                f"actual_tokens must be finite, from 0 to {MAX_UNITS:g}, not {actual_tokens!r}",
+                budget=limiter.budget.name,
+            )
+        if not self._close():
+            return None
+        return limiter._settle(self._held, float(actual_tokens))
+
+    async def release(self, **facts: Any) -> SettleReply | None:
+        """Settle at the estimate and free the slot."""
+        if facts:
+            raise ConfigurationError("a scheduler without redis= learns nothing from the provider")
+        if not self._close():
+            return None
+        return self._limiter._settle(self._held, None)
+
+    async def cancel(self) -> None:
+        """Give the whole reservation back: the call was never made."""
+        if self._close():
+            self._limiter._cancel(self._held)
+
+    async def __aenter__(self) -> LocalLease:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.release()
+
+
+class LocalLimiter:
+    """The budget of one scheduler, in the running event loop (made inside it)."""
+
+    def __init__(self, budget: Budget, cooldown_policy: CooldownPolicy) -> None:
+        self.budget = budget
+        self.cooldown_policy = cooldown_policy
+        self._loop = asyncio.get_running_loop()
+        self._core = LocalBudget(
+            budget.request_rate or 0.0, budget.token_rate or 0.0, budget.credit, budget.max_concurrency or 0,
+            min(budget.claim_window, budget.lease_ttl), self._granted,
+        )  # fmt: skip
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    # --- the queue's clock ---
+
+    def _granted(self, t: Waiting) -> None:
+        waiter = t.waiter
+        if isinstance(waiter, asyncio.Future) and not waiter.done():
+            waiter.set_result(None)
+        # a waiter cancelled meanwhile finds t.held set and gives it back (see _acquire)
+
+    def _arm(self) -> None:
+        """A timer for the head told its fit time; none while nothing waits for a time."""
+        due = self._core.due
+        if due != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None if due is None else self._loop.call_at(due, self._tick)
+            self._timer_at = due
+
+    def _tick(self) -> None:
+        self._timer = self._timer_at = None
+        self._core.tick(self._loop.time())
+        self._arm()
+
+    # --- what the schedulers call ---
+
+    def acquire(self, tokens: float = 0, *, requests: float = 1) -> Any:
+        """Wait for ``requests``, ``tokens`` and a slot together, first come first served; await it."""
+        requests, tokens = validate_cost(self.budget, requests, tokens)
+        return self._acquire(requests, tokens)
+
+    async def _acquire(self, requests: float, tokens: float) -> LocalLease:
+        started = time.monotonic() if observe.OBSERVERS else 0.0
+        core = self._core
+        got = core.acquire(self._loop.time(), requests, tokens)
+        if type(got) is Waiting:
+            waiter = got.waiter = self._loop.create_future()
+            self._arm()
+            try:
+                await waiter
+            except BaseException:
+                core.cancel(self._loop.time(), got)  # the ticket, or the grant made meanwhile
+                self._arm()
+                raise
+            assert got.held is not None
+            held = got.held
+        else:
+            assert type(got) is Held
+            held = got
+        if started:
+            observe.granted(self.budget.name, started, requests, tokens)
+        return LocalLease(self, held)
+
+    def _settle(self, held: Held, actual: float | None) -> SettleReply:
+        refunded = self._core.settle(self._loop.time(), held, actual)
+        self._arm()
+        if observe.OBSERVERS:
+            observe.settled(self.budget.name, held.tokens, refunded)
+        rpm, tpm = self._core.rate_req * 60, self._core.rate_tok * 60
+        return SettleReply(True, refunded, time.time(), rpm or None, tpm or None)
+
+    def _cancel(self, held: Held) -> None:
+        self._core.cancel(self._loop.time(), held)
+        self._arm()
+        if observe.OBSERVERS:
+            observe.settled(self.budget.name, held.tokens, held.tokens)
+
+    async def cooldown(self, retry_after: float | None = None) -> CooldownReply:
+        """A 429 was seen: pause every grant (``retry_after`` seconds if given), capped at the
+        policy's ``max_pause``, as the shared budget does."""
+        retry_after = validate_retry_after(self.budget, retry_after)
+        p = self.cooldown_policy
+        if retry_after is not None:
+            retry_after = min(retry_after, p.max_pause)
+        now = self._loop.time()
+        until, level, started = self._core.cooldown(
+            now, retry_after, p.base, p.max_backoff, p.quiet, p.jitter, random.random(), p.max_pause
+        )
+        self._arm()
+        if observe.OBSERVERS:
+            observe.rate_limited(self.budget.name, started)
+        wall = time.time()
+        return CooldownReply(wall + (until - now), wall, level, started)
+
+    async def clear_cooldown(self) -> CooldownReply:
+        """End the pause now and reset its backoff."""
+        now = self._loop.time()
+        until, level = self._core.clear_cooldown(now)
+        self._arm()
+        wall = time.time()
+        return CooldownReply(wall + (until - now), wall, level)
+
+    async def status(self) -> Status:
+        """A snapshot, as ``AsyncLimiter.status`` gives it; ``mode`` is ``"in-process"``."""
+        core, now = self._core, self._loop.time()
+        return Status(
+            budget=self.budget.name,
+            now=time.time(),
+            requests_available=core.level(now, core.rt, core.rate_req),
+            tokens_available=core.level(now, core.tt, core.rate_tok),
+            in_flight=core.in_flight,
+            queued=len(core.queue),
+            cooldown_remaining=max(0.0, core.cu - now),
+            backoff_level=int(core.cl),
+            rpm=core.rate_req * 60 or None,
+            tpm=core.rate_tok * 60 or None,
+            mode="in-process",
+        )
+
+    async def aclose(self) -> None:
+        """Stop the queue's timer (the scheduler has waited for its tasks)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_at = None
