@@ -300,7 +300,9 @@ async def test_a_429_pauses_queued_siblings_and_other_schedulers(redis_url: str 
     _spaced(sorted(starts.values()), 0.2)
 
 
-async def test_a_retry_holds_back_a_sibling_started_after_it_before_redis_hears_of_it(url: str | None, name: str) -> None:
+async def test_a_retry_holds_back_a_sibling_started_after_it_before_redis_hears_of_it(
+    url: str | None, name: str
+) -> None:
     """XtremeFlow blocked a task started after a backoff at once, in-process; so does this, even
     when the fleet's cooldown is slow to reach Redis (here held back 1 s on purpose)."""
     failed_at: list[float] = []
@@ -401,7 +403,9 @@ def test_auto_backoff_refuses_bad_arguments() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_cancelling_a_queued_task_gives_its_place_back_and_closes_the_coroutine(url: str | None, name: str) -> None:
+async def test_cancelling_a_queued_task_gives_its_place_back_and_closes_the_coroutine(
+    url: str | None, name: str
+) -> None:
     starts: dict[str, float] = {}
 
     async def call(label: str) -> None:

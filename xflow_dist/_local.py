@@ -38,7 +38,7 @@ class Waiting:
     """A queued ticket: its cost, the fit time its head was last told (-1: never), and the grant
     made to it once its turn came (``held``)."""
 
-    __slots__ = ("fit", "held", "queued", "requests", "tokens", "waiter")
+    __slots__ = ("fit", "held", "queued", "requests", "since", "tokens", "waiter")
 
     def __init__(self, requests: float, tokens: float) -> None:
         self.requests = requests
@@ -46,8 +46,9 @@ class Waiting:
         self.fit = -1.0
         self.held: Held | None = None
         self.queued = True
-        #: Whatever the front waits on (an asyncio future); the core never touches it.
+        #: What the front waits on (an asyncio future) and since when; the core never touches them.
         self.waiter: object = None
+        self.since = 0.0
 
 
 class LocalBudget:
@@ -57,7 +58,8 @@ class LocalBudget:
     the operation that made the grant: it must not call back into the budget. ``claim_window`` is
     the shared budget's: a head held back by the slots a grant in the queue just took is told the
     moment that grant would lapse unclaimed, as the scripts tell it (the claim is instant here, but
-    the time told counts when the head is charged; see ``tick``).
+    the time told counts when the head is charged; see ``tick``). ``lease`` is the class of the
+    leases it makes (a front's subclass of ``Held``).
     """
 
     __slots__ = (
@@ -69,6 +71,7 @@ class LocalBudget:
         "due",
         "granted",
         "in_flight",
+        "lease",
         "max_conc",
         "queue",
         "rate_req",
@@ -85,9 +88,11 @@ class LocalBudget:
         max_conc: int,
         claim_window: float,
         granted: Callable[[Waiting], None],
+        lease: type[Held] = Held,
     ) -> None:
         self.rate_req, self.rate_tok, self.burst, self.max_conc = rate_req, rate_tok, burst, max_conc
         self.claim_window = claim_window
+        self.lease = lease
         self.granted = granted
         self.rt = self.tt = self.cu = self.cl = self.cr = 0.0
         self.in_flight = 0
@@ -119,7 +124,7 @@ class LocalBudget:
         if self.rate_tok > 0:
             self.tt = self._from(now, self.tt, fit, ctok, self.rate_tok) + ctok / self.rate_tok
         self.in_flight += 1
-        return Held(creq, ctok)
+        return self.lease(creq, ctok)
 
     def _refund(self, now: float, creq: float, ctok: float) -> None:
         if self.rate_req > 0 and self.rt > now:
@@ -131,8 +136,16 @@ class LocalBudget:
         return self.max_conc <= 0 or self.in_flight < self.max_conc
 
     def _save(self) -> None:
-        """save_state(): the scripts store six decimals; within an operation they work unrounded."""
-        self.rt, self.tt, self.cu, self.cr = round(self.rt, 6), round(self.tt, 6), round(self.cu, 6), round(self.cr, 6)
+        """save_state(): the scripts store six decimals; within an operation they work unrounded
+        (the cooldown's fields change in its two operations only: ``_save_cooldown``)."""
+        if self.rate_req > 0:
+            self.rt = round(self.rt, 6)
+        if self.rate_tok > 0:
+            self.tt = round(self.tt, 6)
+
+    def _save_cooldown(self) -> None:
+        self.cu, self.cr = round(self.cu, 6), round(self.cr, 6)
+        self._save()
 
     def tick(self, now: float) -> None:
         """The head comes back when told (or anything else happens): grant what fits now."""
@@ -170,7 +183,11 @@ class LocalBudget:
         """A lease granted now, or the ticket queued for one (``granted`` is called in its turn)."""
         if self.queue:
             self._advance(now)
-        if not self.queue and self._slot_free() and self._fit(now, creq, ctok) <= now:
+        if (
+            not self.queue
+            and (self.max_conc <= 0 or self.in_flight < self.max_conc)
+            and self._fit(now, creq, ctok) <= now
+        ):
             held = self._charge(now, creq, ctok, -1.0)
             self._save()
             return held
@@ -192,7 +209,9 @@ class LocalBudget:
                     self._refund(now, 0.0, refunded)
                 elif refunded < 0 and self.rate_tok > 0:
                     self.tt = max(self.tt, now) - refunded / self.rate_tok
-        self.tick(now)
+        if self.queue:
+            self._advance(now)
+        self._save()
         return refunded
 
     def cancel(self, now: float, item: Held | Waiting) -> str:
@@ -243,7 +262,8 @@ class LocalBudget:
             self.tt = max(self.tt, now + self.burst)
         self.cl = level
         self.cr = self.cu + quiet
-        self.tick(now)
+        self._advance(now)
+        self._save_cooldown()
         return self.cu, int(level), started
 
     def clear_cooldown(self, now: float) -> tuple[float, int]:
@@ -254,7 +274,8 @@ class LocalBudget:
         if self.cr > now:
             self.cr = now
         self.cl = 0.0
-        self.tick(now)
+        self._advance(now)
+        self._save_cooldown()
         return was_until, int(was_level)
 
     def level(self, now: float, tat: float, rate: float) -> float | None:

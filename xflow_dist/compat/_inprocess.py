@@ -12,9 +12,9 @@ same way, so a scheduler behaves alike with or without Redis, only faster withou
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -22,19 +22,28 @@ from .. import _observe as observe
 from .._budget import MAX_UNITS, Budget, CooldownPolicy
 from .._core import CooldownReply, SettleReply, Status, validate_cost, validate_retry_after
 from .._exceptions import ConfigurationError, InvalidCostError
-from .._lease import _LeaseState
 from .._local import Held, LocalBudget, Waiting
 
 
-class LocalLease(_LeaseState):
-    """A lease of the in-process budget: ``report``, ``release``, ``cancel``, as an ``AsyncLease``'s."""
+class LocalLease(Held):
+    """A lease of the in-process budget: ``report``, ``release``, ``cancel``, as an ``AsyncLease``'s.
 
-    __slots__ = ("_held", "_limiter")
+    The budget makes it (its ``Held``: one object a task, no wrapper); each ``LocalLimiter`` has a
+    subclass of its own that names it, so a lease needs no field for it.
+    """
 
-    def __init__(self, limiter: LocalLimiter, held: Held) -> None:
-        super().__init__("local", held.requests, held.tokens)
-        self._limiter = limiter
-        self._held = held
+    __slots__ = ()
+    _limiter: LocalLimiter
+    id = "local"
+    #: No heartbeat can find it expired: nothing outside this loop can take its slot.
+    lost = False
+    #: What the provider's limits would be learned for: nothing is learned in process.
+    model = ""
+
+    @property
+    def closed(self) -> bool:
+        """Settled, released or cancelled: nothing more will be charged or refunded."""
+        return not self.open
 
     async def report(self, actual_tokens: float, **facts: Any) -> SettleReply | None:
         """Settle with the tokens really used (refund or debt) and free the slot; once only."""
@@ -47,29 +56,33 @@ class LocalLease(_LeaseState):
         if (
             isinstance(actual_tokens, bool)
             or not isinstance(actual_tokens, int | float)
-            or not 0 <= actual_tokens <= MAX_UNITS  # NaN fails this too
-            or math.isinf(actual_tokens)
+            or not 0 <= actual_tokens <= MAX_UNITS  # NaN and infinity fail this too
         ):
             raise InvalidCostError(
                 f"actual_tokens must be finite, from 0 to {MAX_UNITS:g}, not {actual_tokens!r}",
                 budget=limiter.budget.name,
             )
-        if not self._close():
+        if not self.open:
             return None
-        return limiter._settle(self._held, float(actual_tokens))
+        return limiter._settle(self, float(actual_tokens))
 
     async def release(self, **facts: Any) -> SettleReply | None:
         """Settle at the estimate and free the slot."""
         if facts:
             raise ConfigurationError("a scheduler without redis= learns nothing from the provider")
-        if not self._close():
+        if not self.open:
             return None
-        return self._limiter._settle(self._held, None)
+        return self._limiter._settle(self, None)
+
+    def _release_now(self) -> None:
+        """``release`` for the schedulers, at the end of a task: no await, no reply."""
+        if self.open:
+            self._limiter._settled(self, None)
 
     async def cancel(self) -> None:
         """Give the whole reservation back: the call was never made."""
-        if self._close():
-            self._limiter._cancel(self._held)
+        if self.open:
+            self._limiter._cancel(self)
 
     async def __aenter__(self) -> LocalLease:
         return self
@@ -79,6 +92,9 @@ class LocalLease(_LeaseState):
     ) -> None:
         await self.release()
 
+    def __repr__(self) -> str:
+        return f"<LocalLease tokens={self.tokens:g} {'held' if self.open else 'closed'}>"
+
 
 class LocalLimiter:
     """The budget of one scheduler, in the running event loop (made inside it)."""
@@ -86,10 +102,14 @@ class LocalLimiter:
     def __init__(self, budget: Budget, cooldown_policy: CooldownPolicy) -> None:
         self.budget = budget
         self.cooldown_policy = cooldown_policy
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        #: The loop's clock (its timers'): asyncio's own loop reads time.monotonic, called directly.
+        self._now: Callable[[], float] = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
+        # the leases this budget makes know it by their class (see LocalLease)
+        self._lease_type = type("LocalLease", (LocalLease,), {"__slots__": (), "_limiter": self})
         self._core = LocalBudget(
             budget.request_rate or 0.0, budget.token_rate or 0.0, budget.credit, budget.max_concurrency or 0,
-            min(budget.claim_window, budget.lease_ttl), self._granted,
+            min(budget.claim_window, budget.lease_ttl), self._granted, self._lease_type,
         )  # fmt: skip
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -113,7 +133,7 @@ class LocalLimiter:
 
     def _tick(self) -> None:
         self._timer = self._timer_at = None
-        self._core.tick(self._loop.time())
+        self._core.tick(self._now())
         self._arm()
 
     # --- what the schedulers call ---
@@ -124,40 +144,56 @@ class LocalLimiter:
         return self._acquire(requests, tokens)
 
     async def _acquire(self, requests: float, tokens: float) -> LocalLease:
-        started = time.monotonic() if observe.OBSERVERS else 0.0
-        core = self._core
-        got = core.acquire(self._loop.time(), requests, tokens)
-        if type(got) is Waiting:
-            waiter = got.waiter = self._loop.create_future()
-            self._arm()
-            try:
-                await waiter
-            except BaseException:
-                core.cancel(self._loop.time(), got)  # the ticket, or the grant made meanwhile
-                self._arm()
-                raise
-            assert got.held is not None
-            held = got.held
-        else:
-            assert type(got) is Held
-            held = got
-        if started:
-            observe.granted(self.budget.name, started, requests, tokens)
-        return LocalLease(self, held)
+        got = self._enter(requests, tokens)
+        return got if isinstance(got, LocalLease) else await self._wait(got)
 
-    def _settle(self, held: Held, actual: float | None) -> SettleReply:
-        refunded = self._core.settle(self._loop.time(), held, actual)
+    def _enter(self, requests: float, tokens: float) -> LocalLease | Waiting:
+        """The lease if it fits now (no await: the compatible schedulers' fast path), else the
+        ticket queued, to ``_wait`` for."""
+        got = self._core.acquire(self._now(), requests, tokens)
+        if type(got) is not Waiting:
+            if observe.OBSERVERS:
+                observe.granted(self.budget.name, time.monotonic(), requests, tokens)
+            return got  # type: ignore[return-value]  # made by self._lease_type
+        got.waiter = self._loop.create_future()
+        got.since = time.monotonic()
         self._arm()
+        return got
+
+    async def _wait(self, t: Waiting) -> LocalLease:
+        waiter = t.waiter
+        assert isinstance(waiter, asyncio.Future)
+        try:
+            await waiter
+        except BaseException:
+            self._core.cancel(self._now(), t)  # the ticket, or the grant made to it meanwhile
+            self._arm()
+            raise
+        lease = t.held
+        assert isinstance(lease, LocalLease)
         if observe.OBSERVERS:
-            observe.settled(self.budget.name, held.tokens, refunded)
+            observe.granted(self.budget.name, t.since, lease.requests, lease.tokens)
+        return lease
+
+    def _settle(self, lease: LocalLease, actual: float | None) -> SettleReply:
+        refunded = self._settled(lease, actual)
         rpm, tpm = self._core.rate_req * 60, self._core.rate_tok * 60
         return SettleReply(True, refunded, time.time(), rpm or None, tpm or None)
 
-    def _cancel(self, held: Held) -> None:
-        self._core.cancel(self._loop.time(), held)
+    def _settled(self, lease: LocalLease, actual: float | None) -> float:
+        core = self._core
+        refunded = core.settle(self._now(), lease, actual)
+        if core.due != self._timer_at:
+            self._arm()
+        if observe.OBSERVERS:
+            observe.settled(self.budget.name, lease.tokens, refunded)
+        return refunded
+
+    def _cancel(self, lease: LocalLease) -> None:
+        self._core.cancel(self._now(), lease)
         self._arm()
         if observe.OBSERVERS:
-            observe.settled(self.budget.name, held.tokens, held.tokens)
+            observe.settled(self.budget.name, lease.tokens, lease.tokens)
 
     async def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         """A 429 was seen: pause every grant (``retry_after`` seconds if given), capped at the
@@ -166,7 +202,7 @@ class LocalLimiter:
         p = self.cooldown_policy
         if retry_after is not None:
             retry_after = min(retry_after, p.max_pause)
-        now = self._loop.time()
+        now = self._now()
         until, level, started = self._core.cooldown(
             now, retry_after, p.base, p.max_backoff, p.quiet, p.jitter, random.random(), p.max_pause
         )
@@ -178,7 +214,7 @@ class LocalLimiter:
 
     async def clear_cooldown(self) -> CooldownReply:
         """End the pause now and reset its backoff."""
-        now = self._loop.time()
+        now = self._now()
         until, level = self._core.clear_cooldown(now)
         self._arm()
         wall = time.time()
@@ -186,7 +222,7 @@ class LocalLimiter:
 
     async def status(self) -> Status:
         """A snapshot, as ``AsyncLimiter.status`` gives it; ``mode`` is ``"in-process"``."""
-        core, now = self._core, self._loop.time()
+        core, now = self._core, self._now()
         return Status(
             budget=self.budget.name,
             now=time.time(),

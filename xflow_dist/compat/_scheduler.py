@@ -24,7 +24,7 @@ import redis.asyncio.cluster
 
 from .._async_limiter import AsyncLimiter
 from .._backend import RedisLike, _check_url
-from .._budget import Budget, CooldownPolicy
+from .._budget import MAX_UNITS, Budget, CooldownPolicy
 from .._core import validate_cost, validate_retry_after
 from .._exceptions import (
     BackendError,
@@ -65,7 +65,7 @@ class ExecutionContext:
     """What a task started by ``start_task`` carries (XtremeFlow's name): its scheduler, its
     estimate (``extra["estimated_tokens"]``, as XtremeFlow kept it) and the lease it holds."""
 
-    __slots__ = ("_dispatched", "_limiter", "extra", "lease", "scheduler")
+    __slots__ = ("_coro", "_dispatched", "_limiter", "_slots", "extra", "lease", "scheduler")
 
     def __init__(self, scheduler: TaskScheduler, limiter: AsyncLimiter | LocalLimiter, estimated_tokens: float) -> None:
         self.scheduler = scheduler
@@ -74,6 +74,8 @@ class ExecutionContext:
         self.lease: AsyncLease | LocalLease | None = None
         self._limiter = limiter
         self._dispatched = False
+        self._coro: Coroutine[Any, Any, Any] | None = None
+        self._slots: asyncio.Semaphore | None = None
 
     @property
     def estimated_tokens(self) -> float:
@@ -83,14 +85,36 @@ class ExecutionContext:
         """The lease of the next attempt, never while this process's backoff is in force: a grant
         that came during it (Redis had not heard of the 429 yet) is given back, and asked for again
         once the backoff is over, as XtremeFlow's tasks waited out its backoff after their turn."""
-        scheduler = self.scheduler
+        scheduler, limiter = self.scheduler, self._limiter
         while True:
             if scheduler._backoff_until:
                 await scheduler._backoff_over()
-            lease = await self._limiter.acquire(tokens=self.estimated_tokens)
+            lease: AsyncLease | LocalLease
+            if type(limiter) is LocalLimiter:
+                lease = await limiter._acquire(1.0, self.estimated_tokens)
+            else:
+                lease = await limiter.acquire(tokens=self.estimated_tokens)
             if not scheduler._backoff_until or scheduler._backoff_left() <= 0:
                 return lease
             await lease.cancel()
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        """The task is over: its slot of the scheduler's ``max_concurrency`` is free."""
+        if not self._dispatched and self._coro is not None:
+            self._coro.close()  # cancelled or failed before it ran: no "never awaited" warning
+        scheduler = self.scheduler
+        scheduler.pending_tasks.discard(task)
+        scheduler.active_tasks -= 1
+        scheduler.total_completed += 1
+        if self._slots is not None:
+            self._slots.release()
+
+    async def _after(self, lease: LocalLease) -> AsyncLease | LocalLease:
+        """A lease granted in the queue, unless a backoff began meanwhile: then the next one."""
+        if self.scheduler._backoff_until and self.scheduler._backoff_left() > 0:
+            await lease.cancel()
+            return await self._acquire()
+        return lease
 
     async def _retry(self, wait: float) -> None:
         """Pause this process at once and the fleet for ``wait`` seconds, settle the failed
@@ -232,18 +256,23 @@ class TaskScheduler:
         if not asyncio.iscoroutine(coro):
             raise InvalidTaskError(f"start_task needs a coroutine, not {coro!r}", budget=self.budget.name)
         try:
-            validate_cost(self.budget, 1, estimated_tokens)
-            rt = self._runtime()
+            t = estimated_tokens
+            if not ((type(t) is int or type(t) is float) and 0 <= t <= MAX_UNITS):  # else it is fine as it is
+                validate_cost(self.budget, 1, t)
+            rt = self._rt
+            if rt is None or rt.loop is not asyncio.get_running_loop():
+                rt = self._runtime()
             if rt.slots is not None:
                 await rt.slots.acquire()
         except BaseException:
             coro.close()
             raise
         ctx = ExecutionContext(self, rt.limiter, float(estimated_tokens))
+        ctx._coro, ctx._slots = coro, rt.slots
         task = asyncio.create_task(self._execute(coro, ctx))
         self.active_tasks += 1
         self.pending_tasks.add(task)
-        task.add_done_callback(functools.partial(self._task_done, coro, ctx, rt.slots))
+        task.add_done_callback(ctx._done)
         return task
 
     def _back_off(self, wait: float) -> None:
@@ -263,27 +292,22 @@ class TaskScheduler:
     @staticmethod
     async def _execute(coro: Coroutine[Any, Any, T], ctx: ExecutionContext) -> T:
         _current.set(ctx)  # in the task's own copy of the context
-        ctx.lease = await ctx._acquire()
+        limiter = ctx._limiter
+        if type(limiter) is LocalLimiter and not ctx.scheduler._backoff_until:
+            # the budget in this loop: a start that fits is granted without an await
+            got = limiter._enter(1.0, ctx.extra["estimated_tokens"])
+            ctx.lease = got if isinstance(got, LocalLease) else await ctx._after(await limiter._wait(got))
+        else:
+            ctx.lease = await ctx._acquire()
         ctx._dispatched = True
         try:
             return await coro
         finally:
-            await _release_quietly(ctx.lease)  # a no-op when report_token_usage settled it
-
-    def _task_done(
-        self,
-        coro: Coroutine[Any, Any, Any],
-        ctx: ExecutionContext,
-        slots: asyncio.Semaphore | None,
-        task: asyncio.Task[Any],
-    ) -> None:
-        if not ctx._dispatched:
-            coro.close()  # cancelled or failed before it ran: no "never awaited" warning
-        self.pending_tasks.discard(task)
-        self.active_tasks -= 1
-        self.total_completed += 1
-        if slots is not None:
-            slots.release()
+            lease = ctx.lease  # settled already when report_token_usage settled it
+            if isinstance(lease, LocalLease):
+                lease._release_now()
+            else:
+                await _release_quietly(lease)
 
     async def wait_pending(self) -> None:
         """Wait for every task started so far (their errors are left in the tasks)."""
