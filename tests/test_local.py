@@ -15,14 +15,16 @@ moments.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xflow_dist import Budget, CooldownPolicy
+from xflow_dist import Budget, ConfigurationError, CooldownPolicy, InvalidCostError
 from xflow_dist._core import acquire_args, budget_args, cooldown_args, key_names, settle_args
 from xflow_dist._engine import Engine
 from xflow_dist._local import Held, LocalBudget, Waiting
@@ -222,3 +224,61 @@ def test_the_in_process_budget_decides_as_the_scripts(
         twins.check()
     twins.wait(60_000_000, 0)  # everything queued is served in the end, alike
     twins.check()
+
+
+# --------------------------------------------------------------------------------------------
+# The front: LocalLimiter in a running loop
+# --------------------------------------------------------------------------------------------
+
+
+def _limiter(**kw: Any) -> Any:
+    from xflow_dist.compat._inprocess import LocalLimiter
+
+    return LocalLimiter(Budget("local", overdraft=True, dispatch_margin=0.0, **kw), CooldownPolicy(jitter=0.0))
+
+
+async def test_a_grant_made_to_a_waiter_cancelled_before_it_ran_is_given_back() -> None:
+    limiter = _limiter(max_concurrency=1, tps=100.0, burst=1.0)  # 100 tokens of credit: only the slot binds
+    first = await limiter.acquire(tokens=10)
+    waiting = asyncio.ensure_future(limiter.acquire(tokens=20))
+    await asyncio.sleep(0)  # queued now
+    assert (await limiter.status()).queued == 1
+    await first.release()  # the queue's head is granted here...
+    waiting.cancel()  # ...and its task cancelled before it could take the lease
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    status = await limiter.status()
+    assert (status.in_flight, status.queued) == (0, 0)
+    assert status.tokens_available == pytest.approx(90, abs=2)  # the 20 tokens came back; 10 were spent
+    again = await asyncio.wait_for(limiter.acquire(tokens=0), 1)  # and the slot is free
+    await again.release()
+    await limiter.aclose()
+
+
+async def test_the_head_is_granted_by_the_loops_timer_at_its_fit_time() -> None:
+    limiter = _limiter(rps=20.0)  # one start every 50 ms
+    t0 = time.monotonic()
+    leases = [await limiter.acquire() for _ in range(4)]
+    elapsed = time.monotonic() - t0
+    assert 0.15 - 0.002 <= elapsed < 1.0, elapsed  # three waits of 50 ms, nothing polled in between
+    for lease in leases:
+        await lease.release()
+    await limiter.aclose()
+
+
+async def test_an_in_process_lease_refuses_what_it_cannot_learn_and_bad_usage() -> None:
+    limiter = _limiter(tps=100.0)
+    lease = await limiter.acquire(tokens=5)
+    with pytest.raises(ConfigurationError, match="learns nothing"):
+        await lease.report(3, headers={"x-ratelimit-limit-tokens": "100"})
+    with pytest.raises(InvalidCostError):
+        await lease.report(float("nan"))
+    assert not lease.closed  # nothing was settled by the refusals
+    reply = await lease.report(3)
+    assert reply is not None and reply.refunded == pytest.approx(2)
+    assert lease.closed and await lease.report(3) is None  # once only
+    status = await limiter.status()
+    assert (status.mode, status.in_flight, status.tpm) == ("in-process", 0, pytest.approx(6000))
+    with pytest.raises(InvalidCostError):
+        limiter.acquire(tokens=-1)
+    await limiter.aclose()
