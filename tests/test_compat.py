@@ -480,24 +480,24 @@ def _shared(redis_url: str | None, name: str) -> TokenRateScheduler:
     return TokenRateScheduler(max_tps=10, burst_ratio=60, max_concurrency=2, redis=redis_url, name=name)
 
 
-async def test_a_task_raising_after_acquire_is_charged_its_estimate(redis_url: str | None, name: str) -> None:
+async def test_a_task_raising_after_acquire_is_charged_its_estimate(url: str | None, name: str) -> None:
     async def call() -> None:
         raise ValueError("the provider call failed")
 
-    async with _shared(redis_url, name) as s:
+    async with _shared(url, name) as s:
         with pytest.raises(ValueError, match="provider"):
             await (await s.start_task(call(), estimated_tokens=200))
         assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
 
 
-async def test_a_task_cancelled_mid_call_by_wait_for_is_charged_its_estimate(redis_url: str | None, name: str) -> None:
+async def test_a_task_cancelled_mid_call_by_wait_for_is_charged_its_estimate(url: str | None, name: str) -> None:
     running = asyncio.Event()
 
     async def call() -> None:
         running.set()
         await asyncio.Event().wait()  # the provider never answers
 
-    async with _shared(redis_url, name) as s:
+    async with _shared(url, name) as s:
         task = await s.start_task(call(), estimated_tokens=200)
         await asyncio.wait_for(running.wait(), timeout=10)
         with pytest.raises(TimeoutError):
@@ -532,7 +532,7 @@ async def test_cancelled_while_auto_backoff_pauses_the_fleet_charges_the_failed_
         assert 400 - 1 <= _tokens_left(await s.limiter.status()) <= 400 + 10
 
 
-async def test_cancelled_while_the_retry_waits_for_a_slot_leaves_nothing_held(redis_url: str | None, name: str) -> None:
+async def test_cancelled_while_the_retry_waits_for_a_slot_leaves_nothing_held(url: str | None, name: str) -> None:
     """The failed attempt's slot went to a waiter queued before it; the retry queues for the next
     one and is cancelled there: it leaves the queue and is charged nothing."""
     go = asyncio.Event()
@@ -542,7 +542,7 @@ async def test_cancelled_while_the_retry_waits_for_a_slot_leaves_nothing_held(re
         await go.wait()
         raise RetryException("429", retry_after=0)  # 0: no pause, acquire again at once
 
-    async with _shared(redis_url, name) as s:
+    async with _shared(url, name) as s:
         holder = await s.limiter.acquire()  # one of the two slots; the task takes the other
         task = await s.start_task(call(), estimated_tokens=200)
         while (await s.limiter.status()).in_flight < 2:

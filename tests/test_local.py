@@ -16,6 +16,7 @@ moments.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 from typing import Any
@@ -24,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xflow_dist import Budget, ConfigurationError, CooldownPolicy, InvalidCostError
+from xflow_dist import AcquireTimeout, Budget, ConfigurationError, CooldownPolicy, InvalidCostError
 from xflow_dist._core import acquire_args, budget_args, cooldown_args, key_names, settle_args
 from xflow_dist._engine import Engine
 from xflow_dist._local import Held, LocalBudget, Waiting
@@ -37,7 +38,13 @@ TOKEN_RATES = st.sampled_from([0.0, 10.0, 95.5, 1000.0])
 BURSTS = st.sampled_from([0.0, 0.25, 1.0, 2.5])
 STEP = st.one_of(st.integers(0, 2_000), st.integers(0, 400_000), st.integers(0, 13_000_000))  # microseconds
 LATE = st.sampled_from([0, 0, 0, 700, 30_000, 90_000])  # microseconds a head comes back after its time
-ACQUIRE = st.tuples(st.just("acquire"), st.sampled_from([1.0, 2.0]), st.sampled_from([0.0, 1.0, 7.3, 40.0, 2600.0]))
+ACQUIRE = st.tuples(
+    st.just("acquire"),
+    st.sampled_from([1.0, 2.0, 0.1 + 0.2]),
+    st.sampled_from([0.0, 1.0, 7.3, 40.0, 2600.0, 123.456789012345678]),
+    st.sampled_from([None, None, None, 0.0, 0.3]),  # max wait
+    st.sampled_from([True, True, True, False]),  # may queue
+)
 OP = st.one_of(
     ACQUIRE,
     ACQUIRE,
@@ -86,13 +93,17 @@ class Twins:
 
     # --- the steps ---
 
-    def acquire(self, creq: float, ctok: float) -> None:
+    def acquire(self, creq: float, ctok: float, max_wait: float | None, may_queue: bool) -> None:
         lid = f"p.{len(self.order)}"
+        want = self.run("acquire", acquire_args(lid, creq, ctok, max_wait, may_queue, TTL, False, True))
+        got = self.local.acquire(self.now, creq, ctok, max_wait, may_queue)
+        if want[0] == "refused":  # nothing queued nor charged: the same exact wait, or none
+            assert got == (None if want[1] == "-1" else pytest.approx(float(want[1]), abs=1e-6)), (want, got)
+            return
         self.order.append(lid)
-        want = self.run("acquire", self._acquire_args(lid, creq, ctok))[0]
-        got = self.local.acquire(self.now, creq, ctok)
+        assert isinstance(got, Held | Waiting)
         self.items[lid] = got
-        assert (want, type(got)) in (("granted", Held), ("queued", Waiting)), (want, got)
+        assert (want[0], type(got)) in (("granted", Held), ("queued", Waiting)), (want, got)
 
     def pick(self, i: int) -> tuple[str, Held | Waiting] | None:
         if not self.order:
@@ -148,8 +159,10 @@ class Twins:
             if due is None:
                 break
             assert head and self.fit.get(head[0]) == pytest.approx(due, abs=1e-6), (head, self.fit, due)
-            at = min(target, max(self.us, math.ceil(due * 1e6) + late_us))
-            if at // 1_000_000 + (at % 1_000_000) / 1000000 < due:
+            at = max(self.us, math.ceil(due * 1e6) + late_us)
+            while at // 1_000_000 + (at % 1_000_000) / 1000000 < due:  # the first microsecond at or after it
+                at += 1
+            if at > target:
                 break
             self.us = at
             self.run("acquire", self._acquire_args(head[0]))  # the waiter is back; it claims if granted
@@ -177,9 +190,19 @@ class Twins:
             assert max(local.rt, local.tt, local.cu, local.cr) <= now
             return
         assert list(b.queue) == queued
+        if queued and local._slot_free():  # a head held back by the rates or a pause has its tick set
+            head = self.items[queued[0]]
+            assert isinstance(head, Waiting)
+            fit = local._fit(now, head.requests, head.tokens)
+            # (told before the operation rounded the state: a tick a microsecond early comes back)
+            assert local.due == (None if fit <= now else pytest.approx(fit, abs=1e-6)), (local.due, fit)
         for lid in queued:  # and each ticket was told the same fit time (it counts when it is charged)
             assert b.tickets[lid].fit == self.items[lid].fit, (lid, b.tickets[lid].fit, self.items[lid].fit)  # type: ignore[union-attr]
         assert set(b.data) == held
+        for lid in held:  # each lease charged the cost as the scripts keep it (14 digits)
+            item = self.items[lid]
+            h = item.held if isinstance(item, Waiting) else item
+            assert h is not None and (b.data[lid].creq, b.data[lid].ctok) == (h.requests, h.tokens), lid
         assert local.in_flight == len(held)
         f = b.state
         for key, mine in (("rt", local.rt), ("tt", local.tt), ("cu", local.cu), ("cr", local.cr)):
@@ -281,4 +304,53 @@ async def test_an_in_process_lease_refuses_what_it_cannot_learn_and_bad_usage() 
     assert (status.mode, status.in_flight, status.tpm) == ("in-process", 0, pytest.approx(6000))
     with pytest.raises(InvalidCostError):
         limiter.acquire(tokens=-1)
+    await limiter.aclose()
+
+
+def test_a_scheduler_keeps_its_budget_from_one_event_loop_to_the_next() -> None:
+    from xflow_dist.compat import TokenRateScheduler
+
+    s = TokenRateScheduler(max_tps=1000, max_concurrency=4)
+
+    async def spend() -> float:
+        t0 = time.monotonic()
+        tasks = [await s.start_task(asyncio.sleep(0), estimated_tokens=1500) for _ in range(2)]
+        await asyncio.gather(*tasks)
+        await s.aclose()
+        return time.monotonic() - t0
+
+    first = asyncio.run(spend())  # 3,000 tokens at 1,000/s: the second start waits 1.5 s
+    second = asyncio.run(spend())  # the debt carried over: each start here waits its turn
+    assert 1.4 < first < 3.0, first
+    assert second >= 2.9, second  # a fresh budget would have let the first start at once (1.5 s)
+
+
+async def test_a_lease_the_caller_dropped_gives_its_slot_back() -> None:
+    limiter = _limiter(max_concurrency=1)
+    lease = await limiter.acquire()
+    del lease
+    gc.collect()
+    again = await asyncio.wait_for(limiter.acquire(), 2)  # the slot came back (not held forever)
+    assert (await limiter.status()).in_flight == 1
+    await again.release()
+    await limiter.aclose()
+
+
+async def test_the_in_process_limiter_answers_as_an_async_limiter() -> None:
+    limiter = _limiter(rps=2.0, max_concurrency=1)
+    async with limiter.acquire() as lease:  # a context manager, as AsyncLimiter.acquire's
+        assert not lease.closed
+        refused = await limiter.try_acquire()
+        assert not refused and refused.retry_after is None  # the slot holds it back: no time to tell
+    assert lease.closed
+    later = await limiter.try_acquire()
+    assert not later and later.retry_after == pytest.approx(0.5, abs=0.05)  # the rate: exact
+    with pytest.raises(AcquireTimeout) as err:
+        await limiter.acquire(timeout=0.1)  # known at once to come after the deadline
+    assert err.value.retry_after == pytest.approx(0.5, abs=0.05)
+    assert (await limiter.status()).queued == 0  # nothing was left queued
+    granted = await limiter.acquire(timeout=1.0)
+    await granted.release()
+    with pytest.raises(ConfigurationError):
+        limiter.acquire(timeout=-1)
     await limiter.aclose()

@@ -10,7 +10,7 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Generator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 import redis.asyncio
@@ -130,17 +130,24 @@ class _Events:
             await self._pubsub.aclose()
 
 
-class _Acquiring:
+class _Releasable(Protocol):
+    async def release(self) -> Any: ...
+
+
+_L = TypeVar("_L", bound=_Releasable)
+
+
+class _Acquiring(Generic[_L]):
     """What ``AsyncLimiter.acquire`` returns: await it for a lease, or use it with ``async with``."""
 
-    def __init__(self, pending: Awaitable[AsyncLease]) -> None:
+    def __init__(self, pending: Awaitable[_L]) -> None:
         self._pending = pending
-        self._lease: AsyncLease | None = None
+        self._lease: _L | None = None
 
-    def __await__(self) -> Generator[Any, None, AsyncLease]:
+    def __await__(self) -> Generator[Any, None, _L]:
         return self._pending.__await__()
 
-    async def __aenter__(self) -> AsyncLease:
+    async def __aenter__(self) -> _L:
         self._lease = await self._pending
         return self._lease
 
@@ -235,7 +242,7 @@ class AsyncLimiter(LimiterBase):
         timeout: float | None = None,
         keep_place: bool = False,
         ticket: str | None = None,
-    ) -> _Acquiring:
+    ) -> _Acquiring[AsyncLease]:
         """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
 
         ``async with limiter.acquire(tokens=n) as lease:`` or ``lease = await limiter.acquire(...)``.

@@ -124,7 +124,7 @@ class LocalBudget:
         if self.rate_tok > 0:
             self.tt = self._from(now, self.tt, fit, ctok, self.rate_tok) + ctok / self.rate_tok
         self.in_flight += 1
-        return self.lease(creq, ctok)
+        return self.lease(_g14(creq), _g14(ctok))
 
     def _refund(self, now: float, creq: float, ctok: float) -> None:
         if self.rate_req > 0 and self.rt > now:
@@ -152,11 +152,13 @@ class LocalBudget:
         self._advance(now)
         self._save()
 
-    def _advance(self, now: float) -> None:
-        """advance(): grant the queue's heads in order while they fit; tell the next its fit time."""
+    def _advance(self, now: float, granted: bool = False) -> bool:
+        """advance(): grant the queue's heads in order while they fit; tell the next its fit time.
+        ``granted``: a grant in the queue was made earlier in this operation (the scripts still
+        count it provisional until its waiter claims it, after the operation). Returns whether one
+        was made, by then."""
         self.due = None
         queue = self.queue
-        granted = False
         while queue:
             t = queue[0]
             if not self._slot_free():
@@ -164,36 +166,45 @@ class LocalBudget:
                     told = now + self.claim_window
                     if abs(told - t.fit) > 0.0000005:
                         t.fit = round(told, 6)
-                return
+                return granted
             fit = self._fit(now, t.requests, t.tokens)
             if fit > now:
                 if abs(fit - t.fit) > 0.0000005:
                     t.fit = round(fit, 6)
                 self.due = fit
-                return
+                return granted
             queue.popleft()
             t.queued = False
             t.held = self._charge(now, t.requests, t.tokens, t.fit)
             granted = True
             self.granted(t)
+        return granted
 
     # --- the operations ---
 
-    def acquire(self, now: float, creq: float, ctok: float) -> Held | Waiting:
-        """A lease granted now, or the ticket queued for one (``granted`` is called in its turn)."""
-        if self.queue:
-            self._advance(now)
-        if (
-            not self.queue
-            and (self.max_conc <= 0 or self.in_flight < self.max_conc)
-            and self._fit(now, creq, ctok) <= now
-        ):
-            held = self._charge(now, creq, ctok, -1.0)
+    def acquire(
+        self, now: float, creq: float, ctok: float, max_wait: float | None = None, may_queue: bool = True
+    ) -> Held | Waiting | float | None:
+        """A lease granted now, or the ticket queued for one (``granted`` is called in its turn).
+        Refused, nothing queued: the exact wait (a float) when it is longer than ``max_wait`` or
+        ``may_queue`` is false; None when it is false and a slot or the queue holds it back."""
+        granted = self._advance(now) if self.queue else False
+        if not self.queue and (self.max_conc <= 0 or self.in_flight < self.max_conc):
+            fit = self._fit(now, creq, ctok)
+            if fit <= now:
+                held = self._charge(now, creq, ctok, -1.0)
+                self._save()
+                return held
+            if not may_queue or (max_wait is not None and fit - now > max_wait):
+                self._save()
+                return fit - now
+        elif not may_queue:
             self._save()
-            return held
-        t = Waiting(creq, ctok)
+            return None
+        t = Waiting(_g14(creq), _g14(ctok))
         self.queue.append(t)
-        self.tick(now)
+        self._advance(now, granted)
+        self._save()
         return t
 
     def settle(self, now: float, held: Held, actual: float | None) -> float:
@@ -283,3 +294,8 @@ class LocalBudget:
         if rate <= 0:
             return None
         return rate * self.burst - rate * max(0.0, tat - now)
+
+
+def _g14(x: float) -> float:
+    """A cost as the scripts keep it once stored: 14 significant digits (a whole number stays)."""
+    return x if x % 1 == 0 and x < 1e14 else float(f"{x:.14g}")

@@ -3,8 +3,9 @@
 ``kv_batch`` and ``async_pipeline``, with the same signatures and timing as XtremeFlow 0.4.4.
 
 Give a scheduler ``redis=`` (a URL or a ``redis.asyncio.Redis``) and ``name=`` and every process
-that names the same budget shares it; without them the budget stays in this process's memory
-(``memory://``), as XtremeFlow's did. See ``docs/compat.md`` for what differs.
+that names the same budget shares it; without them the budget is the scheduler's own, in its event
+loop, as XtremeFlow's was (the scripts' decisions on floats: ``LocalLimiter``). See
+``docs/compat.md`` for what differs.
 """
 
 from __future__ import annotations

@@ -19,9 +19,11 @@ from types import TracebackType
 from typing import Any
 
 from .. import _observe as observe
+from .._async_limiter import _Acquiring
+from .._base import Decision, _check_seconds
 from .._budget import MAX_UNITS, Budget, CooldownPolicy
 from .._core import CooldownReply, SettleReply, Status, validate_cost, validate_retry_after
-from .._exceptions import ConfigurationError, InvalidCostError
+from .._exceptions import AcquireTimeout, ConfigurationError, InvalidCostError
 from .._local import Held, LocalBudget, Waiting
 
 
@@ -96,23 +98,50 @@ class LocalLease(Held):
         return f"<LocalLease tokens={self.tokens:g} {'held' if self.open else 'closed'}>"
 
 
+class _Kept(LocalLease):
+    """A lease handed to a caller of ``LocalLimiter.acquire``: dropped unsettled, it is released
+    (an ``AsyncLease`` has a finalizer for that; nothing else would ever free its slot here)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        if self.open:
+            limiter = self._limiter
+            try:  # in the loop's thread, after this collection: the settle arms the loop's timer
+                limiter._loop.call_soon_threadsafe(limiter._settled, self, None)
+            except RuntimeError:  # the loop is closed: nothing waits any more
+                self.open = False
+
+
 class LocalLimiter:
-    """The budget of one scheduler, in the running event loop (made inside it)."""
+    """The budget of one scheduler, made in a running event loop; ``_rebind`` moves it to another
+    (an ``asyncio.run`` per batch of work): the buckets, debt and cooldown carry over, as a shared
+    budget's would."""
 
     def __init__(self, budget: Budget, cooldown_policy: CooldownPolicy) -> None:
         self.budget = budget
         self.cooldown_policy = cooldown_policy
-        self._loop = loop = asyncio.get_running_loop()
-        #: The loop's clock (its timers'): asyncio's own loop reads time.monotonic, called directly.
-        self._now: Callable[[], float] = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
         # the leases this budget makes know it by their class (see LocalLease)
         self._lease_type = type("LocalLease", (LocalLease,), {"__slots__": (), "_limiter": self})
+        self._kept_type = type("LocalLease", (_Kept,), {"__slots__": (), "_limiter": self})
         self._core = LocalBudget(
             budget.request_rate or 0.0, budget.token_rate or 0.0, budget.credit, budget.max_concurrency or 0,
             min(budget.claim_window, budget.lease_ttl), self._granted, self._lease_type,
         )  # fmt: skip
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._rebind()
+
+    def _rebind(self) -> None:
+        """Run in the running loop from now on (its clock and timers)."""
+        loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_at = None
+        self._loop = loop
+        #: The loop's clock (its timers'): asyncio's own loop reads time.monotonic, called directly.
+        self._now: Callable[[], float] = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
+        self._arm()
 
     # --- the queue's clock ---
 
@@ -138,14 +167,53 @@ class LocalLimiter:
 
     # --- what the schedulers call ---
 
-    def acquire(self, tokens: float = 0, *, requests: float = 1) -> Any:
-        """Wait for ``requests``, ``tokens`` and a slot together, first come first served; await it."""
+    def acquire(
+        self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None
+    ) -> _Acquiring[LocalLease]:
+        """Wait for ``requests``, ``tokens`` and a slot together, first come first served: await it,
+        or ``async with``. ``timeout``: raise ``AcquireTimeout`` at once when the wait is known to be
+        longer, else at the deadline, as ``AsyncLimiter.acquire`` does."""
         requests, tokens = validate_cost(self.budget, requests, tokens)
-        return self._acquire(requests, tokens)
+        return _Acquiring(self._acquire_kept(requests, tokens, _check_seconds("timeout", timeout)))
 
-    async def _acquire(self, requests: float, tokens: float) -> LocalLease:
-        got = self._enter(requests, tokens)
-        return got if isinstance(got, LocalLease) else await self._wait(got)
+    async def _acquire_kept(self, requests: float, tokens: float, timeout: float | None) -> LocalLease:
+        core, name = self._core, self.budget.name
+        got = core.acquire(self._now(), requests, tokens, max_wait=timeout)
+        if isinstance(got, float):
+            raise AcquireTimeout(
+                f"budget {name!r} can grant this request in {got:.3f}s, after the {timeout:g}s timeout",
+                budget=name,
+                retry_after=got,
+            )
+        if isinstance(got, Waiting):
+            got.waiter = self._loop.create_future()
+            got.since = time.monotonic()
+            self._arm()
+            try:
+                async with asyncio.timeout(timeout):
+                    lease = await self._wait(got)
+            except TimeoutError:
+                raise AcquireTimeout(f"no grant from budget {name!r} within {timeout:g}s", budget=name) from None
+        else:
+            assert isinstance(got, LocalLease)
+            lease = got
+            if observe.OBSERVERS:
+                observe.granted(name, time.monotonic(), requests, tokens)
+        lease.__class__ = self._kept_type  # released if the caller drops it
+        return lease
+
+    async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[LocalLease]:
+        """A lease now, or how long until one would be granted (None: a slot or the queue holds it back)."""
+        requests, tokens = validate_cost(self.budget, requests, tokens)
+        got = self._core.acquire(self._now(), requests, tokens, may_queue=False)
+        if not isinstance(got, LocalLease):
+            if observe.OBSERVERS:
+                observe.refused(self.budget.name)
+            return Decision(False, None, got if isinstance(got, float) else None)
+        if observe.OBSERVERS:
+            observe.granted(self.budget.name, time.monotonic(), requests, tokens)
+        got.__class__ = self._kept_type
+        return Decision(True, got, None)
 
     def _enter(self, requests: float, tokens: float) -> LocalLease | Waiting:
         """The lease if it fits now (no await: the compatible schedulers' fast path), else the
@@ -218,7 +286,7 @@ class LocalLimiter:
         until, level = self._core.clear_cooldown(now)
         self._arm()
         wall = time.time()
-        return CooldownReply(wall + (until - now), wall, level)
+        return CooldownReply(wall + (until - now) if until > 0 else 0.0, wall, level)  # 0: never paused
 
     async def status(self) -> Status:
         """A snapshot, as ``AsyncLimiter.status`` gives it; ``mode`` is ``"in-process"``."""
@@ -238,7 +306,8 @@ class LocalLimiter:
         )
 
     async def aclose(self) -> None:
-        """Stop the queue's timer (the scheduler has waited for its tasks)."""
+        """Stop the queue's timer (the scheduler has waited for its tasks); the budget's state stays
+        for the next loop the scheduler runs in."""
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._timer_at = None

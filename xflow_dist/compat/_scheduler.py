@@ -54,7 +54,7 @@ log = logging.getLogger("xflow_dist")
 T = TypeVar("T")
 P = ParamSpec("P")
 
-#: The name given to a budget kept in memory when no Redis is named: it is private anyway.
+#: The name given to a scheduler's own budget when no Redis is named: it is private anyway.
 _MEMORY_NAME = "xtremeflow"
 
 #: The pause is exactly what ``auto_backoff`` asks for: its own per-attempt doubling is the backoff.
@@ -89,11 +89,7 @@ class ExecutionContext:
         while True:
             if scheduler._backoff_until:
                 await scheduler._backoff_over()
-            lease: AsyncLease | LocalLease
-            if type(limiter) is LocalLimiter:
-                lease = await limiter._acquire(1.0, self.estimated_tokens)
-            else:
-                lease = await limiter.acquire(tokens=self.estimated_tokens)
+            lease: AsyncLease | LocalLease = await limiter.acquire(tokens=self.estimated_tokens)
             if not scheduler._backoff_until or scheduler._backoff_left() <= 0:
                 return lease
             await lease.cancel()
@@ -219,6 +215,7 @@ class TaskScheduler:
         )
         # Without a Redis the budget is this scheduler's own, in its loop: independent, like XtremeFlow's.
         self._redis = redis
+        self._local: LocalLimiter | None = None
         self._cooldown_policy = cooldown_policy or _EXACT_PAUSE
         self._rt: _Runtime | None = None
         self._backoff_until = 0.0  # loop.time() before which no task of this process starts
@@ -232,8 +229,12 @@ class TaskScheduler:
         if self._rt is None or self._rt.loop is not loop:
             limit = self.budget.max_concurrency
             limiter: AsyncLimiter | LocalLimiter
-            if self._redis is None:
-                limiter = LocalLimiter(self.budget, self._cooldown_policy)
+            if self._redis is None:  # one budget for the scheduler's life, whichever loop runs it
+                if self._local is None:
+                    self._local = LocalLimiter(self.budget, self._cooldown_policy)
+                else:
+                    self._local._rebind()
+                limiter = self._local
             else:
                 limiter = AsyncLimiter(self.budget, self._redis, cooldown_policy=self._cooldown_policy)
             self._rt = _Runtime(loop, limiter, asyncio.Semaphore(limit) if limit is not None else None)
