@@ -354,3 +354,23 @@ async def test_the_in_process_limiter_answers_as_an_async_limiter() -> None:
     with pytest.raises(ConfigurationError):
         limiter.acquire(timeout=-1)
     await limiter.aclose()
+
+
+async def test_a_head_ticked_late_by_the_loop_is_granted_as_of_its_time() -> None:
+    """The loop's timer fires late (epoll sleeps in whole milliseconds); nothing else acted on the
+    budget meanwhile, so the head is charged as a waiter back on time would be, not as a late one
+    (whose credit stops at one refill time: here it would lose 2 ms of the rate)."""
+    limiter = _limiter(rps=1000.0)
+    clock = [1000.0]
+    limiter._now = lambda: clock[0]
+    first = limiter._enter(1.0, 0.0)  # granted at 1000.000: the next start is due at 1000.001
+    second = limiter._enter(1.0, 0.0)
+    assert isinstance(second, Waiting) and limiter._timer_at == pytest.approx(1000.001)
+    clock[0] = 1000.004  # the timer's callback runs 3 ms late
+    limiter._tick()
+    assert second.held is not None  # granted...
+    assert limiter._core.rt == pytest.approx(1000.002)  # ...and charged from 1000.001, its time
+    second.waiter.cancel()  # type: ignore[union-attr]  # (its task never ran: give it back)
+    limiter._core.cancel(clock[0], second)
+    first._release_now()  # type: ignore[union-attr]
+    await limiter.aclose()

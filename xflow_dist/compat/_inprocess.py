@@ -161,8 +161,13 @@ class LocalLimiter:
             self._timer_at = due
 
     def _tick(self) -> None:
-        self._timer = self._timer_at = None
-        self._core.tick(self._now())
+        """The head's time has come: it is back when told, as a punctual waiter. Nothing acted on
+        the budget since then (whatever did ran the queue and moved or stopped this timer), so the
+        loop's own lateness (epoll sleeps in whole milliseconds) is not the head's: it is granted as
+        of its time, as the scripts grant a waiter back on time."""
+        at, self._timer, self._timer_at = self._timer_at, None, None
+        now = self._now()
+        self._core.tick(at if at is not None and at <= now else now)
         self._arm()
 
     # --- what the schedulers call ---
@@ -206,6 +211,7 @@ class LocalLimiter:
         """A lease now, or how long until one would be granted (None: a slot or the queue holds it back)."""
         requests, tokens = validate_cost(self.budget, requests, tokens)
         got = self._core.acquire(self._now(), requests, tokens, may_queue=False)
+        self._arm()  # the queue ran: a head may have been granted or told another time
         if not isinstance(got, LocalLease):
             if observe.OBSERVERS:
                 observe.refused(self.budget.name)
