@@ -374,3 +374,22 @@ async def test_a_head_ticked_late_by_the_loop_is_granted_as_of_its_time() -> Non
     limiter._core.cancel(clock[0], second)
     first._release_now()  # type: ignore[union-attr]
     await limiter.aclose()
+
+
+async def test_a_call_that_comes_before_the_late_timer_grants_the_head_as_of_its_time() -> None:
+    """The same when a release runs first: the timer's time is replayed before the release."""
+    limiter = _limiter(rps=1000.0)
+    clock = [1000.0]
+    limiter._now = lambda: clock[0]
+    first = limiter._enter(1.0, 0.0)
+    second = limiter._enter(1.0, 0.0)
+    third = limiter._enter(1.0, 0.0)
+    assert isinstance(second, Waiting) and isinstance(third, Waiting)
+    clock[0] = 1000.0045  # the release comes 3.5 ms after the second's time, before the timer's callback
+    first._release_now()  # type: ignore[union-attr]
+    assert second.held is not None and third.held is not None  # each as of its own time: 1000.001, .002
+    assert limiter._core.rt == pytest.approx(1000.003)
+    for t in (second, third):
+        t.waiter.cancel()  # type: ignore[union-attr]
+        limiter._core.cancel(clock[0], t)
+    await limiter.aclose()

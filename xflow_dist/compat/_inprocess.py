@@ -161,14 +161,28 @@ class LocalLimiter:
             self._timer_at = due
 
     def _tick(self) -> None:
-        """The head's time has come: it is back when told, as a punctual waiter. Nothing acted on
-        the budget since then (whatever did ran the queue and moved or stopped this timer), so the
-        loop's own lateness (epoll sleeps in whole milliseconds) is not the head's: it is granted as
-        of its time, as the scripts grant a waiter back on time."""
-        at, self._timer, self._timer_at = self._timer_at, None, None
-        now = self._now()
-        self._core.tick(at if at is not None and at <= now else now)
+        self._timer = self._timer_at = None
+        self._now_caught_up()
         self._arm()
+
+    def _now_caught_up(self) -> float:
+        """Now, once every head whose time came meanwhile is back as of that time, a punctual waiter.
+
+        A head told its time is ticked by the loop's timer, which runs late (epoll sleeps in whole
+        milliseconds; a busy loop runs other callbacks first), and another call may come before it.
+        Nothing acted on the budget since that time (whatever did ran the queue then), so the head
+        is granted as of it, as the scripts grant a waiter back on time; the loop's lateness is not
+        the head's, which would lose what passes one refill time (see the late head's credit).
+        """
+        now = self._now()
+        core = self._core
+        due = core.due
+        for _ in range(len(core.queue) + 1):  # each tick grants the head or tells it a later time
+            if due is None or due > now:
+                break
+            core.tick(due)
+            due = core.due
+        return now
 
     # --- what the schedulers call ---
 
@@ -183,7 +197,7 @@ class LocalLimiter:
 
     async def _acquire_kept(self, requests: float, tokens: float, timeout: float | None) -> LocalLease:
         core, name = self._core, self.budget.name
-        got = core.acquire(self._now(), requests, tokens, max_wait=timeout)
+        got = core.acquire(self._now_caught_up(), requests, tokens, max_wait=timeout)
         if isinstance(got, float):
             raise AcquireTimeout(
                 f"budget {name!r} can grant this request in {got:.3f}s, after the {timeout:g}s timeout",
@@ -210,7 +224,7 @@ class LocalLimiter:
     async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[LocalLease]:
         """A lease now, or how long until one would be granted (None: a slot or the queue holds it back)."""
         requests, tokens = validate_cost(self.budget, requests, tokens)
-        got = self._core.acquire(self._now(), requests, tokens, may_queue=False)
+        got = self._core.acquire(self._now_caught_up(), requests, tokens, may_queue=False)
         self._arm()  # the queue ran: a head may have been granted or told another time
         if not isinstance(got, LocalLease):
             if observe.OBSERVERS:
@@ -224,7 +238,10 @@ class LocalLimiter:
     def _enter(self, requests: float, tokens: float) -> LocalLease | Waiting:
         """The lease if it fits now (no await: the compatible schedulers' fast path), else the
         ticket queued, to ``_wait`` for."""
-        got = self._core.acquire(self._now(), requests, tokens)
+        now, core = self._now(), self._core
+        if core.due is not None and core.due <= now:
+            now = self._now_caught_up()
+        got = core.acquire(now, requests, tokens)
         if type(got) is not Waiting:
             if observe.OBSERVERS:
                 observe.granted(self.budget.name, time.monotonic(), requests, tokens)
@@ -240,7 +257,7 @@ class LocalLimiter:
         try:
             await waiter
         except BaseException:
-            self._core.cancel(self._now(), t)  # the ticket, or the grant made to it meanwhile
+            self._core.cancel(self._now_caught_up(), t)  # the ticket, or the grant made to it meanwhile
             self._arm()
             raise
         lease = t.held
@@ -256,7 +273,10 @@ class LocalLimiter:
 
     def _settled(self, lease: LocalLease, actual: float | None) -> float:
         core = self._core
-        refunded = core.settle(self._now(), lease, actual)
+        now = self._now()
+        if core.due is not None and core.due <= now:
+            now = self._now_caught_up()
+        refunded = core.settle(now, lease, actual)
         if core.due != self._timer_at:
             self._arm()
         if observe.OBSERVERS:
@@ -264,7 +284,7 @@ class LocalLimiter:
         return refunded
 
     def _cancel(self, lease: LocalLease) -> None:
-        self._core.cancel(self._now(), lease)
+        self._core.cancel(self._now_caught_up(), lease)
         self._arm()
         if observe.OBSERVERS:
             observe.settled(self.budget.name, lease.tokens, lease.tokens)
@@ -276,7 +296,7 @@ class LocalLimiter:
         p = self.cooldown_policy
         if retry_after is not None:
             retry_after = min(retry_after, p.max_pause)
-        now = self._now()
+        now = self._now_caught_up()
         until, level, started = self._core.cooldown(
             now, retry_after, p.base, p.max_backoff, p.quiet, p.jitter, random.random(), p.max_pause
         )
@@ -288,7 +308,7 @@ class LocalLimiter:
 
     async def clear_cooldown(self) -> CooldownReply:
         """End the pause now and reset its backoff."""
-        now = self._now()
+        now = self._now_caught_up()
         until, level = self._core.clear_cooldown(now)
         self._arm()
         wall = time.time()
@@ -296,7 +316,8 @@ class LocalLimiter:
 
     async def status(self) -> Status:
         """A snapshot, as ``AsyncLimiter.status`` gives it; ``mode`` is ``"in-process"``."""
-        core, now = self._core, self._now()
+        core, now = self._core, self._now_caught_up()
+        self._arm()
         return Status(
             budget=self.budget.name,
             now=time.time(),
