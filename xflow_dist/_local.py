@@ -124,6 +124,8 @@ class LocalBudget:
         if self.rate_tok > 0:
             self.tt = self._from(now, self.tt, fit, ctok, self.rate_tok) + ctok / self.rate_tok
         self.in_flight += 1
+        if creq % 1 == 0 and ctok % 1 == 0 and creq < 1e14 and ctok < 1e14:  # whole: stored as they are
+            return self.lease(creq, ctok)
         return self.lease(_g14(creq), _g14(ctok))
 
     def _refund(self, now: float, creq: float, ctok: float) -> None:

@@ -67,15 +67,22 @@ class ExecutionContext:
 
     __slots__ = ("_coro", "_dispatched", "_limiter", "_slots", "extra", "lease", "scheduler")
 
-    def __init__(self, scheduler: TaskScheduler, limiter: AsyncLimiter | LocalLimiter, estimated_tokens: float) -> None:
+    def __init__(
+        self,
+        scheduler: TaskScheduler,
+        limiter: AsyncLimiter | LocalLimiter,
+        estimated_tokens: float,
+        coro: Coroutine[Any, Any, Any] | None = None,
+        slots: asyncio.Semaphore | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.extra: dict[str, Any] = {"estimated_tokens": estimated_tokens}
         #: The lease of the current attempt; a retry replaces it. None until the first grant.
         self.lease: AsyncLease | LocalLease | None = None
         self._limiter = limiter
         self._dispatched = False
-        self._coro: Coroutine[Any, Any, Any] | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._coro = coro  # closed if the task ends before it ran
+        self._slots = slots  # the scheduler's max_concurrency, released when the task ends
 
     @property
     def estimated_tokens(self) -> float:
@@ -268,8 +275,7 @@ class TaskScheduler:
         except BaseException:
             coro.close()
             raise
-        ctx = ExecutionContext(self, rt.limiter, float(estimated_tokens))
-        ctx._coro, ctx._slots = coro, rt.slots
+        ctx = ExecutionContext(self, rt.limiter, float(estimated_tokens), coro, rt.slots)
         task = asyncio.create_task(self._execute(coro, ctx))
         self.active_tasks += 1
         self.pending_tasks.add(task)
