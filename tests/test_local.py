@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from xflow_dist import AcquireTimeout, Budget, ConfigurationError, CooldownPolicy, InvalidCostError
 from xflow_dist._core import acquire_args, budget_args, cooldown_args, key_names, settle_args
-from xflow_dist._engine import Engine
+from xflow_dist._engine import LATE_CREDIT, Engine
 from xflow_dist._local import Held, LocalBudget, Waiting
 
 POLICY = CooldownPolicy(base=0.3, jitter=0.5, quiet=1.1)
@@ -393,3 +393,49 @@ async def test_a_call_that_comes_before_the_late_timer_grants_the_head_as_of_its
         t.waiter.cancel()  # type: ignore[union-attr]
         limiter._core.cancel(clock[0], t)
     await limiter.aclose()
+
+
+async def test_a_loop_held_up_longer_than_the_timers_slack_makes_the_heads_late_waiters() -> None:
+    """A blocking call held the loop 1.9 s past the heads' times: they are late waiters, granted now
+    by the late head's rule (at most one refill time of credit), not all at once as if on time."""
+    from xflow_dist.compat._inprocess import TIMER_SLACK
+
+    limiter = _limiter(rps=10.0)
+    clock = [1000.0]
+    limiter._now = lambda: clock[0]
+    first = limiter._enter(1.0, 0.0)
+    queued = [limiter._enter(1.0, 0.0) for _ in range(5)]  # due at 1000.1, .2, .3, .4, .5
+    assert all(isinstance(t, Waiting) for t in queued)
+    clock[0] = 1002.0
+    assert clock[0] - 1000.1 > TIMER_SLACK
+    limiter._tick()
+    granted = [t for t in queued if isinstance(t, Waiting) and t.held is not None]
+    assert len(granted) == 1  # the head alone, charged from now less its credit (62.5 ms here)...
+    assert limiter._core.rt == pytest.approx(1002.0 - LATE_CREDIT + 0.1)  # ...and the next is paced from it
+    for t in queued:
+        assert isinstance(t, Waiting)
+        t.waiter.cancel()  # type: ignore[union-attr]
+        limiter._core.cancel(clock[0], t)
+    first._release_now()  # type: ignore[union-attr]
+    await limiter.aclose()
+
+
+def test_a_lease_dropped_after_its_loop_closed_gives_its_slot_back() -> None:
+    from xflow_dist.compat import TaskScheduler
+
+    s = TaskScheduler(1)
+    kept: list[Any] = []
+
+    async def take() -> None:
+        kept.append(await s.limiter.acquire())
+
+    asyncio.run(take())  # the loop ends with the lease held
+    kept.clear()
+    gc.collect()
+
+    async def again() -> int:
+        lease = await asyncio.wait_for(s.limiter.acquire(), 2)  # the slot is free again
+        await lease.release()
+        return (await s.limiter.status()).in_flight
+
+    assert asyncio.run(again()) == 0

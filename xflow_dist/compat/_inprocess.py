@@ -98,6 +98,12 @@ class LocalLease(Held):
         return f"<LocalLease tokens={self.tokens:g} {'held' if self.open else 'closed'}>"
 
 
+#: How late the loop may run a head's tick and still have been on time: epoll sleeps in whole
+#: milliseconds and a busy loop runs other callbacks first. Later than this the loop was held up,
+#: and the head is a late waiter.
+TIMER_SLACK = 0.005
+
+
 class _Kept(LocalLease):
     """A lease handed to a caller of ``LocalLimiter.acquire``: dropped unsettled, it is released
     (an ``AsyncLease`` has a finalizer for that; nothing else would ever free its slot here)."""
@@ -109,8 +115,8 @@ class _Kept(LocalLease):
             limiter = self._limiter
             try:  # in the loop's thread, after this collection: the settle arms the loop's timer
                 limiter._loop.call_soon_threadsafe(limiter._settled, self, None)
-            except RuntimeError:  # the loop is closed: nothing waits any more
-                self.open = False
+            except RuntimeError:  # the loop is closed: settle here (the next loop arms its timer)
+                limiter._core.settle(limiter._now(), self, None)
 
 
 class LocalLimiter:
@@ -166,21 +172,26 @@ class LocalLimiter:
         self._arm()
 
     def _now_caught_up(self) -> float:
-        """Now, once every head whose time came meanwhile is back as of that time, a punctual waiter.
+        """Now, once every head whose time came meanwhile is back: as of its time when the loop ran
+        its tick within ``TIMER_SLACK`` of it, else now.
 
         A head told its time is ticked by the loop's timer, which runs late (epoll sleeps in whole
         milliseconds; a busy loop runs other callbacks first), and another call may come before it.
-        Nothing acted on the budget since that time (whatever did ran the queue then), so the head
-        is granted as of it, as the scripts grant a waiter back on time; the loop's lateness is not
-        the head's, which would lose what passes one refill time (see the late head's credit).
+        Nothing acted on the budget since that time (whatever did ran the queue then), so a tick
+        late by the timer's own resolution is the scripts' punctual waiter, not a late one (which
+        keeps at most one refill time of credit and would lose the rest at high rates). A loop held
+        up for longer (a blocking call) makes the heads late waiters, as they are: granted now, by
+        the late head's rule, so that they do not all start at once when it resumes.
         """
         now = self._now()
         core = self._core
         due = core.due
-        for _ in range(len(core.queue) + 1):  # each tick grants the head or tells it a later time
+        # each tick grants the head or tells it a later time (a microsecond later, at most once a
+        # head, where the state's rounding moved its fit): the bound is never reached in practice
+        for _ in range(2 * len(core.queue) + 2):
             if due is None or due > now:
                 break
-            core.tick(due)
+            core.tick(due if now - due <= TIMER_SLACK else now)
             due = core.due
         return now
 
@@ -333,8 +344,10 @@ class LocalLimiter:
         )
 
     async def aclose(self) -> None:
-        """Stop the queue's timer (the scheduler has waited for its tasks); the budget's state stays
-        for the next loop the scheduler runs in."""
+        """Stop the queue's timer unless someone still waits in it (the scheduler has waited for its
+        tasks); the budget's state stays for the next loop the scheduler runs in."""
+        if self._core.queue:
+            return
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._timer_at = None
