@@ -50,11 +50,7 @@ class LocalLease(Held):
     async def report(self, actual_tokens: float, **facts: Any) -> SettleReply | None:
         """Settle with the tokens really used (refund or debt) and free the slot; once only."""
         limiter = self._limiter
-        if facts:
-            raise ConfigurationError(
-                f"a scheduler without redis= learns nothing from the provider ({', '.join(sorted(facts))} given): "
-                "its limits are the ones it was made with"
-            )
+        _refuse(facts)
         if (
             isinstance(actual_tokens, bool)
             or not isinstance(actual_tokens, int | float)
@@ -70,8 +66,7 @@ class LocalLease(Held):
 
     async def release(self, **facts: Any) -> SettleReply | None:
         """Settle at the estimate and free the slot."""
-        if facts:
-            raise ConfigurationError("a scheduler without redis= learns nothing from the provider")
+        _refuse(facts)
         if not self.open:
             return None
         return self._limiter._settle(self, None)
@@ -96,6 +91,15 @@ class LocalLease(Held):
 
     def __repr__(self) -> str:
         return f"<LocalLease tokens={self.tokens:g} {'held' if self.open else 'closed'}>"
+
+
+def _refuse(facts: dict[str, Any]) -> None:
+    """A provider's word given to an in-process lease: nothing here learns from it."""
+    if facts:
+        raise ConfigurationError(
+            f"a scheduler without redis= learns nothing from the provider ({', '.join(sorted(facts))} given): "
+            "its limits are the ones it was made with"
+        )
 
 
 #: How late the loop may run a head's tick and still have been on time: epoll sleeps in whole
@@ -186,6 +190,8 @@ class LocalLimiter:
         now = self._now()
         core = self._core
         due = core.due
+        if due is None or due > now:  # the common case: nothing is due
+            return now
         # each tick grants the head or tells it a later time (a microsecond later, at most once a
         # head, where the state's rounding moved its fit): the bound is never reached in practice
         for _ in range(2 * len(core.queue) + 2):
@@ -207,8 +213,8 @@ class LocalLimiter:
         return _Acquiring(self._acquire_kept(requests, tokens, _check_seconds("timeout", timeout)))
 
     async def _acquire_kept(self, requests: float, tokens: float, timeout: float | None) -> LocalLease:
-        core, name = self._core, self.budget.name
-        got = core.acquire(self._now_caught_up(), requests, tokens, max_wait=timeout)
+        name = self.budget.name
+        got = self._enter(requests, tokens, timeout)
         if isinstance(got, float):
             raise AcquireTimeout(
                 f"budget {name!r} can grant this request in {got:.3f}s, after the {timeout:g}s timeout",
@@ -216,21 +222,13 @@ class LocalLimiter:
                 retry_after=got,
             )
         if isinstance(got, Waiting):
-            got.waiter = self._loop.create_future()
-            got.since = time.monotonic()
-            self._arm()
             try:
                 async with asyncio.timeout(timeout):
-                    lease = await self._wait(got)
+                    got = await self._wait(got)
             except TimeoutError:
                 raise AcquireTimeout(f"no grant from budget {name!r} within {timeout:g}s", budget=name) from None
-        else:
-            assert isinstance(got, LocalLease)
-            lease = got
-            if observe.OBSERVERS:
-                observe.granted(name, time.monotonic(), requests, tokens)
-        lease.__class__ = self._kept_type  # released if the caller drops it
-        return lease
+        got.__class__ = self._kept_type  # released if the caller drops it
+        return got
 
     async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[LocalLease]:
         """A lease now, or how long until one would be granted (None: a slot or the queue holds it back)."""
@@ -246,13 +244,15 @@ class LocalLimiter:
         got.__class__ = self._kept_type
         return Decision(True, got, None)
 
-    def _enter(self, requests: float, tokens: float) -> LocalLease | Waiting:
+    def _enter(self, requests: float, tokens: float, max_wait: float | None = None) -> LocalLease | Waiting | float:
         """The lease if it fits now (no await: the compatible schedulers' fast path), else the
-        ticket queued, to ``_wait`` for."""
+        ticket queued, to ``_wait`` for, or the exact wait when it is longer than ``max_wait``."""
         now, core = self._now(), self._core
-        if core.due is not None and core.due <= now:
+        if core.due is not None and core.due <= now:  # (the hot path skips the call when nothing is due)
             now = self._now_caught_up()
-        got = core.acquire(now, requests, tokens)
+        got = core.acquire(now, requests, tokens, max_wait)
+        if type(got) is float:
+            return got
         if type(got) is not Waiting:
             if observe.OBSERVERS:
                 observe.granted(self.budget.name, time.monotonic(), requests, tokens)
@@ -283,9 +283,8 @@ class LocalLimiter:
         return SettleReply(True, refunded, time.time(), rpm or None, tpm or None)
 
     def _settled(self, lease: LocalLease, actual: float | None) -> float:
-        core = self._core
-        now = self._now()
-        if core.due is not None and core.due <= now:
+        core, now = self._core, self._now()
+        if core.due is not None and core.due <= now:  # (the hot path skips the call when nothing is due)
             now = self._now_caught_up()
         refunded = core.settle(now, lease, actual)
         if core.due != self._timer_at:

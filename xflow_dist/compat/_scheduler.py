@@ -36,6 +36,7 @@ from .._exceptions import (
 )
 from .._headers import parse_retry_after
 from .._lease import AsyncLease
+from .._local import Waiting
 from .._quota import quota_error, quota_in_exception
 from ._inprocess import LocalLease, LocalLimiter
 
@@ -88,18 +89,21 @@ class ExecutionContext:
     def estimated_tokens(self) -> float:
         return float(self.extra["estimated_tokens"])
 
-    async def _acquire(self) -> AsyncLease | LocalLease:
-        """The lease of the next attempt, never while this process's backoff is in force: a grant
-        that came during it (Redis had not heard of the 429 yet) is given back, and asked for again
-        once the backoff is over, as XtremeFlow's tasks waited out its backoff after their turn."""
+    async def _acquire(self, lease: AsyncLease | LocalLease | None = None) -> AsyncLease | LocalLease:
+        """The lease of the next attempt (``lease``: one granted already), never while this
+        process's backoff is in force: a grant that came during it (Redis had not heard of the 429
+        yet) is given back, and asked for again once the backoff is over, as XtremeFlow's tasks
+        waited out its backoff after their turn."""
         scheduler, limiter = self.scheduler, self._limiter
         while True:
-            if scheduler._backoff_until:
-                await scheduler._backoff_over()
-            lease: AsyncLease | LocalLease = await limiter.acquire(tokens=self.estimated_tokens)
+            if lease is None:
+                if scheduler._backoff_until:
+                    await scheduler._backoff_over()
+                lease = await limiter.acquire(tokens=self.estimated_tokens)
             if not scheduler._backoff_until or scheduler._backoff_left() <= 0:
                 return lease
             await lease.cancel()
+            lease = None
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         """The task is over: its slot of the scheduler's ``max_concurrency`` is free."""
@@ -111,13 +115,6 @@ class ExecutionContext:
         scheduler.total_completed += 1
         if self._slots is not None:
             self._slots.release()
-
-    async def _after(self, lease: LocalLease) -> AsyncLease | LocalLease:
-        """A lease granted in the queue, unless a backoff began meanwhile: then the next one."""
-        if self.scheduler._backoff_until and self.scheduler._backoff_left() > 0:
-            await lease.cancel()
-            return await self._acquire()
-        return lease
 
     async def _retry(self, wait: float) -> None:
         """Pause this process at once and the fleet for ``wait`` seconds, settle the failed
@@ -303,7 +300,11 @@ class TaskScheduler:
         if type(limiter) is LocalLimiter and not ctx.scheduler._backoff_until:
             # the budget in this loop: a start that fits is granted without an await
             got = limiter._enter(1.0, ctx.extra["estimated_tokens"])
-            ctx.lease = got if isinstance(got, LocalLease) else await ctx._after(await limiter._wait(got))
+            if isinstance(got, LocalLease):
+                ctx.lease = got
+            else:
+                assert isinstance(got, Waiting)  # no max_wait: queued, never refused
+                ctx.lease = await ctx._acquire(await limiter._wait(got))
         else:
             ctx.lease = await ctx._acquire()
         ctx._dispatched = True
