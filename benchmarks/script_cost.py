@@ -10,7 +10,8 @@ rounds:
   prelude      the prelude alone (budget block, TIME, local functions), then noop's reply
   floor        benchmarks/grant_floor.lua: only the work any grant must do (10 redis.call), not a limiter
   acquire      acquire as shipped
-  -touch       without touch(): PEXPIRE of the 5 keys and the lookups for their horizon
+  -touch       without touch(): the keys' expiry (PEXPIRE of the keys this call may have made, of all six
+               when the expiry moves)
   -save_state  without save_state(): HSET of the state hash
   -reap        without reap(): ZRANGEBYSCORE for expired leases
   -advance     without advance() (``-hand_over`` in older scripts): the queue's head, when empty
@@ -44,7 +45,7 @@ from xflow_dist._scripts import lua_dir, source
 
 #: Prelude functions acquire.lua calls at its top level, with what they cost in Redis commands.
 ABLATIONS = {
-    "touch": "PEXPIRE of the 5 keys + the lookups for their horizon",
+    "touch": "the keys' expiry: PEXPIRE of the keys the call may have made",
     "save_state": "HSET of the state hash",
     "reap": "ZRANGEBYSCORE for expired leases",
     "hand_over": "the queue's head gets free slots (older name)",

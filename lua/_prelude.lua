@@ -19,6 +19,8 @@
 --                                   learned limit, 2 over
 --                           cf      the limits the keys were made with (see below; configure.lua
 --                                   replaces them)
+--                           la      the latest expiry any lease was given (the keys outlive it)
+--                           xa      when the keys expire, milliseconds of Redis time (see touch())
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
@@ -175,7 +177,10 @@ end
 
 -- The limits of this call as the state keeps them (`cf`): ARGV[1..6] and ARGV[9] as given, joined
 -- by spaces. Limits the same as the stored ones were checked when they were stored.
-local STORED = redis.call('HGET', K_STATE, 'cf')
+-- The state hash is read once, here: the stored limits first, then what load_state() takes.
+local STATE_V = redis.call('HMGET', K_STATE, 'cf', 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq',
+  'ct', 'lr', 'lt', 'lu', 'pb', 'la', 'xa')
+local STORED = STATE_V[1]
 local CONFIG = #ARGV >= 9 and table.concat({ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[9]}, ' ')
 local function limit(kind)
   if CONFIG and CONFIG == STORED then
@@ -270,6 +275,10 @@ local function refund(st, creq, ctok)
   end
 end
 
+-- The keys this script may have made (written to while they could be empty): touch() gives them the
+-- keys' expiry, which every other key has already.
+local WROTE = {}
+
 -- Charges of unclaimed provisional grants that reap() removed; load_state() refunds them, as a
 -- cancel would, once the rates in force are known.
 local REAPED_REQ, REAPED_TOK = 0, 0
@@ -363,35 +372,39 @@ local function grant(st, id, creq, ctok, fit, provisional, overdraft)
   local data = creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
     snapshot(st.rt, RATE_REQ, BURST_REQ) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK) .. ' ' ..
     fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct)
+  local expiry = NOW + LEASE_TTL
   if provisional then
-    redis.call('ZADD', K_LEASES, NOW + CLAIM_WINDOW, id)
+    expiry = NOW + CLAIM_WINDOW
     data = data .. ' p'
-  else
-    redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, id)
   end
+  redis.call('ZADD', K_LEASES, expiry, id)
   redis.call('HSET', K_DATA, id, data)
+  st.la = math.max(st.la, expiry)
+  WROTE[K_LEASES], WROTE[K_DATA] = true, true
 end
 
 -- Claim a provisional grant: the lease lives a lease TTL from now and stands charged. True if it was one.
-local function claim(id, held)
+local function claim(st, id, held)
   if string.sub(held, -2) ~= ' p' then
     return false
   end
   redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, id)
+  st.la = math.max(st.la, NOW + LEASE_TTL)
   redis.call('HSET', K_DATA, id, string.sub(held, 1, -3))
   return true
 end
 
 -- Extend a lease Redis holds to a lease TTL from now, claiming it if it was a provisional grant:
 -- its new expiry, or nil where Redis does not hold it (extend.lua, rejoin.lua).
-local function prolong(id)
+local function prolong(st, id)
   local expiry = redis.call('ZSCORE', K_LEASES, id)
   if not expiry then
     return nil
   end
-  claim(id, redis.call('HGET', K_DATA, id) or '')
+  claim(st, id, redis.call('HGET', K_DATA, id) or '')
   local new_expiry = math.max(tonumber(expiry), NOW + LEASE_TTL)
   redis.call('ZADD', K_LEASES, new_expiry, id)
+  st.la = math.max(st.la, new_expiry)
   return new_expiry
 end
 
@@ -469,18 +482,18 @@ end
 
 -- The state, with the learned limits that expired since the last script taken out of force.
 local function load_state()
-  local v = redis.call('HMGET', K_STATE, 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq', 'ct',
-    'lr', 'lt', 'lu', 'pb')
+  local v = STATE_V
   local st = {
-    rt = tonumber(v[1]) or 0, tt = tonumber(v[2]) or 0, cu = tonumber(v[3]) or 0,
-    cl = tonumber(v[4]) or 0, cr = tonumber(v[5]) or 0, seq = tonumber(v[6]) or 0,
-    qa = tonumber(v[7]) or 0, kr = tonumber(v[8]) or 0, kt = tonumber(v[9]) or 0,
-    cq = tonumber(v[10]) or 0, ct = tonumber(v[11]) or 0,
-    lr = tonumber(v[12]) or 0, lt = tonumber(v[13]) or 0, lu = tonumber(v[14]) or 0, pb = tonumber(v[15]) or 0,
+    rt = tonumber(v[2]) or 0, tt = tonumber(v[3]) or 0, cu = tonumber(v[4]) or 0,
+    cl = tonumber(v[5]) or 0, cr = tonumber(v[6]) or 0, seq = tonumber(v[7]) or 0,
+    qa = tonumber(v[8]) or 0, kr = tonumber(v[9]) or 0, kt = tonumber(v[10]) or 0,
+    cq = tonumber(v[11]) or 0, ct = tonumber(v[12]) or 0,
+    lr = tonumber(v[13]) or 0, lt = tonumber(v[14]) or 0, lu = tonumber(v[15]) or 0, pb = tonumber(v[16]) or 0,
+    la = tonumber(v[17]) or 0, xa = tonumber(v[18]) or 0,
   }
   st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
   apply_limits(st)
-  if SEEN and not v[1] then -- lost, not expired (see the header): empty buckets and a hold
+  if SEEN and not v[2] then -- lost, not expired (see the header): empty buckets and a hold
     st.lost = true
     st.rt, st.tt = NOW + BURST_REQ, NOW + BURST_TOK
     st.cu = NOW + RECOVERY_WINDOWS * CLAIM_WINDOW
@@ -496,7 +509,7 @@ end
 local function save_state(st)
   redis.call('HSET', K_STATE, 'rt', fmt(st.rt), 'tt', fmt(st.tt), 'cu', fmt(st.cu),
     'cl', st.cl, 'cr', fmt(st.cr), 'seq', st.seq, 'qa', fmt(st.qa), 'kr', fmt(st.kr), 'kt', fmt(st.kt),
-    'cq', fmt(st.cq), 'ct', fmt(st.ct), 'cf', CONFIG)
+    'cq', fmt(st.cq), 'ct', fmt(st.ct), 'la', fmt(st.la), 'cf', CONFIG)
   if st.stored or st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0 then -- absent reads as 0
     redis.call('HSET', K_STATE, 'lr', fmt(st.lr), 'lt', fmt(st.lt), 'lu', fmt(st.lu), 'pb', st.pb)
   end
@@ -521,6 +534,7 @@ local function learn(st, per_min_req, per_min_tok, memory, model)
   if per_min_tok > 0 then
     e[3], e[4] = per_min_tok, until_
   end
+  WROTE[K_LEARNED] = true
   redis.call('HSET', K_LEARNED, model, fmt(tonumber(e[1])) .. ' ' .. fmt(tonumber(e[2])) .. ' ' ..
     fmt(tonumber(e[3])) .. ' ' .. fmt(tonumber(e[4])))
   local all = redis.call('HGETALL', K_LEARNED)
@@ -643,19 +657,31 @@ local function advance(st)
   end
 end
 
--- Keys live as long as they still remember something that matters, plus a grace period.
+-- Keys live as long as they still remember something that matters, plus the idle grace, and all
+-- expire at one time, `xa`. That time moves only when the horizon passes it, and then half an idle
+-- grace further, so that most calls set no expiry but on the keys they may have made (WROTE).
+-- touch() runs after save_state(), last: it writes `xa` itself when it moves.
 local function touch(st)
-  local horizon = math.max(NOW, st.rt, st.tt, st.cu, st.cr, st.lu)
-  if redis.call('ZCARD', K_QUEUE) > 0 then
-    horizon = math.max(horizon, st.qa)
+  local horizon = math.max(NOW, st.rt, st.tt, st.cu, st.cr, st.lu, st.qa, st.la)
+  -- capped, so that the time stays exact even for a debt of centuries (a rate of 1e-6 owed 1e15)
+  local due = math.ceil((NOW + math.min(horizon - NOW, 1e11) + IDLE_GRACE) * 1000)
+  local keys = {K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS, K_LEARNED}
+  if due > st.xa then
+    st.xa = due + math.ceil(IDLE_GRACE * 500)
+    redis.call('HSET', K_STATE, 'xa', string.format('%.0f', st.xa))
+  else
+    local made = {}
+    for _, k in ipairs(keys) do
+      if WROTE[k] then
+        made[#made + 1] = k
+      end
+    end
+    keys = made
   end
-  local last = redis.call('ZRANGE', K_LEASES, -1, -1, 'WITHSCORES')[2]
-  if last then
-    horizon = math.max(horizon, tonumber(last))
-  end
-  -- capped, so that PEXPIRE takes it even for a debt of centuries (a rate of 1e-6 owed 1e15)
-  local ms = math.ceil((math.min(horizon - NOW, 1e11) + IDLE_GRACE) * 1000)
-  for _, k in ipairs({K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS, K_LEARNED}) do
+  -- PEXPIRE, not PEXPIREAT, which the documented ACL does not grant: Redis takes it from the script's
+  -- frozen start time, so every key gets xa (to the millisecond Redis rounds that time to)
+  local ms = string.format('%.0f', math.ceil(st.xa - NOW * 1000))
+  for _, k in ipairs(keys) do
     redis.call('PEXPIRE', k, ms)
   end
 end

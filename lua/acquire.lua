@@ -86,7 +86,7 @@ end
 
 local held = redis.call('HGET', K_DATA, ID)
 if held then
-  claim(ID, held)
+  claim(st, ID, held)
   return finish({'granted', words(held)[3], fmt(NOW), fmt(redis.call('ZSCORE', K_LEASES, ID))})
 end
 
@@ -130,6 +130,7 @@ end
 
 st.seq = st.seq + 1
 redis.call('ZADD', K_QUEUE, st.seq, ID)
+WROTE[K_QUEUE], WROTE[K_TICKETS] = true, true
 save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1,
   overdraft = OVERDRAFT})
 advance(st)

@@ -20,7 +20,7 @@ reap()
 local st = load_state()
 advance(st)
 local reply = {'lost', '0', fmt(NOW)}
-local new_expiry = prolong(ID)
+local new_expiry = prolong(st, ID)
 if new_expiry then
   reply = {'extended', fmt(new_expiry), fmt(NOW)}
 end

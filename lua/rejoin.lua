@@ -48,10 +48,12 @@ if HOLD > 0 then
 end
 local reply = {'charged', fmt(NOW)}
 if ID ~= '' then
-  if prolong(ID) then
+  if prolong(st, ID) then
     reply = {'extended', fmt(NOW)}
   else
     redis.call('ZADD', K_LEASES, NOW + LEASE_TTL, ID)
+    st.la = math.max(st.la, NOW + LEASE_TTL)
+    WROTE[K_LEASES], WROTE[K_DATA] = true, true
     redis.call('HSET', K_DATA, ID, CREQ .. ' ' .. CTOK .. ' ' .. fmt(NOW) .. ' u u ' .. fmt(st.kr) .. ' ' ..
       fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct))
     reply = {'adopted', fmt(NOW)}

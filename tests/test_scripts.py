@@ -235,15 +235,22 @@ def test_status_writes_nothing(rclient: redis.Redis, name: str) -> None:
 
 
 def test_keys_share_one_hash_tag_and_expire_when_idle(rclient: redis.Redis, name: str) -> None:
-    o = ops(rclient, name, rps=10, tps=100, max_concurrency=1, lease_ttl=5)
-    o.acquire(tokens=10)
+    o = ops(rclient, name, rps=10, tps=100, burst=1, max_concurrency=1, lease_ttl=5)
+    lid, _ = o.acquire(tokens=10)
     found = list(rclient.scan_iter(match=f"{{xflow:{name}}}*"))
     assert found, "acquire wrote state"
     for key in found:
         assert key.startswith(f"{{xflow:{name}}}".encode())
         ttl = rclient.pttl(key)
-        # the lease lives 5 s, then the 10 s idle grace
-        assert 0 < ttl <= 15_500
+        # the lease lives 5 s, then the 10 s idle grace and half a grace more (the expiry moves in steps)
+        assert 15_000 < ttl <= 20_500
+    expiry = [rclient.pexpiretime(key) for key in found]
+    assert max(expiry) - min(expiry) <= 1, "the keys expire together"
+    o.settle(lid, 10)  # the lease keys empty, so Redis deletes them
+    o.acquire(tokens=10)  # and makes them anew, within the expiry already set: they must get it too
+    again = list(rclient.scan_iter(match=f"{{xflow:{name}}}*"))
+    assert len(again) == len(found)
+    assert all(abs(rclient.pexpiretime(key) - expiry[0]) <= 1 for key in again)
 
 
 def test_scripts_survive_script_flush(rclient: redis.Redis, name: str) -> None:

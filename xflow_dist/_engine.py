@@ -319,6 +319,7 @@ class _State:
         "cu",
         "kr",
         "kt",
+        "la",
         "lost",
         "lr",
         "lt",
@@ -329,6 +330,7 @@ class _State:
         "seq",
         "stored",
         "tt",
+        "xa",
     )
     rt: float
     tt: float
@@ -345,6 +347,8 @@ class _State:
     lt: float
     lu: float
     pb: int
+    la: float
+    xa: float
     stored: bool
     lost: bool
 
@@ -390,6 +394,12 @@ class Engine:
         if b.expire_at is None:
             return -1
         return max(0, round((b.expire_at - at) * 1000))
+
+    def pexpiretime(self, first: str) -> int:
+        b = self._live(first, self.clock())
+        if b is None or b.empty():
+            return -2
+        return -1 if b.expire_at is None else round(b.expire_at * 1000)
 
     def learned_models(self, first: str) -> list[str]:
         b = self._live(first, self.clock())
@@ -538,23 +548,27 @@ class _Call:
             r6(st.ct),
             provisional,
         )
-        self.b.leases.add(lid, self.now + (self.claim_window if provisional else self.lease_ttl))
+        expiry = self.now + (self.claim_window if provisional else self.lease_ttl)
+        self.b.leases.add(lid, expiry)
         self.b.data[lid] = lease
+        st.la = max(st.la, expiry)
 
-    def claim(self, lid: str, held: _Lease | None) -> bool:
+    def claim(self, st: _State, lid: str, held: _Lease | None) -> bool:
         if held is None or not held.provisional:
             return False
         self.b.leases.add(lid, self.now + self.lease_ttl)
+        st.la = max(st.la, self.now + self.lease_ttl)
         held.provisional = False
         return True
 
-    def prolong(self, lid: str) -> float | None:
+    def prolong(self, st: _State, lid: str) -> float | None:
         expiry = self.b.leases.by_id.get(lid)
         if expiry is None:
             return None
-        self.claim(lid, self.b.data.get(lid))
+        self.claim(st, lid, self.b.data.get(lid))
         new_expiry: float = max(expiry, self.now + self.lease_ttl)
         self.b.leases.add(lid, new_expiry)
+        st.la = max(st.la, new_expiry)
         return new_expiry
 
     def rescale(
@@ -609,9 +623,10 @@ class _Call:
             st.rt, st.tt, st.cu, st.cl, st.cr = get("rt", 0), get("tt", 0), get("cu", 0), get("cl", 0), get("cr", 0)
             st.seq, st.qa, st.kr, st.kt, st.cq = get("seq", 0), get("qa", 0), get("kr", 0), get("kt", 0), get("cq", 0)
             st.ct, st.lr, st.lt, st.lu, st.pb = get("ct", 0), get("lr", 0), get("lt", 0), get("lu", 0), get("pb", 0)
+            st.la, st.xa = get("la", 0), get("xa", 0)
         else:
             st.rt = st.tt = st.cu = st.cl = st.cr = st.seq = st.qa = st.kr = st.kt = st.cq = st.ct = 0
-            st.lr = st.lt = st.lu = st.pb = 0
+            st.lr = st.lt = st.lu = st.pb = st.la = st.xa = 0
         st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
         st.lost = False
         self.apply_limits(st)
@@ -629,7 +644,7 @@ class _Call:
         f = self.b.state
         f["rt"], f["tt"], f["cu"] = r6(st.rt), r6(st.tt), r6(st.cu)
         f["cl"], f["cr"], f["seq"], f["qa"] = st.cl, r6(st.cr), st.seq, r6(st.qa)
-        f["kr"], f["kt"], f["cq"], f["ct"] = r6(st.kr), r6(st.kt), r6(st.cq), r6(st.ct)
+        f["kr"], f["kt"], f["cq"], f["ct"], f["la"] = r6(st.kr), r6(st.kt), r6(st.cq), r6(st.ct), r6(st.la)
         f["cf"] = self.config
         if st.stored or st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0:
             f["lr"], f["lt"], f["lu"], f["pb"] = r6(st.lr), r6(st.lt), r6(st.lu), st.pb
@@ -728,16 +743,15 @@ class _Call:
                     return
 
     def touch(self, st: _State) -> None:
-        b = self.b
         now = self.now
-        horizon = max(now, st.rt, st.tt, st.cu, st.cr, st.lu)
-        if b.queue:
-            horizon = max(horizon, st.qa)
-        last = b.leases.last_expiry()
-        if last is not None:
-            horizon = max(horizon, last)
-        ms = math.ceil((min(horizon - now, 1e11) + self.idle_grace) * 1000)
-        b.expire_at = self.t + ms / 1000.0  # PEXPIRE counts from the command's time
+        horizon = max(now, st.rt, st.tt, st.cu, st.cr, st.lu, st.qa, st.la)
+        due = math.ceil((now + min(horizon - now, 1e11) + self.idle_grace) * 1000)
+        if due > st.xa:
+            st.xa = due + math.ceil(self.idle_grace * 500)
+            self.b.state["xa"] = float(st.xa)
+        # every key expires at xa (the Lua sets it on the keys it may have made, the others have it);
+        # PEXPIRE counts from the command's time
+        self.b.expire_at = self.t + math.ceil(st.xa - now * 1000) / 1000.0
 
     def finish(self, st: _State, reply: list[str]) -> list[str]:
         self.save_state(st)
@@ -769,7 +783,7 @@ class _Call:
 
         held = b.data.get(lid)
         if held is not None:
-            self.claim(lid, held)
+            self.claim(st, lid, held)
             return self.finish(st, ["granted", held.start, fmt(now), fmt(b.leases.by_id[lid])])
 
         if lid in b.queue:
@@ -907,7 +921,7 @@ class _Call:
         st = self.load_state()
         self.advance(st)
         reply = ["lost", "0", fmt(self.now)]
-        new_expiry = self.prolong(lid)
+        new_expiry = self.prolong(st, lid)
         if new_expiry is not None:
             reply = ["extended", fmt(new_expiry), fmt(self.now)]
         return self.finish(st, reply)
@@ -922,10 +936,11 @@ class _Call:
             st.cu = max(st.cu, now + hold)
         reply = ["charged", fmt(now)]
         if lid != "":
-            if self.prolong(lid) is not None:
+            if self.prolong(st, lid) is not None:
                 reply = ["extended", fmt(now)]
             else:
                 b.leases.add(lid, now + self.lease_ttl)
+                st.la = max(st.la, now + self.lease_ttl)
                 b.data[lid] = _Lease(
                     float(g14(creq)),
                     float(g14(ctok)),

@@ -122,6 +122,12 @@ class MemoryServer:
                 return -2
             return self.engine.pttl(_first_key(key))
 
+    def pexpiretime(self, key: str) -> int:
+        with self.lock:
+            if key not in self.keys_now():
+                return -2
+            return self.engine.pexpiretime(_first_key(key))
+
     def keys_now(self) -> set[str]:
         return set(self.engine.existing_keys(_six_keys))
 
@@ -300,6 +306,9 @@ class _Inspect:
 
     def pttl(self, key: str) -> int:
         return self.server.pttl(_text(key))
+
+    def pexpiretime(self, key: str) -> int:
+        return self.server.pexpiretime(_text(key))
 
     def hkeys(self, key: str) -> list[bytes]:
         return self.server.hkeys(_text(key))
