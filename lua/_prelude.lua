@@ -491,6 +491,9 @@ local function load_state()
     lr = tonumber(v[13]) or 0, lt = tonumber(v[14]) or 0, lu = tonumber(v[15]) or 0, pb = tonumber(v[16]) or 0,
     la = tonumber(v[17]) or 0, xa = tonumber(v[18]) or 0,
   }
+  if v[2] and not v[17] then -- a state an older version made, without la: the leases tell it (once)
+    st.la = tonumber(redis.call('ZRANGE', K_LEASES, -1, -1, 'WITHSCORES')[2]) or 0
+  end
   st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
   apply_limits(st)
   if SEEN and not v[2] then -- lost, not expired (see the header): empty buckets and a hold
@@ -678,8 +681,8 @@ local function touch(st)
     end
     keys = made
   end
-  -- PEXPIRE, not PEXPIREAT, which the documented ACL does not grant: Redis takes it from the script's
-  -- frozen start time, so every key gets xa (to the millisecond Redis rounds that time to)
+  -- PEXPIRE, not PEXPIREAT, which the documented ACL does not grant: counted from the command's (or
+  -- the script's frozen) time, every key gets xa within a millisecond
   local ms = string.format('%.0f', math.ceil(st.xa - NOW * 1000))
   for _, k in ipairs(keys) do
     redis.call('PEXPIRE', k, ms)

@@ -194,8 +194,12 @@ class Twins:
             head = self.items[queued[0]]
             assert isinstance(head, Waiting)
             fit = local._fit(now, head.requests, head.tokens)
-            # (told before the operation rounded the state: a tick a microsecond early comes back)
-            assert local.due == (None if fit <= now else pytest.approx(fit, abs=1e-6)), (local.due, fit)
+            # (told before the operation rounded the state: a tick up to a microsecond off comes back,
+            # and one that the rounding put at now or before still ticks, a microsecond after now)
+            if fit <= now:
+                assert local.due is None or local.due <= now + 1e-6, (local.due, fit)
+            else:
+                assert local.due == pytest.approx(fit, abs=1e-6), (local.due, fit)
         for lid in queued:  # and each ticket was told the same fit time (it counts when it is charged)
             assert b.tickets[lid].fit == self.items[lid].fit, (lid, b.tickets[lid].fit, self.items[lid].fit)  # type: ignore[union-attr]
         assert set(b.data) == held

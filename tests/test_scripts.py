@@ -253,6 +253,20 @@ def test_keys_share_one_hash_tag_and_expire_when_idle(rclient: redis.Redis, name
     assert all(abs(rclient.pexpiretime(key) - expiry[0]) <= 1 for key in again)
 
 
+def test_a_state_from_before_the_expiry_fields_gets_them_from_its_leases(client: redis.Redis, name: str) -> None:
+    o = ops(client, name, rps=10, burst=1, lease_ttl=60)
+    held, _ = o.acquire()
+    state = f"{{xflow:{name}}}:state"
+    client.hdel(state, "la", "xa")  # as an older version left it: no la, no xa,
+    for key in client.scan_iter(match=f"{{xflow:{name}}}*"):
+        client.pexpire(key, 20_000)  # and its own expiry: the grace past the lease's 60 s, say, later
+    assert o.settle("not-held").settled is False  # a call that makes no lease: its horizon must count the one held
+    lease_expiry = float(client.zscore(f"{{xflow:{name}}}:leases", held) or 0)
+    assert float(client.hget(state, "la") or 0) >= lease_expiry > 0
+    for key in client.scan_iter(match=f"{{xflow:{name}}}*"):
+        assert client.pexpiretime(key) >= (lease_expiry + 10) * 1000, key  # the lease, then the grace
+
+
 def test_scripts_survive_script_flush(rclient: redis.Redis, name: str) -> None:
     o = ops(rclient, name, rps=10, burst=1)
     assert o.acquire()[1].kind == "granted"

@@ -399,7 +399,7 @@ class Engine:
         b = self._live(first, self.clock())
         if b is None or b.empty():
             return -2
-        return -1 if b.expire_at is None else round(b.expire_at * 1000)
+        return -1 if b.expire_at is None else int(b.expire_at * 1000)
 
     def learned_models(self, first: str) -> list[str]:
         b = self._live(first, self.clock())
@@ -624,6 +624,8 @@ class _Call:
             st.seq, st.qa, st.kr, st.kt, st.cq = get("seq", 0), get("qa", 0), get("kr", 0), get("kt", 0), get("cq", 0)
             st.ct, st.lr, st.lt, st.lu, st.pb = get("ct", 0), get("lr", 0), get("lt", 0), get("lu", 0), get("pb", 0)
             st.la, st.xa = get("la", 0), get("xa", 0)
+            if "rt" in fields and "la" not in fields:  # a state an older version made
+                st.la = self.b.leases.last_expiry() or 0
         else:
             st.rt = st.tt = st.cu = st.cl = st.cr = st.seq = st.qa = st.kr = st.kt = st.cq = st.ct = 0
             st.lr = st.lt = st.lu = st.pb = st.la = st.xa = 0
