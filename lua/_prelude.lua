@@ -583,6 +583,23 @@ local function save_ticket(st, id, t)
     ' ' .. fmt(t.fit) .. (t.overdraft and ' o' or ''))
 end
 
+-- The head waiting for its rates comes back exactly when it fits; any other ticket comes back
+-- to renew itself; the head also comes back when the first lease would expire (a provisional grant
+-- left unclaimed gives its slot and charge back then, and nothing else would announce it).
+local function wait_hint(id)
+  local t = ticket(id)
+  local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
+  local hint = t.ttl / 2
+  if head == id and t.fit > NOW then
+    hint = t.fit - NOW
+  end
+  local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2]
+  if head == id and first then
+    hint = math.min(hint, tonumber(first) - NOW)
+  end
+  return math.max(0.001, hint)
+end
+
 -- The process an id belongs to: ids are "<process>.<unique>" (an id without a dot is its own).
 local function owner_of(id)
   return string.match(id, '^([^.]+)%.') or id

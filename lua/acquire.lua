@@ -67,23 +67,6 @@ local function finish(reply)
   return reply
 end
 
--- The head waiting for its rates comes back exactly when it fits; any other ticket comes back
--- to renew itself; the head also comes back when the first lease would expire (a provisional grant
--- left unclaimed gives its slot and charge back then, and nothing else would announce it).
-local function wait_hint(id)
-  local t = ticket(id)
-  local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
-  local hint = t.ttl / 2
-  if head == id and t.fit > NOW then
-    hint = t.fit - NOW
-  end
-  local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2]
-  if head == id and first then
-    hint = math.min(hint, tonumber(first) - NOW)
-  end
-  return math.max(0.001, hint)
-end
-
 local held = redis.call('HGET', K_DATA, ID)
 if held then
   claim(st, ID, held)

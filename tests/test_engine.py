@@ -48,6 +48,7 @@ OP = st.one_of(
     ),
     st.tuples(st.just("cancel"), st.integers(0, 5)),
     st.tuples(st.just("extend"), st.integers(0, 5)),
+    st.tuples(st.just("renew"), st.lists(st.integers(0, 5), max_size=4)),  # no id at all: refused alike
     st.tuples(st.just("rejoin"), st.integers(0, 5), COST, COST),
     st.tuples(st.just("cooldown"), st.none() | st.sampled_from([0.0, 0.3, 1.7]), st.sampled_from([0.0, 0.42])),
     st.tuples(st.just("clear_cooldown")),
@@ -67,6 +68,8 @@ def _argv(op: tuple[Any, ...], ids: list[str]) -> tuple[str, list[str]]:
         return kind, settle_args(ids[i], actual, seen_req, seen_tok, limit, limit and limit * 10)
     if kind in ("cancel", "extend"):
         return kind, [ids[op[1]]]
+    if kind == "renew":
+        return kind, ["1.5", *(ids[i] for i in op[1])]
     if kind == "rejoin":
         return kind, LimiterBase._rejoin_args(ids[op[1]], 1, op[2], (op[2], op[3]))
     if kind == "cooldown":

@@ -48,6 +48,7 @@ OPS: dict[str, list[str]] = {
     ],
     "cancel": ["text"],
     "extend": ["text"],
+    "renew": ["positive", "text"],
     "cooldown": ["seconds_or_unset", "positive", "positive", "seconds", "factor", "draw", "positive"],
     "status": [],
     "configure": [],
@@ -117,6 +118,7 @@ def valid_args(op: str, budget: Budget, lease: str, ticket: str) -> list[str]:
         "settle": settle_args(lease, 20, 5, 100, 600, 60_000),
         "cancel": [lease],
         "extend": [lease],
+        "renew": ["30", ticket],
         "cooldown": cooldown_args(CooldownPolicy(), 1.0, 0.5),
         "status": [],
         "configure": [],
@@ -137,6 +139,8 @@ def bad_call(draw: st.DrawFn, budget: Budget, lease: str, ticket: str) -> tuple[
         required = len([k for k in kinds if not k.endswith("_opt")])
         return op, argv[: draw(st.integers(0, required - 1))]
     if how == "extra":
+        if op == "renew":  # it takes any number of ids: an empty one, or past the 1,000th, is extra
+            return op, argv + draw(st.sampled_from([[""], ["x"] * 1000]))
         return op, argv + draw(st.lists(st.sampled_from(["1", "", "x"]), min_size=1, max_size=2))
     for i in draw(st.lists(st.integers(0, len(kinds) - 1), min_size=1, max_size=3, unique=True)):
         argv[i] = draw(garbage(kinds[i]))

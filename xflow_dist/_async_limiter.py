@@ -49,12 +49,13 @@ from ._core import (
     queued,
     script_error,
 )
-from ._events import Mailroom, Notice, Resubscribed
+from ._events import HeadNotice, Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import AsyncLease
 from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share
+from ._renewals import Renewals
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
@@ -193,6 +194,8 @@ class AsyncLimiter(LimiterBase):
         self._beater: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._queued: set[str] = set()  # tickets of this process now in the shared queue
+        self._renewals = Renewals(self.ticket_ttl)
+        self._renewer: asyncio.Task[None] | None = None
         self._kicked = asyncio.Event()  # set (and replaced) when Redis answers again: retry now
         self._closed = False
         _LIVE.add(self)
@@ -306,6 +309,9 @@ class AsyncLimiter(LimiterBase):
                     raw = await self._run(step.op, step.argv)
                     if queued(raw):  # the ticket keeps the keys alive: their absence now means loss
                         self._queued.add(lease_id)
+                        self._renewals.queued(lease_id, time.monotonic())
+                        if self._renewer is None or self._renewer.done():
+                            self._renewer = asyncio.get_running_loop().create_task(self._renew(), name="xflow-renewals")
                     step = flow.send(raw)
                 elif isinstance(step, GiveBack):
                     await self._give_back(step.lease_id, now=True)
@@ -330,6 +336,7 @@ class AsyncLimiter(LimiterBase):
         finally:
             hub.mail.forget(lease_id)
             self._queued.discard(lease_id)
+            self._renewals.discard(lease_id)
         return self._hold(lease_id, requests, tokens)
 
     async def park(self, ticket: str, seconds: float, tokens: float = 0, *, requests: float = 1) -> AsyncLease | None:
@@ -411,6 +418,32 @@ class AsyncLimiter(LimiterBase):
                 except XflowError as exc:  # a backend failure, or limits reconfigured meanwhile
                     log.warning("heartbeat of lease %s failed: %s", lid, exc)
                     continue
+
+    async def _renew(self) -> None:
+        """One task per limiter renews the queued tickets in rounds (``_renewals``); it wakes the waiters
+        whose ticket was granted or dropped meanwhile, and all of a round that failed (each then asks
+        for itself, and meets the failure)."""
+        while self._renewals:
+            now = time.monotonic()
+            ids = self._renewals.take(now)
+            if not ids:
+                await asyncio.sleep(max(0.0, (self._renewals.next_due() or now) - now))
+                continue
+            wake, heads = ids, list[tuple[str, float]]()
+            if self._outage is None:
+                try:
+                    wake, heads = self._renewals.answered(ids, await self._run("renew", self._renewals.args(ids)))
+                except XflowError as exc:
+                    log.warning("renewal of %d queued tickets failed: %s", len(ids), exc)
+            for lid in wake:
+                self._renewals.discard(lid)
+            if self._events is not None:
+                arrived = time.monotonic()
+                notices: list[tuple[str, Notice]] = [(lid, Resubscribed()) for lid in wake]
+                notices += [(lid, HeadNotice(lid, wait, arrived)) for lid, wait in heads]
+                for lid, notice in notices:
+                    if (inbox := self._events.mail.inbox(lid)) is not None:
+                        inbox.put_nowait(notice)
 
     async def _rejoin(self, lease: AsyncLease) -> None:
         """Register ``lease`` again; a release crossing it is settled again (see ``Limiter._rejoin``)."""
@@ -768,10 +801,12 @@ class AsyncLimiter(LimiterBase):
             await outage.local.aclose()
         held = [lease for lid in list(self._held) if (lease := self._leases.get(lid)) is not None]
         self._held.clear()
-        if self._beater is not None:
-            self._beater.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._beater
+        for task in (self._beater, self._renewer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._renewals.clear()
         for lease in held:
             if lease._close():
                 with contextlib.suppress(XflowError):
@@ -783,6 +818,8 @@ class AsyncLimiter(LimiterBase):
             for task in list(self._retries.values()):
                 task.cancel()
         if self._events is not None:
+            for inbox in self._events.mail.everyone():  # no round renews their tickets now: let them know
+                inbox.put_nowait(Resubscribed())
             await self._events.aclose()
             self._events = None
         if self._owns:
@@ -798,6 +835,8 @@ class AsyncLimiter(LimiterBase):
         self._retries = {}
         self._background = set()
         self._beater = None
+        self._renewer = None
+        self._renewals = Renewals(self.ticket_ttl)
         self._events = None
         self._events_lock = None
         self._gate = None

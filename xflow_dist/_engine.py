@@ -104,6 +104,14 @@ _SPECS: dict[str, Spec] = {
 }
 
 
+MAX_RENEW = 1000  # ticket ids one renew.lua call takes
+
+
+def _renew_spec(n_argv: int) -> Spec:
+    """renew.lua's arguments: the ticket TTL, then 1 to MAX_RENEW ids (as many as given, within that)."""
+    return (("ticket ttl", POSITIVE_SECONDS),) + (("id", TEXT),) * (max(12, min(n_argv, 11 + MAX_RENEW)) - 11)
+
+
 def fmt(x: float) -> str:
     """Lua's ``string.format('%.6f', x)``."""
     return f"{x:.6f}"
@@ -461,7 +469,7 @@ class _Call:
         if op == "configure":
             _checked(argv, 11, ())
             return self.configure()
-        values = _checked(argv, 11, _SPECS[op])
+        values = _checked(argv, 11, _renew_spec(len(argv)) if op == "renew" else _SPECS[op])
         if stored is not None and stored != config:
             mine = [block[i] for i in _LIMITS]
             words = stored.split()
@@ -926,6 +934,23 @@ class _Call:
         new_expiry = self.prolong(st, lid)
         if new_expiry is not None:
             reply = ["extended", fmt(new_expiry), fmt(self.now)]
+        return self.finish(st, reply)
+
+    def renew(self, ttl: float, *ids: str) -> list[str]:
+        b = self.b
+        self.reap()
+        st = self.load_state()
+        self.advance(st)
+        reply = [fmt(self.now)]
+        head = next(iter(b.queue), None)
+        for lid in ids:
+            if lid in b.queue:
+                t = self.ticket(lid)
+                t.alive = max(t.alive, max(self.now, t.fit) + ttl)
+                self.save_ticket(st, lid, t)
+                reply.append("h" + fmt(self.wait_hint(lid)) if lid == head else "q")
+            else:
+                reply.append("g" if lid in b.data else "-")
         return self.finish(st, reply)
 
     def rejoin(self, lid: str, creq: float, ctok: float, spent_req: float, spent_tok: float, hold: float) -> list[str]:

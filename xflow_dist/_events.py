@@ -89,6 +89,10 @@ class Mailroom(Generic[Q]):
     def forget(self, lease_id: str) -> None:
         self._inboxes.pop(lease_id, None)
 
+    def inbox(self, lease_id: str) -> Q | None:
+        """The inbox of the acquirer waiting for ``lease_id``, if one does."""
+        return self._inboxes.get(lease_id)
+
     @staticmethod
     def resets(message: dict[str, Any]) -> bool:
         """A (re)subscription or a lost state: the leases held must be registered again."""

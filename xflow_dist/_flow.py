@@ -15,6 +15,7 @@ from ._budget import Budget
 from ._core import acquire_args, decode_acquire, too_large_error
 from ._events import GrantNotice, HeadNotice, Notice, Resubscribed
 from ._exceptions import AcquireTimeout
+from ._renewals import LAST_RESORT, renewal_only
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +107,11 @@ def acquire_flow(
                 budget=budget.name,
                 retry_after=reply.retry_after,
             )
-        # Queued: sleep until the exact fit time (or the renewal time), unless a notice comes first;
-        # a grant or a reconnect sends the flow straight back to Redis (to claim, or to ask again).
+        # Queued: sleep until the exact fit time, unless a notice comes first; a grant, a reconnect or a
+        # ticket the limiter found dropped sends the flow straight back to Redis (to claim, or to ask again).
         wake = time.monotonic() + reply.wait
+        if renewal_only(reply.wait, ticket_ttl):  # the limiter renews it with its others (_renewals)
+            wake = time.monotonic() + LAST_RESORT * ticket_ttl
         while True:
             until = wake if deadline is None else min(wake, deadline)
             left = until - time.monotonic()

@@ -49,12 +49,13 @@ from ._core import (
     queued,
     script_error,
 )
-from ._events import Mailroom, Notice, Resubscribed
+from ._events import HeadNotice, Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import AwaitNotice, GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import Lease
 from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share
+from ._renewals import Renewals
 from ._scripts import register
 
 log = logging.getLogger("xflow_dist")
@@ -141,8 +142,9 @@ class _Retry:
 
 
 class _Upkeep:
-    """One thread per limiter: extends every held lease each third of its TTL, and retries the
-    settles and give-backs that failed on a transient Redis error until they land or are moot."""
+    """One thread per limiter: extends every held lease each third of its TTL, renews the queued
+    tickets in rounds (``_renewals``), and retries the settles and give-backs that failed on a
+    transient Redis error until they land or are moot."""
 
     def __init__(self, limiter: Limiter) -> None:
         self._limiter = limiter
@@ -150,6 +152,7 @@ class _Upkeep:
         self._leases: weakref.WeakValueDictionary[str, Lease] = weakref.WeakValueDictionary()
         self._pending: dict[str, _Retry] = {}  # lease or ticket id -> what to retry
         self._rejoin = False  # every lease held is to be registered again (the state was lost)
+        self._renewals = Renewals(limiter.ticket_ttl)
         self._cond = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -169,6 +172,16 @@ class _Upkeep:
     def remove(self, lease_id: str) -> None:
         with self._cond:
             self._due.pop(lease_id, None)
+
+    def queued(self, lease_id: str) -> None:
+        """An acquire queued (or renewed) ``lease_id``: renew it in the rounds from now on."""
+        with self._cond:
+            self._renewals.queued(lease_id, time.monotonic())
+            self._start()
+
+    def unqueued(self, lease_id: str) -> None:
+        with self._cond:
+            self._renewals.discard(lease_id)
 
     def disown(self, lease_id: str) -> None:
         """Forget a lease that another limiter holds from now on."""
@@ -219,9 +232,14 @@ class _Upkeep:
                     now = time.monotonic()
                     beats = [lid for lid, at in self._due.items() if at <= now]
                     retries = [(key, r) for key, r in self._pending.items() if r.at <= now]
-                    if beats or retries or self._rejoin:
+                    tickets = self._renewals.take(now)
+                    if beats or retries or tickets or self._rejoin:
                         break
-                    nxt = min([*self._due.values(), *(r.at for r in self._pending.values())], default=now + 60.0)
+                    renewal = self._renewals.next_due()
+                    nxt = min(
+                        [*self._due.values(), *(r.at for r in self._pending.values()), *([renewal] if renewal else [])],
+                        default=now + 60.0,
+                    )
                     self._cond.wait(nxt - now)
                 if self._stopped:
                     return
@@ -230,6 +248,8 @@ class _Upkeep:
                 rejoin, self._rejoin = self._rejoin, False
             if rejoin:
                 self._limiter._rejoin_held()
+            if tickets:
+                self._renew(tickets)
             for lid in beats:
                 self._beat(lid)
             for key, retry in retries:
@@ -245,6 +265,29 @@ class _Upkeep:
                 self.remove(lease_id)
         except XflowError as exc:  # a backend failure, or limits reconfigured meanwhile
             log.warning("heartbeat of lease %s failed: %s", lease_id, exc)
+
+    def _renew(self, ids: list[str]) -> None:
+        """One round: renew ``ids``; wake the waiters whose ticket was granted or dropped meanwhile, and
+        all of them where the round failed (each then asks for itself, and meets the failure)."""
+        wake, heads = ids, list[tuple[str, float]]()
+        if self._limiter._outage is None:
+            try:
+                raw = self._limiter._run("renew", self._renewals.args(ids))
+                with self._cond:
+                    wake, heads = self._renewals.answered(ids, raw)
+            except XflowError as exc:
+                log.warning("renewal of %d queued tickets failed: %s", len(ids), exc)
+        with self._cond:
+            for lid in wake:
+                self._renewals.discard(lid)
+        events = self._limiter._events
+        if events is not None:
+            arrived = time.monotonic()
+            notices: list[tuple[str, Notice]] = [(lid, Resubscribed()) for lid in wake]
+            notices += [(lid, HeadNotice(lid, wait, arrived)) for lid, wait in heads]
+            for lid, notice in notices:
+                if (inbox := events.mail.inbox(lid)) is not None:
+                    inbox.put(notice)
 
     def _retry(self, key: str, retry: _Retry) -> None:
         if self._limiter._outage is not None:
@@ -415,6 +458,7 @@ class Limiter(LimiterBase):
                     raw = self._run(step.op, step.argv)
                     if queued(raw):  # the ticket keeps the keys alive: their absence now means loss
                         self._queued.add(lease_id)
+                        self._upkeep.queued(lease_id)
                     step = flow.send(raw)
                 elif isinstance(step, GiveBack):
                     self._give_back(step.lease_id, now=True)
@@ -434,6 +478,7 @@ class Limiter(LimiterBase):
         finally:
             hub.mail.forget(lease_id)
             self._queued.discard(lease_id)
+            self._upkeep.unqueued(lease_id)
         return self._hold(lease_id, requests, tokens)
 
     @staticmethod
@@ -815,6 +860,8 @@ class Limiter(LimiterBase):
             with contextlib.suppress(XflowError):
                 self._run(retry.op, retry.argv)
         if self._events is not None:
+            for inbox in self._events.mail.everyone():  # no round renews their tickets now: let them know
+                inbox.put(Resubscribed())
             self._events.close()
             self._events = None
         if self._owns:

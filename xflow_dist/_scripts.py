@@ -15,7 +15,7 @@ from typing import Any
 from ._backend import IO_TIMEOUT
 from ._cluster import ride_out_migrations
 
-OPS = ("acquire", "cancel", "clear_cooldown", "configure", "cooldown", "extend", "rejoin", "settle", "status")
+OPS = ("acquire", "cancel", "clear_cooldown", "configure", "cooldown", "extend", "rejoin", "renew", "settle", "status")
 
 
 def lua_dir() -> Path:

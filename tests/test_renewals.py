@@ -1,0 +1,157 @@
+"""Queued tickets are renewed in rounds, one renew.lua call per limiter, not one acquire per waiter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+from _helpers import acquire_in_thread, ops, until
+
+from xflow_dist import AsyncLimiter, Budget, Limiter
+from xflow_dist._core import keys
+from xflow_dist._renewals import MAX_RENEW, Renewals, renewal_only
+
+TTL = 0.4  # a renewal round every 0.2 s
+
+
+def _counting(limiter: Any) -> Counter[str]:
+    """Count the scripts ``limiter`` runs, by name."""
+    counts: Counter[str] = Counter()
+    run = limiter._run
+
+    def counted(op: str, argv: list[str]) -> Any:
+        counts[op] += 1
+        return run(op, argv)
+
+    limiter._run = counted
+    return counts
+
+
+def test_a_round_takes_every_ticket_due_within_a_quarter_ttl() -> None:
+    r = Renewals(4.0)
+    r.queued("a", 0.0)  # due at 2
+    r.queued("b", 0.9)  # due at 2.9: within a quarter TTL (1 s) of the round at 2
+    r.queued("c", 1.5)  # due at 3.5: not
+    assert r.take(1.9) == []  # nothing due yet
+    assert r.take(2.0) == ["a", "b"]
+    assert r.next_due() == 3.5
+    assert r.take(3.5) == ["c", "a", "b"]  # a and b were due at 4: within 1 s, so they come along
+    assert r.answered(["c", "a", "b"], [b"1.0", b"q", b"g", b"-"]) == (["a", "b"], [])  # granted, dropped
+    assert r.next_due() == 5.5 and r.take(5.5) == ["c"]
+    many = Renewals(4.0)
+    for i in range(MAX_RENEW + 5):
+        many.queued(str(i), 0.0)
+    assert len(many.take(2.0)) == MAX_RENEW
+
+
+def test_a_round_tells_the_head_when_to_come_back_unless_that_is_only_its_renewal() -> None:
+    r = Renewals(4.0)
+    for lid in ("a", "b"):
+        r.queued(lid, 0.0)
+    ids = r.take(2.0)
+    assert r.answered(ids, ["1.0", "h0.750000", "q"]) == ([], [("a", 0.75)])
+    assert r.answered(ids, ["1.0", "h2.000000", "q"]) == ([], [])  # the renewal interval: the rounds do it
+
+
+def test_only_the_renewal_interval_is_left_to_the_rounds() -> None:
+    assert renewal_only(15.0, 30.0) and renewal_only(0.166667, 0.3333333)
+    assert not renewal_only(14.5, 30.0) and not renewal_only(20.0, 30.0)  # a fit time, a lease's expiry
+
+
+def test_a_round_never_shortens_a_ticket_and_tells_the_head_its_time(client: redis.Redis, name: str) -> None:
+    o = ops(client, name, max_concurrency=1, lease_ttl=1)
+    held, first = o.acquire()
+    assert first.kind == "granted"
+    _, parked = o.acquire(lease_id="p.parked", ticket_ttl=100)  # a Celery re-queue keeps it 100 s
+    assert parked.kind == "queued"
+    assert o.acquire(lease_id="q.later", ticket_ttl=2)[1].kind == "queued"
+    now, *statuses = [x.decode() for x in o.run("renew", ["2", "p.parked", "q.later", "x.unknown"])]
+    # the head comes back when the held lease would expire (its holder may be dead): in about 1 s
+    assert statuses[0][0] == "h" and 0.9 < float(statuses[0][1:]) <= 1.0
+    assert statuses[1:] == ["q", "-"]
+    tickets = {k.decode(): v.decode().split() for k, v in client.hgetall(keys(o.budget)[4]).items()}
+    assert float(tickets["p.parked"][2]) > float(now) + 99  # still alive 100 s, not 2
+    assert 1.9 < float(tickets["q.later"][2]) - float(now) <= 2.0
+    o.settle(held)
+    assert o.run("renew", ["2", "p.parked"])[1] == b"g"  # granted in the queue: its waiter claims it
+
+
+def test_a_deep_queue_is_renewed_in_rounds_not_waiter_by_waiter(url: str, name: str) -> None:
+    with Limiter(Budget(name, max_concurrency=1), url, ticket_ttl=TTL) as lim:
+        counts = _counting(lim)
+        holder = lim.acquire()
+        waiters = []
+        for k in range(6):
+            waiters.append(acquire_in_thread(lim, timeout=30))
+            until(lambda k=k: lim.status().queued == k + 1)  # type: ignore[misc]
+        until(lambda: counts["renew"] >= 6)  # 1.2 s at least: three TTLs that only the rounds bridged
+        assert counts["acquire"] == 1 + 6  # each waiter asked once and never came back to renew
+        holder.release()
+        starts = []
+        for thread, out in waiters:
+            thread.join(10)
+            starts.append(out["at"])
+            out["lease"].release()  # type: ignore[attr-defined]
+        assert starts == sorted(starts)  # in their turn: no ticket died and went to the back
+        # and each claimed its grant once: had a ticket died, its waiter would have asked again
+        assert counts["acquire"] == 1 + 6 + 6
+
+
+def test_a_ticket_dropped_meanwhile_sends_its_waiter_back(redis_url: str, client: redis.Redis, name: str) -> None:
+    with Limiter(Budget(name, max_concurrency=1), redis_url, ticket_ttl=TTL) as lim:
+        counts = _counting(lim)
+        holder = lim.acquire()
+        thread, out = acquire_in_thread(lim, timeout=30)
+        until(lambda: lim.status().queued == 1)
+        queue_key, tickets_key = keys(lim.budget)[3:5]
+        (ticket,) = client.zrange(queue_key, 0, -1)
+        client.zrem(queue_key, ticket)  # as if it had not been renewed in time
+        client.hdel(tickets_key, ticket)
+        until(lambda: counts["acquire"] == 3)  # the round answered "-": the waiter queued again
+        assert lim.status().queued == 1
+        holder.release()
+        thread.join(10)
+        out["lease"].release()  # type: ignore[attr-defined]
+        assert counts["acquire"] == 4  # the holder, the first ask, the second, the claim
+
+
+def test_the_async_front_renews_in_rounds_too(url: str, name: str) -> None:
+    async def main() -> None:
+        async with AsyncLimiter(Budget(name, max_concurrency=1), url, ticket_ttl=TTL) as lim:
+            counts: Counter[str] = Counter()
+            run = lim._run
+
+            async def counted(op: str, argv: list[str]) -> Any:
+                counts[op] += 1
+                return await run(op, argv)
+
+            lim._run = counted  # type: ignore[method-assign]
+            holder = await lim.acquire()
+            order: list[int] = []
+
+            async def waiter(k: int) -> None:
+                lease = await lim.acquire(timeout=30)
+                order.append(k)
+                await lease.release()
+
+            tasks = []
+            for k in range(6):
+                tasks.append(asyncio.create_task(waiter(k)))
+                for _ in range(1000):  # bounded: each queues before the next starts
+                    if (await lim.status()).queued == k + 1:
+                        break
+                    await asyncio.sleep(0.01)
+            deadline = time.monotonic() + 10
+            while counts["renew"] < 6 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert counts["renew"] >= 6
+            assert counts["acquire"] == 1 + 6
+            await holder.release()
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+            assert order == list(range(6))
+            assert counts["acquire"] == 1 + 6 + 6
+
+    asyncio.run(main())
