@@ -698,10 +698,10 @@ local function touch(st)
     end
     keys = made
   end
-  -- PEXPIRE, not PEXPIREAT, which the documented ACL does not grant: counted from the command's (or
-  -- the script's frozen) time, every key gets xa within a millisecond
-  local ms = string.format('%.0f', math.ceil(st.xa - NOW * 1000))
+  -- PEXPIREAT: the same millisecond for every key, whichever call set it (a PEXPIRE counts from
+  -- each command's own time)
+  local at = string.format('%.0f', st.xa)
   for _, k in ipairs(keys) do
-    redis.call('PEXPIRE', k, ms)
+    redis.call('PEXPIREAT', k, at)
   end
 end

@@ -151,7 +151,7 @@ async def test_whole_flow_as_the_documented_user_async(
 
 MISSING = {
     "+publish": "PUBLISH",
-    "+pexpire": "PEXPIRE",
+    "+pexpireat": "PEXPIREAT",
     "&{xflow:*": "PUBLISH",  # the channel: PUBLISH and SUBSCRIBE on it
     "+subscribe": "SUBSCRIBE",
     "+hset": "HSET",
@@ -179,7 +179,7 @@ def test_a_missing_right_is_refused_at_the_first_call_with_nothing_written(
     assert _refusals(admin) == []  # no script ran to be refused halfway
 
 
-@pytest.mark.parametrize("dropped", ["+publish", "&{xflow:*", "+pexpire"])
+@pytest.mark.parametrize("dropped", ["+publish", "&{xflow:*", "+pexpireat"])
 async def test_a_missing_right_is_refused_at_the_first_call_async(
     checked: None, admin: redis.Redis, make_user: Callable[[list[str]], str], dropped: str
 ) -> None:

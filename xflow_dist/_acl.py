@@ -29,14 +29,14 @@ from ._scripts import lua_dir
 log = logging.getLogger("xflow_dist")
 
 #: The commands the operations run on the budget's keys, each with what follows the key in a check.
-#: Every key is written (PEXPIRE at least), so each command is checked on every key.
+#: Every key is written (PEXPIREAT at least), so each command is checked on every key.
 KEY_COMMANDS: dict[str, tuple[str, ...]] = {
     "HDEL": ("f",),
     "HGET": ("f",),
     "HGETALL": (),
     "HMGET": ("f",),
     "HSET": ("f", "v"),
-    "PEXPIRE": ("1",),
+    "PEXPIREAT": ("1",),
     "ZADD": ("0", "m"),
     "ZCARD": (),
     "ZCOUNT": ("0", "0"),
@@ -60,7 +60,7 @@ ACL_RULE = (
     "resetkeys ~{xflow:* resetchannels &{xflow:* -@all "
     "+evalsha +script|load +subscribe +unsubscribe +ping +pubsub|numsub "
     "+time +hget +hmget +hgetall +hset +hdel +zadd +zrem +zscore +zcard +zcount +zrange +zrangebyscore "
-    "+pexpire +publish"
+    "+pexpireat +publish"
 )
 
 _HINT = f"grant the user the rule in docs/security.md: ACL SETUSER <user> on ><password> {ACL_RULE}"

@@ -759,9 +759,8 @@ class _Call:
         if due > st.xa:
             st.xa = due + math.ceil(self.idle_grace * 500)
             self.b.state["xa"] = float(st.xa)
-        # every key expires at xa (the Lua sets it on the keys it may have made, the others have it);
-        # PEXPIRE counts from the command's time
-        self.b.expire_at = self.t + math.ceil(st.xa - now * 1000) / 1000.0
+        # every key expires at xa (the Lua sets it on the keys it may have made, the others have it)
+        self.b.expire_at = st.xa / 1000.0
 
     def finish(self, st: _State, reply: list[str]) -> list[str]:
         self.save_state(st)
