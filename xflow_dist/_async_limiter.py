@@ -49,7 +49,7 @@ from ._core import (
     queued,
     script_error,
 )
-from ._events import HeadNotice, Mailroom, Notice, Resubscribed
+from ._events import Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
@@ -429,21 +429,15 @@ class AsyncLimiter(LimiterBase):
             if not ids:
                 await asyncio.sleep(max(0.0, (self._renewals.next_due() or now) - now))
                 continue
-            wake, heads = ids, list[tuple[str, float]]()
+            raw = None
             if self._outage is None:
                 try:
-                    wake, heads = self._renewals.answered(ids, await self._run("renew", self._renewals.args(ids)))
+                    raw = await self._run("renew", self._renewals.args(ids))
                 except XflowError as exc:
                     log.warning("renewal of %d queued tickets failed: %s", len(ids), exc)
-            for lid in wake:
-                self._renewals.discard(lid)
-            if self._events is not None:
-                arrived = time.monotonic()
-                notices: list[tuple[str, Notice]] = [(lid, Resubscribed()) for lid in wake]
-                notices += [(lid, HeadNotice(lid, wait, arrived)) for lid, wait in heads]
-                for lid, notice in notices:
-                    if (inbox := self._events.mail.inbox(lid)) is not None:
-                        inbox.put_nowait(notice)
+            for lid, notice in self._renewals.notices(ids, raw, time.monotonic()):
+                if self._events is not None and (inbox := self._events.mail.inbox(lid)) is not None:
+                    inbox.put_nowait(notice)
 
     async def _rejoin(self, lease: AsyncLease) -> None:
         """Register ``lease`` again; a release crossing it is settled again (see ``Limiter._rejoin``)."""

@@ -49,7 +49,7 @@ from ._core import (
     queued,
     script_error,
 )
-from ._events import HeadNotice, Mailroom, Notice, Resubscribed
+from ._events import Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import AwaitNotice, GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
@@ -269,25 +269,18 @@ class _Upkeep:
     def _renew(self, ids: list[str]) -> None:
         """One round: renew ``ids``; wake the waiters whose ticket was granted or dropped meanwhile, and
         all of them where the round failed (each then asks for itself, and meets the failure)."""
-        wake, heads = ids, list[tuple[str, float]]()
+        raw = None
         if self._limiter._outage is None:
             try:
                 raw = self._limiter._run("renew", self._renewals.args(ids))
-                with self._cond:
-                    wake, heads = self._renewals.answered(ids, raw)
             except XflowError as exc:
                 log.warning("renewal of %d queued tickets failed: %s", len(ids), exc)
         with self._cond:
-            for lid in wake:
-                self._renewals.discard(lid)
+            notices = self._renewals.notices(ids, raw, time.monotonic())
         events = self._limiter._events
-        if events is not None:
-            arrived = time.monotonic()
-            notices: list[tuple[str, Notice]] = [(lid, Resubscribed()) for lid in wake]
-            notices += [(lid, HeadNotice(lid, wait, arrived)) for lid, wait in heads]
-            for lid, notice in notices:
-                if (inbox := events.mail.inbox(lid)) is not None:
-                    inbox.put(notice)
+        for lid, notice in notices:
+            if events is not None and (inbox := events.mail.inbox(lid)) is not None:
+                inbox.put(notice)
 
     def _retry(self, key: str, retry: _Retry) -> None:
         if self._limiter._outage is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._core import _num, _strings
+from ._events import HeadNotice, Notice, Resubscribed
 
 #: Ticket ids one renew.lua call takes (``MAX_IDS`` there).
 MAX_RENEW = 1000
@@ -78,6 +79,17 @@ class Renewals:
         for lid in wake:
             self._due.pop(lid, None)
         return wake, heads
+
+    def notices(self, ids: list[str], raw: Any | None, arrived: float) -> list[tuple[str, Notice]]:
+        """What a round of ``ids`` tells their waiters, given renew.lua's reply (None: the round failed,
+        or Redis is out): ``Resubscribed`` to each that must ask again (all of them when the round
+        failed, and they leave the table), ``HeadNotice`` to the head told its time."""
+        if raw is None:
+            for lid in ids:
+                self._due.pop(lid, None)
+            return [(lid, Resubscribed()) for lid in ids]
+        wake, heads = self.answered(ids, raw)
+        return [(lid, Resubscribed()) for lid in wake] + [(lid, HeadNotice(lid, w, arrived)) for lid, w in heads]
 
     def args(self, ids: list[str]) -> list[str]:
         return [_num(self.ticket_ttl), *ids]
