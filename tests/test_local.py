@@ -399,6 +399,30 @@ async def test_a_call_that_comes_before_the_late_timer_grants_the_head_as_of_its
     await limiter.aclose()
 
 
+async def test_a_loop_paused_within_the_timers_slack_catches_its_heads_up() -> None:
+    """A collection held the loop 45 ms at 1,000 starts a second: the heads due meanwhile are granted
+    as of their times, as XtremeFlow's booked starts catch up, and the next is due on the same grid."""
+    from xflow_dist.compat._inprocess import TIMER_SLACK
+
+    limiter = _limiter(rps=1000.0)
+    clock = [1000.0]
+    limiter._now = lambda: clock[0]
+    first = limiter._enter(1.0, 0.0)  # granted at 1000.000
+    queued = [limiter._enter(1.0, 0.0) for _ in range(60)]  # due at 1000.001, .002, ... .060
+    clock[0] = 1000.0455
+    assert 0.005 < clock[0] - 1000.001 <= TIMER_SLACK
+    limiter._tick()
+    granted = [t for t in queued if isinstance(t, Waiting) and t.held is not None]
+    assert len(granted) == 45  # 1000.001 to 1000.045: none lost to the pause...
+    assert limiter._core.rt == pytest.approx(1000.046)  # ...and the 46th is due at its own time
+    for t in queued:
+        assert isinstance(t, Waiting)
+        t.waiter.cancel()  # type: ignore[union-attr]
+        limiter._core.cancel(clock[0], t)
+    first._release_now()  # type: ignore[union-attr]
+    await limiter.aclose()
+
+
 async def test_a_loop_held_up_longer_than_the_timers_slack_makes_the_heads_late_waiters() -> None:
     """A blocking call held the loop 1.9 s past the heads' times: they are late waiters, granted now
     by the late head's rule (at most one refill time of credit), not all at once as if on time."""
