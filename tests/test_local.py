@@ -264,6 +264,14 @@ def _limiter(**kw: Any) -> Any:
     return LocalLimiter(Budget("local", overdraft=True, dispatch_margin=0.0, **kw), CooldownPolicy(jitter=0.0))
 
 
+def _give_back(limiter: Any, now: float, tickets: Any) -> None:
+    """Tickets whose tasks never ran: each gives back its place, or the grant made to it."""
+    for t in tickets:
+        assert isinstance(t, Waiting)
+        t.waiter.cancel()  # type: ignore[union-attr]
+        limiter._core.cancel(now, t)
+
+
 async def test_a_grant_made_to_a_waiter_cancelled_before_it_ran_is_given_back() -> None:
     limiter = _limiter(max_concurrency=1, tps=100.0, burst=1.0)  # 100 tokens of credit: only the slot binds
     first = await limiter.acquire(tokens=10)
@@ -374,8 +382,7 @@ async def test_a_head_ticked_late_by_the_loop_is_granted_as_of_its_time() -> Non
     limiter._tick()
     assert second.held is not None  # granted...
     assert limiter._core.rt == pytest.approx(1000.002)  # ...and charged from 1000.001, its time
-    second.waiter.cancel()  # type: ignore[union-attr]  # (its task never ran: give it back)
-    limiter._core.cancel(clock[0], second)
+    _give_back(limiter, clock[0], [second])
     first._release_now()  # type: ignore[union-attr]
     await limiter.aclose()
 
@@ -393,9 +400,7 @@ async def test_a_call_that_comes_before_the_late_timer_grants_the_head_as_of_its
     first._release_now()  # type: ignore[union-attr]
     assert second.held is not None and third.held is not None  # each as of its own time: 1000.001, .002
     assert limiter._core.rt == pytest.approx(1000.003)
-    for t in (second, third):
-        t.waiter.cancel()  # type: ignore[union-attr]
-        limiter._core.cancel(clock[0], t)
+    _give_back(limiter, clock[0], [second, third])
     await limiter.aclose()
 
 
@@ -415,10 +420,7 @@ async def test_a_loop_paused_within_the_timers_slack_catches_its_heads_up() -> N
     granted = [t for t in queued if isinstance(t, Waiting) and t.held is not None]
     assert len(granted) == 45  # 1000.001 to 1000.045: none lost to the pause...
     assert limiter._core.rt == pytest.approx(1000.046)  # ...and the 46th is due at its own time
-    for t in queued:
-        assert isinstance(t, Waiting)
-        t.waiter.cancel()  # type: ignore[union-attr]
-        limiter._core.cancel(clock[0], t)
+    _give_back(limiter, clock[0], queued)
     first._release_now()  # type: ignore[union-attr]
     await limiter.aclose()
 
@@ -440,10 +442,7 @@ async def test_a_loop_held_up_longer_than_the_timers_slack_makes_the_heads_late_
     granted = [t for t in queued if isinstance(t, Waiting) and t.held is not None]
     assert len(granted) == 1  # the head alone, charged from now less its credit (62.5 ms here)...
     assert limiter._core.rt == pytest.approx(1002.0 - LATE_CREDIT + 0.1)  # ...and the next is paced from it
-    for t in queued:
-        assert isinstance(t, Waiting)
-        t.waiter.cancel()  # type: ignore[union-attr]
-        limiter._core.cancel(clock[0], t)
+    _give_back(limiter, clock[0], queued)
     first._release_now()  # type: ignore[union-attr]
     await limiter.aclose()
 
