@@ -26,7 +26,9 @@
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
 --                           after ("u" where that bucket had no rate), and the corrections and
 --                           charges made by then
---   KEYS[4] queue     ZSET  ticket id -> sequence number: FIFO of acquirers waiting for a slot
+--   KEYS[4] queue     ZSET  ticket id -> place: acquirers waiting, served in order of place. The place
+--                           is the arrival's sequence number (seq), FIFO; a priority class's lead L
+--                           makes it seq - L - 0.5, ahead of the last L arrivals (ties: by id)
 --   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until> <ttl> <fit announced>"
 --   KEYS[6] learned   HASH  model (or route; "" unnamed) -> "<rpm> <rpm until> <tpm> <tpm until>": the
 --                           limits the provider reported for it, per minute (0: none), each live
@@ -83,8 +85,10 @@
 -- level may go below zero: that debt is what later arrivals wait out.
 --
 -- Grants happen only now, never in the future, so credit given back (a refund, a cancel) is used
--- at once. Whoever cannot be granted now joins one FIFO queue (rates and slots alike); only its head
--- may be granted, so a large request is never overtaken by small ones. The head is told, on the
+-- at once. Whoever cannot be granted now joins one queue (rates and slots alike), FIFO within a
+-- priority class; only its head may be granted, so a large request is never overtaken by small ones
+-- of its class. An arrival with a lead that would go before the head and fits now is granted at once,
+-- and counts as an arrival (seq): no ticket is passed by more than L - its own lead later arrivals. The head is told, on the
 -- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
 -- a refund or that return grants it ("g <id> <now>") together with every next head that fits too.
 -- The first waiter of another process behind it is told to come back a claim window after that fit

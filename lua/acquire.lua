@@ -1,5 +1,5 @@
 -- acquire.lua: grant requests, tokens and a concurrency lease jointly, now, all or nothing; or
--- queue for them, first come first served.
+-- queue for them, first come first served within a priority class.
 --
 -- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
 -- ARGV[11]  id: lease id, also the ticket id while queued; calling again with the same id is a
@@ -17,10 +17,13 @@
 --          cost larger than a bucket is granted when that bucket is full, not refused), and is
 --          charged in full, the excess as debt (XtremeFlow's admission); "0" (or absent): it fits
 --          once every bucket holds it (or is full)
+-- ARGV[19] lead (a whole number, "0" or absent: none): the priority class's lead. A new ticket is
+--          queued ahead of the tickets of the last `lead` arrivals (see the queue in _prelude.lua),
+--          and one that would be the head and fits now is granted at once, passing the queue
 --
 -- Reply, all strings:
 --   {"granted", start, now, expiry}  the lease exists, charged now (start = its grant time)
---   {"queued", wait, now}            the ticket waits in FIFO order; come back after `wait` seconds:
+--   {"queued", wait, now}            the ticket waits in its turn; come back after `wait` seconds:
 --                                    exact for the head waiting for its rates, else a renewal
 --                                    interval. Meanwhile the events channel announces "h <id> <fit>
 --                                    <now>" (the ticket is head and fits at <fit>) or "g <id> <now>"
@@ -44,11 +47,12 @@ local A, REFUSED = operation_args({
   {'ticket ttl', POSITIVE_SECONDS},
   {'probe', FLAG, '0'},
   {'overdraft', FLAG, '0'},
+  {'lead', COUNT, '0'},
 })
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
-local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT = unpack(A)
+local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT, LEAD = unpack(A)
 
 reap()
 local st = load_state()
@@ -98,10 +102,26 @@ if not OVERDRAFT and most_tok >= 0 and CTOK > most_tok then
   return finish({'too_large', fmt(most_tok), fmt(NOW), 'tokens'})
 end
 
-if redis.call('ZCARD', K_QUEUE) == 0 and slot_free() then
+-- Its place: its sequence number, or with a lead that less the lead and a half (ahead of the ticket
+-- that holds that number). It is first when nothing waits, or when it goes before the head.
+local waiting = redis.call('ZCARD', K_QUEUE)
+local seq = st.seq + 1
+local score, first = seq, waiting == 0
+if LEAD > 0 then
+  score = seq - LEAD - 0.5
+  first = first or score < tonumber(redis.call('ZRANGE', K_QUEUE, 0, 0, 'WITHSCORES')[2])
+end
+
+if first and slot_free() then
   local fit = fit_time(st, CREQ, CTOK, OVERDRAFT)
   if fit <= NOW then
     grant(st, ID, CREQ, CTOK, nil, false, OVERDRAFT)
+    if waiting > 0 then
+      -- It passed the queue: counted as an arrival, so that no ticket is passed more than a lead's
+      -- worth of times; the head is told its new fit time.
+      st.seq = seq
+      advance(st)
+    end
     return finish({'granted', fmt(NOW), fmt(NOW), fmt(NOW + LEASE_TTL)})
   end
   if not MAY_QUEUE or (MAX_WAIT >= 0 and fit - NOW > MAX_WAIT) then
@@ -111,8 +131,11 @@ elseif not MAY_QUEUE then
   return finish({'refused', '-1', fmt(NOW)})
 end
 
-st.seq = st.seq + 1
-redis.call('ZADD', K_QUEUE, st.seq, ID)
+st.seq = seq
+if LEAD > 0 then
+  score = string.format('%.1f', score)
+end
+redis.call('ZADD', K_QUEUE, score, ID)
 WROTE[K_QUEUE], WROTE[K_TICKETS] = true, true
 save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1,
   overdraft = OVERDRAFT})

@@ -37,6 +37,7 @@ OP = st.one_of(
         st.sampled_from([None, 0.0, 0.5, 5.0]),
         st.booleans(),
         st.booleans(),
+        st.sampled_from([0, 0, 1, 3]),
     ),
     st.tuples(
         st.just("settle"),
@@ -54,15 +55,15 @@ OP = st.one_of(
     st.tuples(st.just("clear_cooldown")),
     st.tuples(st.just("status")),
     st.tuples(st.just("flush")),
-    st.tuples(st.just("bad"), st.integers(10, 17), st.sampled_from(["", "nan", "1e400", "+1", "0x10", "a b", "-2"])),
+    st.tuples(st.just("bad"), st.integers(10, 18), st.sampled_from(["", "nan", "1e400", "+1", "0x10", "a b", "-2"])),
 )
 
 
 def _argv(op: tuple[Any, ...], ids: list[str]) -> tuple[str, list[str]]:
     kind = op[0]
     if kind == "acquire":
-        _, i, req, tok, max_wait, may_queue, overdraft = op
-        return kind, acquire_args(ids[i], req, tok, max_wait, may_queue, 1.5, False, overdraft)
+        _, i, req, tok, max_wait, may_queue, overdraft, lead = op
+        return kind, acquire_args(ids[i], req, tok, max_wait, may_queue, 1.5, False, overdraft, lead)
     if kind == "settle":
         _, i, actual, seen_req, seen_tok, limit = op
         return kind, settle_args(ids[i], actual, seen_req, seen_tok, limit, limit and limit * 10)
@@ -127,7 +128,8 @@ def test_the_engine_is_the_lua_off_the_grid(
         block[6] = repr(grace)
         if op[0] == "bad":
             kind, argv = "acquire", acquire_args(ids[0], 1, 1, None, True, 1.5, False, False)
-            argv[op[1] - 10] = op[2]  # ARGV[11..18]: one of them bad
+            argv.append("0")
+            argv[op[1] - 10] = op[2]  # ARGV[11..19]: one of them bad
         else:
             kind, argv = _argv(op, ids)
         try:

@@ -119,6 +119,9 @@ class Ticket:
     ttl: Fraction
     fit: Fraction | None = None  # the fit time last announced to it as head
     overdraft: bool = False  # fits once the buckets are out of debt, whatever its cost
+    place: Fraction = ZERO  # its arrival's number, less its class's lead and a half if it has one
+    lead: int = 0  # its priority class's lead
+    passed: int = 0  # later arrivals granted or queued ahead of it (at most the greatest lead less its own)
 
 
 Reply = tuple[list[Any], list[tuple[Any, ...]]]  # (reply fields, events published in order)
@@ -178,7 +181,8 @@ class BudgetModel:
     offgrid: bool = False  # a rescaled TAT left the 1/64 s grid (the harness keeps it on)
     pb: int = 0  # probe: 0 none, 1 probing, 2 over
     leases: dict[str, Lease] = field(default_factory=dict)
-    queue: dict[str, Ticket] = field(default_factory=dict)  # insertion order is FIFO order
+    queue: dict[str, Ticket] = field(default_factory=dict)  # in order of (place, id)
+    seq: int = 0  # arrivals that queued or passed the queue
     stored: bool = False  # the keys exist (some operation other than status ran)
 
     def reset(self) -> None:
@@ -189,6 +193,7 @@ class BudgetModel:
         self.rescales += 1
         self.leases.clear()
         self.queue.clear()
+        self.seq = 0
         self.stored = False
 
     @property
@@ -507,11 +512,12 @@ class BudgetModel:
         probe: bool = False,
         seen_keys: bool = False,
         overdraft: bool = False,
+        lead: int = 0,
     ) -> Reply:
         events: list[tuple[Any, ...]] = []
         lost = self._load(now, seen_keys)
         reply = self._acquire(
-            now, lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, probe, events, overdraft
+            now, lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, probe, events, overdraft, lead
         )
         return reply, self._saved(lost, now, events)
 
@@ -527,6 +533,7 @@ class BudgetModel:
         probe: bool,
         events: list[tuple[Any, ...]],
         overdraft: bool = False,
+        lead: int = 0,
     ) -> list[Any]:
         if probe and self.pb == 0:  # the first acquire of a probing budget: one call at a time
             self.pb = 2 if self.lr or self.lt else 1
@@ -550,16 +557,35 @@ class BudgetModel:
             most = max(floor, rate * max(self.burst, F(60)))
             if rate > 0 and cost > most and not overdraft:
                 return ["too_large", most, now, what]
-        if not self.queue and self._slot_free():
+        # A new arrival's place: its number, FIFO; with a lead, ahead of the last `lead` arrivals. It
+        # is first where nothing waits or it goes before the head; then, fitting now, it is granted.
+        seq = self.seq + 1
+        place, first = F(seq), not self.queue
+        if lead > 0:
+            place = seq - lead - F(1, 2)
+            first = first or place < self.queue[next(iter(self.queue))].place
+        if first and self._slot_free():
             fit = self._fit(requests, tokens, now, overdraft)
             if fit <= now:
                 self._grant(lease_id, requests, tokens, now, overdraft=overdraft)
+                if self.queue:  # it passed every waiter: an arrival, so that passes stay bounded
+                    self.seq = seq
+                    for waiter in self.queue.values():
+                        waiter.passed += 1
+                    self._advance(now, events)
                 return ["granted", now, now, now + self.lease_ttl]
             if not may_queue or (max_wait is not None and fit - now > max_wait):
                 return ["refused", fit - now, now]
         elif not may_queue:
             return ["refused", F(-1), now]
-        self.queue[lease_id] = Ticket(requests, tokens, now + ticket_ttl, ticket_ttl, overdraft=overdraft)
+        self.seq = seq
+        ticket = Ticket(requests, tokens, now + ticket_ttl, ticket_ttl, overdraft=overdraft, place=place, lead=lead)
+        for waiter_id, waiter in self.queue.items():
+            if (place, lease_id.encode()) < (waiter.place, waiter_id.encode()):
+                waiter.passed += 1
+        self.queue[lease_id] = ticket
+        order = sorted(self.queue.items(), key=lambda item: (item[1].place, item[0].encode()))
+        self.queue = dict(order)
         self._advance(now, events)
         return ["queued", self._wait_hint(lease_id, now), now]
 
@@ -878,6 +904,7 @@ MAX_WAIT = st.sampled_from([None, 0.0, 0.25, 1.0, 2.5])
 REQUESTS = st.sampled_from([0, 1, 1, 1, 2, 3])
 TOKENS = st.integers(0, 200)
 OVERDRAFT = st.sampled_from([False, False, False, True])  # XtremeFlow's admission, now and then
+LEADS = st.sampled_from([0, 0, 0, 1, 2, 5])  # priority classes' leads: most arrivals have none
 ACTUAL = st.none() | st.integers(0, 300)
 
 # learned limits per minute: rates of whole powers of two per second, so times stay on the grid
@@ -912,6 +939,7 @@ class BudgetMachine(RuleBasedStateMachine):
         self.base_args = budget_args(self.budget)
         self.costs: dict[str, tuple[int, int]] = {}
         self.overdrafts: set[str] = set()  # leases asked for in overdraft (XtremeFlow's admission)
+        self.leads: dict[str, int] = {}  # the lead of each lease's priority class, where it has one
         self.serial = 0
         self.probe = False
         self.memory = 5.0
@@ -1114,8 +1142,9 @@ class BudgetMachine(RuleBasedStateMachine):
     ) -> None:
         requests, tokens = self.costs[lease_id]
         overdraft = lease_id in self.overdrafts
+        lead = self.leads.get(lease_id, 0)
         ticket_ttl = self.ticket_ttl if ticket_ttl is None else ticket_ttl
-        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, self.probe, overdraft)
+        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, self.probe, overdraft, lead)
         raw = self._run("acquire", argv)
         result = self.model.acquire(
             CLOCK.now(),
@@ -1128,8 +1157,10 @@ class BudgetMachine(RuleBasedStateMachine):
             self.probe,
             self.seen,
             overdraft,
+            lead,
         )
-        self._check(f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue}, {overdraft})", raw, result)
+        what = f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue}, {overdraft}, lead={lead})"
+        self._check(what, raw, result)
         reply, want = decode_acquire(raw), result[0]
         assert reply.kind == want[0]
         if reply.kind == "queued":
@@ -1148,19 +1179,33 @@ class BudgetMachine(RuleBasedStateMachine):
         max_wait=MAX_WAIT,
         may_queue=st.booleans(),
         overdraft=OVERDRAFT,
+        lead=LEADS,
     )
-    def acquire(self, requests: int, tokens: int, max_wait: float | None, may_queue: bool, overdraft: bool) -> str:
+    def acquire(
+        self, requests: int, tokens: int, max_wait: float | None, may_queue: bool, overdraft: bool, lead: int
+    ) -> str:
         lease_id = self._fresh()
         self.costs[lease_id] = (requests, tokens)
         if overdraft:
             self.overdrafts.add(lease_id)
+        if lead:
+            self.leads[lease_id] = lead
         self._acquire(lease_id, max_wait, may_queue)
         return lease_id
 
-    @rule(target=ids, requests=REQUESTS, tokens=TOKENS, max_wait=st.none() | MAX_WAIT, overdraft=OVERDRAFT)
-    def acquire_or_queue(self, requests: int, tokens: int, max_wait: float | None, overdraft: bool) -> str:
+    @rule(
+        target=ids,
+        requests=REQUESTS,
+        tokens=TOKENS,
+        max_wait=st.none() | MAX_WAIT,
+        overdraft=OVERDRAFT,
+        lead=LEADS,
+    )
+    def acquire_or_queue(
+        self, requests: int, tokens: int, max_wait: float | None, overdraft: bool, lead: int
+    ) -> str:
         """The way the limiter acquires: queue for a slot when none is free."""
-        return self.acquire(requests, tokens, max_wait, True, overdraft)
+        return self.acquire(requests, tokens, max_wait, True, overdraft, lead)
 
     @rule(lease_id=ids, max_wait=MAX_WAIT)
     def repoll(self, lease_id: str, max_wait: float | None) -> None:
@@ -1171,7 +1216,7 @@ class BudgetMachine(RuleBasedStateMachine):
     def a_head_released_by_a_cooldown_comes_back_late(self, retry_after: float, tokens: int, late: int) -> None:
         """Where a late head's credit would overflow a full bucket: the pause outlasts the refill."""
         self.cooldown(retry_after, 0.0)
-        self.acquire(1, tokens, None, True, False)
+        self.acquire(1, tokens, None, True, False, 0)
         if self.model.queue:
             self.head_returns_late(late)
         self.drain(tokens)
@@ -1517,6 +1562,14 @@ class BudgetMachine(RuleBasedStateMachine):
                         f"{'requests' if d == 0 else 'tokens'}: grants {i}..{j} admit {float(total)} in "
                         f"{float(last.at - first.at):.6f} s, more than {float(bound)}"
                     )
+
+    @invariant()
+    def no_waiter_is_passed_more_than_the_leads_allow(self) -> None:
+        """Priority classes never starve a waiter: a ticket is passed (by a later arrival granted at
+        once or queued ahead of it) at most the greatest lead less its own class's times."""
+        most = max(LEADS.elements)  # type: ignore[attr-defined]
+        for ticket_id, ticket in self.model.queue.items():
+            assert ticket.passed <= most - ticket.lead, f"{ticket_id} passed {ticket.passed} times"
 
     @invariant()
     def status_agrees(self) -> None:

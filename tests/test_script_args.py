@@ -35,7 +35,7 @@ from xflow_dist._core import acquire_args, budget_args, cooldown_args, keys, set
 # The kinds of every argument (lua/_prelude.lua), budget block first; "opt": may be left out.
 BLOCK = ["rate", "seconds", "rate", "seconds", "count", "positive", "seconds", "text", "positive", "flag"]
 OPS: dict[str, list[str]] = {
-    "acquire": ["text", "units", "units", "seconds_or_unset", "flag", "positive", "flag_opt", "flag_opt"],
+    "acquire": ["text", "units", "units", "seconds_or_unset", "flag", "positive", "flag_opt", "flag_opt", "count_opt"],
     "settle": [
         "text_or_empty",
         "units_or_unset",
@@ -98,7 +98,7 @@ def garbage(kind: str) -> st.SearchStrategy[str]:
     if kind in ("flag", "flag_opt"):
         return st.sampled_from(BAD_FLAG)
     extra: list[str] = []
-    if kind == "count":
+    if kind in ("count", "count_opt"):
         extra = ["1.5", "0.001"]
     if kind == "positive":
         extra = ["0", "0.0"]
@@ -114,7 +114,7 @@ BUDGET = dict(rpm=600, tpm=60_000, max_concurrency=2, burst=1.0, lease_ttl=30.0)
 
 def valid_args(op: str, budget: Budget, lease: str, ticket: str) -> list[str]:
     ops: dict[str, list[str]] = {
-        "acquire": acquire_args(ticket, 1, 10, 5.0, True, 30.0, True),
+        "acquire": acquire_args(ticket, 1, 10, 5.0, True, 30.0, True, False, 3),
         "settle": settle_args(lease, 20, 5, 100, 600, 60_000),
         "cancel": [lease],
         "extend": [lease],

@@ -245,6 +245,7 @@ class AsyncLimiter(LimiterBase):
         timeout: float | None = None,
         keep_place: bool = False,
         ticket: str | None = None,
+        priority: str | None = None,
     ) -> _Acquiring[AsyncLease]:
         """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
 
@@ -252,20 +253,21 @@ class AsyncLimiter(LimiterBase):
         Waits in first-come-first-served order across the fleet; raises ``AcquireTimeout`` at
         once when the budget can tell the start would come after ``timeout``, or at the deadline.
         When Redis does not answer the outage policy decides (see ``OutagePolicy``).
-        Bad input raises here, before anything is awaited. ``keep_place`` and ``ticket``: as
-        ``Limiter.acquire``'s.
+        Bad input raises here, before anything is awaited. ``keep_place``, ``ticket`` and
+        ``priority``: as ``Limiter.acquire``'s.
         """
+        lead = self.budget.lead(priority)
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place)
         if not observe.OBSERVERS or self._quiet:
-            return _Acquiring(self._acquire(lease_id, requests, tokens, timeout, keep_place))
-        return _Acquiring(self._observed(lease_id, requests, tokens, timeout, keep_place))
+            return _Acquiring(self._acquire(lease_id, requests, tokens, timeout, keep_place, lead))
+        return _Acquiring(self._observed(lease_id, requests, tokens, timeout, keep_place, lead))
 
     async def _observed(
-        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool
+        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool, lead: int
     ) -> AsyncLease:
         started = time.monotonic()
         try:
-            lease = await self._acquire(lease_id, requests, tokens, timeout, keep_place)
+            lease = await self._acquire(lease_id, requests, tokens, timeout, keep_place, lead)
         except AcquireTimeout:
             observe.timed_out(self.budget.name, started)
             raise
@@ -273,7 +275,13 @@ class AsyncLimiter(LimiterBase):
         return lease
 
     async def _acquire(
-        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool = False
+        self,
+        lease_id: str,
+        requests: float,
+        tokens: float,
+        timeout: float | None,
+        keep_place: bool = False,
+        lead: int = 0,
     ) -> AsyncLease:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -287,7 +295,7 @@ class AsyncLimiter(LimiterBase):
                     await asyncio.sleep(0.01)  # the way back is being made: a moment
                 continue
             try:
-                return await self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place)
+                return await self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place, lead)
             except BackendError as exc:
                 if not transient(exc):
                     raise
@@ -295,11 +303,17 @@ class AsyncLimiter(LimiterBase):
             lease_id = new_id()  # the failed id is given back in the background: never reuse it
 
     async def _acquire_shared(
-        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool = False
+        self,
+        lease_id: str,
+        requests: float,
+        tokens: float,
+        timeout: float | None,
+        keep_place: bool = False,
+        lead: int = 0,
     ) -> AsyncLease:
         hub = await self._hub()
         inbox = hub.mail.expect(lease_id)
-        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place)
+        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place, lead)
         try:
             step = next(flow)
             while True:
@@ -339,27 +353,33 @@ class AsyncLimiter(LimiterBase):
             self._renewals.discard(lease_id)
         return self._hold(lease_id, requests, tokens)
 
-    async def park(self, ticket: str, seconds: float, tokens: float = 0, *, requests: float = 1) -> AsyncLease | None:
+    async def park(
+        self, ticket: str, seconds: float, tokens: float = 0, *, requests: float = 1, priority: str | None = None
+    ) -> AsyncLease | None:
         """As ``Limiter.park``: keep ``ticket`` in the queue for ``seconds`` more; the lease if it was
         granted meanwhile, else None."""
+        lead = self.budget.lead(priority)
         lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket)
         _check_seconds("seconds", seconds)
-        raw = await self._run("acquire", self._park_args(lease_id, requests, tokens, seconds))
+        raw = await self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, lead))
         return self._hold(lease_id, requests, tokens) if self._parked(raw, requests, tokens) else None
 
-    async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[AsyncLease]:
-        """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""
+    async def try_acquire(
+        self, tokens: float = 0, *, requests: float = 1, priority: str | None = None
+    ) -> Decision[AsyncLease]:
+        """As ``Limiter.try_acquire``: a grant only if it fits now in its ``priority``'s place."""
+        lead = self.budget.lead(priority)
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
-        return self._tried(await self._try_acquire(lease_id, requests, tokens), requests, tokens)
+        return self._tried(await self._try_acquire(lease_id, requests, tokens, lead), requests, tokens)
 
-    async def _try_acquire(self, lease_id: str, requests: float, tokens: float) -> Decision[AsyncLease]:
+    async def _try_acquire(self, lease_id: str, requests: float, tokens: float, lead: int = 0) -> Decision[AsyncLease]:
         outage = self._outage
         if outage is not None and not outage.ended:
             decision = await self._try_in_outage(outage, requests, tokens)
             if decision is not None:
                 return decision
         try:
-            reply = decode_acquire(await self._run("acquire", self._try_args(lease_id, requests, tokens)))
+            reply = decode_acquire(await self._run("acquire", self._try_args(lease_id, requests, tokens, lead)))
         except BackendError as exc:
             if not transient(exc):
                 raise

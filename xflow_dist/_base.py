@@ -242,16 +242,17 @@ class LimiterBase:
                                    budget=self.budget.name)  # fmt: skip
         return ticket, requests, tokens
 
-    def _park_args(self, lease_id: str, requests: float, tokens: float, seconds: float) -> list[str]:
-        """Renew a ticket for ``seconds`` away plus its usual TTL (or claim its grant)."""
+    def _park_args(self, lease_id: str, requests: float, tokens: float, seconds: float, lead: int) -> list[str]:
+        """Renew a ticket for ``seconds`` away plus its usual TTL (or claim its grant); a ticket
+        Redis lost joins again with its class's ``lead``."""
         return acquire_args(
             lease_id, requests, tokens, None, True, min(MAX_SECONDS, seconds + self.ticket_ttl),
-            self.budget.probe, self.budget.overdraft,
+            self.budget.probe, self.budget.overdraft, lead,
         )  # fmt: skip
 
-    def _try_args(self, lease_id: str, requests: float, tokens: float) -> list[str]:
+    def _try_args(self, lease_id: str, requests: float, tokens: float, lead: int) -> list[str]:
         return acquire_args(
-            lease_id, requests, tokens, 0.0, False, self.ticket_ttl, self.budget.probe, self.budget.overdraft
+            lease_id, requests, tokens, 0.0, False, self.ticket_ttl, self.budget.probe, self.budget.overdraft, lead
         )
 
     def _check_facts(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ._exceptions import ConfigurationError
@@ -11,6 +12,10 @@ from ._exceptions import ConfigurationError
 __all__ = ["Budget", "CooldownPolicy"]
 
 _NAME = re.compile(r"[A-Za-z0-9._:/@+=-]{1,200}")
+_CLASS = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+#: The greatest lead a priority class may have: places in the queue it may go ahead by.
+MAX_LEAD = 1_000_000_000
 
 #: Providers' buckets hold one minute of their rate: no single request may cost more.
 PROVIDER_WINDOW = 60.0
@@ -50,6 +55,54 @@ def _per_second(budget: str, per_minute: float | None, per_second: float | None,
     return per_second
 
 
+class Priorities(Mapping[str, int]):
+    """A budget's priority classes, name -> lead: immutable and hashable, like the budget."""
+
+    __slots__ = ("_leads",)
+
+    def __init__(self, leads: Mapping[str, int]) -> None:
+        self._leads = dict(sorted(leads.items()))
+
+    def __getitem__(self, name: str) -> int:
+        return self._leads[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._leads)
+
+    def __len__(self) -> int:
+        return len(self._leads)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._leads.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._leads)
+
+
+def _priorities(budget: str, given: object, default: object) -> Priorities | None:
+    if given is None:
+        if default is not None:
+            raise ConfigurationError("default_priority needs priorities", budget=budget)
+        return None
+    if not isinstance(given, Mapping) or not given:
+        raise ConfigurationError(f"priorities must be a non-empty mapping of class name to lead, not {given!r}",
+                                 budget=budget)  # fmt: skip
+    for name, lead in given.items():
+        if not isinstance(name, str) or not _CLASS.fullmatch(name):
+            raise ConfigurationError(
+                f"a priority class's name must be 1-64 characters of letters, digits and ._:-, not {name!r}",
+                budget=budget,
+            )
+        if isinstance(lead, bool) or not isinstance(lead, int) or not 0 <= lead <= MAX_LEAD:
+            raise ConfigurationError(
+                f"priority class {name!r} needs a lead that is a whole number from 0 to {MAX_LEAD}, not {lead!r}",
+                budget=budget,
+            )
+    if default is not None and default not in given:
+        raise ConfigurationError(f"default_priority {default!r} is not one of {sorted(given)}", budget=budget)
+    return Priorities(given)
+
+
 @dataclass(frozen=True, slots=True)
 class Budget:
     """One provider limit shared by every process that uses the same ``name``.
@@ -78,6 +131,13 @@ class Budget:
     refused, and after idle one call more than the burst starts at once. A provider that checks
     each call against what its bucket holds may refuse the call that overdraws: the compatible
     API uses it; a fleet that must see no 429 keeps the default.
+
+    ``priorities`` names classes of traffic, each with a lead: ``{"interactive": 1000, "batch": 0}``.
+    A call of a class with lead L (``acquire(..., priority="interactive")``) goes ahead of the
+    waiters that arrived among the last L arrivals, and is granted at once when it then leads and
+    fits; within a class the queue stays first come, first served. Aging bounds what a lower
+    class gives up: a waiter is passed by at most (the greatest lead less its own) later arrivals,
+    then served in turn. Calls that name no class take ``default_priority``'s lead (0 without one).
     """
 
     name: str
@@ -92,6 +152,8 @@ class Budget:
     probe: bool = field(default=False, kw_only=True)
     overdraft: bool = field(default=False, kw_only=True)
     dispatch_margin: float = field(default=DISPATCH_MARGIN, kw_only=True)
+    priorities: Mapping[str, int] | None = field(default=None, kw_only=True)
+    default_priority: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -120,6 +182,19 @@ class Budget:
                     f"the {what} rate must be from {MIN_RATE:g} to {MAX_UNITS:g} per second, not {rate!r}",
                     budget=self.name,
                 )
+        object.__setattr__(self, "priorities", _priorities(self.name, self.priorities, self.default_priority))
+
+    def lead(self, priority: str | None = None) -> int:
+        """The lead of class ``priority`` (None: the default class's). A name the budget does not
+        define is refused before Redis is touched: a typo must not silently demote a call."""
+        if priority is None:
+            if self.default_priority is None or self.priorities is None:
+                return 0
+            return self.priorities[self.default_priority]
+        if self.priorities is None or not isinstance(priority, str) or priority not in self.priorities:
+            known = "none are defined" if self.priorities is None else f"it has {sorted(self.priorities)}"
+            raise ConfigurationError(f"budget has no priority class {priority!r}; {known}", budget=self.name)
+        return self.priorities[priority]
 
     @property
     def request_rate(self) -> float | None:

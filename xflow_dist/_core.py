@@ -97,9 +97,11 @@ def acquire_args(
     ticket_ttl: float,
     probe: bool = False,
     overdraft: bool = False,
+    lead: int = 0,
 ) -> list[str]:
-    """The operation arguments of ``acquire.lua``; a max wait beyond the scripts' bound is no bound at all."""
-    return [
+    """The operation arguments of ``acquire.lua``; a max wait beyond the scripts' bound is no bound at
+    all. A priority class's ``lead`` is sent only when there is one (ARGV[19] is optional)."""
+    args = [
         lease_id,
         _num(requests),
         _num(tokens),
@@ -109,6 +111,9 @@ def acquire_args(
         "1" if probe else "0",
         "1" if overdraft else "0",
     ]
+    if lead:
+        args.append(str(lead))
+    return args
 
 
 def _opt(x: float | None) -> str:

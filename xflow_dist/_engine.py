@@ -2,7 +2,7 @@
 
 A process that shares its budget with nobody needs neither Redis nor a Lua interpreter, and should
 not pay for them on every call. ``memory://`` runs each operation here instead, on the same state
-(a TAT per bucket, the cooldown, leases, one FIFO queue of tickets, learned limits), rounded exactly
+(a TAT per bucket, the cooldown, leases, one queue of tickets, learned limits), rounded exactly
 where the scripts round it: six decimals where they store ``%.6f``, 14 significant digits where Lua
 turns a number into text. Every reply, every event and every expiry is therefore the one the script
 would give at the same clock; tests/test_model.py runs every step of its state machine on both and
@@ -68,6 +68,7 @@ _SPECS: dict[str, Spec] = {
         ("ticket ttl", POSITIVE_SECONDS),
         ("probe", FLAG, "0"),
         ("overdraft", FLAG, "0"),
+        ("lead", COUNT, "0"),
     ),
     "settle": (
         ("id", TEXT_OR_EMPTY),
@@ -307,7 +308,7 @@ class _Budget:
         self.state: dict[str, Any] = {}
         self.leases = _Leases()
         self.data: dict[str, _Lease] = {}
-        self.queue: dict[str, int] = {}  # id -> sequence number, in that order
+        self.queue: dict[str, float] = {}  # id -> place, in order of (place, id) as the ZSET is
         self.tickets: dict[str, _Ticket] = {}
         self.learned: dict[str, list[float]] = {}  # model -> [rpm, rpm until, tpm, tpm until]
         self.expire_at: float | None = None
@@ -779,6 +780,7 @@ class _Call:
         ticket_ttl: float,
         probe: bool,
         overdraft: bool,
+        lead: float = 0,
     ) -> list[str]:
         b, now = self.b, self.now
         self.reap()
@@ -809,21 +811,43 @@ class _Call:
         if not overdraft and most_tok >= 0 and ctok > most_tok:
             return self.finish(st, ["too_large", fmt(most_tok), fmt(now), "tokens"])
 
-        if not b.queue and self.slot_free():
+        waiting = len(b.queue)
+        seq = st.seq + 1
+        score: float = seq
+        first = waiting == 0
+        if lead > 0:
+            score = seq - lead - 0.5
+            first = first or score < next(iter(b.queue.values()))
+        if first and self.slot_free():
             fit = self.fit_time(st, creq, ctok, overdraft)
             if fit <= now:
                 self.grant(st, lid, creq, ctok, None, False, overdraft)
+                if waiting:  # it passed the queue: counted as an arrival
+                    st.seq = seq
+                    self.advance(st)
                 return self.finish(st, ["granted", fmt(now), fmt(now), fmt(now + self.lease_ttl)])
             if not may_queue or (max_wait >= 0 and fit - now > max_wait):
                 return self.finish(st, ["refused", fmt(fit - now), fmt(now)])
         elif not may_queue:
             return self.finish(st, ["refused", "-1", fmt(now)])
 
-        st.seq = st.seq + 1
-        b.queue[lid] = st.seq
+        st.seq = seq
+        self.enqueue(lid, score)
         self.save_ticket(st, lid, _Ticket(creq, ctok, now + ticket_ttl, ticket_ttl, -1, overdraft))
         self.advance(st)
         return self.finish(st, ["queued", fmt(self.wait_hint(lid)), fmt(now)])
+
+    def enqueue(self, lid: str, score: float) -> None:
+        """ZADD: in order of (place, id), ids compared as bytes."""
+        queue = self.b.queue
+        if queue:
+            last_id, last = next(reversed(queue.items()))
+            if (score, lid.encode()) < (last, last_id.encode()):
+                items = sorted([*queue.items(), (lid, score)], key=lambda kv: (kv[1], kv[0].encode()))
+                queue.clear()
+                queue.update(items)
+                return
+        queue[lid] = score
 
     def wait_hint(self, lid: str) -> float:
         b, now = self.b, self.now

@@ -53,6 +53,7 @@ def acquire_flow(
     timeout: float | None,
     ticket_ttl: float,
     keep_place: bool = False,
+    lead: int = 0,
 ) -> Generator[Step, Any, None]:
     """Acquire, queue, sleep until the fit time or a notice, and claim a grant made in the queue.
 
@@ -80,7 +81,7 @@ def acquire_flow(
             raise AcquireTimeout(f"no grant from budget {budget.name!r} within {timeout:g}s", budget=budget.name)
         first = False
         argv = acquire_args(
-            lease_id, requests, tokens, remaining, timeout != 0, ticket_ttl, budget.probe, budget.overdraft
+            lease_id, requests, tokens, remaining, timeout != 0, ticket_ttl, budget.probe, budget.overdraft, lead
         )
         reply = decode_acquire((yield RunScript("acquire", argv)))
         if reply.kind == "granted":
@@ -90,7 +91,9 @@ def acquire_flow(
         if reply.kind == "refused" and keep_place:
             # Longer than the timeout, as the budget can tell: take the place (a queue with no
             # bound on the wait) and leave at once with that wait.
-            argv = acquire_args(lease_id, requests, tokens, None, True, ticket_ttl, budget.probe, budget.overdraft)
+            argv = acquire_args(
+                lease_id, requests, tokens, None, True, ticket_ttl, budget.probe, budget.overdraft, lead
+            )
             if decode_acquire((yield RunScript("acquire", argv))).kind == "granted":
                 return  # it fits after all (a release in between)
             raise AcquireTimeout(

@@ -389,6 +389,7 @@ class Limiter(LimiterBase):
         timeout: float | None = None,
         keep_place: bool = False,
         ticket: str | None = None,
+        priority: str | None = None,
     ) -> Lease:
         """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
 
@@ -401,13 +402,17 @@ class Limiter(LimiterBase):
         ``keep_place=True``: a wait beyond ``timeout`` still joins the queue, and at the deadline the
         ticket keeps its place (``AcquireTimeout.ticket``, alive for the limiter's ticket TTL, or
         longer with ``park``); ``acquire(..., ticket=that)`` takes it up again, in its turn.
+
+        ``priority``: the class of the call, one of the budget's ``priorities`` (None: its
+        ``default_priority``); an unknown name raises ``ConfigurationError`` before Redis is touched.
         """
+        lead = self.budget.lead(priority)
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place)
         if not observe.OBSERVERS or self._quiet:
-            return self._acquire(lease_id, requests, tokens, timeout, keep_place)
+            return self._acquire(lease_id, requests, tokens, timeout, keep_place, lead)
         started = time.monotonic()
         try:
-            lease = self._acquire(lease_id, requests, tokens, timeout, keep_place)
+            lease = self._acquire(lease_id, requests, tokens, timeout, keep_place, lead)
         except AcquireTimeout:
             observe.timed_out(self.budget.name, started)
             raise
@@ -415,7 +420,13 @@ class Limiter(LimiterBase):
         return lease
 
     def _acquire(
-        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool = False
+        self,
+        lease_id: str,
+        requests: float,
+        tokens: float,
+        timeout: float | None,
+        keep_place: bool = False,
+        lead: int = 0,
     ) -> Lease:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -429,7 +440,7 @@ class Limiter(LimiterBase):
                     time.sleep(0.01)  # the way back is being made: a moment
                 continue
             try:
-                return self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place)
+                return self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place, lead)
             except BackendError as exc:
                 if not transient(exc):
                     raise
@@ -437,11 +448,17 @@ class Limiter(LimiterBase):
             lease_id = new_id()  # the failed id is given back in the background: never reuse it
 
     def _acquire_shared(
-        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool = False
+        self,
+        lease_id: str,
+        requests: float,
+        tokens: float,
+        timeout: float | None,
+        keep_place: bool = False,
+        lead: int = 0,
     ) -> Lease:
         hub = self._hub()
         inbox = hub.mail.expect(lease_id)
-        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place)
+        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place, lead)
         try:
             step = next(flow)
             while True:
@@ -481,29 +498,34 @@ class Limiter(LimiterBase):
         except queue.Empty:
             return None
 
-    def park(self, ticket: str, seconds: float, tokens: float = 0, *, requests: float = 1) -> Lease | None:
+    def park(
+        self, ticket: str, seconds: float, tokens: float = 0, *, requests: float = 1, priority: str | None = None
+    ) -> Lease | None:
         """Keep ``ticket`` (from ``AcquireTimeout.ticket``) in the queue for ``seconds`` more while its
         holder is away (a Celery task re-queued with a countdown); ``tokens`` and ``requests`` are
         the ticket's. Returns the lease if the ticket was granted meanwhile (claimed now: use it),
-        else None. A ticket Redis lost joins the queue again, at its end."""
+        else None. A ticket Redis lost joins the queue again, as a new arrival of class ``priority``."""
+        lead = self.budget.lead(priority)
         lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket)
         _check_seconds("seconds", seconds)
-        raw = self._run("acquire", self._park_args(lease_id, requests, tokens, seconds))
+        raw = self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, lead))
         return self._hold(lease_id, requests, tokens) if self._parked(raw, requests, tokens) else None
 
-    def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[Lease]:
-        """Take a grant only if it fits now with nobody queued ahead; never waits, never queues."""
+    def try_acquire(self, tokens: float = 0, *, requests: float = 1, priority: str | None = None) -> Decision[Lease]:
+        """Take a grant only if it fits now with nobody queued ahead (of its ``priority``'s place:
+        a class with a lead may pass the queue); never waits, never queues."""
+        lead = self.budget.lead(priority)
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
-        return self._tried(self._try_acquire(lease_id, requests, tokens), requests, tokens)
+        return self._tried(self._try_acquire(lease_id, requests, tokens, lead), requests, tokens)
 
-    def _try_acquire(self, lease_id: str, requests: float, tokens: float) -> Decision[Lease]:
+    def _try_acquire(self, lease_id: str, requests: float, tokens: float, lead: int = 0) -> Decision[Lease]:
         outage = self._outage
         if outage is not None and not outage.ended:
             decision = self._try_in_outage(outage, requests, tokens)
             if decision is not None:
                 return decision
         try:
-            reply = decode_acquire(self._run("acquire", self._try_args(lease_id, requests, tokens)))
+            reply = decode_acquire(self._run("acquire", self._try_args(lease_id, requests, tokens, lead)))
         except BackendError as exc:
             if not transient(exc):
                 raise

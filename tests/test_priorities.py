@@ -1,0 +1,216 @@
+"""Priority classes: a class's lead puts its calls ahead of the last ``lead`` arrivals, FIFO holds
+within a class, and no waiter is passed more than the leads allow (aging), on both backends, through
+both fronts and across OS processes.
+
+Order is driven by a concurrency slot held and released (the next grant goes to the head), or by a
+bucket that holds enough for small calls and not for the head: nothing depends on timing.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+from _helpers import Ops, budget_keys, until
+
+from xflow_dist import AsyncLimiter, Budget, ConfigurationError, Limiter
+
+_SPAWN = mp.get_context("spawn")
+
+
+def _one_slot(rclient: redis.Redis, name: str) -> tuple[Ops, str]:
+    """A budget of one slot, taken: every acquire after it queues."""
+    ops = Ops(rclient, Budget(name, max_concurrency=1))
+    held, reply = ops.acquire()
+    assert reply.kind == "granted"
+    return ops, held
+
+
+def _served(ops: Ops, held: str, waiters: list[str]) -> list[str]:
+    """Release the slot again and again: the order in which the waiters are granted it."""
+    order: list[str] = []
+    for _ in waiters:
+        assert ops.settle(held).settled
+        granted = [w for w in waiters if w not in order and ops.acquire(lease_id=w)[1].kind == "granted"]
+        assert len(granted) == 1, granted  # one slot: one grant (claimed by that acquire)
+        order.append(granted[0])
+        held = granted[0]
+    return order
+
+
+def test_a_class_with_a_lead_is_served_before_earlier_waiters_and_fifo_holds_within_it(
+    rclient: redis.Redis, name: str
+) -> None:
+    ops, held = _one_slot(rclient, name)
+    for lid, lead in (("b1", 0), ("b2", 0), ("i1", 10), ("b3", 0), ("i2", 10)):
+        assert ops.acquire(lease_id=lid, lead=lead)[1].kind == "queued"
+    assert _served(ops, held, ["b1", "b2", "i1", "b3", "i2"]) == ["i1", "i2", "b1", "b2", "b3"]
+
+
+def test_a_lead_goes_ahead_of_the_last_lead_arrivals_only(rclient: redis.Redis, name: str) -> None:
+    """Places: b1 1, i1 2-2-0.5, i2 3-2-0.5, i3 4-2-0.5: i3 arrived more than 2 arrivals after b1."""
+    ops, held = _one_slot(rclient, name)
+    for lid, lead in (("b1", 0), ("i1", 2), ("i2", 2), ("i3", 2)):
+        assert ops.acquire(lease_id=lid, lead=lead)[1].kind == "queued"
+    assert _served(ops, held, ["b1", "i1", "i2", "i3"]) == ["i1", "i2", "b1", "i3"]
+
+
+def test_calls_that_pass_the_queue_at_once_count_against_the_waiters_bound(rclient: redis.Redis, name: str) -> None:
+    """A head that needs the whole bucket, and small calls of a class with a lead that fit at once:
+    they pass it twice (its lead), then queue behind it, however much the bucket holds for them."""
+    ops = Ops(rclient, Budget(name, tps=100, burst=1))
+    assert ops.acquire(tokens=50)[1].kind == "granted"  # 50 of 100 left: the head's 100 fit in 0.5 s
+    assert ops.acquire(tokens=100, lease_id="big")[1].kind == "queued"
+    kinds = [ops.acquire(tokens=1, lead=2)[1].kind for _ in range(4)]
+    assert kinds == ["granted", "granted", "queued", "queued"]
+    assert ops.status().queued == 3
+
+
+def test_try_acquire_with_a_lead_passes_a_queue_it_leads(url: str, name: str) -> None:
+    budget = Budget(name, tps=100, burst=1, priorities={"interactive": 5, "batch": 0})
+    with Limiter(budget, url) as lim:
+        lim.acquire(tokens=50).release()
+        with lim.acquire(tokens=1):
+            pass
+        t, out = _waiting(lim, tokens=100)  # a head that needs a full bucket
+        until(lambda: lim.status().queued == 1)
+        assert not lim.try_acquire(tokens=1).granted  # no class: behind the head
+        decision = lim.try_acquire(tokens=1, priority="interactive")
+        assert decision.granted and decision.lease is not None
+        decision.lease.release()
+        t.join(timeout=10)
+        assert out.get("granted"), out
+
+
+def _waiting(lim: Limiter, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        with lim.acquire(timeout=10, **kwargs):
+            out["granted"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_the_limiter_serves_a_class_first_and_the_default_class_behind(url: str, name: str) -> None:
+    budget = Budget(name, max_concurrency=1, priorities={"interactive": 100, "batch": 0}, default_priority="batch")
+    with Limiter(budget, url) as lim:
+        lease = lim.acquire()
+        batch, b_out = _waiting(lim)
+        until(lambda: lim.status().queued == 1)
+        interactive, i_out = _waiting(lim, priority="interactive")
+        until(lambda: lim.status().queued == 2)
+        lease.release()
+        for t in (batch, interactive):
+            t.join(timeout=10)
+        assert i_out["granted"] < b_out["granted"]
+
+
+async def test_the_async_limiter_passes_the_class_through(url: str, name: str) -> None:
+    import asyncio
+
+    budget = Budget(name, max_concurrency=1, priorities={"interactive": 100})
+    async with AsyncLimiter(budget, url) as lim:
+        lease = await lim.acquire()
+        order: list[str] = []
+
+        async def call(label: str, priority: str | None) -> None:
+            async with lim.acquire(timeout=10, priority=priority):
+                order.append(label)
+
+        batch = asyncio.ensure_future(call("batch", None))
+        for _ in range(500):
+            if (await lim.status()).queued == 1:
+                break
+            await asyncio.sleep(0.01)
+        interactive = asyncio.ensure_future(call("interactive", "interactive"))
+        for _ in range(500):
+            if (await lim.status()).queued == 2:
+                break
+            await asyncio.sleep(0.01)
+        await lease.release()
+        await asyncio.wait_for(asyncio.gather(batch, interactive), 10)
+        assert order == ["interactive", "batch"]
+
+
+def test_an_unknown_class_is_refused_before_redis_is_touched(client: redis.Redis, redis_url: str, name: str) -> None:
+    with Limiter(Budget(name, rps=10, priorities={"interactive": 5}), redis_url) as lim:
+        for bad in ("interactve", "", 5):
+            with pytest.raises(ConfigurationError, match="priority class"):
+                lim.acquire(priority=bad)  # type: ignore[arg-type]
+            with pytest.raises(ConfigurationError):
+                lim.try_acquire(priority=bad)  # type: ignore[arg-type]
+        assert budget_keys(client, name) == []
+    with Limiter(Budget(name, rps=10), redis_url) as lim, pytest.raises(ConfigurationError, match="none are defined"):
+        lim.acquire(priority="interactive")
+
+
+@pytest.mark.parametrize(
+    ("priorities", "default", "match"),
+    [
+        ({}, None, "non-empty mapping"),
+        ([("a", 1)], None, "non-empty mapping"),
+        ({"a b": 1}, None, "name"),
+        ({"a": -1}, None, "whole number"),
+        ({"a": 1.5}, None, "whole number"),
+        ({"a": True}, None, "whole number"),
+        ({"a": 10**10}, None, "whole number"),
+        ({"a": 1}, "b", "not one of"),
+        (None, "a", "needs priorities"),
+    ],
+)
+def test_bad_priorities_are_refused(priorities: Any, default: str | None, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        Budget("b", rps=1, priorities=priorities, default_priority=default)
+
+
+def test_a_budget_with_classes_stays_hashable_and_equal_by_value() -> None:
+    a = Budget("b", rps=1, priorities={"x": 1, "y": 0})
+    b = Budget("b", rps=1, priorities={"y": 0, "x": 1})
+    assert a == b and hash(a) == hash(b)
+    assert a.lead("x") == 1 and a.lead() == 0
+    assert Budget("b", rps=1, priorities={"x": 7}, default_priority="x").lead() == 7
+
+
+def _fleet_member(url: str, name: str, priority: str | None, ready: Any, go: Any, out: Any) -> None:
+    budget = Budget(name, max_concurrency=1, priorities={"interactive": 1000})
+    with Limiter(budget, url) as lim:
+        ready.set()
+        with lim.acquire(timeout=30, priority=priority):
+            out.put((priority or "batch", time.time()))
+        go.wait(30)
+
+
+@pytest.mark.slow
+def test_a_class_goes_first_across_processes(redis_url: str, real_redis: bool, name: str) -> None:
+    if not real_redis:
+        pytest.skip("processes share a real redis-server")
+    budget = Budget(name, max_concurrency=1, priorities={"interactive": 1000})
+    out = _SPAWN.Queue()
+    go = _SPAWN.Event()
+    procs = []
+    with Limiter(budget, redis_url) as lim:
+        lease = lim.acquire()
+        try:
+            for i, priority in enumerate([None, None, "interactive", None, "interactive"]):
+                ready = _SPAWN.Event()
+                p = _SPAWN.Process(target=_fleet_member, args=(redis_url, name, priority, ready, go, out))
+                p.start()
+                procs.append(p)
+                assert ready.wait(60)
+                until(lambda i=i: lim.status().queued == i + 1, timeout=30)
+            go.set()  # each member lets its slot go as soon as it has it
+            lease.release()
+            order = [out.get(timeout=30)[0] for _ in procs]
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    assert order == ["interactive", "interactive", "batch", "batch", "batch"]
