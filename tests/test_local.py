@@ -44,6 +44,7 @@ ACQUIRE = st.tuples(
     st.sampled_from([0.0, 1.0, 7.3, 40.0, 2600.0, 123.456789012345678]),
     st.sampled_from([None, None, None, 0.0, 0.3]),  # max wait
     st.sampled_from([True, True, True, False]),  # may queue
+    st.sampled_from([0, 0, 0, 1, 2, 7]),  # the priority class's lead
 )
 OP = st.one_of(
     ACQUIRE,
@@ -93,10 +94,10 @@ class Twins:
 
     # --- the steps ---
 
-    def acquire(self, creq: float, ctok: float, max_wait: float | None, may_queue: bool) -> None:
-        lid = f"p.{len(self.order)}"
-        want = self.run("acquire", acquire_args(lid, creq, ctok, max_wait, may_queue, TTL, False, True))
-        got = self.local.acquire(self.now, creq, ctok, max_wait, may_queue)
+    def acquire(self, creq: float, ctok: float, max_wait: float | None, may_queue: bool, lead: int) -> None:
+        lid = f"p.{len(self.order):06d}"  # ids in arrival order: equal places go by id, by arrival locally
+        want = self.run("acquire", acquire_args(lid, creq, ctok, max_wait, may_queue, TTL, False, True, lead))
+        got = self.local.acquire(self.now, creq, ctok, max_wait, may_queue, lead)
         if want[0] == "refused":  # nothing queued nor charged: the same exact wait, or none
             assert got == (None if want[1] == "-1" else pytest.approx(float(want[1]), abs=1e-6)), (want, got)
             return
@@ -179,7 +180,10 @@ class Twins:
     def check(self) -> None:
         b = self.engine.budgets.get(self.keys[0])
         local, now = self.local, self.now
-        queued = [lid for lid in self.order if isinstance(self.items[lid], Waiting) and self.items[lid].queued]  # type: ignore[union-attr]
+        ids = {id(item): lid for lid, item in self.items.items()}
+        queued = [ids[id(t)] for t in local.queue]  # in the local budget's order
+        assert all(isinstance(self.items[lid], Waiting) and self.items[lid].queued for lid in queued)  # type: ignore[union-attr]
+        assert len(queued) == sum(isinstance(i, Waiting) and i.queued for i in self.items.values())
         held = {
             lid
             for lid, item in self.items.items()

@@ -8,6 +8,7 @@ bucket that holds enough for small calls and not for the head: nothing depends o
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import threading
 import time
@@ -18,6 +19,8 @@ import redis
 from _helpers import Ops, budget_keys, until
 
 from xflow_dist import AsyncLimiter, Budget, ConfigurationError, Limiter
+from xflow_dist._local import Held, LocalBudget, Waiting
+from xflow_dist.httpx import PRIORITY_HEADER, AsyncRateLimitedTransport, RateLimitedTransport
 
 _SPAWN = mp.get_context("spawn")
 
@@ -214,3 +217,193 @@ def test_a_class_goes_first_across_processes(redis_url: str, real_redis: bool, n
                 if p.is_alive():
                     p.kill()
     assert order == ["interactive", "interactive", "batch", "batch", "batch"]
+
+
+# --- the in-process budget of the compatible API ---------------------------------------------------
+
+
+def test_the_in_process_budget_bounds_the_passes_as_the_scripts_do() -> None:
+    """Overdraft: a head waits while its bucket is in debt; calls that cost none of that bucket
+    fit at once and pass it, a lead's worth of times, as acquire.lua lets them."""
+    core = LocalBudget(0.0, 100.0, 1.0, 0, 0.5, lambda t: None)
+    assert isinstance(core.acquire(0.0, 1, 150), Held)  # 50 tokens in debt until 0.5 s
+    assert isinstance(core.acquire(0.0, 1, 10), Waiting)
+    kinds = [type(core.acquire(0.001, 1, 0, lead=2)) for _ in range(3)]
+    assert kinds == [Held, Held, Waiting]
+    assert [t.requests for t in core.queue] == [1, 1]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_the_compatible_schedulers_pass_the_class_through(shared: bool, redis_url: str, name: str) -> None:
+    import asyncio
+
+    from xflow_dist.compat import RequestRateScheduler
+
+    redis_args: dict[str, Any] = {"redis": redis_url, "name": name} if shared else {}
+    scheduler = RequestRateScheduler(max_rps=20, priorities={"interactive": 100, "batch": 0}, **redis_args)
+    started: list[str] = []
+
+    async def job(label: str) -> None:
+        started.append(label)
+
+    async with scheduler:
+        tasks = [await scheduler.start_task(job(f"b{i}")) for i in range(4)]  # one starts, three wait 50 ms apart
+        for _ in range(500):
+            if (await scheduler.limiter.status()).queued == 3:
+                break
+            await asyncio.sleep(0.005)
+        tasks.append(await scheduler.start_task(job("i"), priority="interactive"))
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert started[:2] == ["b0", "i"]
+        # the batch in the order its requests reached the budget: in-process, the order they started
+        assert started[2:] == ["b1", "b2", "b3"] if not shared else sorted(started[2:]) == ["b1", "b2", "b3"]
+        with pytest.raises(ConfigurationError, match="priority class"):
+            await scheduler.start_task(job("x"), priority="urgent")
+        await scheduler.wait_pending()
+
+
+# --- the transports --------------------------------------------------------------------------------
+
+
+def _provider(seen: list[tuple[str, str | None]]) -> Any:
+    import httpx
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        seen.append(
+            (json.loads(request.content or b"{}").get("user", request.url.path), request.headers.get(PRIORITY_HEADER))
+        )
+        return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
+
+    return httpx.MockTransport(reply)
+
+
+def test_the_transport_takes_the_class_from_the_header_and_never_sends_it(redis_url: str, name: str) -> None:
+    import httpx
+
+    budget = Budget(name, max_concurrency=1, priorities={"interactive": 100})
+    seen: list[tuple[str, str | None]] = []
+    with (
+        Limiter(budget, redis_url) as lim,
+        httpx.Client(
+            transport=RateLimitedTransport(lim, _provider(seen), tokenizer=len), base_url="https://api.example/v1"
+        ) as http,
+    ):
+        held = lim.acquire()
+
+        def post(user: str, headers: dict[str, str]) -> threading.Thread:
+            body = {"model": "m", "messages": [], "max_tokens": 1, "user": user}
+            t = threading.Thread(
+                target=http.post, args=("/chat/completions",), kwargs={"json": body, "headers": headers}
+            )
+            t.start()
+            return t
+
+        batch = post("batch", {})
+        until(lambda: lim.status().queued == 1)
+        interactive = post("interactive", {PRIORITY_HEADER: "interactive"})
+        until(lambda: lim.status().queued == 2)
+        held.release()
+        for t in (batch, interactive):
+            t.join(timeout=10)
+        http.get("/models", headers={PRIORITY_HEADER: "interactive"})  # not budgeted: passes, without it
+        with pytest.raises(ConfigurationError, match="priority class"):
+            http.post("/chat/completions", json={"model": "m", "messages": []}, headers={PRIORITY_HEADER: "urgent"})
+    assert seen == [("interactive", None), ("batch", None), ("/v1/models", None)]
+
+
+async def test_the_async_transport_takes_the_class_from_a_function_of_the_request(redis_url: str, name: str) -> None:
+    import asyncio
+
+    import httpx
+
+    budget = Budget(name, max_concurrency=1, priorities={"interactive": 100})
+    seen: list[tuple[str, str | None]] = []
+
+    def by_user(request: httpx.Request) -> str | None:
+        return "interactive" if b'"chat-ui"' in request.content else None
+
+    async with (
+        AsyncLimiter(budget, redis_url) as lim,
+        httpx.AsyncClient(
+            transport=AsyncRateLimitedTransport(lim, _provider(seen), priority=by_user, tokenizer=len),
+            base_url="https://api.example/v1",
+        ) as http,
+    ):
+        held = await lim.acquire()
+
+        async def post(user: str) -> None:
+            await http.post("/chat/completions", json={"model": "m", "messages": [], "max_tokens": 1, "user": user})
+
+        async def queued(n: int) -> None:
+            for _ in range(500):
+                if (await lim.status()).queued == n:
+                    return
+                await asyncio.sleep(0.01)
+
+        batch = asyncio.ensure_future(post("nightly"))
+        await queued(1)
+        interactive = asyncio.ensure_future(post("chat-ui"))
+        await queued(2)
+        await held.release()
+        await asyncio.wait_for(asyncio.gather(batch, interactive), 10)
+    assert seen == [("chat-ui", None), ("nightly", None)]
+    with pytest.raises(ConfigurationError, match="priority must be"):
+        AsyncRateLimitedTransport(lim, priority=5)  # type: ignore[arg-type]
+
+
+# --- Celery -----------------------------------------------------------------------------------------
+
+
+def test_a_celery_task_waits_in_its_class_and_its_transport_keeps_it(redis_url: str, name: str) -> None:
+    from celery import Celery
+
+    from xflow_dist.celery import _close_all, rate_limited_task
+
+    app = Celery(f"prio-{name}", set_as_current=False)
+    app.conf.update(xflow_redis_url=redis_url)
+    budget = Budget(name, max_concurrency=1, priorities={"interactive": 100})
+    started: list[str] = []
+    asked: list[str | None] = []
+    real = Limiter.acquire
+
+    def spy(self: Limiter, *args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("priority"))
+        return real(self, *args, **kwargs)
+
+    @rate_limited_task(
+        app, shared=False, budget=budget, priority_class=lambda label: "interactive" if label == "i" else None
+    )
+    def work(self: Any, label: str) -> None:
+        started.append(label)
+
+    try:
+        with Limiter(budget, redis_url) as lim:
+            held = lim.acquire()
+            batch = threading.Thread(target=work.apply, args=(("b",),))
+            batch.start()
+            until(lambda: lim.status().queued == 1)
+            interactive = threading.Thread(target=work.apply, args=(("i",),))
+            interactive.start()
+            until(lambda: lim.status().queued == 2)
+            held.release()
+            for t in (batch, interactive):
+                t.join(timeout=10)
+        assert started == ["i", "b"]
+
+        @rate_limited_task(app, shared=False, budget=budget, priority_class="interactive", name=f"t-{name}")
+        def calls_twice(self: Any) -> None:
+            from xflow_dist.celery import _LeaseFirst
+
+            first = _LeaseFirst(self.request.xflow_run)
+            assert first.acquire() is self.lease  # the first call is paid by the task's lease
+            self.lease.release()
+            first.acquire().release()  # a later call acquires, in the task's class
+
+        import unittest.mock
+
+        with unittest.mock.patch.object(Limiter, "acquire", spy):
+            calls_twice.apply().get()
+        assert asked == ["interactive", "interactive"]
+    finally:
+        _close_all()
+        app.close()

@@ -5,8 +5,9 @@ what makes a shared budget survive crashes and outages: no lease TTLs, no ticket
 claim of a grant made in the queue, no lost keys, no learned limits, no keys to expire. What is
 left is what ``acquire.lua``, ``settle.lua``, ``cancel.lua``, ``cooldown.lua`` and
 ``clear_cooldown.lua`` decide for a budget with ``overdraft`` (the compatible API's admission): a
-TAT per bucket, the concurrency count, the cooldown and its backoff level, one FIFO queue whose
-head is told its fit time, and the late head's credit. The arithmetic is the scripts', in the
+TAT per bucket, the concurrency count, the cooldown and its backoff level, one queue in order of
+place (first come, first served within a priority class) whose head is told its fit time, and the
+late head's credit. The arithmetic is the scripts', in the
 same order, state rounded to six decimals as they store it; ``tests/test_local.py`` replays random
 histories on this and on ``_engine`` (the Lua in plain Python, itself proved against the Lua) and
 requires the same grants at the same times, the same replies and the same state.
@@ -35,14 +36,15 @@ class Held:
 
 
 class Waiting:
-    """A queued ticket: its cost, the fit time its head was last told (-1: never), and the grant
-    made to it once its turn came (``held``)."""
+    """A queued ticket: its cost, its place (acquire.lua's), the fit time its head was last told
+    (-1: never), and the grant made to it once its turn came (``held``)."""
 
-    __slots__ = ("fit", "held", "queued", "requests", "since", "tokens", "waiter")
+    __slots__ = ("fit", "held", "place", "queued", "requests", "since", "tokens", "waiter")
 
-    def __init__(self, requests: float, tokens: float) -> None:
+    def __init__(self, requests: float, tokens: float, place: float = 0.0) -> None:
         self.requests = requests
         self.tokens = tokens
+        self.place = place
         self.fit = -1.0
         self.held: Held | None = None
         self.queued = True
@@ -77,6 +79,7 @@ class LocalBudget:
         "rate_req",
         "rate_tok",
         "rt",
+        "seq",
         "tt",
     )
 
@@ -96,6 +99,7 @@ class LocalBudget:
         self.granted = granted
         self.rt = self.tt = self.cu = self.cl = self.cr = 0.0
         self.in_flight = 0
+        self.seq = 0  # arrivals that queued or passed the queue (acquire.lua's seq)
         self.queue: deque[Waiting] = deque()
         #: When the head is told it fits (a rate or the cooldown holds it): tick then. None otherwise.
         self.due: float | None = None
@@ -185,16 +189,32 @@ class LocalBudget:
     # --- the operations ---
 
     def acquire(
-        self, now: float, creq: float, ctok: float, max_wait: float | None = None, may_queue: bool = True
+        self,
+        now: float,
+        creq: float,
+        ctok: float,
+        max_wait: float | None = None,
+        may_queue: bool = True,
+        lead: int = 0,
     ) -> Held | Waiting | float | None:
         """A lease granted now, or the ticket queued for one (``granted`` is called in its turn).
         Refused, nothing queued: the exact wait (a float) when it is longer than ``max_wait`` or
-        ``may_queue`` is false; None when it is false and a slot or the queue holds it back."""
-        granted = self._advance(now) if self.queue else False
-        if not self.queue and (self.max_conc <= 0 or self.in_flight < self.max_conc):
+        ``may_queue`` is false; None when it is false and a slot or the queue holds it back.
+        ``lead``: the priority class's, as acquire.lua takes it."""
+        queue = self.queue
+        granted = self._advance(now) if queue else False
+        seq = self.seq + 1
+        place, first = float(seq), not queue
+        if lead > 0:
+            place = seq - lead - 0.5
+            first = first or place < queue[0].place
+        if first and (self.max_conc <= 0 or self.in_flight < self.max_conc):
             fit = self._fit(now, creq, ctok)
             if fit <= now:
                 held = self._charge(now, creq, ctok, -1.0)
+                if queue:  # it passed the queue: an arrival (see acquire.lua)
+                    self.seq = seq
+                    self._advance(now, granted)
                 self._save()
                 return held
             if not may_queue or (max_wait is not None and fit - now > max_wait):
@@ -203,8 +223,15 @@ class LocalBudget:
         elif not may_queue:
             self._save()
             return None
-        t = Waiting(_g14(creq), _g14(ctok))
-        self.queue.append(t)
+        self.seq = seq
+        t = Waiting(_g14(creq), _g14(ctok), place)
+        if not queue or place >= queue[-1].place:
+            queue.append(t)
+        else:  # ahead of later places; behind equal ones, which arrived first
+            i = len(queue) - 1
+            while i > 0 and queue[i - 1].place > place:
+                i -= 1
+            queue.insert(i, t)
         self._advance(now, granted)
         self._save()
         return t

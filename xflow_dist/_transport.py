@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from . import _observe as observe
 from ._async_limiter import AsyncLimiter
+from ._exceptions import ConfigurationError
 from ._headers import parse_retry_after
 from ._lease import AsyncLease, Lease
 from ._limiter import Limiter
@@ -82,6 +83,21 @@ def estimate_request(
     n = body.get("n", 1)
     n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
     return prompt + _bound(body, default_max_tokens) * n
+
+
+#: A request header naming the call's priority class; the transport takes it off before sending.
+PRIORITY_HEADER = "x-xflow-priority"
+
+#: A transport's priority: a class name for every call, or a function of the request that names one.
+Priority = str | Callable[[Any], str | None] | None
+
+
+def _take_priority(request: Any) -> str | None:
+    """The class the request's header names, taken off the request (it is ours, not the provider's)."""
+    named = request.headers.get(PRIORITY_HEADER)
+    if named is not None:
+        del request.headers[PRIORITY_HEADER]
+    return named  # type: ignore[no-any-return]
 
 
 def _limited(http: Any, request: Any) -> dict[str, Any] | None:
@@ -277,6 +293,7 @@ def _stream_class(logic: type, base: type) -> type:
 class _Acquire:
     tokens: int
     model: str = ""  # the provider reports its limits per model: the lease learns them for it
+    priority: str | None = None  # the call's class (None: the budget's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +334,13 @@ def _decoded_headers(response: Any) -> list[tuple[bytes, bytes]]:
 
 
 def _call_flow(
-    http: Any, request: Any, body: dict[str, Any], tokens: int, max_retries: int, budget: str | None = None
+    http: Any,
+    request: Any,
+    body: dict[str, Any],
+    tokens: int,
+    max_retries: int,
+    budget: str | None = None,
+    priority: str | None = None,
 ) -> Generator[_Step, Any, Any]:
     """One budgeted call: acquire, send, settle; on 429 settle at zero, cool the fleet down and
     retry within ``max_retries``, each attempt acquiring (and so charged) again. A 429 that says
@@ -326,7 +349,7 @@ def _call_flow(
     named = body.get("model")
     model = named if isinstance(named, str) else ""
     while True:
-        lease = yield _Acquire(tokens, model)
+        lease = yield _Acquire(tokens, model, priority)
         response = yield _Send(lease)
         if response.status_code == 429:
             content: bytes = yield _Read(response)
@@ -367,8 +390,14 @@ class _TransportCore(Generic[L]):
         max_retries: int = 3,
         default_max_tokens: int = 1024,
         tokenizer: TokenCounter | None = None,
+        priority: Priority = None,
     ) -> None:
         self.router: Router[L] = limiter if isinstance(limiter, Router) else Router(default=limiter)
+        if priority is not None and not isinstance(priority, str) and not callable(priority):
+            raise ConfigurationError(f"priority must be a class name or a function of the request, not {priority!r}")
+        #: Each call's priority class: the request's ``x-xflow-priority`` header, else this (a name, or
+        #: a function of the request), else the budget's default.
+        self.priority = priority
         self.max_retries = max_retries
         self.default_max_tokens = default_max_tokens
         self.tokenizer = tokenizer
@@ -384,7 +413,9 @@ class _TransportCore(Generic[L]):
             raise AttributeError("this transport routes calls to several limiters and has no default")
         return self.router.default
 
-    def _plan(self, request: Any, body: dict[str, Any]) -> tuple[L, Generator[_Step, Any, Any]]:
+    def _plan(
+        self, request: Any, body: dict[str, Any], named: str | None
+    ) -> tuple[L, Generator[_Step, Any, Any]]:
         model = body.get("model")
         call = Call(model if isinstance(model, str) else None, request.url.host, request.url.path, body)
         limiter = self.router.route(call)
@@ -392,7 +423,10 @@ class _TransportCore(Generic[L]):
             request.url.path, body, default_max_tokens=self.default_max_tokens, tokenizer=self.tokenizer
         )
         name = getattr(getattr(limiter, "budget", None), "name", None)
-        return limiter, _call_flow(self.http, request, body, tokens, self.max_retries, name)
+        priority = named
+        if priority is None:
+            priority = self.priority(request) if callable(self.priority) else self.priority
+        return limiter, _call_flow(self.http, request, body, tokens, self.max_retries, name, priority)
 
 
 class _Holding:
@@ -460,10 +494,11 @@ class SyncTransportCore(_TransportCore[Limiter]):
         return self.http.HTTPTransport()
 
     def handle_request(self, request: Any) -> Any:
+        named = _take_priority(request)
         body = _limited(self.http, request)
         if body is None:
             return self._inner.handle_request(request)
-        limiter, flow = self._plan(request, body)
+        limiter, flow = self._plan(request, body, named)
         with observe.call_span(limiter.budget.name) as span:
             holding = _Holding(span)
             step = next(flow)
@@ -484,7 +519,7 @@ class SyncTransportCore(_TransportCore[Limiter]):
 
     def _run(self, limiter: Limiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):
-            lease = limiter.acquire(tokens=step.tokens)
+            lease = limiter.acquire(tokens=step.tokens, priority=step.priority)
             lease.model = step.model
             return lease
         if isinstance(step, _Send):
@@ -515,10 +550,11 @@ class AsyncTransportCore(_TransportCore[AsyncLimiter]):
         return self.http.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: Any) -> Any:
+        named = _take_priority(request)
         body = _limited(self.http, request)
         if body is None:
             return await self._inner.handle_async_request(request)
-        limiter, flow = self._plan(request, body)
+        limiter, flow = self._plan(request, body, named)
         with observe.call_span(limiter.budget.name) as span:
             holding = _Holding(span)
             step = next(flow)
@@ -539,7 +575,7 @@ class AsyncTransportCore(_TransportCore[AsyncLimiter]):
 
     async def _run(self, limiter: AsyncLimiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):
-            lease = await limiter.acquire(tokens=step.tokens)
+            lease = await limiter.acquire(tokens=step.tokens, priority=step.priority)
             lease.model = step.model
             return lease
         if isinstance(step, _Send):

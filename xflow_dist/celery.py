@@ -340,6 +340,7 @@ class _Run:
     limiter: Limiter
     lease: Lease
     cooldown: CooldownReply | None = None
+    priority: str | None = None  # the task's class: its transport's later calls take it too
 
 
 class _LeaseFirst:
@@ -350,11 +351,14 @@ class _LeaseFirst:
         self._run = run
         self._first: Lease | None = run.lease
 
-    def acquire(self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None) -> Lease:
+    def acquire(
+        self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None, priority: str | None = None
+    ) -> Lease:
         lease, self._first = self._first, None
         if lease is not None and not lease.closed:
             return lease
-        return self._run.limiter.acquire(tokens, requests=requests, timeout=timeout)
+        priority = self._run.priority if priority is None else priority
+        return self._run.limiter.acquire(tokens, requests=requests, timeout=timeout, priority=priority)
 
     def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         reply = self._run.limiter.cooldown(retry_after)
@@ -380,7 +384,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     callable; default the app's ``xflow_redis_url`` setting), ``cost`` (tokens: a number or a
     callable of the task's arguments), ``requests`` (likewise, default 1), ``policy``
     (``TaskPolicy``), ``usage`` (reads the tokens used from the body's return value; default
-    ``openai_usage``; None to settle at the estimate unless the body reports).
+    ``openai_usage``; None to settle at the estimate unless the body reports),
+    ``priority_class`` (the budget's priority class of the task: a name or a callable of the task's
+    arguments; Celery's own ``priority`` is the broker's, which this does not touch).
     """
 
     budget: Budget | Callable[[], Budget] | None = None
@@ -389,6 +395,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     requests: float | Callable[..., float] = 1
     policy: TaskPolicy = TaskPolicy()
     usage: Callable[[Any], float | None] | None = staticmethod(openai_usage)
+    priority_class: str | Callable[..., str | None] | None = None
 
     # -- what the body uses ---------------------------------------------------------------------
 
@@ -448,8 +455,12 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         lease: Lease | None = None
         run: _Run | None = None
         try:
-            lease = self._admit(limiter, self._price("cost", args, kwargs), self._price("requests", args, kwargs))
+            priority = self._class_of(args, kwargs)
+            lease = self._admit(
+                limiter, self._price("cost", args, kwargs), self._price("requests", args, kwargs), priority
+            )
             run = _Run(limiter, lease)
+            run.priority = priority
             _held.add(lease)  # one step under the GIL: no lock, which a signal handler could find taken
             request.xflow_run = run  # the body's context is a copy of this one: it sees the same run
             result = super().__call__(*args, **kwargs)
@@ -483,11 +494,15 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         value = _static(self, name)
         return cast(float, value(*args, **kwargs) if callable(value) else value)  # the limiter validates it
 
-    def _admit(self, limiter: Limiter, tokens: float, requests: float) -> Lease:
+    def _class_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        value = _static(self, "priority_class")
+        return cast(str | None, value(*args, **kwargs) if callable(value) else value)  # the limiter validates it
+
+    def _admit(self, limiter: Limiter, tokens: float, requests: float, priority: str | None = None) -> Lease:
         request = self.request
         if request.called_directly or request.is_eager:
             # No worker slot to free, and eager retries ignore their countdown: wait here.
-            return limiter.acquire(tokens, requests=requests)
+            return limiter.acquire(tokens, requests=requests, priority=priority)
         policy = self._policy()
         wait: float | None
         ticket: str | None = None
@@ -497,7 +512,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             try:
                 return limiter.acquire(
                     tokens, requests=requests, timeout=max(policy.max_wait, KEEP_PLACE_WAIT), keep_place=True,
-                    ticket=_ticket_of(request),
+                    ticket=_ticket_of(request), priority=priority,
                 )  # fmt: skip
             except AcquireTimeout as exc:
                 wait, ticket = exc.retry_after, exc.ticket
@@ -510,7 +525,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             # max_wait, and waits in place for the rest (no floor); without an in-place wait, at
             # half the estimate, at least a short floor.
             queued = 0 if ticket is not None else 1
-            estimate = _estimate_wait(limiter, tokens, requests, 0.0, queued)
+            estimate = _estimate_wait(limiter, tokens, requests, 0.0, queued, limiter.budget.lead(priority))
             if policy.max_wait > 0:
                 wait = max(0.0, estimate / 2 - policy.max_wait / 2)
             else:
@@ -518,7 +533,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         countdown = self._countdown(wait, policy)
         if ticket is not None:
             try:  # the ticket outlives the countdown; granted meanwhile, the task runs now
-                lease = limiter.park(ticket, countdown, tokens, requests=requests)
+                lease = limiter.park(ticket, countdown, tokens, requests=requests, priority=priority)
             except XflowError as exc:
                 log.warning("could not keep ticket %s in the queue (%s): the task comes back to a new one", ticket, exc)
                 lease, ticket = None, None
@@ -615,16 +630,19 @@ def _ticket_of(request: Any) -> str | None:
     return found if isinstance(found, str) and TICKET_ID.fullmatch(found) else None  # else: a new ticket
 
 
-def _estimate_wait(limiter: Limiter, tokens: float, requests: float, floor: float, newcomer: int = 1) -> float:
+def _estimate_wait(
+    limiter: Limiter, tokens: float, requests: float, floor: float, newcomer: int = 1, lead: int = 0
+) -> float:
     """How long until this task fits, when the budget cannot say (a queue ahead, or a slot): the
     queue taken to cost what this task costs, plus ``newcomer`` (1: the task is not in the queue
-    yet; 0: its kept ticket is, as its last). At least ``floor``."""
+    yet; 0: its kept ticket is, as its last), less what its class's ``lead`` put it ahead of (the
+    queue's last arrivals, taken to be its waiters). At least ``floor``."""
     try:
         status = limiter.status()
     except XflowError:
         return floor
     budget = limiter.budget
-    ahead = max(1, status.queued + newcomer)
+    ahead = max(1, max(0, status.queued - lead) + newcomer)
     waits = [floor, status.cooldown_remaining]
     if budget.token_rate and status.tokens_available is not None:
         waits.append((ahead * tokens - status.tokens_available) / budget.token_rate)
@@ -642,6 +660,7 @@ def rate_limited_task(
     redis: RedisLike | Callable[[], RedisLike] | None = None,
     policy: TaskPolicy | None = None,
     usage: Callable[[Any], float | None] | None = openai_usage,
+    priority_class: str | Callable[..., str | None] | None = None,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
     """``@app.task(bind=True, base=RateLimitedTask, ...)`` with a budget, a cost and a policy.
@@ -659,6 +678,7 @@ def rate_limited_task(
             redis=staticmethod(redis) if callable(redis) and not isinstance(redis, str) else redis,
             policy=policy or TaskPolicy(),
             usage=staticmethod(usage) if usage is not None else None,
+            priority_class=staticmethod(priority_class) if callable(priority_class) else priority_class,
             **options,
         ),
     )

@@ -20,14 +20,24 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("xflow_dist.httpx needs httpx: pip install 'xflow-dist[httpx]'") from exc
 
 from ._router import Call, NoRouteError, Router
-from ._transport import AsyncTransportCore, SyncTransportCore, estimate_request
+from ._transport import PRIORITY_HEADER, AsyncTransportCore, SyncTransportCore, estimate_request
 
-__all__ = ["AsyncRateLimitedTransport", "Call", "NoRouteError", "RateLimitedTransport", "Router", "estimate_request"]
+__all__ = [
+    "PRIORITY_HEADER",
+    "AsyncRateLimitedTransport",
+    "Call",
+    "NoRouteError",
+    "RateLimitedTransport",
+    "Router",
+    "estimate_request",
+]
 
 
 class AsyncRateLimitedTransport(AsyncTransportCore, httpx.AsyncBaseTransport):
     """``httpx.AsyncClient(transport=AsyncRateLimitedTransport(limiter_or_router))``: every LLM call
-    shares the budget. ``max_retries`` bounds the retries of 429s (each waits out the cooldown)."""
+    shares the budget. ``max_retries`` bounds the retries of 429s (each waits out the cooldown).
+    ``priority``: each call's class (a name, or a function of the request), unless the request's
+    ``x-xflow-priority`` header names one (taken off before it is sent)."""
 
     http: ClassVar[ModuleType] = httpx
 

@@ -15,9 +15,17 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("xflow_dist.httpx2 needs httpx2: pip install 'xflow-dist[httpx2]'") from exc
 
 from ._router import Call, NoRouteError, Router
-from ._transport import AsyncTransportCore, SyncTransportCore, estimate_request
+from ._transport import PRIORITY_HEADER, AsyncTransportCore, SyncTransportCore, estimate_request
 
-__all__ = ["AsyncRateLimitedTransport", "Call", "NoRouteError", "RateLimitedTransport", "Router", "estimate_request"]
+__all__ = [
+    "PRIORITY_HEADER",
+    "AsyncRateLimitedTransport",
+    "Call",
+    "NoRouteError",
+    "RateLimitedTransport",
+    "Router",
+    "estimate_request",
+]
 
 
 class AsyncRateLimitedTransport(AsyncTransportCore, httpx2.AsyncBaseTransport):

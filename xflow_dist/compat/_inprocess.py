@@ -210,17 +210,20 @@ class LocalLimiter:
     # --- what the schedulers call ---
 
     def acquire(
-        self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None
+        self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None, priority: str | None = None
     ) -> _Acquiring[LocalLease]:
-        """Wait for ``requests``, ``tokens`` and a slot together, first come first served: await it,
-        or ``async with``. ``timeout``: raise ``AcquireTimeout`` at once when the wait is known to be
-        longer, else at the deadline, as ``AsyncLimiter.acquire`` does."""
+        """Wait for ``requests``, ``tokens`` and a slot together, first come first served within
+        ``priority``'s class: await it, or ``async with``. ``timeout``: raise ``AcquireTimeout`` at once
+        when the wait is known to be longer, else at the deadline, as ``AsyncLimiter.acquire`` does."""
+        self.budget.lead(priority)  # an unknown class raises here
         requests, tokens = validate_cost(self.budget, requests, tokens)
-        return _Acquiring(self._acquire_kept(requests, tokens, _check_seconds("timeout", timeout)))
+        return _Acquiring(self._acquire_kept(requests, tokens, _check_seconds("timeout", timeout), priority))
 
-    async def _acquire_kept(self, requests: float, tokens: float, timeout: float | None) -> LocalLease:
+    async def _acquire_kept(
+        self, requests: float, tokens: float, timeout: float | None, priority: str | None
+    ) -> LocalLease:
         name = self.budget.name
-        got = self._enter(requests, tokens, timeout)
+        got = self._enter(requests, tokens, timeout, priority)
         if isinstance(got, float):
             raise AcquireTimeout(
                 f"budget {name!r} can grant this request in {got:.3f}s, after the {timeout:g}s timeout",
@@ -236,10 +239,13 @@ class LocalLimiter:
         got.__class__ = self._kept_type  # released if the caller drops it
         return got
 
-    async def try_acquire(self, tokens: float = 0, *, requests: float = 1) -> Decision[LocalLease]:
+    async def try_acquire(
+        self, tokens: float = 0, *, requests: float = 1, priority: str | None = None
+    ) -> Decision[LocalLease]:
         """A lease now, or how long until one would be granted (None: a slot or the queue holds it back)."""
+        lead = self.budget.lead(priority)
         requests, tokens = validate_cost(self.budget, requests, tokens)
-        got = self._core.acquire(self._now_caught_up(), requests, tokens, may_queue=False)
+        got = self._core.acquire(self._now_caught_up(), requests, tokens, may_queue=False, lead=lead)
         self._arm()  # the queue ran: a head may have been granted or told another time
         if not isinstance(got, LocalLease):
             if observe.OBSERVERS:
@@ -250,13 +256,18 @@ class LocalLimiter:
         got.__class__ = self._kept_type
         return Decision(True, got, None)
 
-    def _enter(self, requests: float, tokens: float, max_wait: float | None = None) -> LocalLease | Waiting | float:
+    def _enter(
+        self, requests: float, tokens: float, max_wait: float | None = None, priority: str | None = None
+    ) -> LocalLease | Waiting | float:
         """The lease if it fits now (no await: the compatible schedulers' fast path), else the
         ticket queued, to ``_wait`` for, or the exact wait when it is longer than ``max_wait``."""
         now, core = self._now(), self._core
         if core.due is not None and core.due <= now:  # (the hot path skips the call when nothing is due)
             now = self._now_caught_up()
-        got = core.acquire(now, requests, tokens, max_wait)
+        if priority is None and self.budget.priorities is None:
+            got = core.acquire(now, requests, tokens, max_wait)
+        else:
+            got = core.acquire(now, requests, tokens, max_wait, True, self.budget.lead(priority))
         if type(got) is float:
             return got
         if type(got) is not Waiting:

@@ -66,7 +66,7 @@ class ExecutionContext:
     """What a task started by ``start_task`` carries (XtremeFlow's name): its scheduler, its
     estimate (``extra["estimated_tokens"]``, as XtremeFlow kept it) and the lease it holds."""
 
-    __slots__ = ("_coro", "_dispatched", "_limiter", "_slots", "extra", "lease", "scheduler")
+    __slots__ = ("_coro", "_dispatched", "_limiter", "_priority", "_slots", "extra", "lease", "scheduler")
 
     def __init__(
         self,
@@ -75,6 +75,7 @@ class ExecutionContext:
         estimated_tokens: float,
         coro: Coroutine[Any, Any, Any] | None = None,
         slots: asyncio.Semaphore | None = None,
+        priority: str | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.extra: dict[str, Any] = {"estimated_tokens": estimated_tokens}
@@ -84,6 +85,7 @@ class ExecutionContext:
         self._dispatched = False
         self._coro = coro  # closed if the task ends before it ran
         self._slots = slots  # the scheduler's max_concurrency, released when the task ends
+        self._priority = priority  # its class, for every attempt (None: the budget's default)
 
     @property
     def estimated_tokens(self) -> float:
@@ -99,7 +101,7 @@ class ExecutionContext:
             if lease is None:
                 if scheduler._backoff_until:
                     await scheduler._backoff_over()
-                lease = await limiter.acquire(tokens=self.estimated_tokens)
+                lease = await limiter.acquire(tokens=self.estimated_tokens, priority=self._priority)
             if not scheduler._backoff_until or scheduler._backoff_left() <= 0:
                 return lease
             await lease.cancel()
@@ -182,8 +184,17 @@ class TaskScheduler:
         redis: RedisLike | None = None,
         name: str | None = None,
         cooldown_policy: CooldownPolicy | None = None,
+        priorities: Mapping[str, int] | None = None,
+        default_priority: str | None = None,
     ) -> None:
-        self._setup(max_concurrency=max_concurrency, redis=redis, name=name, cooldown_policy=cooldown_policy)
+        self._setup(
+            max_concurrency=max_concurrency,
+            redis=redis,
+            name=name,
+            cooldown_policy=cooldown_policy,
+            priorities=priorities,
+            default_priority=default_priority,
+        )
 
     def _setup(
         self,
@@ -197,6 +208,8 @@ class TaskScheduler:
         tps: float | None = None,
         tpm: float | None = None,
         burst_ratio: float = 0.0,
+        priorities: Mapping[str, int] | None = None,
+        default_priority: str | None = None,
     ) -> None:
         _check_redis(redis)
         if isinstance(max_concurrency, int | float) and not isinstance(max_concurrency, bool) and max_concurrency <= 0:
@@ -216,6 +229,8 @@ class TaskScheduler:
             burst=burst_ratio,
             overdraft=True,  # XtremeFlow's admission: a start is due once no debt is left, whatever its cost
             dispatch_margin=0.0,  # burst_ratio is all of the credit, as in XtremeFlow
+            priorities=priorities,
+            default_priority=default_priority,
         )
         # Without a Redis the budget is this scheduler's own, in its loop: independent, like XtremeFlow's.
         self._redis = redis
@@ -250,17 +265,23 @@ class TaskScheduler:
         ``AsyncLimiter`` over Redis, a ``LocalLimiter`` (the same calls) without."""
         return self._runtime().limiter
 
-    async def start_task(self, coro: Coroutine[Any, Any, T], estimated_tokens: float = 0) -> asyncio.Task[T]:
+    async def start_task(
+        self, coro: Coroutine[Any, Any, T], estimated_tokens: float = 0, *, priority: str | None = None
+    ) -> asyncio.Task[T]:
         """Wait for a local slot, then return the task that acquires and runs ``coro``.
 
         The task acquires one request, ``estimated_tokens`` and a fleet-wide concurrency slot in
         one step, runs ``coro`` with the lease in its context, and settles at the estimate unless
         ``report_token_usage`` settled first. Cancelled before it ran, it gives the reservation
-        back and closes ``coro``. Bad input raises here, before Redis is touched.
+        back and closes ``coro``. ``priority``: the task's class among the scheduler's
+        ``priorities``, for every attempt (an extension of XtremeFlow's API). Bad input raises
+        here, before Redis is touched.
         """
         if not asyncio.iscoroutine(coro):
             raise InvalidTaskError(f"start_task needs a coroutine, not {coro!r}", budget=self.budget.name)
         try:
+            if priority is not None:
+                self.budget.lead(priority)  # an unknown class raises here
             t = estimated_tokens
             if not ((type(t) is int or type(t) is float) and 0 <= t <= MAX_UNITS):  # else it is fine as it is
                 validate_cost(self.budget, 1, t)
@@ -272,7 +293,7 @@ class TaskScheduler:
         except BaseException:
             coro.close()
             raise
-        ctx = ExecutionContext(self, rt.limiter, float(estimated_tokens), coro, rt.slots)
+        ctx = ExecutionContext(self, rt.limiter, float(estimated_tokens), coro, rt.slots, priority)
         task = asyncio.create_task(self._execute(coro, ctx))
         self.active_tasks += 1
         self.pending_tasks.add(task)
@@ -299,7 +320,7 @@ class TaskScheduler:
         limiter = ctx._limiter
         if type(limiter) is LocalLimiter and not ctx.scheduler._backoff_until:
             # the budget in this loop: a start that fits is granted without an await
-            got = limiter._enter(1.0, ctx.extra["estimated_tokens"])
+            got = limiter._enter(1.0, ctx.extra["estimated_tokens"], None, ctx._priority)
             if isinstance(got, LocalLease):
                 ctx.lease = got
             else:
@@ -369,12 +390,16 @@ class RequestRateScheduler(TaskScheduler):
         redis: RedisLike | None = None,
         name: str | None = None,
         cooldown_policy: CooldownPolicy | None = None,
+        priorities: Mapping[str, int] | None = None,
+        default_priority: str | None = None,
     ) -> None:
         self._setup(
             max_concurrency=max_concurrency,
             redis=redis,
             name=name,
             cooldown_policy=cooldown_policy,
+            priorities=priorities,
+            default_priority=default_priority,
             rps=max_rps,
             rpm=max_rpm,
             burst_ratio=burst_ratio,
@@ -401,12 +426,16 @@ class TokenRateScheduler(RequestRateScheduler):
         redis: RedisLike | None = None,
         name: str | None = None,
         cooldown_policy: CooldownPolicy | None = None,
+        priorities: Mapping[str, int] | None = None,
+        default_priority: str | None = None,
     ) -> None:
         self._setup(
             max_concurrency=max_concurrency,
             redis=redis,
             name=name,
             cooldown_policy=cooldown_policy,
+            priorities=priorities,
+            default_priority=default_priority,
             rps=max_rps,
             rpm=max_rpm,
             tps=max_tps,
