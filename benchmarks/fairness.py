@@ -1,0 +1,248 @@
+"""Priority classes under load: a saturating batch class and a light interactive class share a key.
+
+The budget is the README's quickstart budget, verbatim (``rpm=500, tpm=200_000, burst=60``), with
+two classes: ``priorities={"interactive": 10_000, "batch": 0}``. Each call costs 300 tokens, so
+requests bind (one request every 120 ms).
+
+  * ``--batch-procs`` processes of ``--threads`` threads each acquire as ``batch`` without pause,
+    so the queue is never empty: they spend the initial burst first; the measured window starts
+    once the bucket is empty.
+  * one process makes ``interactive`` calls, each ``uniform(5, 15)`` request intervals after the
+    previous one returned (a light class, about a tenth of the rate), and stamps how long each
+    ``acquire()`` took (CLOCK_MONOTONIC, one clock for every process of the machine). Before each
+    call it times a ``status()`` call: one script round trip under the same load.
+
+Goals (issue 13): the interactive p99 wait within one request interval plus a Redis round trip (the
+p99 of those timed calls); the batch class keeps at least 95 % of the rest of the rate (the rate
+times the window, less the interactive grants in it). The same fleet on a budget without classes
+runs first, as the baseline: there an interactive call waits behind the whole batch queue.
+
+  python benchmarks/fairness.py                         # baseline 30 s, then 120 s with classes
+  python benchmarks/fairness.py --seconds 60 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+import uuid
+from typing import Any
+
+import _common as c
+
+from xflow_dist import AcquireTimeout, Budget, Limiter
+
+RPM, TPM, BURST = 500, 200_000, 60  # the README's quickstart budget, and its recommended burst
+COST = 300  # tokens a call: 150,000 a minute at the full request rate, so requests bind
+CLASSES = {"interactive": 10_000, "batch": 0}
+
+
+def make_budget(name: str, classes: bool) -> Budget:
+    return Budget(name, rpm=RPM, tpm=TPM, burst=BURST, priorities=CLASSES if classes else None)
+
+
+def _over(stop: Any) -> bool:
+    """The window closed: ``stop`` holds its end (monotonic) once it opened, 0 before."""
+    at = stop.value
+    return bool(at) and time.monotonic() >= at
+
+
+def batch_worker(conn: Any, url: str, name: str, classes: bool, threads: int, stop: Any) -> None:
+    """Acquire as batch, back to back, from ``threads`` threads until the window closes."""
+    try:
+        grants: list[float] = []
+        lock = threading.Lock()
+        priority = "batch" if classes else None
+        with Limiter(make_budget(name, classes), url) as lim:
+
+            def loop() -> None:
+                while not _over(stop):
+                    left = stop.value - time.monotonic() if stop.value else 5.0
+                    try:
+                        lease = lim.acquire(tokens=COST, timeout=max(0.001, left), priority=priority)
+                    except AcquireTimeout:  # the window closed, or it has not opened yet: look again
+                        continue
+                    with lock:
+                        grants.append(time.monotonic())
+                    lease.release()
+
+            pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join(timeout=1800 + 120)
+        conn.send(("batch", grants))
+    except BaseException as exc:
+        c.report_error(conn, exc)
+        raise
+
+
+def interactive_worker(conn: Any, url: str, name: str, classes: bool, stop: Any, seed: int) -> None:
+    """Light interactive calls while the window is open."""
+    try:
+        rng = random.Random(seed)
+        interval = 60.0 / RPM
+        samples: list[tuple[float, float, float]] = []  # (asked, granted, status round trip)
+        priority = "interactive" if classes else None
+        with Limiter(make_budget(name, classes), url) as lim:
+            lim.status()  # connected and subscribed-ready before the window
+            for _ in range(60_000):  # until the window opens (at most 600 s)
+                if stop.value:
+                    break
+                time.sleep(0.01)
+            while True:
+                time.sleep(rng.uniform(5, 15) * interval)
+                if _over(stop):
+                    break
+                before = time.monotonic()
+                lim.status()
+                asked = time.monotonic()
+                with lim.acquire(tokens=COST, priority=priority, timeout=120):
+                    granted = time.monotonic()
+                samples.append((asked, granted, asked - before))
+        conn.send(("interactive", samples))
+    except BaseException as exc:
+        c.report_error(conn, exc)
+        raise
+
+
+def run(url: str, classes: bool, seconds: float, batch_procs: int, threads: int, seed: int) -> dict[str, Any]:
+    ctx = c.spawn_context()
+    name = f"bench-fair-{uuid.uuid4().hex[:8]}"
+    watch = Limiter(make_budget(name, classes), url)
+    stop = ctx.Value("d", 0.0)  # the window's end (monotonic), set when it opens
+    conns, procs = [], []
+    try:
+        for i in range(batch_procs + 1):
+            parent, child = ctx.Pipe()
+            if i < batch_procs:
+                p = ctx.Process(target=batch_worker, args=(child, url, name, classes, threads, stop))
+            else:
+                p = ctx.Process(target=interactive_worker, args=(child, url, name, classes, stop, seed))
+            p.start()
+            conns.append(parent)
+            procs.append(p)
+        for _ in range(6000):  # the initial burst spent: the window opens on an empty bucket
+            s = watch.status()
+            if s.requests_available is not None and s.requests_available < 1 and s.queued >= batch_procs:
+                break
+            time.sleep(0.01)
+        else:
+            raise RuntimeError("the batch class never drained the burst")
+        opened = time.monotonic()
+        closed = opened + seconds
+        stop.value = closed
+        results = c.wait_all(conns, timeout=seconds + 180, what="report their figures")
+    finally:
+        watch.close()
+        c.stop_workers(procs)
+    batch = [t for kind, grants in results if kind == "batch" for t in grants]
+    samples = [s for kind, got in results if kind == "interactive" for s in got]
+    window = closed - opened
+    interactive_in = sum(1 for asked, granted, _ in samples if opened <= granted <= closed)
+    batch_in = sum(1 for t in batch if opened <= t <= closed)
+    rest = RPM / 60.0 * window - interactive_in
+    waits = [(granted - asked) * 1000 for asked, granted, _ in samples]
+    rtts = [rtt * 1000 for _, _, rtt in samples]
+    interval_ms = 60_000 / RPM
+    return {
+        "classes": classes,
+        "window_s": round(window, 3),
+        "interactive_calls": len(samples),
+        "interactive_wait_ms": {
+            "median": c.median(waits),
+            "p90": c.percentile(waits, 90),
+            "p99": c.percentile(waits, 99),
+            "max": max(waits) if waits else float("nan"),
+        },
+        "round_trip_ms": {"median": c.median(rtts), "p99": c.percentile(rtts, 99)},
+        "goal_ms": interval_ms + c.percentile(rtts, 99),
+        "over_goal": sum(1 for w in waits if w > interval_ms + c.percentile(rtts, 99)),
+        "batch_grants": batch_in,
+        "interactive_grants": interactive_in,
+        "batch_share_of_rest": batch_in / rest if rest > 0 else float("nan"),
+        "utilisation": (batch_in + interactive_in) / (RPM / 60.0 * window),
+        "waits_ms": waits,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=120.0, help="measured window with classes (default 120)")
+    ap.add_argument("--baseline-seconds", type=float, default=30.0, help="window without classes (default 30)")
+    ap.add_argument("--batch-procs", type=int, default=3, help="batch processes (default 3)")
+    ap.add_argument("--threads", type=int, default=8, help="threads per batch process (default 8)")
+    ap.add_argument("--seed", type=int, default=13, help="the interactive arrivals' seed (default 13)")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures (and every wait) as JSON")
+    args = ap.parse_args()
+    if not (5 <= args.seconds <= 1800 and 5 <= args.baseline_seconds <= 1800):
+        ap.error("--seconds and --baseline-seconds: 5..1800")
+    if not (1 <= args.batch_procs <= 16 and 1 <= args.threads <= 64):
+        ap.error("--batch-procs 1..16, --threads 1..64")
+
+    server = c.start_redis()
+    try:
+        env = c.environment(server.url)
+        c.print_environment(env)
+        print(
+            f"# Budget(rpm={RPM}, tpm={TPM:,}, burst={BURST}), {COST} tokens a call (requests bind: one every "
+            f"{60_000 / RPM:.0f} ms); {args.batch_procs} batch processes x {args.threads} threads back to back, "
+            "1 interactive process, a call every uniform(5, 15) intervals"
+        )
+        baseline = run(server.url, False, args.baseline_seconds, args.batch_procs, args.threads, args.seed)
+        ranked = run(server.url, True, args.seconds, args.batch_procs, args.threads, args.seed)
+    finally:
+        server.stop()
+
+    print()
+    rows = []
+    for r in (baseline, ranked):
+        w = r["interactive_wait_ms"]
+        rows.append(
+            [
+                "classes" if r["classes"] else "one FIFO queue (baseline)",
+                r["window_s"],
+                r["interactive_calls"],
+                w["median"],
+                w["p90"],
+                w["p99"],
+                w["max"],
+                r["round_trip_ms"]["p99"],
+                f"{100 * r['batch_share_of_rest']:.1f} %",
+                f"{100 * r['utilisation']:.1f} %",
+            ]
+        )
+    print(
+        c.table(
+            [
+                "queue",
+                "window s",
+                "interactive calls",
+                "wait median ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "round trip p99 ms",
+                "batch share of the rest",
+                "utilisation",
+            ],
+            rows,
+        )
+    )
+    print()
+    p99, goal = ranked["interactive_wait_ms"]["p99"], ranked["goal_ms"]
+    share = ranked["batch_share_of_rest"]
+    ratio = baseline["interactive_wait_ms"]["p99"] / p99 if p99 > 0 else float("nan")
+    met = "met" if p99 <= goal else "MISSED"
+    print(f"# interactive p99 wait {p99:.1f} ms, goal {goal:.1f} ms (an interval + a round trip's p99): {met}")
+    print(f"#   {ranked['over_goal']} of {ranked['interactive_calls']} calls over it")
+    kept = "met" if share >= 0.95 else "MISSED"
+    print(f"# batch keeps {100 * share:.1f} % of the rest of the rate (goal >= 95 %): {kept}")
+    print(f"# the baseline's interactive p99 is {ratio:.1f}x the classes' (same fleet, one FIFO queue)")
+    c.write_json(args.json, {"environment": env, "baseline": baseline, "classes": ranked})
+
+
+if __name__ == "__main__":
+    main()
