@@ -1,7 +1,7 @@
 -- _prelude.lua: shared by every xflow-dist script and prepended to each at load time, so that
 -- every operation reads the budget, its clock and its keys the same way. Not a script by itself.
 --
--- One budget named N lives in six keys, all tagged {xflow:N} so they share one Cluster slot:
+-- One budget named N lives in seven keys, all tagged {xflow:N} so they share one Cluster slot:
 --   KEYS[1] state     HASH  rt, tt  theoretical arrival time (TAT) of the request and token buckets,
 --                                   seconds of Redis time; the bucket is full when TAT <= now
 --                           cu      cooldown deadline, seconds of Redis time
@@ -21,6 +21,7 @@
 --                                   replaces them)
 --                           la      the latest expiry any lease was given (the keys outlive it)
 --                           xa      when the keys expire, milliseconds of Redis time (see touch())
+--                           vt      virtual time of the tenants' fair queuing: the latest tag granted
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
@@ -28,11 +29,16 @@
 --                           charges made by then
 --   KEYS[4] queue     ZSET  ticket id -> place: acquirers waiting, served in order of place. The place
 --                           is the arrival's sequence number (seq), FIFO; a priority class's lead L
---                           makes it seq - L - 0.5, ahead of the last L arrivals (ties: by id)
+--                           makes it seq - L - 0.5, ahead of the last L arrivals (ties: by id).
+--                           Shared by tenant (a weight w given), it is the call's tag (below), less
+--                           L times its cost
 --   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until> <ttl> <fit announced>"
+--                           then "o" if it is in overdraft, "v<tag>" if it was queued by tenant
 --   KEYS[6] learned   HASH  model (or route; "" unnamed) -> "<rpm> <rpm until> <tpm> <tpm until>": the
 --                           limits the provider reported for it, per minute (0: none), each live
 --                           until `memory` seconds after its last report
+--   KEYS[7] tenants   ZSET  tenant -> finish tag: the virtual time its calls have taken so far, kept
+--                           while it is ahead of vt (below it, the tenant starts at vt anyway)
 --
 -- Every script starts with the same budget block:
 --   ARGV[1] configured request rate, requests per second (0: none configured)
@@ -88,14 +94,20 @@
 -- at once. Whoever cannot be granted now joins one queue (rates and slots alike), FIFO within a
 -- priority class; only its head may be granted, so a large request is never overtaken by small ones
 -- of its class. An arrival with a lead that would go before the head and fits now is granted at once,
--- and counts as an arrival (seq): no ticket is passed by more than L - its own lead later arrivals. The head is told, on the
+-- and counts as an arrival (seq): no ticket is passed by more than L - its own lead later arrivals.
+--
+-- Shared by tenant, the queue is start-time fair queuing: a call of cost c (virtual_cost(): the
+-- seconds of the binding rate it takes, its dominant share) by a tenant of weight w is tagged
+-- S = max(vt, F), F its tenant's finish tag, which becomes S + c / w; vt, the virtual time, is the
+-- latest tag granted. Served in order of tag, each backlogged tenant gets its weight's share of the
+-- binding dimension, and a tenant that was idle starts at vt: no credit saved, no debt kept. The head is told, on the
 -- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
 -- a refund or that return grants it ("g <id> <now>") together with every next head that fits too.
 -- The first waiter of another process behind it is told to come back a claim window after that fit
 -- time, so that a head whose process died is granted (provisionally) and passed over without a wait
 -- for its ticket's TTL.
 local K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local K_LEARNED = KEYS[6]
+local K_LEARNED, K_TENANTS = KEYS[6], KEYS[7]
 local MAX_UNITS, MAX_SECONDS, MIN_RATE, MAX_TEXT = 1e15, 1e9, 1e-6, 256
 
 -- The kinds of argument, each [lo, hi] (")": hi excluded, "(": lo excluded), with -1 ("unset") or 0
@@ -183,7 +195,7 @@ end
 -- by spaces. Limits the same as the stored ones were checked when they were stored.
 -- The state hash is read once, here: the stored limits first, then what load_state() takes.
 local STATE_V = redis.call('HMGET', K_STATE, 'cf', 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq',
-  'ct', 'lr', 'lt', 'lu', 'pb', 'la', 'xa')
+  'ct', 'lr', 'lt', 'lu', 'pb', 'la', 'xa', 'vt')
 local STORED = STATE_V[1]
 local CONFIG = #ARGV >= 9 and table.concat({ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[9]}, ' ')
 local function limit(kind)
@@ -493,7 +505,7 @@ local function load_state()
     qa = tonumber(v[8]) or 0, kr = tonumber(v[9]) or 0, kt = tonumber(v[10]) or 0,
     cq = tonumber(v[11]) or 0, ct = tonumber(v[12]) or 0,
     lr = tonumber(v[13]) or 0, lt = tonumber(v[14]) or 0, lu = tonumber(v[15]) or 0, pb = tonumber(v[16]) or 0,
-    la = tonumber(v[17]) or 0, xa = tonumber(v[18]) or 0,
+    la = tonumber(v[17]) or 0, xa = tonumber(v[18]) or 0, vt = tonumber(v[19]) or 0,
   }
   if v[2] and not v[17] then -- a state an older version made, without la: the leases tell it (once)
     st.la = tonumber(redis.call('ZRANGE', K_LEASES, -1, -1, 'WITHSCORES')[2]) or 0
@@ -519,6 +531,9 @@ local function save_state(st)
     'cq', fmt(st.cq), 'ct', fmt(st.ct), 'la', fmt(st.la), 'cf', CONFIG)
   if st.stored or st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0 then -- absent reads as 0
     redis.call('HSET', K_STATE, 'lr', fmt(st.lr), 'lt', fmt(st.lt), 'lu', fmt(st.lu), 'pb', st.pb)
+  end
+  if st.vt > 0 then
+    redis.call('HSET', K_STATE, 'vt', fmt(st.vt))
   end
   if st.lost then
     st.lost = false
@@ -577,14 +592,58 @@ end
 
 local function ticket(id)
   local t = words(redis.call('HGET', K_TICKETS, id) or '0 0 0 0 -1')
-  return {creq = tonumber(t[1]), ctok = tonumber(t[2]), alive = tonumber(t[3]), ttl = tonumber(t[4]),
-    fit = tonumber(t[5]), overdraft = t[6] == 'o'}
+  local out = {creq = tonumber(t[1]), ctok = tonumber(t[2]), alive = tonumber(t[3]), ttl = tonumber(t[4]),
+    fit = tonumber(t[5]), overdraft = false}
+  for i = 6, #t do
+    if t[i] == 'o' then
+      out.overdraft = true
+    elseif string.sub(t[i], 1, 1) == 'v' then
+      out.tag = tonumber(string.sub(t[i], 2))
+    end
+  end
+  return out
 end
 
 local function save_ticket(st, id, t)
   st.qa = math.max(st.qa, t.alive)
   redis.call('HSET', K_TICKETS, id, t.creq .. ' ' .. t.ctok .. ' ' .. fmt(t.alive) .. ' ' .. fmt(t.ttl) ..
-    ' ' .. fmt(t.fit) .. (t.overdraft and ' o' or ''))
+    ' ' .. fmt(t.fit) .. (t.overdraft and ' o' or '') .. (t.tag and ' v' .. fmt(t.tag) or ''))
+end
+
+-- Fair queuing by tenant (see the header). The tag of a new call of `tenant`: its finish tag, or the
+-- virtual time if later; finish tags the virtual time has passed are dropped first (they no longer
+-- matter), so the tenants key holds only the tenants that used the budget of late.
+local function tenant_tag(st, tenant)
+  redis.call('ZREMRANGEBYSCORE', K_TENANTS, '-inf', fmt(st.vt))
+  return math.max(st.vt, tonumber(redis.call('ZSCORE', K_TENANTS, tenant)) or 0)
+end
+
+-- A call's cost in virtual time: the seconds of its rates it takes, the larger of the two (its
+-- dominant share); where no rate sees it, a slot's share of the concurrency (0: none at all).
+local function virtual_cost(creq, ctok)
+  local c = 0
+  if RATE_REQ > 0 then
+    c = math.max(c, creq / RATE_REQ)
+  end
+  if RATE_TOK > 0 then
+    c = math.max(c, ctok / RATE_TOK)
+  end
+  if c == 0 and MAX_CONC > 0 then
+    c = 1 / MAX_CONC
+  end
+  return c
+end
+
+-- The tenant's finish tag after a call tagged `tag`, of `cost`, by weight `weight`, granted or queued.
+local function queued_tag(tenant, tag, cost, weight)
+  redis.call('ZADD', K_TENANTS, fmt(tag + cost / weight), tenant)
+  WROTE[K_TENANTS] = true
+end
+
+-- A call tagged `tag` is granted: the virtual time reaches it.
+local function served(st, tenant, tag, cost, weight)
+  queued_tag(tenant, tag, cost, weight)
+  st.vt = math.max(st.vt, tag)
 end
 
 -- The head waiting for its rates comes back exactly when it fits; any other ticket comes back
@@ -662,6 +721,9 @@ local function advance(st)
       if fit <= NOW then
         dequeue(head)
         grant(st, head, t.creq, t.ctok, t.fit, true, t.overdraft)
+        if t.tag then
+          st.vt = math.max(st.vt, t.tag)
+        end
         redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW))
       else
         announce(st, head, t, fit)
@@ -689,7 +751,7 @@ local function touch(st)
   local horizon = math.max(NOW, st.rt, st.tt, st.cu, st.cr, st.lu, st.qa, st.la)
   -- capped, so that the time stays exact even for a debt of centuries (a rate of 1e-6 owed 1e15)
   local due = math.ceil((NOW + math.min(horizon - NOW, 1e11) + IDLE_GRACE) * 1000)
-  local keys = {K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS, K_LEARNED}
+  local keys = {K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS, K_LEARNED, K_TENANTS}
   if due > st.xa then
     st.xa = due + math.ceil(IDLE_GRACE * 500)
     redis.call('HSET', K_STATE, 'xa', string.format('%.0f', st.xa))

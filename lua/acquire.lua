@@ -20,6 +20,10 @@
 -- ARGV[19] lead (a whole number, "0" or absent: none): the priority class's lead. A new ticket is
 --          queued ahead of the tickets of the last `lead` arrivals (see the queue in _prelude.lua),
 --          and one that would be the head and fits now is granted at once, passing the queue
+-- ARGV[20] tenant ("" or absent: the budget's untagged calls)
+-- ARGV[21] tenant weight (0 or absent: the budget shares nothing by tenant): with a weight, places
+--          are tenants' virtual times (start-time fair queuing; see the queue in _prelude.lua), and
+--          a lead moves a call ahead by `lead` calls of its own cost
 --
 -- Reply, all strings:
 --   {"granted", start, now, expiry}  the lease exists, charged now (start = its grant time)
@@ -48,11 +52,13 @@ local A, REFUSED = operation_args({
   {'probe', FLAG, '0'},
   {'overdraft', FLAG, '0'},
   {'lead', COUNT, '0'},
+  {'tenant', TEXT_OR_EMPTY, ''},
+  {'weight', RATE, '0'},
 })
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
-local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT, LEAD = unpack(A)
+local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT, LEAD, TENANT, WEIGHT = unpack(A)
 
 reap()
 local st = load_state()
@@ -103,23 +109,34 @@ if not OVERDRAFT and most_tok >= 0 and CTOK > most_tok then
 end
 
 -- Its place: its sequence number, or with a lead that less the lead and a half (ahead of the ticket
--- that holds that number). It is first when nothing waits, or when it goes before the head.
+-- that holds that number). Shared by tenant: its tag (its tenant's finish tag, or the virtual time
+-- if later) less `lead` times its cost. It is first when nothing waits, or when it goes before the head.
 local waiting = redis.call('ZCARD', K_QUEUE)
 local seq = st.seq + 1
-local score, first = seq, waiting == 0
-if LEAD > 0 then
+local score, first, tag, cost = seq, waiting == 0, nil, nil
+if WEIGHT > 0 then
+  tag, cost = tenant_tag(st, TENANT), virtual_cost(CREQ, CTOK)
+  score = tonumber(fmt(tag - LEAD * cost))
+elseif LEAD > 0 then
   score = seq - LEAD - 0.5
-  first = first or score < tonumber(redis.call('ZRANGE', K_QUEUE, 0, 0, 'WITHSCORES')[2])
+end
+if not first and (WEIGHT > 0 or LEAD > 0) then
+  first = score < tonumber(redis.call('ZRANGE', K_QUEUE, 0, 0, 'WITHSCORES')[2])
 end
 
 if first and slot_free() then
   local fit = fit_time(st, CREQ, CTOK, OVERDRAFT)
   if fit <= NOW then
     grant(st, ID, CREQ, CTOK, nil, false, OVERDRAFT)
+    if tag then
+      served(st, TENANT, tag, cost, WEIGHT)
+    end
     if waiting > 0 then
-      -- It passed the queue: counted as an arrival, so that no ticket is passed more than a lead's
-      -- worth of times; the head is told its new fit time.
-      st.seq = seq
+      -- It passed the queue: counted as an arrival (or its tenant's tag moved on), so that no
+      -- ticket is passed more than a lead's worth of times; the head is told its new fit time.
+      if not tag then
+        st.seq = seq
+      end
       advance(st)
     end
     return finish({'granted', fmt(NOW), fmt(NOW), fmt(NOW + LEASE_TTL)})
@@ -131,13 +148,18 @@ elseif not MAY_QUEUE then
   return finish({'refused', '-1', fmt(NOW)})
 end
 
-st.seq = seq
-if LEAD > 0 then
-  score = string.format('%.1f', score)
+if tag then
+  queued_tag(TENANT, tag, cost, WEIGHT)
+  score = fmt(score)
+else
+  st.seq = seq
+  if LEAD > 0 then
+    score = string.format('%.1f', score)
+  end
 end
 redis.call('ZADD', K_QUEUE, score, ID)
 WROTE[K_QUEUE], WROTE[K_TICKETS] = true, true
 save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1,
-  overdraft = OVERDRAFT})
+  overdraft = OVERDRAFT, tag = tag})
 advance(st)
 return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})

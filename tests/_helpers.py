@@ -84,9 +84,13 @@ class Ops:
         ticket_ttl: float = 30.0,
         overdraft: bool = False,
         lead: int = 0,
+        tenant: str = "",
+        weight: float = 0.0,
     ) -> tuple[str, Any]:
         lid = lease_id or uuid.uuid4().hex
-        argv = acquire_args(lid, requests, tokens, max_wait, queue, ticket_ttl, self.budget.probe, overdraft, lead)
+        argv = acquire_args(
+            lid, requests, tokens, max_wait, queue, ticket_ttl, self.budget.probe, overdraft, lead, tenant, weight
+        )
         return lid, decode_acquire(self.run("acquire", argv))
 
     def settle(self, lid: str, actual: float | None = None, **facts: float) -> Any:

@@ -45,7 +45,9 @@ ACQUIRE = st.tuples(
     st.sampled_from([None, None, None, 0.0, 0.3]),  # max wait
     st.sampled_from([True, True, True, False]),  # may queue
     st.sampled_from([0, 0, 0, 1, 2, 7]),  # the priority class's lead
+    st.sampled_from(["", "a", "b", "c"]),  # the tenant, where the budget is shared by tenant
 )
+WEIGHTS = {"": 1.0, "a": 1.0, "b": 2.5, "c": 0.3}  # any weights: this test is off every grid
 OP = st.one_of(
     ACQUIRE,
     ACQUIRE,
@@ -73,6 +75,7 @@ class Twins:
         self.items: dict[str, Held | Waiting] = {}
         self.order: list[str] = []
         self.fit: dict[str, float] = {}  # the fit time the engine last told each ticket
+        self.fair = False  # the budget is shared by tenant: every call carries a weight
 
     @property
     def now(self) -> float:
@@ -94,10 +97,14 @@ class Twins:
 
     # --- the steps ---
 
-    def acquire(self, creq: float, ctok: float, max_wait: float | None, may_queue: bool, lead: int) -> None:
+    def acquire(
+        self, creq: float, ctok: float, max_wait: float | None, may_queue: bool, lead: int, tenant: str
+    ) -> None:
         lid = f"p.{len(self.order):06d}"  # ids in arrival order: equal places go by id, by arrival locally
-        want = self.run("acquire", acquire_args(lid, creq, ctok, max_wait, may_queue, TTL, False, True, lead))
-        got = self.local.acquire(self.now, creq, ctok, max_wait, may_queue, lead)
+        weight = WEIGHTS[tenant] if self.fair else 0.0
+        args = acquire_args(lid, creq, ctok, max_wait, may_queue, TTL, False, True, lead, tenant, weight)
+        want = self.run("acquire", args)
+        got = self.local.acquire(self.now, creq, ctok, max_wait, may_queue, lead, tenant, weight)
         if want[0] == "refused":  # nothing queued nor charged: the same exact wait, or none
             assert got == (None if want[1] == "-1" else pytest.approx(float(want[1]), abs=1e-6)), (want, got)
             return
@@ -229,6 +236,7 @@ class Twins:
     max_concurrency=st.sampled_from([None, 1, 3]),
     start_us=st.integers(1_000_000, 2_000_000_000_000_000),
     steps=st.lists(st.tuples(STEP, LATE, OP), min_size=1, max_size=60),
+    fair=st.booleans(),
 )
 def test_the_in_process_budget_decides_as_the_scripts(
     rps: float,
@@ -237,6 +245,7 @@ def test_the_in_process_budget_decides_as_the_scripts(
     max_concurrency: int | None,
     start_us: int,
     steps: list[tuple[int, int, tuple[Any, ...]]],
+    fair: bool,
 ) -> None:
     budget = Budget(
         "local",
@@ -249,6 +258,7 @@ def test_the_in_process_budget_decides_as_the_scripts(
         lease_ttl=TTL,
     )
     twins = Twins(budget, start_us)
+    twins.fair = fair
     for step_us, late_us, (kind, *args) in steps:
         twins.wait(step_us, late_us)
         getattr(twins, kind)(*args)

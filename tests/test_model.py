@@ -121,6 +121,7 @@ class Ticket:
     overdraft: bool = False  # fits once the buckets are out of debt, whatever its cost
     place: Fraction = ZERO  # its arrival's number, less its class's lead and a half if it has one
     lead: int = 0  # its priority class's lead
+    tag: Fraction | None = None  # its tenant's tag, where the budget is shared by tenant
     passed: int = 0  # later arrivals granted or queued ahead of it (at most the greatest lead less its own)
 
 
@@ -183,6 +184,8 @@ class BudgetModel:
     leases: dict[str, Lease] = field(default_factory=dict)
     queue: dict[str, Ticket] = field(default_factory=dict)  # in order of (place, id)
     seq: int = 0  # arrivals that queued or passed the queue
+    vt: Fraction = ZERO  # virtual time of the tenants' fair queuing: the latest tag granted
+    tenants: dict[str, Fraction] = field(default_factory=dict)  # tenant -> finish tag
     stored: bool = False  # the keys exist (some operation other than status ran)
 
     def reset(self) -> None:
@@ -194,6 +197,8 @@ class BudgetModel:
         self.leases.clear()
         self.queue.clear()
         self.seq = 0
+        self.vt = ZERO
+        self.tenants.clear()
         self.stored = False
 
     @property
@@ -254,6 +259,18 @@ class BudgetModel:
             if lease.provisional:
                 self.rt = self._give_back(self.rt, self.request_rate, lease.requests, now)
                 self.tt = self._give_back(self.tt, self.token_rate, lease.tokens, now)
+
+    def _virtual_cost(self, requests: Fraction, tokens: Fraction) -> Fraction:
+        """A call's cost in the tenants' virtual time: the seconds of the rates in force it takes,
+        the larger; a slot's share where no rate sees it."""
+        cost = ZERO
+        if self.request_rate:
+            cost = max(cost, requests / self.request_rate)
+        if self.token_rate:
+            cost = max(cost, tokens / self.token_rate)
+        if cost == 0 and self.max_concurrency:
+            cost = F(1, self.max_concurrency)
+        return cost
 
     def _slot_free(self) -> bool:
         """Below max concurrency, and none at all in flight while the budget probes."""
@@ -448,6 +465,8 @@ class BudgetModel:
             if fit <= now:
                 del self.queue[head]
                 self._grant(head, ticket.requests, ticket.tokens, now, ticket.fit, True, ticket.overdraft)
+                if ticket.tag is not None:
+                    self.vt = max(self.vt, ticket.tag)
                 events.append(("g", head, now))
                 continue
             if ticket.fit != fit:
@@ -513,12 +532,15 @@ class BudgetModel:
         seen_keys: bool = False,
         overdraft: bool = False,
         lead: int = 0,
+        tenant: str = "",
+        weight: Fraction = ZERO,
     ) -> Reply:
         events: list[tuple[Any, ...]] = []
         lost = self._load(now, seen_keys)
         reply = self._acquire(
-            now, lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, probe, events, overdraft, lead
-        )
+            now, lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, probe, events, overdraft, lead, tenant,
+            weight,
+        )  # fmt: skip
         return reply, self._saved(lost, now, events)
 
     def _acquire(
@@ -534,6 +556,8 @@ class BudgetModel:
         events: list[tuple[Any, ...]],
         overdraft: bool = False,
         lead: int = 0,
+        tenant: str = "",
+        weight: Fraction = ZERO,
     ) -> list[Any]:
         if probe and self.pb == 0:  # the first acquire of a probing budget: one call at a time
             self.pb = 2 if self.lr or self.lt else 1
@@ -559,17 +583,31 @@ class BudgetModel:
                 return ["too_large", most, now, what]
         # A new arrival's place: its number, FIFO; with a lead, ahead of the last `lead` arrivals. It
         # is first where nothing waits or it goes before the head; then, fitting now, it is granted.
+        # Shared by tenant: start-time fair queuing, the tag its tenant's finish tag or the virtual
+        # time if later (finish tags behind it are forgotten), its place the tag less lead x its cost.
         seq = self.seq + 1
         place, first = F(seq), not self.queue
-        if lead > 0:
+        tag: Fraction | None = None
+        cost = ZERO
+        if weight > 0:
+            self.tenants = {name: f for name, f in self.tenants.items() if f > self.vt}
+            tag = max(self.vt, self.tenants.get(tenant, ZERO))
+            cost = self._virtual_cost(requests, tokens)
+            place = tag - lead * cost
+        elif lead > 0:
             place = seq - lead - F(1, 2)
-            first = first or place < self.queue[next(iter(self.queue))].place
+        if not first and (weight > 0 or lead > 0):
+            first = place < self.queue[next(iter(self.queue))].place
         if first and self._slot_free():
             fit = self._fit(requests, tokens, now, overdraft)
             if fit <= now:
                 self._grant(lease_id, requests, tokens, now, overdraft=overdraft)
+                if tag is not None:
+                    self.tenants[tenant] = tag + cost / weight
+                    self.vt = max(self.vt, tag)
                 if self.queue:  # it passed every waiter: an arrival, so that passes stay bounded
-                    self.seq = seq
+                    if tag is None:
+                        self.seq = seq
                     for waiter in self.queue.values():
                         waiter.passed += 1
                     self._advance(now, events)
@@ -578,8 +616,13 @@ class BudgetModel:
                 return ["refused", fit - now, now]
         elif not may_queue:
             return ["refused", F(-1), now]
-        self.seq = seq
-        ticket = Ticket(requests, tokens, now + ticket_ttl, ticket_ttl, overdraft=overdraft, place=place, lead=lead)
+        if tag is not None:
+            self.tenants[tenant] = tag + cost / weight
+        else:
+            self.seq = seq
+        ticket = Ticket(
+            requests, tokens, now + ticket_ttl, ticket_ttl, overdraft=overdraft, place=place, lead=lead, tag=tag
+        )
         for waiter_id, waiter in self.queue.items():
             if (place, lease_id.encode()) < (waiter.place, waiter_id.encode()):
                 waiter.passed += 1
@@ -905,6 +948,9 @@ REQUESTS = st.sampled_from([0, 1, 1, 1, 2, 3])
 TOKENS = st.integers(0, 200)
 OVERDRAFT = st.sampled_from([False, False, False, True])  # XtremeFlow's admission, now and then
 LEADS = st.sampled_from([0, 0, 0, 1, 2, 5])  # priority classes' leads: most arrivals have none
+# tenants and their weights (powers of two at most 1, so that tags stay on the grid); "" is untagged
+TENANT_WEIGHTS = {"": F(1), "a": F(1), "b": F(1, 2), "c": F(1, 4)}
+TENANTS = st.sampled_from(sorted(TENANT_WEIGHTS))
 ACTUAL = st.none() | st.integers(0, 300)
 
 # learned limits per minute: rates of whole powers of two per second, so times stay on the grid
@@ -920,6 +966,7 @@ EXACT = F(2, 10**6)  # six-decimal formatting of a wait of ticket_ttl / 2 is the
 
 class BudgetMachine(RuleBasedStateMachine):
     shape: ClassVar[dict[str, Any]] = {}
+    always_fair: ClassVar[bool] = False  # every run shares the budget by tenant
 
     ids = Bundle("ids")
 
@@ -940,6 +987,8 @@ class BudgetMachine(RuleBasedStateMachine):
         self.costs: dict[str, tuple[int, int]] = {}
         self.overdrafts: set[str] = set()  # leases asked for in overdraft (XtremeFlow's admission)
         self.leads: dict[str, int] = {}  # the lead of each lease's priority class, where it has one
+        self.tenant_of: dict[str, str] = {}  # each lease's tenant, on a budget shared by tenant
+        self.fair = False  # the budget is shared by tenant: every acquire carries its tenant's weight
         self.serial = 0
         self.probe = False
         self.memory = 5.0
@@ -974,11 +1023,19 @@ class BudgetMachine(RuleBasedStateMachine):
         idle_grace=st.sampled_from([10.0, 0.5]),
         probe=st.booleans(),
         memory=st.sampled_from([0.5, 5.0]),
+        fair=st.booleans(),
     )
     def configure(
-        self, policy: CooldownPolicy, ticket_ttl_share: float, idle_grace: float, probe: bool, memory: float
+        self,
+        policy: CooldownPolicy,
+        ticket_ttl_share: float,
+        idle_grace: float,
+        probe: bool,
+        memory: float,
+        fair: bool,
     ) -> None:
         self.policy = policy
+        self.fair = fair or self.always_fair  # shared by tenant: every acquire carries a tenant and its weight
         self.probe = probe  # the budget's probe flag, sent with every acquire
         self.memory = memory  # how long learned limits are remembered (short: the keys may expire)
         self.ticket_ttl = self.budget.lease_ttl * ticket_ttl_share
@@ -1143,8 +1200,13 @@ class BudgetMachine(RuleBasedStateMachine):
         requests, tokens = self.costs[lease_id]
         overdraft = lease_id in self.overdrafts
         lead = self.leads.get(lease_id, 0)
+        tenant = self.tenant_of.get(lease_id, "")
+        weight = TENANT_WEIGHTS[tenant] if self.fair else ZERO
         ticket_ttl = self.ticket_ttl if ticket_ttl is None else ticket_ttl
-        argv = acquire_args(lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, self.probe, overdraft, lead)
+        argv = acquire_args(
+            lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, self.probe, overdraft, lead, tenant,
+            float(weight),
+        )  # fmt: skip
         raw = self._run("acquire", argv)
         result = self.model.acquire(
             CLOCK.now(),
@@ -1158,8 +1220,10 @@ class BudgetMachine(RuleBasedStateMachine):
             self.seen,
             overdraft,
             lead,
+            tenant if weight else "",
+            weight,
         )
-        what = f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue}, {overdraft}, lead={lead})"
+        what = f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue}, {overdraft}, {lead}, {tenant!r})"
         self._check(what, raw, result)
         reply, want = decode_acquire(raw), result[0]
         assert reply.kind == want[0]
@@ -1180,9 +1244,17 @@ class BudgetMachine(RuleBasedStateMachine):
         may_queue=st.booleans(),
         overdraft=OVERDRAFT,
         lead=LEADS,
+        tenant=TENANTS,
     )
     def acquire(
-        self, requests: int, tokens: int, max_wait: float | None, may_queue: bool, overdraft: bool, lead: int
+        self,
+        requests: int,
+        tokens: int,
+        max_wait: float | None,
+        may_queue: bool,
+        overdraft: bool,
+        lead: int,
+        tenant: str = "",
     ) -> str:
         lease_id = self._fresh()
         self.costs[lease_id] = (requests, tokens)
@@ -1190,6 +1262,8 @@ class BudgetMachine(RuleBasedStateMachine):
             self.overdrafts.add(lease_id)
         if lead:
             self.leads[lease_id] = lead
+        if tenant:
+            self.tenant_of[lease_id] = tenant
         self._acquire(lease_id, max_wait, may_queue)
         return lease_id
 
@@ -1200,12 +1274,13 @@ class BudgetMachine(RuleBasedStateMachine):
         max_wait=st.none() | MAX_WAIT,
         overdraft=OVERDRAFT,
         lead=LEADS,
+        tenant=TENANTS,
     )
     def acquire_or_queue(
-        self, requests: int, tokens: int, max_wait: float | None, overdraft: bool, lead: int
+        self, requests: int, tokens: int, max_wait: float | None, overdraft: bool, lead: int, tenant: str
     ) -> str:
         """The way the limiter acquires: queue for a slot when none is free."""
-        return self.acquire(requests, tokens, max_wait, True, overdraft, lead)
+        return self.acquire(requests, tokens, max_wait, True, overdraft, lead, tenant)
 
     @rule(lease_id=ids, max_wait=MAX_WAIT)
     def repoll(self, lease_id: str, max_wait: float | None) -> None:
@@ -1567,6 +1642,8 @@ class BudgetMachine(RuleBasedStateMachine):
     def no_waiter_is_passed_more_than_the_leads_allow(self) -> None:
         """Priority classes never starve a waiter: a ticket is passed (by a later arrival granted at
         once or queued ahead of it) at most the greatest lead less its own class's times."""
+        if self.fair:  # tenants' tags order the queue: fairness among tenants, not arrival counts
+            return
         most = max(LEADS.elements)  # type: ignore[attr-defined]
         for ticket_id, ticket in self.model.queue.items():
             assert ticket.passed <= most - ticket.lead, f"{ticket_id} passed {ticket.passed} times"
@@ -1623,6 +1700,35 @@ class LearningMachine(BudgetMachine):
 @pytest.mark.parametrize("shape", ["tokens-only-burst-mc2", "both-burst-mc2", "both-burst-no-mc", "concurrency-only"])
 def test_lua_agrees_with_the_model_while_learning(shape: str, fake_clock: FakeClock) -> None:
     machine = type(f"LearningMachine_{shape}", (LearningMachine,), {"shape": SHAPES[shape]})
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=30,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+class TenantMachine(BudgetMachine):
+    """The same machine on a budget shared by tenant, with arrivals twice as likely: deep queues of
+    several tenants, so that tags, the virtual time and passes meet the grants, refunds and expiries."""
+
+    always_fair = True
+
+    @rule(target=BudgetMachine.ids, requests=REQUESTS, tokens=TOKENS, lead=LEADS, tenant=TENANTS)
+    def queue_for_a_tenant(self, requests: int, tokens: int, lead: int, tenant: str) -> str:
+        return self.acquire(requests, tokens, None, True, False, lead, tenant)
+
+    @rule(target=BudgetMachine.ids, requests=REQUESTS, tokens=TOKENS, tenant=TENANTS)
+    def queue_for_a_tenant_again(self, requests: int, tokens: int, tenant: str) -> str:
+        return self.acquire(requests, tokens, None, True, False, 0, tenant)
+
+
+@pytest.mark.parametrize("shape", ["requests-only", "both-burst-mc2", "both-burst0-mc1", "concurrency-only"])
+def test_lua_agrees_with_the_model_shared_by_tenant(shape: str, fake_clock: FakeClock) -> None:
+    machine = type(f"TenantMachine_{shape}", (TenantMachine,), {"shape": SHAPES[shape]})
     run_state_machine_as_test(
         machine,
         settings=settings(

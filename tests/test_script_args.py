@@ -35,7 +35,19 @@ from xflow_dist._core import acquire_args, budget_args, cooldown_args, keys, set
 # The kinds of every argument (lua/_prelude.lua), budget block first; "opt": may be left out.
 BLOCK = ["rate", "seconds", "rate", "seconds", "count", "positive", "seconds", "text", "positive", "flag"]
 OPS: dict[str, list[str]] = {
-    "acquire": ["text", "units", "units", "seconds_or_unset", "flag", "positive", "flag_opt", "flag_opt", "count_opt"],
+    "acquire": [
+        "text",
+        "units",
+        "units",
+        "seconds_or_unset",
+        "flag",
+        "positive",
+        "flag_opt",
+        "flag_opt",
+        "count_opt",
+        "text_or_empty_opt",
+        "rate_opt",
+    ],
     "settle": [
         "text_or_empty",
         "units_or_unset",
@@ -93,12 +105,13 @@ BAD_FLAG = ["", "2", "-1", "true", "yes", " 1", "01", "1.0", "0.0", "nan"]
 
 
 def garbage(kind: str) -> st.SearchStrategy[str]:
+    kind = kind.removesuffix("_opt")
     if kind.startswith("text"):
         return st.sampled_from([t for t in BAD_TEXT if t or kind == "text"])
-    if kind in ("flag", "flag_opt"):
+    if kind == "flag":
         return st.sampled_from(BAD_FLAG)
     extra: list[str] = []
-    if kind in ("count", "count_opt"):
+    if kind == "count":
         extra = ["1.5", "0.001"]
     if kind == "positive":
         extra = ["0", "0.0"]
@@ -114,7 +127,7 @@ BUDGET = dict(rpm=600, tpm=60_000, max_concurrency=2, burst=1.0, lease_ttl=30.0)
 
 def valid_args(op: str, budget: Budget, lease: str, ticket: str) -> list[str]:
     ops: dict[str, list[str]] = {
-        "acquire": acquire_args(ticket, 1, 10, 5.0, True, 30.0, True, False, 3),
+        "acquire": acquire_args(ticket, 1, 10, 5.0, True, 30.0, True, False, 3, "team-a", 2.0),
         "settle": settle_args(lease, 20, 5, 100, 600, 60_000),
         "cancel": [lease],
         "extend": [lease],
@@ -160,7 +173,7 @@ def live_budget(client: redis.Redis, name: str) -> tuple[Ops, str, str]:
     assert (first.kind, second.kind, third.kind) == ("granted", "granted", "queued")
     ops.settle("", None, limit_requests=1200, remaining_tokens=50_000)
     ops.cooldown(60.0)
-    assert len(budget_keys(client, name)) == 6  # learned limits included
+    assert len(budget_keys(client, name)) == 6  # learned limits included (no tenants: not shared by tenant)
     return ops, lease, ticket
 
 

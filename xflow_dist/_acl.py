@@ -43,6 +43,7 @@ KEY_COMMANDS: dict[str, tuple[str, ...]] = {
     "ZRANGE": ("0", "0"),
     "ZRANGEBYSCORE": ("0", "0"),
     "ZREM": ("m",),
+    "ZREMRANGEBYSCORE": ("0", "0"),
     "ZSCORE": ("m",),
 }
 
@@ -60,7 +61,7 @@ ACL_RULE = (
     "resetkeys ~{xflow:* resetchannels &{xflow:* -@all "
     "+evalsha +script|load +subscribe +unsubscribe +ping +pubsub|numsub "
     "+time +hget +hmget +hgetall +hset +hdel +zadd +zrem +zscore +zcard +zcount +zrange +zrangebyscore "
-    "+pexpireat +publish"
+    "+zremrangebyscore +pexpireat +publish"
 )
 
 _HINT = f"grant the user the rule in docs/security.md: ACL SETUSER <user> on ><password> {ACL_RULE}"

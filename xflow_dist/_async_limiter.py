@@ -35,7 +35,9 @@ from ._base import (
 from ._budget import Budget, CooldownPolicy
 from ._cluster import async_subscribers, subscriber
 from ._core import (
+    ANYWHERE,
     CooldownReply,
+    Place,
     SettleReply,
     Status,
     adopted,
@@ -46,6 +48,7 @@ from ._core import (
     decode_extend,
     decode_settle,
     decode_status,
+    place_of,
     queued,
     script_error,
 )
@@ -246,6 +249,7 @@ class AsyncLimiter(LimiterBase):
         keep_place: bool = False,
         ticket: str | None = None,
         priority: str | None = None,
+        tenant: str | None = None,
     ) -> _Acquiring[AsyncLease]:
         """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
 
@@ -256,18 +260,18 @@ class AsyncLimiter(LimiterBase):
         Bad input raises here, before anything is awaited. ``keep_place``, ``ticket`` and
         ``priority``: as ``Limiter.acquire``'s.
         """
-        lead = self.budget.lead(priority)
+        place = place_of(self.budget, priority, tenant)
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place)
         if not observe.OBSERVERS or self._quiet:
-            return _Acquiring(self._acquire(lease_id, requests, tokens, timeout, keep_place, lead))
-        return _Acquiring(self._observed(lease_id, requests, tokens, timeout, keep_place, lead))
+            return _Acquiring(self._acquire(lease_id, requests, tokens, timeout, keep_place, place))
+        return _Acquiring(self._observed(lease_id, requests, tokens, timeout, keep_place, place))
 
     async def _observed(
-        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool, lead: int
+        self, lease_id: str, requests: float, tokens: float, timeout: float | None, keep_place: bool, place: Place
     ) -> AsyncLease:
         started = time.monotonic()
         try:
-            lease = await self._acquire(lease_id, requests, tokens, timeout, keep_place, lead)
+            lease = await self._acquire(lease_id, requests, tokens, timeout, keep_place, place)
         except AcquireTimeout:
             observe.timed_out(self.budget.name, started)
             raise
@@ -281,7 +285,7 @@ class AsyncLimiter(LimiterBase):
         tokens: float,
         timeout: float | None,
         keep_place: bool = False,
-        lead: int = 0,
+        place: Place = ANYWHERE,
     ) -> AsyncLease:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -295,7 +299,7 @@ class AsyncLimiter(LimiterBase):
                     await asyncio.sleep(0.01)  # the way back is being made: a moment
                 continue
             try:
-                return await self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place, lead)
+                return await self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place, place)
             except BackendError as exc:
                 if not transient(exc):
                     raise
@@ -309,11 +313,11 @@ class AsyncLimiter(LimiterBase):
         tokens: float,
         timeout: float | None,
         keep_place: bool = False,
-        lead: int = 0,
+        place: Place = ANYWHERE,
     ) -> AsyncLease:
         hub = await self._hub()
         inbox = hub.mail.expect(lease_id)
-        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place, lead)
+        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place, place)
         try:
             step = next(flow)
             while True:
@@ -354,32 +358,41 @@ class AsyncLimiter(LimiterBase):
         return self._hold(lease_id, requests, tokens)
 
     async def park(
-        self, ticket: str, seconds: float, tokens: float = 0, *, requests: float = 1, priority: str | None = None
+        self,
+        ticket: str,
+        seconds: float,
+        tokens: float = 0,
+        *,
+        requests: float = 1,
+        priority: str | None = None,
+        tenant: str | None = None,
     ) -> AsyncLease | None:
         """As ``Limiter.park``: keep ``ticket`` in the queue for ``seconds`` more; the lease if it was
         granted meanwhile, else None."""
-        lead = self.budget.lead(priority)
+        place = place_of(self.budget, priority, tenant)
         lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket)
         _check_seconds("seconds", seconds)
-        raw = await self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, lead))
+        raw = await self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, place))
         return self._hold(lease_id, requests, tokens) if self._parked(raw, requests, tokens) else None
 
     async def try_acquire(
-        self, tokens: float = 0, *, requests: float = 1, priority: str | None = None
+        self, tokens: float = 0, *, requests: float = 1, priority: str | None = None, tenant: str | None = None
     ) -> Decision[AsyncLease]:
         """As ``Limiter.try_acquire``: a grant only if it fits now in its ``priority``'s place."""
-        lead = self.budget.lead(priority)
+        place = place_of(self.budget, priority, tenant)
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
-        return self._tried(await self._try_acquire(lease_id, requests, tokens, lead), requests, tokens)
+        return self._tried(await self._try_acquire(lease_id, requests, tokens, place), requests, tokens)
 
-    async def _try_acquire(self, lease_id: str, requests: float, tokens: float, lead: int = 0) -> Decision[AsyncLease]:
+    async def _try_acquire(
+        self, lease_id: str, requests: float, tokens: float, place: Place = ANYWHERE
+    ) -> Decision[AsyncLease]:
         outage = self._outage
         if outage is not None and not outage.ended:
             decision = await self._try_in_outage(outage, requests, tokens)
             if decision is not None:
                 return decision
         try:
-            reply = decode_acquire(await self._run("acquire", self._try_args(lease_id, requests, tokens, lead)))
+            reply = decode_acquire(await self._run("acquire", self._try_args(lease_id, requests, tokens, place)))
         except BackendError as exc:
             if not transient(exc):
                 raise

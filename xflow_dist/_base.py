@@ -25,6 +25,7 @@ from ._core import (
     IDLE_GRACE,
     AcquireReply,
     CooldownReply,
+    Place,
     SettleReply,
     acquire_args,
     budget_args,
@@ -242,17 +243,17 @@ class LimiterBase:
                                    budget=self.budget.name)  # fmt: skip
         return ticket, requests, tokens
 
-    def _park_args(self, lease_id: str, requests: float, tokens: float, seconds: float, lead: int) -> list[str]:
+    def _park_args(self, lease_id: str, requests: float, tokens: float, seconds: float, place: Place) -> list[str]:
         """Renew a ticket for ``seconds`` away plus its usual TTL (or claim its grant); a ticket
-        Redis lost joins again with its class's ``lead``."""
+        Redis lost joins again at the ``place`` of a new arrival."""
         return acquire_args(
             lease_id, requests, tokens, None, True, min(MAX_SECONDS, seconds + self.ticket_ttl),
-            self.budget.probe, self.budget.overdraft, lead,
+            self.budget.probe, self.budget.overdraft, *place,
         )  # fmt: skip
 
-    def _try_args(self, lease_id: str, requests: float, tokens: float, lead: int) -> list[str]:
+    def _try_args(self, lease_id: str, requests: float, tokens: float, place: Place) -> list[str]:
         return acquire_args(
-            lease_id, requests, tokens, 0.0, False, self.ticket_ttl, self.budget.probe, self.budget.overdraft, lead
+            lease_id, requests, tokens, 0.0, False, self.ticket_ttl, self.budget.probe, self.budget.overdraft, *place
         )
 
     def _check_facts(

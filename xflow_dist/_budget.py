@@ -17,6 +17,10 @@ _CLASS = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 #: The greatest lead a priority class may have: places in the queue it may go ahead by.
 MAX_LEAD = 1_000_000_000
 
+#: A tenant's name (sent with each call) and the bounds of a tenant's weight.
+_TENANT = re.compile(r"[A-Za-z0-9._:/@+=-]{1,128}")
+MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e9
+
 #: Providers' buckets hold one minute of their rate: no single request may cost more.
 PROVIDER_WINDOW = 60.0
 
@@ -103,6 +107,52 @@ def _priorities(budget: str, given: object, default: object) -> Priorities | Non
     return Priorities(given)
 
 
+class Weights(Mapping[str, float]):
+    """A budget's tenant weights, name -> weight: immutable and hashable, like the budget."""
+
+    __slots__ = ("_weights",)
+
+    def __init__(self, weights: Mapping[str, float]) -> None:
+        self._weights = {name: float(w) for name, w in sorted(weights.items())}
+
+    def __getitem__(self, name: str) -> float:
+        return self._weights[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._weights.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._weights)
+
+
+def _weight(budget: str, what: str, w: object) -> None:
+    if isinstance(w, bool) or not isinstance(w, int | float) or not MIN_WEIGHT <= w <= MAX_WEIGHT:
+        raise ConfigurationError(f"{what} must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, not {w!r}",
+                                 budget=budget)  # fmt: skip
+
+
+def _tenants(budget: str, given: object, default: object) -> Weights | None:
+    _weight(budget, "default_weight", default)
+    if given is None:
+        return None
+    if not isinstance(given, Mapping):
+        raise ConfigurationError(f"tenants must be a mapping of tenant name to weight, not {given!r}", budget=budget)
+    for name, w in given.items():
+        if not isinstance(name, str) or not _TENANT.fullmatch(name):
+            raise ConfigurationError(
+                f"a tenant's name must be 1-128 characters of letters, digits and ._:/@+=-, not {name!r}",
+                budget=budget,
+            )
+        _weight(budget, f"tenant {name!r}'s weight", w)
+    return Weights(given)
+
+
 @dataclass(frozen=True, slots=True)
 class Budget:
     """One provider limit shared by every process that uses the same ``name``.
@@ -138,6 +188,13 @@ class Budget:
     fits; within a class the queue stays first come, first served. Aging bounds what a lower
     class gives up: a waiter is passed by at most (the greatest lead less its own) later arrivals,
     then served in turn. Calls that name no class take ``default_priority``'s lead (0 without one).
+
+    ``tenants`` shares the budget by tenant: ``{"team-a": 1, "team-b": 2}`` weights (``{}``: every
+    tenant weighs ``default_weight``). Calls say whose they are (``acquire(..., tenant="team-b")``,
+    any name; untagged calls are the tenant ``""``); a tenant alone may use the whole budget, and
+    while several wait each gets its weight's share of the dimension that binds (start-time fair
+    queuing on the seconds of rate each call takes). With tenants, a lead moves a call ahead by
+    ``lead`` calls of its own cost.
     """
 
     name: str
@@ -154,6 +211,8 @@ class Budget:
     dispatch_margin: float = field(default=DISPATCH_MARGIN, kw_only=True)
     priorities: Mapping[str, int] | None = field(default=None, kw_only=True)
     default_priority: str | None = field(default=None, kw_only=True)
+    tenants: Mapping[str, float] | None = field(default=None, kw_only=True)
+    default_weight: float = field(default=1.0, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -183,6 +242,7 @@ class Budget:
                     budget=self.name,
                 )
         object.__setattr__(self, "priorities", _priorities(self.name, self.priorities, self.default_priority))
+        object.__setattr__(self, "tenants", _tenants(self.name, self.tenants, self.default_weight))
 
     def lead(self, priority: str | None = None) -> int:
         """The lead of class ``priority`` (None: the default class's). A name the budget does not
@@ -195,6 +255,25 @@ class Budget:
             known = "none are defined" if self.priorities is None else f"it has {sorted(self.priorities)}"
             raise ConfigurationError(f"budget has no priority class {priority!r}; {known}", budget=self.name)
         return self.priorities[priority]
+
+    def weight(self, tenant: str | None = None) -> float:
+        """The weight of ``tenant`` (None: the untagged calls, tenant ``""``), or 0 where the budget
+        is not shared by tenant. A tenant named on a budget without ``tenants`` is refused, as is a
+        name that could not travel to Redis, before Redis is touched."""
+        if self.tenants is None:
+            if tenant is None:
+                return 0.0
+            raise ConfigurationError(
+                f"budget is not shared by tenant (tenant {tenant!r} given): set tenants= on it", budget=self.name
+            )
+        if tenant is None:
+            return self.default_weight
+        if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+            raise ConfigurationError(
+                f"a tenant's name must be 1-128 characters of letters, digits and ._:/@+=-, not {tenant!r}",
+                budget=self.name,
+            )
+        return self.tenants.get(tenant, self.default_weight)
 
     @property
     def request_rate(self) -> float | None:

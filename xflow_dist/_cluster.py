@@ -4,7 +4,7 @@ that ride out a slot migration, and an events subscriber that moves to a live no
 All keys of a budget share the hash tag ``{xflow:<name>}``, so each script runs on the one master
 that serves that slot; redis-py follows MOVED and ASK redirections itself. While a slot is being
 migrated, a script whose keys are split between two nodes, or partly missing (a budget rarely has
-all six), is answered TRYAGAIN until the migration of that slot ends; redis-py retries that about
+all seven), is answered TRYAGAIN until the migration of that slot ends; redis-py retries that about
 16 times (0.4 s), then raises ``ClusterError("TTL exhausted.")``, which the scripts here retry
 until ``io_timeout`` has passed.
 

@@ -6,7 +6,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._budget import MAX_SECONDS, MAX_UNITS, Budget, CooldownPolicy
 from ._exceptions import (
@@ -26,14 +26,22 @@ LEARN_MEMORY = 3600.0
 
 
 def keys(budget: Budget) -> list[str]:
-    """The six keys of a budget, in the order every script expects (see ``lua/_prelude.lua``)."""
+    """The seven keys of a budget, in the order every script expects (see ``lua/_prelude.lua``)."""
     return key_names(budget.name)
 
 
 def key_names(name: str) -> list[str]:
     """``keys`` of the budget called ``name``."""
     tag = f"{{xflow:{name}}}"
-    return [f"{tag}:state", f"{tag}:leases", f"{tag}:lease_data", f"{tag}:queue", f"{tag}:tickets", f"{tag}:learned"]
+    return [
+        f"{tag}:state",
+        f"{tag}:leases",
+        f"{tag}:lease_data",
+        f"{tag}:queue",
+        f"{tag}:tickets",
+        f"{tag}:learned",
+        f"{tag}:tenants",
+    ]
 
 
 def channel(budget: Budget) -> str:
@@ -88,6 +96,25 @@ def validate_cost(budget: Budget, requests: float, tokens: float) -> tuple[float
     return float(requests), float(tokens)
 
 
+class Place(NamedTuple):
+    """Where a call goes in the queue: its priority class's lead, and its tenant with the tenant's
+    weight (0: the budget is not shared by tenant). Checked by ``place_of`` before Redis is touched."""
+
+    lead: int = 0
+    tenant: str = ""
+    weight: float = 0.0
+
+
+#: A call of no class by no tenant: the first come, first served place.
+ANYWHERE = Place()
+
+
+def place_of(budget: Budget, priority: str | None, tenant: str | None) -> Place:
+    """The place of a call of class ``priority`` by ``tenant`` (None: the budget's defaults)."""
+    weight = budget.weight(tenant)
+    return Place(budget.lead(priority), tenant or "" if weight else "", weight)
+
+
 def acquire_args(
     lease_id: str,
     requests: float,
@@ -98,9 +125,12 @@ def acquire_args(
     probe: bool = False,
     overdraft: bool = False,
     lead: int = 0,
+    tenant: str = "",
+    weight: float = 0.0,
 ) -> list[str]:
     """The operation arguments of ``acquire.lua``; a max wait beyond the scripts' bound is no bound at
-    all. A priority class's ``lead`` is sent only when there is one (ARGV[19] is optional)."""
+    all. A priority class's ``lead``, and a ``tenant`` with its ``weight`` (a budget shared by tenant),
+    are sent only when there are some (ARGV[19..21] are optional)."""
     args = [
         lease_id,
         _num(requests),
@@ -111,8 +141,10 @@ def acquire_args(
         "1" if probe else "0",
         "1" if overdraft else "0",
     ]
-    if lead:
+    if lead or weight:
         args.append(str(lead))
+    if weight:
+        args += [tenant, _num(weight)]
     return args
 
 

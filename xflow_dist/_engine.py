@@ -69,6 +69,8 @@ _SPECS: dict[str, Spec] = {
         ("probe", FLAG, "0"),
         ("overdraft", FLAG, "0"),
         ("lead", COUNT, "0"),
+        ("tenant", TEXT_OR_EMPTY, ""),
+        ("weight", RATE, "0"),
     ),
     "settle": (
         ("id", TEXT_OR_EMPTY),
@@ -237,10 +239,13 @@ class _Lease:
 
 
 class _Ticket:
-    __slots__ = ("alive", "creq", "ctok", "fit", "overdraft", "ttl")
+    __slots__ = ("alive", "creq", "ctok", "fit", "overdraft", "tag", "ttl")
 
-    def __init__(self, creq: float, ctok: float, alive: float, ttl: float, fit: float, overdraft: bool) -> None:
+    def __init__(
+        self, creq: float, ctok: float, alive: float, ttl: float, fit: float, overdraft: bool, tag: float | None = None
+    ) -> None:
         self.creq, self.ctok, self.alive, self.ttl, self.fit, self.overdraft = creq, ctok, alive, ttl, fit, overdraft
+        self.tag = tag  # its tenant's tag (fair queuing), None when it was queued by no tenant
 
 
 class _Leases:
@@ -300,9 +305,9 @@ class _Leases:
 
 
 class _Budget:
-    """The six keys of one budget. ``state`` holds the state HASH's fields as the scripts wrote them."""
+    """The seven keys of one budget. ``state`` holds the state HASH's fields as the scripts wrote them."""
 
-    __slots__ = ("data", "expire_at", "learned", "leases", "queue", "state", "tickets")
+    __slots__ = ("data", "expire_at", "learned", "leases", "queue", "state", "tenants", "tickets")
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
@@ -311,10 +316,13 @@ class _Budget:
         self.queue: dict[str, float] = {}  # id -> place, in order of (place, id) as the ZSET is
         self.tickets: dict[str, _Ticket] = {}
         self.learned: dict[str, list[float]] = {}  # model -> [rpm, rpm until, tpm, tpm until]
+        self.tenants: dict[str, float] = {}  # tenant -> finish tag
         self.expire_at: float | None = None
 
     def empty(self) -> bool:
-        return not (self.state or self.leases.by_id or self.data or self.queue or self.tickets or self.learned)
+        return not (
+            self.state or self.leases.by_id or self.data or self.queue or self.tickets or self.learned or self.tenants
+        )
 
 
 class _State:
@@ -339,6 +347,7 @@ class _State:
         "seq",
         "stored",
         "tt",
+        "vt",
         "xa",
     )
     rt: float
@@ -358,6 +367,7 @@ class _State:
     pb: int
     la: float
     xa: float
+    vt: float
     stored: bool
     lost: bool
 
@@ -384,14 +394,14 @@ class Engine:
         self.budgets.clear()
 
     def existing_keys(self, keys_of: Callable[[str], list[str]]) -> list[str]:
-        """Every key that exists now (``keys_of`` names the six keys of a budget from its first)."""
+        """Every key that exists now (``keys_of`` names the seven keys of a budget from its first)."""
         at = self.clock()
         out: list[str] = []
         for first in list(self.budgets):
             b = self._live(first, at)
             if b is None:
                 continue
-            parts = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned)
+            parts = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned, b.tenants)
             out.extend(k for k, part in zip(keys_of(first), parts, strict=True) if part)
         return out
 
@@ -632,12 +642,12 @@ class _Call:
             st.rt, st.tt, st.cu, st.cl, st.cr = get("rt", 0), get("tt", 0), get("cu", 0), get("cl", 0), get("cr", 0)
             st.seq, st.qa, st.kr, st.kt, st.cq = get("seq", 0), get("qa", 0), get("kr", 0), get("kt", 0), get("cq", 0)
             st.ct, st.lr, st.lt, st.lu, st.pb = get("ct", 0), get("lr", 0), get("lt", 0), get("lu", 0), get("pb", 0)
-            st.la, st.xa = get("la", 0), get("xa", 0)
+            st.la, st.xa, st.vt = get("la", 0), get("xa", 0), get("vt", 0)
             if "rt" in fields and "la" not in fields:  # a state an older version made
                 st.la = self.b.leases.last_expiry() or 0
         else:
             st.rt = st.tt = st.cu = st.cl = st.cr = st.seq = st.qa = st.kr = st.kt = st.cq = st.ct = 0
-            st.lr = st.lt = st.lu = st.pb = st.la = st.xa = 0
+            st.lr = st.lt = st.lu = st.pb = st.la = st.xa = st.vt = 0
         st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
         st.lost = False
         self.apply_limits(st)
@@ -659,6 +669,8 @@ class _Call:
         f["cf"] = self.config
         if st.stored or st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0:
             f["lr"], f["lt"], f["lu"], f["pb"] = r6(st.lr), r6(st.lt), r6(st.lu), st.pb
+        if st.vt > 0:
+            f["vt"] = r6(st.vt)
         if st.lost:
             st.lost = False
             self.engine.publish(self.channel, "l " + fmt(self.now))
@@ -696,13 +708,15 @@ class _Call:
         st.qa = max(st.qa, t.alive)
         t.creq, t.ctok = float(g14(t.creq)), float(g14(t.ctok))
         t.alive, t.ttl, t.fit = r6(t.alive), r6(t.ttl), r6(t.fit)
+        if t.tag is not None:
+            t.tag = r6(t.tag)
         self.b.tickets[lid] = t
 
     def ticket(self, lid: str) -> _Ticket:
         t = self.b.tickets.get(lid)
         if t is None:
             return _Ticket(0, 0, 0, 0, -1, False)
-        return _Ticket(t.creq, t.ctok, t.alive, t.ttl, t.fit, t.overdraft)
+        return _Ticket(t.creq, t.ctok, t.alive, t.ttl, t.fit, t.overdraft, t.tag)
 
     def dequeue(self, lid: str) -> None:
         self.b.queue.pop(lid, None)
@@ -743,6 +757,8 @@ class _Call:
                 if fit <= self.now:
                     self.dequeue(head)
                     self.grant(st, head, t.creq, t.ctok, t.fit, True, t.overdraft)
+                    if t.tag is not None:
+                        st.vt = max(st.vt, t.tag)
                     self.engine.publish(self.channel, f"g {head} {fmt(self.now)}")
                 else:
                     self.announce(st, head, t, fit)
@@ -781,6 +797,8 @@ class _Call:
         probe: bool,
         overdraft: bool,
         lead: float = 0,
+        tenant: str = "",
+        weight: float = 0,
     ) -> list[str]:
         b, now = self.b, self.now
         self.reap()
@@ -815,15 +833,25 @@ class _Call:
         seq = st.seq + 1
         score: float = seq
         first = waiting == 0
-        if lead > 0:
+        tag: float | None = None
+        cost = 0.0
+        if weight > 0:
+            tag, cost = self.tenant_tag(st, tenant), self.virtual_cost(creq, ctok)
+            score = r6(tag - lead * cost)
+        elif lead > 0:
             score = seq - lead - 0.5
-            first = first or score < next(iter(b.queue.values()))
+        if not first and (weight > 0 or lead > 0):
+            first = score < next(iter(b.queue.values()))
         if first and self.slot_free():
             fit = self.fit_time(st, creq, ctok, overdraft)
             if fit <= now:
                 self.grant(st, lid, creq, ctok, None, False, overdraft)
-                if waiting:  # it passed the queue: counted as an arrival
-                    st.seq = seq
+                if tag is not None:
+                    self.queued_tag(tenant, tag, cost, weight)
+                    st.vt = max(st.vt, tag)
+                if waiting:  # it passed the queue: counted as an arrival (or its tenant's tag moved on)
+                    if tag is None:
+                        st.seq = seq
                     self.advance(st)
                 return self.finish(st, ["granted", fmt(now), fmt(now), fmt(now + self.lease_ttl)])
             if not may_queue or (max_wait >= 0 and fit - now > max_wait):
@@ -831,11 +859,34 @@ class _Call:
         elif not may_queue:
             return self.finish(st, ["refused", "-1", fmt(now)])
 
-        st.seq = seq
+        if tag is not None:
+            self.queued_tag(tenant, tag, cost, weight)
+        else:
+            st.seq = seq
         self.enqueue(lid, score)
-        self.save_ticket(st, lid, _Ticket(creq, ctok, now + ticket_ttl, ticket_ttl, -1, overdraft))
+        self.save_ticket(st, lid, _Ticket(creq, ctok, now + ticket_ttl, ticket_ttl, -1, overdraft, tag))
         self.advance(st)
         return self.finish(st, ["queued", fmt(self.wait_hint(lid)), fmt(now)])
+
+    def tenant_tag(self, st: _State, tenant: str) -> float:
+        """tenant_tag(): finish tags the virtual time passed are dropped, then the tenant's, or vt."""
+        tenants, vt = self.b.tenants, st.vt
+        for name in [n for n, f in tenants.items() if f <= vt]:
+            del tenants[name]
+        return max(vt, tenants.get(tenant, 0.0))
+
+    def virtual_cost(self, creq: float, ctok: float) -> float:
+        c = 0.0
+        if self.rate_req > 0:
+            c = max(c, creq / self.rate_req)
+        if self.rate_tok > 0:
+            c = max(c, ctok / self.rate_tok)
+        if c == 0 and self.max_conc > 0:
+            c = 1 / self.max_conc
+        return c
+
+    def queued_tag(self, tenant: str, tag: float, cost: float, weight: float) -> None:
+        self.b.tenants[tenant] = r6(tag + cost / weight)
 
     def enqueue(self, lid: str, score: float) -> None:
         """ZADD: in order of (place, id), ids compared as bytes."""

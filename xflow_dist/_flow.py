@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._budget import Budget
-from ._core import acquire_args, decode_acquire, too_large_error
+from ._core import ANYWHERE, Place, acquire_args, decode_acquire, too_large_error
 from ._events import GrantNotice, HeadNotice, Notice, Resubscribed
 from ._exceptions import AcquireTimeout
 from ._renewals import LAST_RESORT, renewal_only
@@ -53,7 +53,7 @@ def acquire_flow(
     timeout: float | None,
     ticket_ttl: float,
     keep_place: bool = False,
-    lead: int = 0,
+    place: Place = ANYWHERE,
 ) -> Generator[Step, Any, None]:
     """Acquire, queue, sleep until the fit time or a notice, and claim a grant made in the queue.
 
@@ -81,7 +81,7 @@ def acquire_flow(
             raise AcquireTimeout(f"no grant from budget {budget.name!r} within {timeout:g}s", budget=budget.name)
         first = False
         argv = acquire_args(
-            lease_id, requests, tokens, remaining, timeout != 0, ticket_ttl, budget.probe, budget.overdraft, lead
+            lease_id, requests, tokens, remaining, timeout != 0, ticket_ttl, budget.probe, budget.overdraft, *place
         )
         reply = decode_acquire((yield RunScript("acquire", argv)))
         if reply.kind == "granted":
@@ -92,7 +92,7 @@ def acquire_flow(
             # Longer than the timeout, as the budget can tell: take the place (a queue with no
             # bound on the wait) and leave at once with that wait.
             argv = acquire_args(
-                lease_id, requests, tokens, None, True, ticket_ttl, budget.probe, budget.overdraft, lead
+                lease_id, requests, tokens, None, True, ticket_ttl, budget.probe, budget.overdraft, *place
             )
             if decode_acquire((yield RunScript("acquire", argv))).kind == "granted":
                 return  # it fits after all (a release in between)

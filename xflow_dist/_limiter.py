@@ -35,7 +35,9 @@ from ._base import (
 from ._budget import Budget, CooldownPolicy
 from ._cluster import subscriber, subscribers
 from ._core import (
+    ANYWHERE,
     CooldownReply,
+    Place,
     SettleReply,
     Status,
     adopted,
@@ -46,6 +48,7 @@ from ._core import (
     decode_extend,
     decode_settle,
     decode_status,
+    place_of,
     queued,
     script_error,
 )
@@ -390,6 +393,7 @@ class Limiter(LimiterBase):
         keep_place: bool = False,
         ticket: str | None = None,
         priority: str | None = None,
+        tenant: str | None = None,
     ) -> Lease:
         """Wait for ``requests`` and ``tokens`` and a concurrency slot, all together.
 
@@ -405,14 +409,15 @@ class Limiter(LimiterBase):
 
         ``priority``: the class of the call, one of the budget's ``priorities`` (None: its
         ``default_priority``); an unknown name raises ``ConfigurationError`` before Redis is touched.
+        ``tenant``: whose call it is, on a budget shared by tenant (``Budget(tenants=...)``).
         """
-        lead = self.budget.lead(priority)
+        place = place_of(self.budget, priority, tenant)
         lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place)
         if not observe.OBSERVERS or self._quiet:
-            return self._acquire(lease_id, requests, tokens, timeout, keep_place, lead)
+            return self._acquire(lease_id, requests, tokens, timeout, keep_place, place)
         started = time.monotonic()
         try:
-            lease = self._acquire(lease_id, requests, tokens, timeout, keep_place, lead)
+            lease = self._acquire(lease_id, requests, tokens, timeout, keep_place, place)
         except AcquireTimeout:
             observe.timed_out(self.budget.name, started)
             raise
@@ -426,7 +431,7 @@ class Limiter(LimiterBase):
         tokens: float,
         timeout: float | None,
         keep_place: bool = False,
-        lead: int = 0,
+        place: Place = ANYWHERE,
     ) -> Lease:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -440,7 +445,7 @@ class Limiter(LimiterBase):
                     time.sleep(0.01)  # the way back is being made: a moment
                 continue
             try:
-                return self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place, lead)
+                return self._acquire_shared(lease_id, requests, tokens, left(deadline), keep_place, place)
             except BackendError as exc:
                 if not transient(exc):
                     raise
@@ -454,11 +459,11 @@ class Limiter(LimiterBase):
         tokens: float,
         timeout: float | None,
         keep_place: bool = False,
-        lead: int = 0,
+        place: Place = ANYWHERE,
     ) -> Lease:
         hub = self._hub()
         inbox = hub.mail.expect(lease_id)
-        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place, lead)
+        flow = acquire_flow(self.budget, lease_id, requests, tokens, timeout, self.ticket_ttl, keep_place, place)
         try:
             step = next(flow)
             while True:
@@ -499,33 +504,42 @@ class Limiter(LimiterBase):
             return None
 
     def park(
-        self, ticket: str, seconds: float, tokens: float = 0, *, requests: float = 1, priority: str | None = None
+        self,
+        ticket: str,
+        seconds: float,
+        tokens: float = 0,
+        *,
+        requests: float = 1,
+        priority: str | None = None,
+        tenant: str | None = None,
     ) -> Lease | None:
         """Keep ``ticket`` (from ``AcquireTimeout.ticket``) in the queue for ``seconds`` more while its
         holder is away (a Celery task re-queued with a countdown); ``tokens`` and ``requests`` are
         the ticket's. Returns the lease if the ticket was granted meanwhile (claimed now: use it),
         else None. A ticket Redis lost joins the queue again, as a new arrival of class ``priority``."""
-        lead = self.budget.lead(priority)
+        place = place_of(self.budget, priority, tenant)
         lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket)
         _check_seconds("seconds", seconds)
-        raw = self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, lead))
+        raw = self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, place))
         return self._hold(lease_id, requests, tokens) if self._parked(raw, requests, tokens) else None
 
-    def try_acquire(self, tokens: float = 0, *, requests: float = 1, priority: str | None = None) -> Decision[Lease]:
+    def try_acquire(
+        self, tokens: float = 0, *, requests: float = 1, priority: str | None = None, tenant: str | None = None
+    ) -> Decision[Lease]:
         """Take a grant only if it fits now with nobody queued ahead (of its ``priority``'s place:
         a class with a lead may pass the queue); never waits, never queues."""
-        lead = self.budget.lead(priority)
+        place = place_of(self.budget, priority, tenant)
         lease_id, requests, tokens = self._prepare(requests, tokens, None)
-        return self._tried(self._try_acquire(lease_id, requests, tokens, lead), requests, tokens)
+        return self._tried(self._try_acquire(lease_id, requests, tokens, place), requests, tokens)
 
-    def _try_acquire(self, lease_id: str, requests: float, tokens: float, lead: int = 0) -> Decision[Lease]:
+    def _try_acquire(self, lease_id: str, requests: float, tokens: float, place: Place = ANYWHERE) -> Decision[Lease]:
         outage = self._outage
         if outage is not None and not outage.ended:
             decision = self._try_in_outage(outage, requests, tokens)
             if decision is not None:
                 return decision
         try:
-            reply = decode_acquire(self._run("acquire", self._try_args(lease_id, requests, tokens, lead)))
+            reply = decode_acquire(self._run("acquire", self._try_args(lease_id, requests, tokens, place)))
         except BackendError as exc:
             if not transient(exc):
                 raise

@@ -39,12 +39,13 @@ class Waiting:
     """A queued ticket: its cost, its place (acquire.lua's), the fit time its head was last told
     (-1: never), and the grant made to it once its turn came (``held``)."""
 
-    __slots__ = ("fit", "held", "place", "queued", "requests", "since", "tokens", "waiter")
+    __slots__ = ("fit", "held", "place", "queued", "requests", "since", "tag", "tokens", "waiter")
 
-    def __init__(self, requests: float, tokens: float, place: float = 0.0) -> None:
+    def __init__(self, requests: float, tokens: float, place: float = 0.0, tag: float | None = None) -> None:
         self.requests = requests
         self.tokens = tokens
         self.place = place
+        self.tag = tag  # its tenant's tag, where the budget is shared by tenant
         self.fit = -1.0
         self.held: Held | None = None
         self.queued = True
@@ -80,7 +81,9 @@ class LocalBudget:
         "rate_tok",
         "rt",
         "seq",
+        "tenants",
         "tt",
+        "vt",
     )
 
     def __init__(
@@ -100,6 +103,8 @@ class LocalBudget:
         self.rt = self.tt = self.cu = self.cl = self.cr = 0.0
         self.in_flight = 0
         self.seq = 0  # arrivals that queued or passed the queue (acquire.lua's seq)
+        self.vt = 0.0  # the tenants' virtual time, and each tenant's finish tag (acquire.lua's)
+        self.tenants: dict[str, float] = {}
         self.queue: deque[Waiting] = deque()
         #: When the head is told it fits (a rate or the cooldown holds it): tick then. None otherwise.
         self.due: float | None = None
@@ -137,6 +142,26 @@ class LocalBudget:
             self.rt = max(now, self.rt - creq / self.rate_req)
         if self.rate_tok > 0 and self.tt > now:
             self.tt = max(now, self.tt - ctok / self.rate_tok)
+
+    def _tag(self, tenant: str) -> float:
+        """tenant_tag(): the tenant's finish tag, or the virtual time if later; tags behind it go."""
+        tenants, vt = self.tenants, self.vt
+        if len(tenants) > 64:  # (the scripts drop them at every call: the same tags either way)
+            for name in [n for n, f in tenants.items() if f <= vt]:
+                del tenants[name]
+        f = tenants.get(tenant, 0.0)
+        return f if f > vt else vt
+
+    def _cost(self, creq: float, ctok: float) -> float:
+        """virtual_cost(): the seconds of the rates a call takes, the larger; else a slot's share."""
+        c = 0.0
+        if self.rate_req > 0:
+            c = max(c, creq / self.rate_req)
+        if self.rate_tok > 0:
+            c = max(c, ctok / self.rate_tok)
+        if c == 0 and self.max_conc > 0:
+            c = 1 / self.max_conc
+        return c
 
     def _slot_free(self) -> bool:
         return self.max_conc <= 0 or self.in_flight < self.max_conc
@@ -182,6 +207,8 @@ class LocalBudget:
             queue.popleft()
             t.queued = False
             t.held = self._charge(now, t.requests, t.tokens, t.fit)
+            if t.tag is not None and t.tag > self.vt:
+                self.vt = t.tag
             granted = True
             self.granted(t)
         return granted
@@ -196,24 +223,36 @@ class LocalBudget:
         max_wait: float | None = None,
         may_queue: bool = True,
         lead: int = 0,
+        tenant: str = "",
+        weight: float = 0.0,
     ) -> Held | Waiting | float | None:
         """A lease granted now, or the ticket queued for one (``granted`` is called in its turn).
         Refused, nothing queued: the exact wait (a float) when it is longer than ``max_wait`` or
         ``may_queue`` is false; None when it is false and a slot or the queue holds it back.
-        ``lead``: the priority class's, as acquire.lua takes it."""
+        ``lead``, ``tenant`` and ``weight``: the call's place, as acquire.lua takes it."""
         queue = self.queue
         granted = self._advance(now) if queue else False
         seq = self.seq + 1
         place, first = float(seq), not queue
-        if lead > 0:
+        tag: float | None = None
+        cost = 0.0
+        if weight > 0:
+            tag, cost = self._tag(tenant), self._cost(creq, ctok)
+            place = _r6(tag - lead * cost)
+        elif lead > 0:
             place = seq - lead - 0.5
-            first = first or place < queue[0].place
+        if not first and (weight > 0 or lead > 0):
+            first = place < queue[0].place
         if first and (self.max_conc <= 0 or self.in_flight < self.max_conc):
             fit = self._fit(now, creq, ctok)
             if fit <= now:
                 held = self._charge(now, creq, ctok, -1.0)
-                if queue:  # it passed the queue: an arrival (see acquire.lua)
-                    self.seq = seq
+                if tag is not None:
+                    self.tenants[tenant] = _r6(tag + cost / weight)
+                    self.vt = max(self.vt, tag)
+                if queue:  # it passed the queue: an arrival, or its tenant's tag moved on (see acquire.lua)
+                    if tag is None:
+                        self.seq = seq
                     self._advance(now, granted)
                 self._save()
                 return held
@@ -223,8 +262,11 @@ class LocalBudget:
         elif not may_queue:
             self._save()
             return None
-        self.seq = seq
-        t = Waiting(_g14(creq), _g14(ctok), place)
+        if tag is not None:
+            self.tenants[tenant] = _r6(tag + cost / weight)
+        else:
+            self.seq = seq
+        t = Waiting(_g14(creq), _g14(ctok), place, tag)
         if not queue or place >= queue[-1].place:
             queue.append(t)
         else:  # ahead of later places; behind equal ones, which arrived first
@@ -323,6 +365,11 @@ class LocalBudget:
         if rate <= 0:
             return None
         return rate * self.burst - rate * max(0.0, tat - now)
+
+
+def _r6(x: float) -> float:
+    """What the scripts read back of a number they stored: six decimals."""
+    return float(f"{x:.6f}")
 
 
 def _g14(x: float) -> float:

@@ -113,7 +113,7 @@ class MemoryServer:
 
     def scan(self, pattern: str = "*") -> list[bytes]:
         with self.lock:
-            found = self.engine.existing_keys(_six_keys)
+            found = self.engine.existing_keys(_budget_keys)
         return [k.encode() for k in found if fnmatch.fnmatchcase(k, pattern)]
 
     def pttl(self, key: str) -> int:
@@ -129,7 +129,7 @@ class MemoryServer:
             return self.engine.pexpiretime(_first_key(key))
 
     def keys_now(self) -> set[str]:
-        return set(self.engine.existing_keys(_six_keys))
+        return set(self.engine.existing_keys(_budget_keys))
 
     def hkeys(self, key: str) -> list[bytes]:
         if not key.endswith(":learned"):
@@ -143,7 +143,7 @@ class MemoryServer:
             if key not in self.keys_now():
                 return None
             b = self.engine.budgets[_first_key(key)]
-            part: Any = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned)[
+            part: Any = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned, b.tenants)[
                 _SUFFIXES.index(key[key.rfind(":") :])
             ]
             if part is b.data or part is b.tickets:
@@ -155,10 +155,10 @@ class MemoryServer:
             self.engine.flush()
 
 
-_SUFFIXES = (":state", ":leases", ":lease_data", ":queue", ":tickets", ":learned")
+_SUFFIXES = (":state", ":leases", ":lease_data", ":queue", ":tickets", ":learned", ":tenants")
 
 
-def _six_keys(first: str) -> list[str]:
+def _budget_keys(first: str) -> list[str]:
     base = first[: -len(":state")] if first.endswith(":state") else first
     return [base + s for s in _SUFFIXES]
 

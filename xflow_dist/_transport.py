@@ -85,19 +85,27 @@ def estimate_request(
     return prompt + _bound(body, default_max_tokens) * n
 
 
-#: A request header naming the call's priority class; the transport takes it off before sending.
+#: Request headers naming the call's priority class and tenant; the transport takes them off before sending.
 PRIORITY_HEADER = "x-xflow-priority"
+TENANT_HEADER = "x-xflow-tenant"
 
-#: A transport's priority: a class name for every call, or a function of the request that names one.
-Priority = str | Callable[[Any], str | None] | None
+#: A transport's priority class or tenant: a name for every call, or a function of the request that names one.
+Named = str | Callable[[Any], str | None] | None
 
 
-def _take_priority(request: Any) -> str | None:
-    """The class the request's header names, taken off the request (it is ours, not the provider's)."""
-    named = request.headers.get(PRIORITY_HEADER)
+def _take(request: Any, header: str) -> str | None:
+    """What the request's header names, taken off the request (it is ours, not the provider's)."""
+    named = request.headers.get(header)
     if named is not None:
-        del request.headers[PRIORITY_HEADER]
+        del request.headers[header]
     return named  # type: ignore[no-any-return]
+
+
+def _named(request: Any, header: str | None, given: Named) -> str | None:
+    """The header's name, else ``given``'s (a name, or a function of the request)."""
+    if header is not None:
+        return header
+    return given(request) if callable(given) else given
 
 
 def _limited(http: Any, request: Any) -> dict[str, Any] | None:
@@ -294,6 +302,7 @@ class _Acquire:
     tokens: int
     model: str = ""  # the provider reports its limits per model: the lease learns them for it
     priority: str | None = None  # the call's class (None: the budget's default)
+    tenant: str | None = None  # whose call it is (None: the budget's untagged calls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +350,7 @@ def _call_flow(
     max_retries: int,
     budget: str | None = None,
     priority: str | None = None,
+    tenant: str | None = None,
 ) -> Generator[_Step, Any, Any]:
     """One budgeted call: acquire, send, settle; on 429 settle at zero, cool the fleet down and
     retry within ``max_retries``, each attempt acquiring (and so charged) again. A 429 that says
@@ -349,7 +359,7 @@ def _call_flow(
     named = body.get("model")
     model = named if isinstance(named, str) else ""
     while True:
-        lease = yield _Acquire(tokens, model, priority)
+        lease = yield _Acquire(tokens, model, priority, tenant)
         response = yield _Send(lease)
         if response.status_code == 429:
             content: bytes = yield _Read(response)
@@ -390,14 +400,18 @@ class _TransportCore(Generic[L]):
         max_retries: int = 3,
         default_max_tokens: int = 1024,
         tokenizer: TokenCounter | None = None,
-        priority: Priority = None,
+        priority: Named = None,
+        tenant: Named = None,
     ) -> None:
         self.router: Router[L] = limiter if isinstance(limiter, Router) else Router(default=limiter)
-        if priority is not None and not isinstance(priority, str) and not callable(priority):
-            raise ConfigurationError(f"priority must be a class name or a function of the request, not {priority!r}")
-        #: Each call's priority class: the request's ``x-xflow-priority`` header, else this (a name, or
-        #: a function of the request), else the budget's default.
+        for what, given in (("priority", priority), ("tenant", tenant)):
+            if given is not None and not isinstance(given, str) and not callable(given):
+                raise ConfigurationError(f"{what} must be a name or a function of the request, not {given!r}")
+        #: Each call's priority class and tenant: the request's ``x-xflow-priority`` and
+        #: ``x-xflow-tenant`` headers, else these (a name, or a function of the request), else the
+        #: budget's defaults.
         self.priority = priority
+        self.tenant = tenant
         self.max_retries = max_retries
         self.default_max_tokens = default_max_tokens
         self.tokenizer = tokenizer
@@ -414,7 +428,7 @@ class _TransportCore(Generic[L]):
         return self.router.default
 
     def _plan(
-        self, request: Any, body: dict[str, Any], named: str | None
+        self, request: Any, body: dict[str, Any], named: tuple[str | None, str | None]
     ) -> tuple[L, Generator[_Step, Any, Any]]:
         model = body.get("model")
         call = Call(model if isinstance(model, str) else None, request.url.host, request.url.path, body)
@@ -423,10 +437,8 @@ class _TransportCore(Generic[L]):
             request.url.path, body, default_max_tokens=self.default_max_tokens, tokenizer=self.tokenizer
         )
         name = getattr(getattr(limiter, "budget", None), "name", None)
-        priority = named
-        if priority is None:
-            priority = self.priority(request) if callable(self.priority) else self.priority
-        return limiter, _call_flow(self.http, request, body, tokens, self.max_retries, name, priority)
+        priority, tenant = _named(request, named[0], self.priority), _named(request, named[1], self.tenant)
+        return limiter, _call_flow(self.http, request, body, tokens, self.max_retries, name, priority, tenant)
 
 
 class _Holding:
@@ -494,7 +506,7 @@ class SyncTransportCore(_TransportCore[Limiter]):
         return self.http.HTTPTransport()
 
     def handle_request(self, request: Any) -> Any:
-        named = _take_priority(request)
+        named = _take(request, PRIORITY_HEADER), _take(request, TENANT_HEADER)
         body = _limited(self.http, request)
         if body is None:
             return self._inner.handle_request(request)
@@ -519,7 +531,7 @@ class SyncTransportCore(_TransportCore[Limiter]):
 
     def _run(self, limiter: Limiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):
-            lease = limiter.acquire(tokens=step.tokens, priority=step.priority)
+            lease = limiter.acquire(tokens=step.tokens, priority=step.priority, tenant=step.tenant)
             lease.model = step.model
             return lease
         if isinstance(step, _Send):
@@ -550,7 +562,7 @@ class AsyncTransportCore(_TransportCore[AsyncLimiter]):
         return self.http.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: Any) -> Any:
-        named = _take_priority(request)
+        named = _take(request, PRIORITY_HEADER), _take(request, TENANT_HEADER)
         body = _limited(self.http, request)
         if body is None:
             return await self._inner.handle_async_request(request)
@@ -575,7 +587,7 @@ class AsyncTransportCore(_TransportCore[AsyncLimiter]):
 
     async def _run(self, limiter: AsyncLimiter, step: _Step, request: Any) -> Any:
         if isinstance(step, _Acquire):
-            lease = await limiter.acquire(tokens=step.tokens, priority=step.priority)
+            lease = await limiter.acquire(tokens=step.tokens, priority=step.priority, tenant=step.tenant)
             lease.model = step.model
             return lease
         if isinstance(step, _Send):

@@ -341,6 +341,7 @@ class _Run:
     lease: Lease
     cooldown: CooldownReply | None = None
     priority: str | None = None  # the task's class: its transport's later calls take it too
+    tenant: str | None = None  # whose task it is: likewise
 
 
 class _LeaseFirst:
@@ -352,13 +353,21 @@ class _LeaseFirst:
         self._first: Lease | None = run.lease
 
     def acquire(
-        self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None, priority: str | None = None
+        self,
+        tokens: float = 0,
+        *,
+        requests: float = 1,
+        timeout: float | None = None,
+        priority: str | None = None,
+        tenant: str | None = None,
     ) -> Lease:
         lease, self._first = self._first, None
         if lease is not None and not lease.closed:
             return lease
-        priority = self._run.priority if priority is None else priority
-        return self._run.limiter.acquire(tokens, requests=requests, timeout=timeout, priority=priority)
+        run = self._run
+        priority = run.priority if priority is None else priority
+        tenant = run.tenant if tenant is None else tenant
+        return run.limiter.acquire(tokens, requests=requests, timeout=timeout, priority=priority, tenant=tenant)
 
     def cooldown(self, retry_after: float | None = None) -> CooldownReply:
         reply = self._run.limiter.cooldown(retry_after)
@@ -386,7 +395,8 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     (``TaskPolicy``), ``usage`` (reads the tokens used from the body's return value; default
     ``openai_usage``; None to settle at the estimate unless the body reports),
     ``priority_class`` (the budget's priority class of the task: a name or a callable of the task's
-    arguments; Celery's own ``priority`` is the broker's, which this does not touch).
+    arguments; Celery's own ``priority`` is the broker's, which this does not touch), ``tenant``
+    (whose task it is, on a budget shared by tenant: a name or a callable of the task's arguments).
     """
 
     budget: Budget | Callable[[], Budget] | None = None
@@ -396,6 +406,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     policy: TaskPolicy = TaskPolicy()
     usage: Callable[[Any], float | None] | None = staticmethod(openai_usage)
     priority_class: str | Callable[..., str | None] | None = None
+    tenant: str | Callable[..., str | None] | None = None
 
     # -- what the body uses ---------------------------------------------------------------------
 
@@ -455,12 +466,11 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         lease: Lease | None = None
         run: _Run | None = None
         try:
-            priority = self._class_of(args, kwargs)
+            priority, tenant = self._named("priority_class", args, kwargs), self._named("tenant", args, kwargs)
             lease = self._admit(
-                limiter, self._price("cost", args, kwargs), self._price("requests", args, kwargs), priority
+                limiter, self._price("cost", args, kwargs), self._price("requests", args, kwargs), priority, tenant
             )
-            run = _Run(limiter, lease)
-            run.priority = priority
+            run = _Run(limiter, lease, priority=priority, tenant=tenant)
             _held.add(lease)  # one step under the GIL: no lock, which a signal handler could find taken
             request.xflow_run = run  # the body's context is a copy of this one: it sees the same run
             result = super().__call__(*args, **kwargs)
@@ -494,15 +504,18 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         value = _static(self, name)
         return cast(float, value(*args, **kwargs) if callable(value) else value)  # the limiter validates it
 
-    def _class_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-        value = _static(self, "priority_class")
+    def _named(self, option: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """A priority class or tenant: the option, or its callable's answer for these arguments."""
+        value = _static(self, option)
         return cast(str | None, value(*args, **kwargs) if callable(value) else value)  # the limiter validates it
 
-    def _admit(self, limiter: Limiter, tokens: float, requests: float, priority: str | None = None) -> Lease:
+    def _admit(
+        self, limiter: Limiter, tokens: float, requests: float, priority: str | None = None, tenant: str | None = None
+    ) -> Lease:
         request = self.request
         if request.called_directly or request.is_eager:
             # No worker slot to free, and eager retries ignore their countdown: wait here.
-            return limiter.acquire(tokens, requests=requests, priority=priority)
+            return limiter.acquire(tokens, requests=requests, priority=priority, tenant=tenant)
         policy = self._policy()
         wait: float | None
         ticket: str | None = None
@@ -512,7 +525,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
             try:
                 return limiter.acquire(
                     tokens, requests=requests, timeout=max(policy.max_wait, KEEP_PLACE_WAIT), keep_place=True,
-                    ticket=_ticket_of(request), priority=priority,
+                    ticket=_ticket_of(request), priority=priority, tenant=tenant,
                 )  # fmt: skip
             except AcquireTimeout as exc:
                 wait, ticket = exc.retry_after, exc.ticket
@@ -533,7 +546,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
         countdown = self._countdown(wait, policy)
         if ticket is not None:
             try:  # the ticket outlives the countdown; granted meanwhile, the task runs now
-                lease = limiter.park(ticket, countdown, tokens, requests=requests, priority=priority)
+                lease = limiter.park(ticket, countdown, tokens, requests=requests, priority=priority, tenant=tenant)
             except XflowError as exc:
                 log.warning("could not keep ticket %s in the queue (%s): the task comes back to a new one", ticket, exc)
                 lease, ticket = None, None
@@ -661,6 +674,7 @@ def rate_limited_task(
     policy: TaskPolicy | None = None,
     usage: Callable[[Any], float | None] | None = openai_usage,
     priority_class: str | Callable[..., str | None] | None = None,
+    tenant: str | Callable[..., str | None] | None = None,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
     """``@app.task(bind=True, base=RateLimitedTask, ...)`` with a budget, a cost and a policy.
@@ -679,6 +693,7 @@ def rate_limited_task(
             policy=policy or TaskPolicy(),
             usage=staticmethod(usage) if usage is not None else None,
             priority_class=staticmethod(priority_class) if callable(priority_class) else priority_class,
+            tenant=staticmethod(tenant) if callable(tenant) else tenant,
             **options,
         ),
     )

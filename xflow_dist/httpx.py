@@ -20,10 +20,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("xflow_dist.httpx needs httpx: pip install 'xflow-dist[httpx]'") from exc
 
 from ._router import Call, NoRouteError, Router
-from ._transport import PRIORITY_HEADER, AsyncTransportCore, SyncTransportCore, estimate_request
+from ._transport import PRIORITY_HEADER, TENANT_HEADER, AsyncTransportCore, SyncTransportCore, estimate_request
 
 __all__ = [
     "PRIORITY_HEADER",
+    "TENANT_HEADER",
     "AsyncRateLimitedTransport",
     "Call",
     "NoRouteError",
@@ -36,8 +37,9 @@ __all__ = [
 class AsyncRateLimitedTransport(AsyncTransportCore, httpx.AsyncBaseTransport):
     """``httpx.AsyncClient(transport=AsyncRateLimitedTransport(limiter_or_router))``: every LLM call
     shares the budget. ``max_retries`` bounds the retries of 429s (each waits out the cooldown).
-    ``priority``: each call's class (a name, or a function of the request), unless the request's
-    ``x-xflow-priority`` header names one (taken off before it is sent)."""
+    ``priority`` and ``tenant``: each call's class and tenant (a name, or a function of the request),
+    unless the request's ``x-xflow-priority`` or ``x-xflow-tenant`` header names one (taken off
+    before it is sent)."""
 
     http: ClassVar[ModuleType] = httpx
 

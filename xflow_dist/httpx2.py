@@ -15,10 +15,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("xflow_dist.httpx2 needs httpx2: pip install 'xflow-dist[httpx2]'") from exc
 
 from ._router import Call, NoRouteError, Router
-from ._transport import PRIORITY_HEADER, AsyncTransportCore, SyncTransportCore, estimate_request
+from ._transport import PRIORITY_HEADER, TENANT_HEADER, AsyncTransportCore, SyncTransportCore, estimate_request
 
 __all__ = [
     "PRIORITY_HEADER",
+    "TENANT_HEADER",
     "AsyncRateLimitedTransport",
     "Call",
     "NoRouteError",

@@ -22,7 +22,7 @@ from .. import _observe as observe
 from .._async_limiter import _Acquiring
 from .._base import Decision, _check_seconds
 from .._budget import MAX_UNITS, Budget, CooldownPolicy
-from .._core import CooldownReply, SettleReply, Status, validate_cost, validate_retry_after
+from .._core import CooldownReply, SettleReply, Status, place_of, validate_cost, validate_retry_after
 from .._engine import LATE_CREDIT
 from .._exceptions import AcquireTimeout, ConfigurationError, InvalidCostError
 from .._local import Held, LocalBudget, Waiting
@@ -210,20 +210,26 @@ class LocalLimiter:
     # --- what the schedulers call ---
 
     def acquire(
-        self, tokens: float = 0, *, requests: float = 1, timeout: float | None = None, priority: str | None = None
+        self,
+        tokens: float = 0,
+        *,
+        requests: float = 1,
+        timeout: float | None = None,
+        priority: str | None = None,
+        tenant: str | None = None,
     ) -> _Acquiring[LocalLease]:
         """Wait for ``requests``, ``tokens`` and a slot together, first come first served within
         ``priority``'s class: await it, or ``async with``. ``timeout``: raise ``AcquireTimeout`` at once
         when the wait is known to be longer, else at the deadline, as ``AsyncLimiter.acquire`` does."""
-        self.budget.lead(priority)  # an unknown class raises here
+        place_of(self.budget, priority, tenant)  # an unknown class or a bad tenant raises here
         requests, tokens = validate_cost(self.budget, requests, tokens)
-        return _Acquiring(self._acquire_kept(requests, tokens, _check_seconds("timeout", timeout), priority))
+        return _Acquiring(self._acquire_kept(requests, tokens, _check_seconds("timeout", timeout), priority, tenant))
 
     async def _acquire_kept(
-        self, requests: float, tokens: float, timeout: float | None, priority: str | None
+        self, requests: float, tokens: float, timeout: float | None, priority: str | None, tenant: str | None
     ) -> LocalLease:
         name = self.budget.name
-        got = self._enter(requests, tokens, timeout, priority)
+        got = self._enter(requests, tokens, timeout, priority, tenant)
         if isinstance(got, float):
             raise AcquireTimeout(
                 f"budget {name!r} can grant this request in {got:.3f}s, after the {timeout:g}s timeout",
@@ -240,12 +246,12 @@ class LocalLimiter:
         return got
 
     async def try_acquire(
-        self, tokens: float = 0, *, requests: float = 1, priority: str | None = None
+        self, tokens: float = 0, *, requests: float = 1, priority: str | None = None, tenant: str | None = None
     ) -> Decision[LocalLease]:
         """A lease now, or how long until one would be granted (None: a slot or the queue holds it back)."""
-        lead = self.budget.lead(priority)
+        place = place_of(self.budget, priority, tenant)
         requests, tokens = validate_cost(self.budget, requests, tokens)
-        got = self._core.acquire(self._now_caught_up(), requests, tokens, may_queue=False, lead=lead)
+        got = self._core.acquire(self._now_caught_up(), requests, tokens, None, False, *place)
         self._arm()  # the queue ran: a head may have been granted or told another time
         if not isinstance(got, LocalLease):
             if observe.OBSERVERS:
@@ -257,17 +263,23 @@ class LocalLimiter:
         return Decision(True, got, None)
 
     def _enter(
-        self, requests: float, tokens: float, max_wait: float | None = None, priority: str | None = None
+        self,
+        requests: float,
+        tokens: float,
+        max_wait: float | None = None,
+        priority: str | None = None,
+        tenant: str | None = None,
     ) -> LocalLease | Waiting | float:
         """The lease if it fits now (no await: the compatible schedulers' fast path), else the
         ticket queued, to ``_wait`` for, or the exact wait when it is longer than ``max_wait``."""
         now, core = self._now(), self._core
         if core.due is not None and core.due <= now:  # (the hot path skips the call when nothing is due)
             now = self._now_caught_up()
-        if priority is None and self.budget.priorities is None:
+        budget = self.budget
+        if priority is None and tenant is None and budget.priorities is None and budget.tenants is None:
             got = core.acquire(now, requests, tokens, max_wait)
         else:
-            got = core.acquire(now, requests, tokens, max_wait, True, self.budget.lead(priority))
+            got = core.acquire(now, requests, tokens, max_wait, True, *place_of(budget, priority, tenant))
         if type(got) is float:
             return got
         if type(got) is not Waiting:

@@ -25,7 +25,7 @@ import redis.asyncio.cluster
 from .._async_limiter import AsyncLimiter
 from .._backend import RedisLike, _check_url
 from .._budget import MAX_UNITS, Budget, CooldownPolicy
-from .._core import validate_cost, validate_retry_after
+from .._core import place_of, validate_cost, validate_retry_after
 from .._exceptions import (
     BackendError,
     ConfigurationError,
@@ -66,7 +66,7 @@ class ExecutionContext:
     """What a task started by ``start_task`` carries (XtremeFlow's name): its scheduler, its
     estimate (``extra["estimated_tokens"]``, as XtremeFlow kept it) and the lease it holds."""
 
-    __slots__ = ("_coro", "_dispatched", "_limiter", "_priority", "_slots", "extra", "lease", "scheduler")
+    __slots__ = ("_coro", "_dispatched", "_limiter", "_priority", "_slots", "_tenant", "extra", "lease", "scheduler")
 
     def __init__(
         self,
@@ -76,6 +76,7 @@ class ExecutionContext:
         coro: Coroutine[Any, Any, Any] | None = None,
         slots: asyncio.Semaphore | None = None,
         priority: str | None = None,
+        tenant: str | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.extra: dict[str, Any] = {"estimated_tokens": estimated_tokens}
@@ -86,6 +87,7 @@ class ExecutionContext:
         self._coro = coro  # closed if the task ends before it ran
         self._slots = slots  # the scheduler's max_concurrency, released when the task ends
         self._priority = priority  # its class, for every attempt (None: the budget's default)
+        self._tenant = tenant  # whose task it is, for every attempt (None: untagged)
 
     @property
     def estimated_tokens(self) -> float:
@@ -101,7 +103,9 @@ class ExecutionContext:
             if lease is None:
                 if scheduler._backoff_until:
                     await scheduler._backoff_over()
-                lease = await limiter.acquire(tokens=self.estimated_tokens, priority=self._priority)
+                lease = await limiter.acquire(
+                    tokens=self.estimated_tokens, priority=self._priority, tenant=self._tenant
+                )
             if not scheduler._backoff_until or scheduler._backoff_left() <= 0:
                 return lease
             await lease.cancel()
@@ -186,6 +190,8 @@ class TaskScheduler:
         cooldown_policy: CooldownPolicy | None = None,
         priorities: Mapping[str, int] | None = None,
         default_priority: str | None = None,
+        tenants: Mapping[str, float] | None = None,
+        default_weight: float = 1.0,
     ) -> None:
         self._setup(
             max_concurrency=max_concurrency,
@@ -194,6 +200,8 @@ class TaskScheduler:
             cooldown_policy=cooldown_policy,
             priorities=priorities,
             default_priority=default_priority,
+            tenants=tenants,
+            default_weight=default_weight,
         )
 
     def _setup(
@@ -210,6 +218,8 @@ class TaskScheduler:
         burst_ratio: float = 0.0,
         priorities: Mapping[str, int] | None = None,
         default_priority: str | None = None,
+        tenants: Mapping[str, float] | None = None,
+        default_weight: float = 1.0,
     ) -> None:
         _check_redis(redis)
         if isinstance(max_concurrency, int | float) and not isinstance(max_concurrency, bool) and max_concurrency <= 0:
@@ -231,6 +241,8 @@ class TaskScheduler:
             dispatch_margin=0.0,  # burst_ratio is all of the credit, as in XtremeFlow
             priorities=priorities,
             default_priority=default_priority,
+            tenants=tenants,
+            default_weight=default_weight,
         )
         # Without a Redis the budget is this scheduler's own, in its loop: independent, like XtremeFlow's.
         self._redis = redis
@@ -266,22 +278,27 @@ class TaskScheduler:
         return self._runtime().limiter
 
     async def start_task(
-        self, coro: Coroutine[Any, Any, T], estimated_tokens: float = 0, *, priority: str | None = None
+        self,
+        coro: Coroutine[Any, Any, T],
+        estimated_tokens: float = 0,
+        *,
+        priority: str | None = None,
+        tenant: str | None = None,
     ) -> asyncio.Task[T]:
         """Wait for a local slot, then return the task that acquires and runs ``coro``.
 
         The task acquires one request, ``estimated_tokens`` and a fleet-wide concurrency slot in
         one step, runs ``coro`` with the lease in its context, and settles at the estimate unless
         ``report_token_usage`` settled first. Cancelled before it ran, it gives the reservation
-        back and closes ``coro``. ``priority``: the task's class among the scheduler's
-        ``priorities``, for every attempt (an extension of XtremeFlow's API). Bad input raises
-        here, before Redis is touched.
+        back and closes ``coro``. ``priority`` and ``tenant``: the task's class among the
+        scheduler's ``priorities`` and whose task it is among its ``tenants``, for every attempt
+        (extensions of XtremeFlow's API). Bad input raises here, before Redis is touched.
         """
         if not asyncio.iscoroutine(coro):
             raise InvalidTaskError(f"start_task needs a coroutine, not {coro!r}", budget=self.budget.name)
         try:
-            if priority is not None:
-                self.budget.lead(priority)  # an unknown class raises here
+            if priority is not None or tenant is not None:
+                place_of(self.budget, priority, tenant)  # an unknown class or a bad tenant raises here
             t = estimated_tokens
             if not ((type(t) is int or type(t) is float) and 0 <= t <= MAX_UNITS):  # else it is fine as it is
                 validate_cost(self.budget, 1, t)
@@ -293,7 +310,7 @@ class TaskScheduler:
         except BaseException:
             coro.close()
             raise
-        ctx = ExecutionContext(self, rt.limiter, float(estimated_tokens), coro, rt.slots, priority)
+        ctx = ExecutionContext(self, rt.limiter, float(estimated_tokens), coro, rt.slots, priority, tenant)
         task = asyncio.create_task(self._execute(coro, ctx))
         self.active_tasks += 1
         self.pending_tasks.add(task)
@@ -320,7 +337,7 @@ class TaskScheduler:
         limiter = ctx._limiter
         if type(limiter) is LocalLimiter and not ctx.scheduler._backoff_until:
             # the budget in this loop: a start that fits is granted without an await
-            got = limiter._enter(1.0, ctx.extra["estimated_tokens"], None, ctx._priority)
+            got = limiter._enter(1.0, ctx.extra["estimated_tokens"], None, ctx._priority, ctx._tenant)
             if isinstance(got, LocalLease):
                 ctx.lease = got
             else:
@@ -392,6 +409,8 @@ class RequestRateScheduler(TaskScheduler):
         cooldown_policy: CooldownPolicy | None = None,
         priorities: Mapping[str, int] | None = None,
         default_priority: str | None = None,
+        tenants: Mapping[str, float] | None = None,
+        default_weight: float = 1.0,
     ) -> None:
         self._setup(
             max_concurrency=max_concurrency,
@@ -400,6 +419,8 @@ class RequestRateScheduler(TaskScheduler):
             cooldown_policy=cooldown_policy,
             priorities=priorities,
             default_priority=default_priority,
+            tenants=tenants,
+            default_weight=default_weight,
             rps=max_rps,
             rpm=max_rpm,
             burst_ratio=burst_ratio,
@@ -428,6 +449,8 @@ class TokenRateScheduler(RequestRateScheduler):
         cooldown_policy: CooldownPolicy | None = None,
         priorities: Mapping[str, int] | None = None,
         default_priority: str | None = None,
+        tenants: Mapping[str, float] | None = None,
+        default_weight: float = 1.0,
     ) -> None:
         self._setup(
             max_concurrency=max_concurrency,
@@ -436,6 +459,8 @@ class TokenRateScheduler(RequestRateScheduler):
             cooldown_policy=cooldown_policy,
             priorities=priorities,
             default_priority=default_priority,
+            tenants=tenants,
+            default_weight=default_weight,
             rps=max_rps,
             rpm=max_rpm,
             tps=max_tps,
