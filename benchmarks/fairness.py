@@ -1,4 +1,5 @@
-"""Priority classes under load: a saturating batch class and a light interactive class share a key.
+"""Fair sharing under load: priority classes (a saturating batch class and a light interactive class)
+and tenant shares (three tenants weighing 1:2:5, and one alone) on one key.
 
 The budget is the README's quickstart budget, verbatim (``rpm=500, tpm=200_000, burst=60``), with
 two classes: ``priorities={"interactive": 10_000, "batch": 0}``. Each call costs 300 tokens, so
@@ -17,8 +18,15 @@ p99 of those timed calls); the batch class keeps at least 95 % of the rest of th
 times the window, less the interactive grants in it). The same fleet on a budget without classes
 runs first, as the baseline: there an interactive call waits behind the whole batch queue.
 
-  python benchmarks/fairness.py                         # baseline 30 s, then 120 s with classes
-  python benchmarks/fairness.py --seconds 60 --json out.json
+Tenants: the same budget with ``tenants={"a": 1, "b": 2, "c": 5}``, one process of ``--threads``
+threads per tenant acquiring without pause. Where requests bind every call costs 300 tokens; where
+tokens bind the calls are of 1,200 (a), 600 (b) and 900 (c) tokens, so that shares of calls and of
+tokens differ. Goals: while all three are backlogged, each gets its weight's share of the binding
+dimension within 2 points; tenant a alone uses at least 99 % of the rate. Each window opens once the
+initial burst is spent.
+
+  python benchmarks/fairness.py                  # classes: baseline 30 s, 120 s; tenants: 3 x 60 s
+  python benchmarks/fairness.py --only tenants --tenant-seconds 30 --json out.json
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from xflow_dist import AcquireTimeout, Budget, Limiter
 RPM, TPM, BURST = 500, 200_000, 60  # the README's quickstart budget, and its recommended burst
 COST = 300  # tokens a call: 150,000 a minute at the full request rate, so requests bind
 CLASSES = {"interactive": 10_000, "batch": 0}
+WEIGHTS = {"a": 1, "b": 2, "c": 5}
+SIZES = {"requests": {"a": 300, "b": 300, "c": 300}, "tokens": {"a": 1200, "b": 600, "c": 900}}
 
 
 def make_budget(name: str, classes: bool) -> Budget:
@@ -168,6 +178,88 @@ def run(url: str, classes: bool, seconds: float, batch_procs: int, threads: int,
     }
 
 
+def tenant_worker(conn: Any, url: str, name: str, tenant: str, tokens: int, threads: int, stop: Any) -> None:
+    """Acquire as ``tenant``, ``tokens`` a call, back to back from ``threads`` threads, until the
+    window closes: every grant's time and tokens."""
+    try:
+        grants: list[tuple[float, int]] = []
+        lock = threading.Lock()
+        budget = Budget(name, rpm=RPM, tpm=TPM, burst=BURST, tenants=WEIGHTS)
+        with Limiter(budget, url) as lim:
+
+            def loop() -> None:
+                while not _over(stop):
+                    left = stop.value - time.monotonic() if stop.value else 5.0
+                    try:
+                        lease = lim.acquire(tokens=tokens, timeout=max(0.001, left), tenant=tenant)
+                    except AcquireTimeout:
+                        continue
+                    with lock:
+                        grants.append((time.monotonic(), tokens))
+                    lease.release()
+
+            pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join(timeout=1800 + 120)
+        conn.send((tenant, grants))
+    except BaseException as exc:
+        c.report_error(conn, exc)
+        raise
+
+
+def run_tenants(url: str, binding: str, tenants: str, seconds: float, threads: int) -> dict[str, Any]:
+    """``tenants`` backlogged (one process each) with the call sizes of ``binding``: what each got."""
+    ctx = c.spawn_context()
+    name = f"bench-tenants-{uuid.uuid4().hex[:8]}"
+    sizes = SIZES[binding]
+    watch = Limiter(Budget(name, rpm=RPM, tpm=TPM, burst=BURST, tenants=WEIGHTS), url)
+    stop = ctx.Value("d", 0.0)
+    conns, procs = [], []
+    try:
+        for tenant in tenants:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=tenant_worker, args=(child, url, name, tenant, sizes[tenant], threads, stop))
+            p.start()
+            conns.append(parent)
+            procs.append(p)
+        smallest = min(sizes[t] for t in tenants)
+        for _ in range(6000):  # the initial burst spent (the binding bucket): the window opens
+            st = watch.status()
+            spent = (st.requests_available or 0) < 1 or (st.tokens_available or 0) < smallest
+            if spent and st.queued >= len(tenants):
+                break
+            time.sleep(0.01)
+        else:
+            raise RuntimeError("the tenants never drained the burst")
+        opened = time.monotonic()
+        closed = opened + seconds
+        stop.value = closed
+        results = c.wait_all(conns, timeout=seconds + 180, what="report their grants")
+    finally:
+        watch.close()
+        c.stop_workers(procs)
+    window = closed - opened
+    used: dict[str, dict[str, float]] = {}
+    for tenant, grants in results:
+        inside = [(at, n) for at, n in grants if opened <= at <= closed]
+        used[tenant] = {"requests": float(len(inside)), "tokens": float(sum(n for _, n in inside))}
+    dim = binding
+    total = sum(u[dim] for u in used.values())
+    weight = sum(WEIGHTS[t] for t in tenants)
+    rate = (RPM if dim == "requests" else TPM) / 60.0
+    return {
+        "binding": binding,
+        "tenants": tenants,
+        "window_s": round(window, 3),
+        "used": used,
+        "shares": {t: used[t][dim] / total if total else float("nan") for t in tenants},
+        "want": {t: WEIGHTS[t] / weight for t in tenants},
+        "utilisation": total / (rate * window),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=120.0, help="measured window with classes (default 120)")
@@ -175,27 +267,51 @@ def main() -> None:
     ap.add_argument("--batch-procs", type=int, default=3, help="batch processes (default 3)")
     ap.add_argument("--threads", type=int, default=8, help="threads per batch process (default 8)")
     ap.add_argument("--seed", type=int, default=13, help="the interactive arrivals' seed (default 13)")
+    ap.add_argument("--tenant-seconds", type=float, default=60.0, help="each tenants window (default 60)")
+    ap.add_argument("--only", choices=("classes", "tenants", "both"), default="both", help="which part to run")
     ap.add_argument("--json", metavar="FILE", help="also write the figures (and every wait) as JSON")
     args = ap.parse_args()
-    if not (5 <= args.seconds <= 1800 and 5 <= args.baseline_seconds <= 1800):
-        ap.error("--seconds and --baseline-seconds: 5..1800")
+    if not (5 <= args.seconds <= 1800 and 5 <= args.baseline_seconds <= 1800 and 5 <= args.tenant_seconds <= 1800):
+        ap.error("--seconds, --baseline-seconds and --tenant-seconds: 5..1800")
     if not (1 <= args.batch_procs <= 16 and 1 <= args.threads <= 64):
         ap.error("--batch-procs 1..16, --threads 1..64")
 
     server = c.start_redis()
+    payload: dict[str, Any] = {}
     try:
         env = c.environment(server.url)
+        payload["environment"] = env
         c.print_environment(env)
-        print(
-            f"# Budget(rpm={RPM}, tpm={TPM:,}, burst={BURST}), {COST} tokens a call (requests bind: one every "
-            f"{60_000 / RPM:.0f} ms); {args.batch_procs} batch processes x {args.threads} threads back to back, "
-            "1 interactive process, a call every uniform(5, 15) intervals"
-        )
-        baseline = run(server.url, False, args.baseline_seconds, args.batch_procs, args.threads, args.seed)
-        ranked = run(server.url, True, args.seconds, args.batch_procs, args.threads, args.seed)
+        if args.only in ("classes", "both"):
+            print(
+                f"# Budget(rpm={RPM}, tpm={TPM:,}, burst={BURST}), {COST} tokens a call (requests bind: one every "
+                f"{60_000 / RPM:.0f} ms); {args.batch_procs} batch processes x {args.threads} threads back to back, "
+                "1 interactive process, a call every uniform(5, 15) intervals"
+            )
+            baseline = run(server.url, False, args.baseline_seconds, args.batch_procs, args.threads, args.seed)
+            ranked = run(server.url, True, args.seconds, args.batch_procs, args.threads, args.seed)
+            report_classes(baseline, ranked)
+            payload.update(baseline=baseline, classes=ranked)
+        if args.only in ("tenants", "both"):
+            print()
+            print(
+                f"# Budget(rpm={RPM}, tpm={TPM:,}, burst={BURST}, tenants={WEIGHTS}); one process of "
+                f"{args.threads} threads per tenant back to back; calls of {SIZES['requests']['a']} tokens where "
+                f"requests bind, of {SIZES['tokens']} tokens where tokens bind; {args.tenant_seconds:g} s windows"
+            )
+            runs = [
+                run_tenants(server.url, "requests", "abc", args.tenant_seconds, args.threads),
+                run_tenants(server.url, "tokens", "abc", args.tenant_seconds, args.threads),
+                run_tenants(server.url, "requests", "a", args.tenant_seconds, args.threads),
+            ]
+            report_tenants(runs)
+            payload["tenants"] = runs
     finally:
         server.stop()
+    c.write_json(args.json, payload)
 
+
+def report_classes(baseline: dict[str, Any], ranked: dict[str, Any]) -> None:
     print()
     rows = []
     for r in (baseline, ranked):
@@ -241,7 +357,42 @@ def main() -> None:
     kept = "met" if share >= 0.95 else "MISSED"
     print(f"# batch keeps {100 * share:.1f} % of the rest of the rate (goal >= 95 %): {kept}")
     print(f"# the baseline's interactive p99 is {ratio:.1f}x the classes' (same fleet, one FIFO queue)")
-    c.write_json(args.json, {"environment": env, "baseline": baseline, "classes": ranked})
+
+
+def report_tenants(runs: list[dict[str, Any]]) -> None:
+    print()
+    rows = []
+    for r in runs:
+        for t in r["tenants"]:
+            u = r["used"][t]
+            rows.append(
+                [
+                    f"{r['binding']} bind" + ("" if len(r["tenants"]) > 1 else ", alone"),
+                    t,
+                    WEIGHTS[t],
+                    int(u["requests"]),
+                    int(u["tokens"]),
+                    f"{100 * r['shares'][t]:.1f} %",
+                    f"{100 * r['want'][t]:.1f} %",
+                    f"{100 * (r['shares'][t] - r['want'][t]):+.1f}",
+                    f"{100 * r['utilisation']:.1f} %",
+                ]
+            )
+    print(
+        c.table(
+            ["run", "tenant", "weight", "requests", "tokens", "share of the binding", "its weight's", "points off",
+             "utilisation"],
+            rows,
+        )
+    )  # fmt: skip
+    print()
+    off = max(abs(r["shares"][t] - r["want"][t]) for r in runs if len(r["tenants"]) > 1 for t in r["tenants"])
+    alone = [r for r in runs if len(r["tenants"]) == 1]
+    print(f"# every backlogged tenant within {100 * off:.1f} points of its share (goal 2): "
+          f"{'met' if off <= 0.02 else 'MISSED'}")  # fmt: skip
+    for r in alone:
+        print(f"# tenant {r['tenants']} alone: {100 * r['utilisation']:.1f} % of the rate (goal >= 99 %): "
+              f"{'met' if r['utilisation'] >= 0.99 else 'MISSED'}")  # fmt: skip
 
 
 if __name__ == "__main__":
