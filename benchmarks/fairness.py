@@ -180,19 +180,25 @@ def run(url: str, classes: bool, seconds: float, batch_procs: int, threads: int,
 
 def tenant_worker(conn: Any, url: str, name: str, tenant: str, tokens: int, threads: int, stop: Any) -> None:
     """Acquire as ``tenant``, ``tokens`` a call, back to back from ``threads`` threads, until the
-    window closes: every grant's time and tokens."""
+    window closes: every grant's time and tokens. No call gives up before the window closes (a
+    ticket given up still costs its tenant its turn: see docs/concepts/waiting.md), and any that
+    timed out is counted."""
     try:
         grants: list[tuple[float, int]] = []
+        gave_up: list[float] = []
         lock = threading.Lock()
         budget = Budget(name, rpm=RPM, tpm=TPM, burst=BURST, tenants=WEIGHTS)
         with Limiter(budget, url) as lim:
 
             def loop() -> None:
                 while not _over(stop):
-                    left = stop.value - time.monotonic() if stop.value else 5.0
+                    # before the window opens, a wait as long as the whole run may be
+                    left = stop.value - time.monotonic() if stop.value else 1800.0
                     try:
                         lease = lim.acquire(tokens=tokens, timeout=max(0.001, left), tenant=tenant)
                     except AcquireTimeout:
+                        with lock:
+                            gave_up.append(time.monotonic())
                         continue
                     with lock:
                         grants.append((time.monotonic(), tokens))
@@ -203,7 +209,7 @@ def tenant_worker(conn: Any, url: str, name: str, tenant: str, tokens: int, thre
                 t.start()
             for t in pool:
                 t.join(timeout=1800 + 120)
-        conn.send((tenant, grants))
+        conn.send((tenant, grants, gave_up))
     except BaseException as exc:
         c.report_error(conn, exc)
         raise
@@ -242,9 +248,13 @@ def run_tenants(url: str, binding: str, tenants: str, seconds: float, threads: i
         c.stop_workers(procs)
     window = closed - opened
     used: dict[str, dict[str, float]] = {}
-    for tenant, grants in results:
+    gave_up: dict[str, int] = {}
+    times: dict[str, list[float]] = {}  # every grant, seconds from the window's opening
+    for tenant, grants, quits in results:
         inside = [(at, n) for at, n in grants if opened <= at <= closed]
         used[tenant] = {"requests": float(len(inside)), "tokens": float(sum(n for _, n in inside))}
+        gave_up[tenant] = sum(1 for at in quits if at < closed)
+        times[tenant] = sorted(round(at - opened, 4) for at, _ in grants)
     dim = binding
     total = sum(u[dim] for u in used.values())
     weight = sum(WEIGHTS[t] for t in tenants)
@@ -254,9 +264,11 @@ def run_tenants(url: str, binding: str, tenants: str, seconds: float, threads: i
         "tenants": tenants,
         "window_s": round(window, 3),
         "used": used,
+        "gave_up": gave_up,
         "shares": {t: used[t][dim] / total if total else float("nan") for t in tenants},
         "want": {t: WEIGHTS[t] / weight for t in tenants},
         "utilisation": total / (rate * window),
+        "grant_times": times,
     }
 
 
@@ -376,12 +388,13 @@ def report_tenants(runs: list[dict[str, Any]]) -> None:
                     f"{100 * r['want'][t]:.1f} %",
                     f"{100 * (r['shares'][t] - r['want'][t]):+.1f}",
                     f"{100 * r['utilisation']:.1f} %",
+                    r["gave_up"][t],
                 ]
             )
     print(
         c.table(
             ["run", "tenant", "weight", "requests", "tokens", "share of the binding", "its weight's", "points off",
-             "utilisation"],
+             "utilisation", "timed out"],
             rows,
         )
     )  # fmt: skip

@@ -33,7 +33,8 @@
 --                           Shared by tenant (a weight w given), it is the call's tag (below), less
 --                           L times its cost
 --   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until> <ttl> <fit announced>"
---                           then "o" if it is in overdraft, "v<tag>" if it was queued by tenant
+--                           then "o" if it is in overdraft; queued by tenant, "v<place>", "w<turn>" (its
+--                           cost / weight), "f<finish tag>" and "t:<tenant>"
 --   KEYS[6] learned   HASH  model (or route; "" unnamed) -> "<rpm> <rpm until> <tpm> <tpm until>": the
 --                           limits the provider reported for it, per minute (0: none), each live
 --                           until `memory` seconds after its last report
@@ -100,7 +101,9 @@
 -- seconds of the binding rate it takes, its dominant share) by a tenant of weight w is tagged
 -- S = max(vt, F), F its tenant's finish tag, which becomes S + c / w; vt, the virtual time, is the
 -- latest tag granted. Served in order of tag, each backlogged tenant gets its weight's share of the
--- binding dimension, and a tenant that was idle starts at vt: no credit saved, no debt kept. The head is told, on the
+-- binding dimension, and a tenant that was idle starts at vt: no credit saved, no debt kept. vt moves
+-- with the places granted (tag less lead x cost), so that a call of a class with a lead does not push
+-- the other tenants behind its own tenant's backlog. The head is told, on the
 -- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
 -- a refund or that return grants it ("g <id> <now>") together with every next head that fits too.
 -- The first waiter of another process behind it is told to come back a claim window after that fit
@@ -597,8 +600,14 @@ local function ticket(id)
   for i = 6, #t do
     if t[i] == 'o' then
       out.overdraft = true
+    elseif string.sub(t[i], 1, 2) == 't:' then
+      out.tenant = string.sub(t[i], 3)
     elseif string.sub(t[i], 1, 1) == 'v' then
       out.tag = tonumber(string.sub(t[i], 2))
+    elseif string.sub(t[i], 1, 1) == 'w' then
+      out.inc = tonumber(string.sub(t[i], 2))
+    elseif string.sub(t[i], 1, 1) == 'f' then
+      out.fin = tonumber(string.sub(t[i], 2))
     end
   end
   return out
@@ -607,7 +616,9 @@ end
 local function save_ticket(st, id, t)
   st.qa = math.max(st.qa, t.alive)
   redis.call('HSET', K_TICKETS, id, t.creq .. ' ' .. t.ctok .. ' ' .. fmt(t.alive) .. ' ' .. fmt(t.ttl) ..
-    ' ' .. fmt(t.fit) .. (t.overdraft and ' o' or '') .. (t.tag and ' v' .. fmt(t.tag) or ''))
+    ' ' .. fmt(t.fit) .. (t.overdraft and ' o' or '') ..
+    (t.tag and ' v' .. fmt(t.tag) .. ' w' .. fmt(t.inc or 0) .. ' f' .. fmt(t.fin or 0) .. ' t:' ..
+    (t.tenant or '') or ''))
 end
 
 -- Fair queuing by tenant (see the header). The tag of a new call of `tenant`: its finish tag, or the
@@ -640,10 +651,10 @@ local function queued_tag(tenant, tag, cost, weight)
   WROTE[K_TENANTS] = true
 end
 
--- A call tagged `tag` is granted: the virtual time reaches it.
-local function served(st, tenant, tag, cost, weight)
+-- A call tagged `tag` is granted at `place`: the virtual time reaches its place.
+local function served(st, tenant, tag, cost, weight, place)
   queued_tag(tenant, tag, cost, weight)
-  st.vt = math.max(st.vt, tag)
+  st.vt = math.max(st.vt, place)
 end
 
 -- The head waiting for its rates comes back exactly when it fits; any other ticket comes back
@@ -673,6 +684,20 @@ local function dequeue(id)
   redis.call('HDEL', K_TICKETS, id)
 end
 
+-- A ticket leaves the queue without a grant (cancelled, or its waiter dead): its tenant gets back
+-- the turn it was charged when it queued, so that calls given up never push a tenant back (a tenant
+-- whose calls time out would otherwise wait longer each time, and time out again).
+local function drop(st, id, t)
+  -- (a finish tag the virtual time has passed was forgotten, and the tenant starts at vt anyway)
+  if t.tag and t.inc and t.fin and t.fin > st.vt then
+    local f = tonumber(redis.call('ZSCORE', K_TENANTS, t.tenant))
+    if f then
+      redis.call('ZADD', K_TENANTS, fmt(f - t.inc), t.tenant)
+    end
+  end
+  dequeue(id)
+end
+
 -- Tell ticket `id` to come back at `fit` (once per change of that time); it lives until then plus its TTL.
 local function announce(st, id, t, fit)
   if math.abs(fit - t.fit) > 0.0000005 then
@@ -693,7 +718,7 @@ local function advance(st)
     end
     local t = ticket(head)
     if t.alive < NOW then
-      dequeue(head)
+      drop(st, head, t)
     elseif not slot_free() then
       -- A provisional grant left unclaimed frees its slot when its claim window ends, and no other
       -- call may come then: the head is told to come back at that time (once per change).

@@ -129,7 +129,7 @@ if first and slot_free() then
   if fit <= NOW then
     grant(st, ID, CREQ, CTOK, nil, false, OVERDRAFT)
     if tag then
-      served(st, TENANT, tag, cost, WEIGHT)
+      served(st, TENANT, tag, cost, WEIGHT, score)
     end
     if waiting > 0 then
       -- It passed the queue: counted as an arrival (or its tenant's tag moved on), so that no
@@ -160,6 +160,7 @@ end
 redis.call('ZADD', K_QUEUE, score, ID)
 WROTE[K_QUEUE], WROTE[K_TICKETS] = true, true
 save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1,
-  overdraft = OVERDRAFT, tag = tag})
+  overdraft = OVERDRAFT, tag = tag and score, inc = tag and cost / WEIGHT, fin = tag and tag + cost / WEIGHT,
+  tenant = TENANT})
 advance(st)
 return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})

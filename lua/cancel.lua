@@ -3,7 +3,7 @@
 -- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
 -- ARGV[11] lease or ticket id
 --
--- A queued ticket leaves the queue. A granted lease is removed and its whole charge, requests and
+-- A queued ticket leaves the queue (its tenant, if it has one, gets back the turn it was charged). A granted lease is removed and its whole charge, requests and
 -- tokens, is refunded (never above capacity); its slot and credit go to the queue at once.
 -- Idempotent: an unknown id changes nothing.
 --
@@ -22,7 +22,7 @@ reap()
 local st = load_state()
 local reply = {'unknown', fmt(NOW)}
 if redis.call('ZSCORE', K_QUEUE, ID) then
-  dequeue(ID)
+  drop(st, ID, ticket(ID))
   reply = {'dequeued', fmt(NOW)}
 else
   local held = redis.call('HGET', K_DATA, ID)

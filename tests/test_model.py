@@ -121,7 +121,10 @@ class Ticket:
     overdraft: bool = False  # fits once the buckets are out of debt, whatever its cost
     place: Fraction = ZERO  # its arrival's number, less its class's lead and a half if it has one
     lead: int = 0  # its priority class's lead
-    tag: Fraction | None = None  # its tenant's tag, where the budget is shared by tenant
+    tag: Fraction | None = None  # its place (tag less lead x cost), where the budget is shared by tenant
+    inc: Fraction = ZERO  # the turn its tenant was charged when it queued (its cost / the weight)
+    tenant: str = ""
+    fin: Fraction = ZERO  # the tenant's finish tag it set
     passed: int = 0  # later arrivals granted or queued ahead of it (at most the greatest lead less its own)
 
 
@@ -444,6 +447,13 @@ class BudgetModel:
     def _head(self) -> str | None:
         return next(iter(self.queue), None)
 
+    def _drop(self, ticket_id: str) -> None:
+        """A ticket leaves the queue without a grant: its tenant gets back the turn it was charged."""
+        ticket = self.queue.pop(ticket_id)
+        # (a finish tag the virtual time passed was forgotten: the tenant starts at vt anyway)
+        if ticket.tag is not None and ticket.fin > self.vt and ticket.tenant in self.tenants:
+            self.tenants[ticket.tenant] -= ticket.inc
+
     def _advance(self, now: Fraction, events: list[tuple[Any, ...]]) -> None:
         """Only the head may be granted: every head that fits now is, in order; the first that does
         not is told when it will fit (once per change of that time) and its ticket lives until
@@ -451,7 +461,7 @@ class BudgetModel:
         while (head := self._head()) is not None:
             ticket = self.queue[head]
             if ticket.alive_until < now:
-                del self.queue[head]
+                self._drop(head)
                 continue
             if not self._slot_free():
                 # an unclaimed provisional grant frees its slot at its expiry: the head comes back then
@@ -602,9 +612,9 @@ class BudgetModel:
             fit = self._fit(requests, tokens, now, overdraft)
             if fit <= now:
                 self._grant(lease_id, requests, tokens, now, overdraft=overdraft)
-                if tag is not None:
+                if tag is not None:  # the virtual time moves to its place (a lead's is below its tag)
                     self.tenants[tenant] = tag + cost / weight
-                    self.vt = max(self.vt, tag)
+                    self.vt = max(self.vt, place)
                 if self.queue:  # it passed every waiter: an arrival, so that passes stay bounded
                     if tag is None:
                         self.seq = seq
@@ -621,8 +631,10 @@ class BudgetModel:
         else:
             self.seq = seq
         ticket = Ticket(
-            requests, tokens, now + ticket_ttl, ticket_ttl, overdraft=overdraft, place=place, lead=lead, tag=tag
-        )
+            requests, tokens, now + ticket_ttl, ticket_ttl, overdraft=overdraft, place=place, lead=lead,
+            tag=place if tag is not None else None, inc=cost / weight if tag is not None else ZERO, tenant=tenant,
+            fin=tag + cost / weight if tag is not None else ZERO,
+        )  # fmt: skip
         for waiter_id, waiter in self.queue.items():
             if (place, lease_id.encode()) < (waiter.place, waiter_id.encode()):
                 waiter.passed += 1
@@ -682,7 +694,7 @@ class BudgetModel:
         events: list[tuple[Any, ...]] = []
         lost = self._load(now, seen_keys)
         if lease_id in self.queue:
-            del self.queue[lease_id]
+            self._drop(lease_id)
             reply: list[Any] = ["dequeued", now]
         elif lease_id in self.leases:
             lease = self.leases.pop(lease_id)

@@ -86,6 +86,51 @@ def test_the_virtual_time_follows_the_grants_from_the_queue(rclient: redis.Redis
     assert slot.serve(3) == ["c1", "a3", "c2"]
 
 
+def test_a_call_given_up_gives_its_tenant_its_turn_back(rclient: redis.Redis, name: str) -> None:
+    """a2 leaves the queue (a timeout, a cancelled task): a's next call takes its turn, not the one
+    after; without that, a tenant whose calls time out would wait longer each time, and time out again."""
+    slot = _Slot(rclient, name, {"a": 1, "b": 1})
+    slot.queue("a1", "a2", "b1")  # tags: a1 0, a2 1, b1 0
+    assert slot.ops.cancel("a2") == "dequeued"
+    slot.waiting.remove("a2")
+    slot.queue("a3", "b2")  # a3 at 1 (a2's turn), b2 at 1: by id
+    assert slot.serve(4) == ["a1", "b1", "a3", "b2"]
+
+
+def test_a_dead_waiters_turn_goes_back_to_its_tenant(rclient: redis.Redis, name: str) -> None:
+    """A ticket not renewed within its TTL is dropped when it reaches the head: its turn goes back."""
+    ops = Ops(rclient, Budget(name, max_concurrency=1, tenants={}))
+    held, _ = ops.acquire(tenant="a", weight=1)
+    assert ops.acquire(lease_id="a-dead", tenant="a", weight=1, ticket_ttl=0.05)[1].kind == "queued"  # tag 1
+    assert ops.acquire(lease_id="b1", tenant="b", weight=1)[1].kind == "queued"  # tag 0: ahead of it
+    ops.wait_redis_until(ops.redis_now() + 0.1)  # a-dead's TTL passes
+    assert ops.settle(held).settled  # b1 is granted; a-dead, now the head, is dropped at the next call
+    assert ops.acquire(lease_id="b1")[1].kind == "granted"
+    assert ops.status().queued == 0
+    assert ops.acquire(lease_id="a2", tenant="a", weight=1)[1].kind == "queued"  # at 1, a-dead's turn
+    assert ops.acquire(lease_id="c1", tenant="c", weight=1)[1].kind == "queued"  # at vt = 0
+    assert ops.acquire(lease_id="c2", tenant="c", weight=1)[1].kind == "queued"  # at 1: after a2 (by id)
+    assert ops.settle("b1").settled
+    assert [lid for lid in ("a2", "c1", "c2") if ops.acquire(lease_id=lid)[1].kind == "granted"] == ["c1"]
+    assert ops.settle("c1").settled  # a2 next: at 1, before c2 (had a kept a-dead's turn, a2 would be at 2)
+    assert [lid for lid in ("a2", "c2") if ops.acquire(lease_id=lid)[1].kind == "granted"] == ["a2"]
+
+
+def test_a_lead_call_does_not_push_the_other_tenants_behind_its_tenants_backlog(
+    rclient: redis.Redis, name: str
+) -> None:
+    """a's lead call goes ahead (its place, tag less lead x cost, is far below); granted, it moves the
+    virtual time to that place, not to its tag: b, arriving next, takes turns with a's backlog."""
+    slot = _Slot(rclient, name, {"a": 1, "b": 1})
+    slot.queue("a1", "a2", "a3", "a4")  # tags 0..3
+    _, reply = slot.ops.acquire(lease_id="a-urgent", tenant="a", weight=1, lead=100)  # tag 4, place -96
+    assert reply.kind == "queued"
+    slot.waiting.append("a-urgent")
+    assert slot.serve(1) == ["a-urgent"]
+    slot.queue("b1", "b2")  # at the virtual time, 0, and 1 (had it moved to a-urgent's tag: 4 and 5)
+    assert slot.serve(6) == ["a1", "b1", "a2", "b2", "a3", "a4"]
+
+
 def test_a_tenant_alone_takes_the_whole_budget(rclient: redis.Redis, name: str) -> None:
     ops = Ops(rclient, Budget(name, tps=100, burst=1, tenants={"a": 1, "b": 4}))
     kinds = [ops.acquire(tokens=10, tenant="a", weight=1)[1].kind for _ in range(10)]
@@ -124,6 +169,16 @@ def test_the_in_process_budget_keeps_the_virtual_time_as_the_scripts_do() -> Non
     waiters.update({lid: core.acquire(0.0, 1, 0, None, True, 0, "c", 1.0) for lid in ("c1", "c2")})
     serve(3)
     assert order == ["a1", "a2", "c1", "a3", "c2"]
+
+
+def test_the_in_process_budget_gives_a_cancelled_calls_turn_back() -> None:
+    core = LocalBudget(0.0, 0.0, 0.0, 1, 0.5, lambda t: None)
+    held = core.acquire(0.0, 1, 0)
+    a1, a2, b1 = (core.acquire(0.0, 1, 0, None, True, 0, t, 1.0) for t in "aab")  # tags 0, 1, 0
+    assert isinstance(a2, Waiting) and core.cancel(0.0, a2) == "dequeued"
+    a3, b2 = (core.acquire(0.0, 1, 0, None, True, 0, t, 1.0) for t in "ab")  # both at 1: a3 first
+    assert [t.tag for t in core.queue] == [0.0, 0.0, 1.0, 1.0]
+    assert core.queue[2] is a3 and core.queue[3] is b2 and held is not None and a1 is not None and b1 is not None
 
 
 def test_a_tenant_on_a_budget_not_shared_by_tenant_is_refused_before_redis(

@@ -239,13 +239,25 @@ class _Lease:
 
 
 class _Ticket:
-    __slots__ = ("alive", "creq", "ctok", "fit", "overdraft", "tag", "ttl")
+    __slots__ = ("alive", "creq", "ctok", "fin", "fit", "inc", "overdraft", "tag", "tenant", "ttl")
 
     def __init__(
-        self, creq: float, ctok: float, alive: float, ttl: float, fit: float, overdraft: bool, tag: float | None = None
+        self,
+        creq: float,
+        ctok: float,
+        alive: float,
+        ttl: float,
+        fit: float,
+        overdraft: bool,
+        tag: float | None = None,
+        inc: float = 0.0,
+        tenant: str = "",
+        fin: float = 0.0,
     ) -> None:
         self.creq, self.ctok, self.alive, self.ttl, self.fit, self.overdraft = creq, ctok, alive, ttl, fit, overdraft
-        self.tag = tag  # its tenant's tag (fair queuing), None when it was queued by no tenant
+        # queued by a tenant (fair queuing): its place ("v"), the turn it was charged, whose it is and
+        # the tenant's finish tag it set
+        self.tag, self.inc, self.tenant, self.fin = tag, inc, tenant, fin
 
 
 class _Leases:
@@ -709,18 +721,26 @@ class _Call:
         t.creq, t.ctok = float(g14(t.creq)), float(g14(t.ctok))
         t.alive, t.ttl, t.fit = r6(t.alive), r6(t.ttl), r6(t.fit)
         if t.tag is not None:
-            t.tag = r6(t.tag)
+            t.tag, t.inc, t.fin = r6(t.tag), r6(t.inc), r6(t.fin)
         self.b.tickets[lid] = t
 
     def ticket(self, lid: str) -> _Ticket:
         t = self.b.tickets.get(lid)
         if t is None:
             return _Ticket(0, 0, 0, 0, -1, False)
-        return _Ticket(t.creq, t.ctok, t.alive, t.ttl, t.fit, t.overdraft, t.tag)
+        return _Ticket(t.creq, t.ctok, t.alive, t.ttl, t.fit, t.overdraft, t.tag, t.inc, t.tenant, t.fin)
 
     def dequeue(self, lid: str) -> None:
         self.b.queue.pop(lid, None)
         self.b.tickets.pop(lid, None)
+
+    def drop(self, st: _State, lid: str, t: _Ticket) -> None:
+        """drop(): a ticket leaves without a grant; its tenant gets its turn back."""
+        if t.tag is not None and t.fin > st.vt:
+            f = self.b.tenants.get(t.tenant)
+            if f is not None:
+                self.b.tenants[t.tenant] = r6(f - t.inc)
+        self.dequeue(lid)
 
     def announce(self, st: _State, lid: str, t: _Ticket, fit: float) -> None:
         if abs(fit - t.fit) > 0.0000005:
@@ -737,7 +757,7 @@ class _Call:
                 return
             t = self.ticket(head)
             if t.alive < self.now:
-                self.dequeue(head)
+                self.drop(st, head, t)
             elif not self.slot_free():
                 first = b.leases.first()
                 data = b.data.get(first[0]) if first else None
@@ -848,7 +868,7 @@ class _Call:
                 self.grant(st, lid, creq, ctok, None, False, overdraft)
                 if tag is not None:
                     self.queued_tag(tenant, tag, cost, weight)
-                    st.vt = max(st.vt, tag)
+                    st.vt = max(st.vt, score)
                 if waiting:  # it passed the queue: counted as an arrival (or its tenant's tag moved on)
                     if tag is None:
                         st.seq = seq
@@ -864,7 +884,10 @@ class _Call:
         else:
             st.seq = seq
         self.enqueue(lid, score)
-        self.save_ticket(st, lid, _Ticket(creq, ctok, now + ticket_ttl, ticket_ttl, -1, overdraft, tag))
+        queued = _Ticket(creq, ctok, now + ticket_ttl, ticket_ttl, -1, overdraft)
+        if tag is not None:  # its place, its turn, whose, and the finish tag it set
+            queued.tag, queued.inc, queued.tenant, queued.fin = score, cost / weight, tenant, tag + cost / weight
+        self.save_ticket(st, lid, queued)
         self.advance(st)
         return self.finish(st, ["queued", fmt(self.wait_hint(lid)), fmt(now)])
 
@@ -988,7 +1011,7 @@ class _Call:
         st = self.load_state()
         reply = ["unknown", fmt(now)]
         if lid in b.queue:
-            self.dequeue(lid)
+            self.drop(st, lid, self.ticket(lid))
             reply = ["dequeued", fmt(now)]
         else:
             held = b.data.get(lid)

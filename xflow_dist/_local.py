@@ -39,13 +39,37 @@ class Waiting:
     """A queued ticket: its cost, its place (acquire.lua's), the fit time its head was last told
     (-1: never), and the grant made to it once its turn came (``held``)."""
 
-    __slots__ = ("fit", "held", "place", "queued", "requests", "since", "tag", "tokens", "waiter")
+    __slots__ = (
+        "fin",
+        "fit",
+        "held",
+        "inc",
+        "place",
+        "queued",
+        "requests",
+        "since",
+        "tag",
+        "tenant",
+        "tokens",
+        "waiter",
+    )
 
-    def __init__(self, requests: float, tokens: float, place: float = 0.0, tag: float | None = None) -> None:
+    def __init__(
+        self,
+        requests: float,
+        tokens: float,
+        place: float = 0.0,
+        tag: float | None = None,
+        inc: float = 0.0,
+        tenant: str = "",
+        fin: float = 0.0,
+    ) -> None:
         self.requests = requests
         self.tokens = tokens
         self.place = place
-        self.tag = tag  # its tenant's tag, where the budget is shared by tenant
+        # queued by a tenant (fair queuing): its place for the virtual time (``tag``), the turn it was
+        # charged, whose it is and the tenant's finish tag it set
+        self.tag, self.inc, self.tenant, self.fin = tag, inc, tenant, fin
         self.fit = -1.0
         self.held: Held | None = None
         self.queued = True
@@ -247,9 +271,9 @@ class LocalBudget:
             fit = self._fit(now, creq, ctok)
             if fit <= now:
                 held = self._charge(now, creq, ctok, -1.0)
-                if tag is not None:
+                if tag is not None:  # the virtual time moves to its place (a lead's is below its tag)
                     self.tenants[tenant] = _r6(tag + cost / weight)
-                    self.vt = max(self.vt, tag)
+                    self.vt = max(self.vt, place)
                 if queue:  # it passed the queue: an arrival, or its tenant's tag moved on (see acquire.lua)
                     if tag is None:
                         self.seq = seq
@@ -266,7 +290,9 @@ class LocalBudget:
             self.tenants[tenant] = _r6(tag + cost / weight)
         else:
             self.seq = seq
-        t = Waiting(_g14(creq), _g14(ctok), place, tag)
+        t = Waiting(_g14(creq), _g14(ctok), place)
+        if tag is not None:
+            t.tag, t.inc, t.tenant, t.fin = place, _r6(cost / weight), tenant, _r6(tag + cost / weight)
         if not queue or place >= queue[-1].place:
             queue.append(t)
         else:  # ahead of later places; behind equal ones, which arrived first
@@ -303,6 +329,9 @@ class LocalBudget:
             if item.queued:
                 item.queued = False
                 self.queue.remove(item)
+                f = self.tenants.get(item.tenant) if item.tag is not None and item.fin > self.vt else None
+                if f is not None:  # drop(): its tenant gets back the turn it was charged
+                    self.tenants[item.tenant] = _r6(f - item.inc)
                 reply = "dequeued"
             elif item.held is not None:
                 return self.cancel(now, item.held)
