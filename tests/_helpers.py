@@ -204,3 +204,27 @@ async def exercise_async(limiter: AsyncLimiter) -> None:
 async def _acquire_at(limiter: AsyncLimiter) -> tuple[Any, float]:
     lease = await limiter.acquire(tokens=10, timeout=20)
     return lease, time.monotonic()
+
+
+async def until_queued(limiter: Any, n: int, timeout: float = 10.0) -> None:
+    """Wait, bounded, until ``n`` waiters are queued on an async limiter's budget."""
+    deadline = time.monotonic() + timeout
+    while (await limiter.status()).queued != n:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the budget never had {n} waiters queued")
+        await asyncio.sleep(0.005)
+
+
+def mock_provider(seen: list[tuple[str, str | None]], header: str) -> Any:
+    """An httpx transport answering every call with a reply of 1 token; ``seen`` gets each call's
+    ``user`` (or its path) and the value of ``header`` it arrived with."""
+    import json
+
+    import httpx
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        user = json.loads(request.content or b"{}").get("user", request.url.path)
+        seen.append((user, request.headers.get(header)))
+        return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
+
+    return httpx.MockTransport(reply)

@@ -8,7 +8,6 @@ bucket that holds enough for small calls and not for the head: nothing depends o
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from _helpers import Ops, budget_keys, until
+from _helpers import Ops, budget_keys, mock_provider, until, until_queued
 
 from xflow_dist import AsyncLimiter, Budget, ConfigurationError, Limiter
 from xflow_dist._local import Held, LocalBudget, Waiting
@@ -128,15 +127,9 @@ async def test_the_async_limiter_passes_the_class_through(url: str, name: str) -
                 order.append(label)
 
         batch = asyncio.ensure_future(call("batch", None))
-        for _ in range(500):
-            if (await lim.status()).queued == 1:
-                break
-            await asyncio.sleep(0.01)
+        await until_queued(lim, 1)
         interactive = asyncio.ensure_future(call("interactive", "interactive"))
-        for _ in range(500):
-            if (await lim.status()).queued == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until_queued(lim, 2)
         await lease.release()
         await asyncio.wait_for(asyncio.gather(batch, interactive), 10)
         assert order == ["interactive", "batch"]
@@ -248,10 +241,7 @@ async def test_the_compatible_schedulers_pass_the_class_through(shared: bool, re
 
     async with scheduler:
         tasks = [await scheduler.start_task(job(f"b{i}")) for i in range(4)]  # one starts, three wait 50 ms apart
-        for _ in range(500):
-            if (await scheduler.limiter.status()).queued == 3:
-                break
-            await asyncio.sleep(0.005)
+        await until_queued(scheduler.limiter, 3)
         tasks.append(await scheduler.start_task(job("i"), priority="interactive"))
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
         assert started[:2] == ["b0", "i"]
@@ -265,18 +255,6 @@ async def test_the_compatible_schedulers_pass_the_class_through(shared: bool, re
 # --- the transports --------------------------------------------------------------------------------
 
 
-def _provider(seen: list[tuple[str, str | None]]) -> Any:
-    import httpx
-
-    def reply(request: httpx.Request) -> httpx.Response:
-        seen.append(
-            (json.loads(request.content or b"{}").get("user", request.url.path), request.headers.get(PRIORITY_HEADER))
-        )
-        return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
-
-    return httpx.MockTransport(reply)
-
-
 def test_the_transport_takes_the_class_from_the_header_and_never_sends_it(redis_url: str, name: str) -> None:
     import httpx
 
@@ -285,7 +263,8 @@ def test_the_transport_takes_the_class_from_the_header_and_never_sends_it(redis_
     with (
         Limiter(budget, redis_url) as lim,
         httpx.Client(
-            transport=RateLimitedTransport(lim, _provider(seen), tokenizer=len), base_url="https://api.example/v1"
+            transport=RateLimitedTransport(lim, mock_provider(seen, PRIORITY_HEADER), tokenizer=len),
+            base_url="https://api.example/v1",
         ) as http,
     ):
         held = lim.acquire()
@@ -325,7 +304,9 @@ async def test_the_async_transport_takes_the_class_from_a_function_of_the_reques
     async with (
         AsyncLimiter(budget, redis_url) as lim,
         httpx.AsyncClient(
-            transport=AsyncRateLimitedTransport(lim, _provider(seen), priority=by_user, tokenizer=len),
+            transport=AsyncRateLimitedTransport(
+                lim, mock_provider(seen, PRIORITY_HEADER), priority=by_user, tokenizer=len
+            ),
             base_url="https://api.example/v1",
         ) as http,
     ):
@@ -334,16 +315,10 @@ async def test_the_async_transport_takes_the_class_from_a_function_of_the_reques
         async def post(user: str) -> None:
             await http.post("/chat/completions", json={"model": "m", "messages": [], "max_tokens": 1, "user": user})
 
-        async def queued(n: int) -> None:
-            for _ in range(500):
-                if (await lim.status()).queued == n:
-                    return
-                await asyncio.sleep(0.01)
-
         batch = asyncio.ensure_future(post("nightly"))
-        await queued(1)
+        await until_queued(lim, 1)
         interactive = asyncio.ensure_future(post("chat-ui"))
-        await queued(2)
+        await until_queued(lim, 2)
         await held.release()
         await asyncio.wait_for(asyncio.gather(batch, interactive), 10)
     assert seen == [("chat-ui", None), ("nightly", None)]

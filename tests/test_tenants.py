@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from _helpers import Ops, budget_keys, until
+from _helpers import Ops, budget_keys, mock_provider, until, until_queued
 
 from xflow_dist import AcquireTimeout, AsyncLimiter, Budget, ConfigurationError, Limiter
 from xflow_dist._local import Held, LocalBudget, Waiting
@@ -298,23 +298,12 @@ def test_backlogged_tenants_get_their_weights_share_across_processes(
 # --- the fronts -------------------------------------------------------------------------------------
 
 
-def _provider(seen: list[tuple[str, str | None]]) -> Any:
-    import httpx
-
-    def reply(request: httpx.Request) -> httpx.Response:
-        user = json.loads(request.content or b"{}").get("user", request.url.path)
-        seen.append((user, request.headers.get(TENANT_HEADER)))
-        return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
-
-    return httpx.MockTransport(reply)
-
-
 def test_the_transport_takes_the_tenant_from_the_header_and_never_sends_it(redis_url: str, name: str) -> None:
     import httpx
 
     budget = Budget(name, max_concurrency=1, tenants={})
     seen: list[tuple[str, str | None]] = []
-    transport = RateLimitedTransport(Limiter(budget, redis_url), _provider(seen), tokenizer=len)
+    transport = RateLimitedTransport(Limiter(budget, redis_url), mock_provider(seen, TENANT_HEADER), tokenizer=len)
     with transport.limiter as lim, httpx.Client(transport=transport, base_url="https://api.example/v1") as http:
         held = lim.acquire(tenant="a")
 
@@ -348,7 +337,7 @@ async def test_the_async_transport_and_the_async_limiter_pass_the_tenant(redis_u
     async with (
         AsyncLimiter(budget, redis_url) as lim,
         httpx.AsyncClient(
-            transport=AsyncRateLimitedTransport(lim, _provider(seen), tenant=by_user, tokenizer=len),
+            transport=AsyncRateLimitedTransport(lim, mock_provider(seen, TENANT_HEADER), tenant=by_user, tokenizer=len),
             base_url="https://api.example/v1",
         ) as http,
     ):
@@ -357,16 +346,10 @@ async def test_the_async_transport_and_the_async_limiter_pass_the_tenant(redis_u
         async def post(user: str) -> None:
             await http.post("/chat/completions", json={"model": "m", "messages": [], "max_tokens": 1, "user": user})
 
-        async def queued(n: int) -> None:
-            for _ in range(500):
-                if (await lim.status()).queued == n:
-                    return
-                await asyncio.sleep(0.01)
-
         calls = []
         for n, user in enumerate(("a2", "a3", "b1"), 1):
             calls.append(asyncio.ensure_future(post(user)))
-            await queued(n)
+            await until_queued(lim, n)
         await held.release()
         await asyncio.wait_for(asyncio.gather(*calls), 10)
     assert [user for user, _ in seen] == ["b1", "a2", "a3"]
@@ -384,10 +367,7 @@ async def test_the_compatible_schedulers_pass_the_tenant_through(shared: bool, r
 
     async with RequestRateScheduler(max_rps=20, tenants={}, **redis_args) as scheduler:
         tasks = [await scheduler.start_task(job(f"a{i}"), tenant="a") for i in range(4)]  # one starts
-        for _ in range(500):
-            if (await scheduler.limiter.status()).queued == 3:
-                break
-            await asyncio.sleep(0.005)
+        await until_queued(scheduler.limiter, 3)
         tasks.append(await scheduler.start_task(job("b1"), tenant="b"))  # tag: the virtual time, 0
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
         assert started[:2] == ["a0", "b1"]
