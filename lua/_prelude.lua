@@ -21,7 +21,7 @@
 --                                   replaces them)
 --                           la      the latest expiry any lease was given (the keys outlive it)
 --                           xa      when the keys expire, milliseconds of Redis time (see touch())
---                           vt      virtual time of the tenants' fair queuing: the latest tag granted
+--                           vt      virtual time of the tenants' fair queuing: the largest place granted
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
@@ -99,8 +99,8 @@
 --
 -- Shared by tenant, the queue is start-time fair queuing: a call of cost c (virtual_cost(): the
 -- seconds of the binding rate it takes, its dominant share) by a tenant of weight w is tagged
--- S = max(vt, F), F its tenant's finish tag, which becomes S + c / w; vt, the virtual time, is the
--- latest tag granted. Served in order of tag, each backlogged tenant gets its weight's share of the
+-- S = max(vt, F), F its tenant's finish tag, which becomes S + c / w; vt is the virtual time.
+-- Served in order of tag, each backlogged tenant gets its weight's share of the
 -- binding dimension, and a tenant that was idle starts at vt: no credit saved, no debt kept. vt moves
 -- with the places granted (tag less lead x cost), so that a call of a class with a lead does not push
 -- the other tenants behind its own tenant's backlog. The head is told, on the

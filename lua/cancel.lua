@@ -3,8 +3,9 @@
 -- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
 -- ARGV[11] lease or ticket id
 --
--- A queued ticket leaves the queue (its tenant, if it has one, gets back the turn it was charged). A granted lease is removed and its whole charge, requests and
--- tokens, is refunded (never above capacity); its slot and credit go to the queue at once.
+-- A queued ticket leaves the queue (its tenant, if it has one, gets back the turn it was charged). A
+-- granted lease is removed and its whole charge, requests and tokens, is refunded (never above
+-- capacity); its slot and credit go to the queue at once.
 -- Idempotent: an unknown id changes nothing.
 --
 -- Reply: {"cancelled" | "dequeued" | "unknown", now}

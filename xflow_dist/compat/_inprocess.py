@@ -22,7 +22,7 @@ from .. import _observe as observe
 from .._async_limiter import _Acquiring
 from .._base import Decision, _check_seconds
 from .._budget import MAX_UNITS, Budget, CooldownPolicy
-from .._core import CooldownReply, SettleReply, Status, place_of, validate_cost, validate_retry_after
+from .._core import ANYWHERE, CooldownReply, Place, SettleReply, Status, place_of, validate_cost, validate_retry_after
 from .._engine import LATE_CREDIT
 from .._exceptions import AcquireTimeout, ConfigurationError, InvalidCostError
 from .._local import Held, LocalBudget, Waiting
@@ -221,15 +221,13 @@ class LocalLimiter:
         """Wait for ``requests``, ``tokens`` and a slot together, first come first served within
         ``priority``'s class: await it, or ``async with``. ``timeout``: raise ``AcquireTimeout`` at once
         when the wait is known to be longer, else at the deadline, as ``AsyncLimiter.acquire`` does."""
-        place_of(self.budget, priority, tenant)  # an unknown class or a bad tenant raises here
+        place = place_of(self.budget, priority, tenant)  # an unknown class or a bad tenant raises here
         requests, tokens = validate_cost(self.budget, requests, tokens)
-        return _Acquiring(self._acquire_kept(requests, tokens, _check_seconds("timeout", timeout), priority, tenant))
+        return _Acquiring(self._acquire_kept(requests, tokens, _check_seconds("timeout", timeout), place))
 
-    async def _acquire_kept(
-        self, requests: float, tokens: float, timeout: float | None, priority: str | None, tenant: str | None
-    ) -> LocalLease:
+    async def _acquire_kept(self, requests: float, tokens: float, timeout: float | None, place: Place) -> LocalLease:
         name = self.budget.name
-        got = self._enter(requests, tokens, timeout, priority, tenant)
+        got = self._enter(requests, tokens, timeout, place)
         if isinstance(got, float):
             raise AcquireTimeout(
                 f"budget {name!r} can grant this request in {got:.3f}s, after the {timeout:g}s timeout",
@@ -267,19 +265,17 @@ class LocalLimiter:
         requests: float,
         tokens: float,
         max_wait: float | None = None,
-        priority: str | None = None,
-        tenant: str | None = None,
+        place: Place = ANYWHERE,
     ) -> LocalLease | Waiting | float:
         """The lease if it fits now (no await: the compatible schedulers' fast path), else the
         ticket queued, to ``_wait`` for, or the exact wait when it is longer than ``max_wait``."""
         now, core = self._now(), self._core
         if core.due is not None and core.due <= now:  # (the hot path skips the call when nothing is due)
             now = self._now_caught_up()
-        budget = self.budget
-        if priority is None and tenant is None and budget.priorities is None and budget.tenants is None:
+        if place is ANYWHERE:
             got = core.acquire(now, requests, tokens, max_wait)
         else:
-            got = core.acquire(now, requests, tokens, max_wait, True, *place_of(budget, priority, tenant))
+            got = core.acquire(now, requests, tokens, max_wait, True, *place)
         if type(got) is float:
             return got
         if type(got) is not Waiting:

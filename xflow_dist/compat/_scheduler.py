@@ -337,7 +337,8 @@ class TaskScheduler:
         limiter = ctx._limiter
         if type(limiter) is LocalLimiter and not ctx.scheduler._backoff_until:
             # the budget in this loop: a start that fits is granted without an await
-            got = limiter._enter(1.0, ctx.extra["estimated_tokens"], None, ctx._priority, ctx._tenant)
+            place = place_of(ctx.scheduler.budget, ctx._priority, ctx._tenant)
+            got = limiter._enter(1.0, ctx.extra["estimated_tokens"], None, place)
             if isinstance(got, LocalLease):
                 ctx.lease = got
             else:
