@@ -59,31 +59,49 @@ def _over(stop: Any) -> bool:
     return bool(at) and time.monotonic() >= at
 
 
+def _backlog(
+    lim: Limiter,
+    stop: Any,
+    tokens: int,
+    threads: int,
+    before: float,
+    priority: str | None = None,
+    tenant: str | None = None,
+) -> tuple[list[tuple[float, int]], list[float]]:
+    """Acquire ``tokens`` as ``priority`` and ``tenant`` back to back from ``threads`` threads until the window
+    closes, each call waiting at most ``before`` seconds while it has not opened: every grant's time
+    and tokens, and the times of the calls that timed out."""
+    grants: list[tuple[float, int]] = []
+    gave_up: list[float] = []
+    lock = threading.Lock()
+
+    def loop() -> None:
+        while not _over(stop):
+            left = stop.value - time.monotonic() if stop.value else before
+            try:
+                lease = lim.acquire(tokens=tokens, timeout=max(0.001, left), priority=priority, tenant=tenant)
+            except AcquireTimeout:  # the window closed, or it has not opened yet: look again
+                with lock:
+                    gave_up.append(time.monotonic())
+                continue
+            with lock:
+                grants.append((time.monotonic(), tokens))
+            lease.release()
+
+    pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=1800 + 120)
+    return grants, gave_up
+
+
 def batch_worker(conn: Any, url: str, name: str, classes: bool, threads: int, stop: Any) -> None:
     """Acquire as batch, back to back, from ``threads`` threads until the window closes."""
     try:
-        grants: list[float] = []
-        lock = threading.Lock()
-        priority = "batch" if classes else None
         with Limiter(make_budget(name, classes), url) as lim:
-
-            def loop() -> None:
-                while not _over(stop):
-                    left = stop.value - time.monotonic() if stop.value else 5.0
-                    try:
-                        lease = lim.acquire(tokens=COST, timeout=max(0.001, left), priority=priority)
-                    except AcquireTimeout:  # the window closed, or it has not opened yet: look again
-                        continue
-                    with lock:
-                        grants.append(time.monotonic())
-                    lease.release()
-
-            pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join(timeout=1800 + 120)
-        conn.send(("batch", grants))
+            grants, _ = _backlog(lim, stop, COST, threads, 5.0, priority="batch" if classes else None)
+        conn.send(("batch", [at for at, _ in grants]))
     except BaseException as exc:
         c.report_error(conn, exc)
         raise
@@ -184,31 +202,10 @@ def tenant_worker(conn: Any, url: str, name: str, tenant: str, tokens: int, thre
     ticket given up still costs its tenant its turn: see docs/concepts/waiting.md), and any that
     timed out is counted."""
     try:
-        grants: list[tuple[float, int]] = []
-        gave_up: list[float] = []
-        lock = threading.Lock()
         budget = Budget(name, rpm=RPM, tpm=TPM, burst=BURST, tenants=WEIGHTS)
         with Limiter(budget, url) as lim:
-
-            def loop() -> None:
-                while not _over(stop):
-                    # before the window opens, a wait as long as the whole run may be
-                    left = stop.value - time.monotonic() if stop.value else 1800.0
-                    try:
-                        lease = lim.acquire(tokens=tokens, timeout=max(0.001, left), tenant=tenant)
-                    except AcquireTimeout:
-                        with lock:
-                            gave_up.append(time.monotonic())
-                        continue
-                    with lock:
-                        grants.append((time.monotonic(), tokens))
-                    lease.release()
-
-            pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join(timeout=1800 + 120)
+            # before the window opens, a wait as long as the whole run may be
+            grants, gave_up = _backlog(lim, stop, tokens, threads, 1800.0, tenant=tenant)
         conn.send((tenant, grants, gave_up))
     except BaseException as exc:
         c.report_error(conn, exc)
