@@ -1,7 +1,7 @@
 -- _prelude.lua: shared by every xflow-dist script and prepended to each at load time, so that
 -- every operation reads the budget, its clock and its keys the same way. Not a script by itself.
 --
--- One budget named N lives in seven keys, all tagged {xflow:N} so they share one Cluster slot:
+-- One budget named N lives in eight keys, all tagged {xflow:N} so they share one Cluster slot:
 --   KEYS[1] state     HASH  rt, tt  theoretical arrival time (TAT) of the request and token buckets,
 --                                   seconds of Redis time; the bucket is full when TAT <= now
 --                           cu      cooldown deadline, seconds of Redis time
@@ -22,11 +22,13 @@
 --                           la      the latest expiry any lease was given (the keys outlive it)
 --                           xa      when the keys expire, milliseconds of Redis time (see touch())
 --                           vt      virtual time of the tenants' fair queuing: the largest place granted
+--                           ca      the latest time a cap was written, or TAT it was given (the keys
+--                                   outlive it; 0: the budget has had no caps)
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
 --                           after ("u" where that bucket had no rate), and the corrections and
---                           charges made by then
+--                           charges made by then; then its levels (below), and " p" while provisional
 --   KEYS[4] queue     ZSET  ticket id -> place: acquirers waiting, served in order of place. The place
 --                           is the arrival's sequence number (seq), FIFO; a priority class's lead L
 --                           makes it seq - L - 0.5, ahead of the last L arrivals (ties: by id).
@@ -34,12 +36,15 @@
 --                           L times its cost
 --   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until> <ttl> <fit announced>"
 --                           then "o" if it is in overdraft; queued by tenant, "v<place>", "w<turn>" (its
---                           cost / weight), "f<finish tag>" and "t:<tenant>"
+--                           cost / weight), "f<finish tag>" and "t:<tenant>"; then its levels (below)
 --   KEYS[6] learned   HASH  model (or route; "" unnamed) -> "<rpm> <rpm until> <tpm> <tpm until>": the
 --                           limits the provider reported for it, per minute (0: none), each live
 --                           until `memory` seconds after its last report
 --   KEYS[7] tenants   ZSET  tenant -> finish tag: the virtual time its calls have taken so far, kept
 --                           while it is ahead of vt (below it, the tenant starts at vt anyway)
+--   KEYS[8] caps      HASH  node -> "<request TAT> <token TAT> <leases held>": the buckets and the
+--                           slots of each cap of the hierarchy under the budget (see below), dropped
+--                           while full and unused
 --
 -- Every script starts with the same budget block:
 --   ARGV[1] configured request rate, requests per second (0: none configured)
@@ -109,9 +114,22 @@
 -- The first waiter of another process behind it is told to come back a claim window after that fit
 -- time, so that a head whose process died is granted (provisionally) and passed over without a wait
 -- for its ticket's TTL.
+--
+-- Caps: a call may pass a hierarchy of caps under the budget (a team, then one of its users), each a
+-- node with its own request and token buckets and slots: acquire.lua's levels, "n<request rate>,
+-- <request burst>,<token rate>,<token burst>,<max concurrency>,<node>" in its ticket and its lease.
+-- A grant must fit the budget and every cap it passes; it is charged there (from now: caps take no
+-- late head's credit), and settled, refunded and released there with the lease. The queue stays
+-- one: advance() passes over a ticket that only its caps hold back, and every later ticket of the
+-- caps that hold it, up to MAX_SCAN tickets deep, so that a capped tenant's backlog never holds the
+-- budget back from the others. Such a ticket is told when its caps' rates will fit ("h"); a cap's
+-- slot given back serves the queue again.
 local K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local K_LEARNED, K_TENANTS = KEYS[6], KEYS[7]
+local K_LEARNED, K_TENANTS, K_CAPS = KEYS[6], KEYS[7], KEYS[8]
 local MAX_UNITS, MAX_SECONDS, MIN_RATE, MAX_TEXT = 1e15, 1e9, 1e-6, 256
+-- A call passes at most MAX_LEVELS caps; advance() looks at most MAX_SCAN tickets deep for one its
+-- caps do not hold back.
+local MAX_LEVELS, MAX_SCAN = 8, 32
 
 -- The kinds of argument, each [lo, hi] (")": hi excluded, "(": lo excluded), with -1 ("unset") or 0
 -- accepted where said; "text" (ids, the channel), "flag".
@@ -120,6 +138,8 @@ local RATE, LIMIT_OR_UNSET = '0 or a rate in [1e-6, 1e15]', '-1 or a limit in [1
 local SECONDS, POSITIVE_SECONDS = 'seconds in [0, 1e9]', 'seconds in (0, 1e9]'
 local SECONDS_OR_UNSET, FACTOR, DRAW = '-1 or seconds in [0, 1e9]', 'a number in [0, 1e9]', 'a number in [0, 1)'
 local FLAG = '"0" or "1"'
+local LEVEL_COUNT = 'a whole number in [0, 8]'
+local NODE = '1 to 256 bytes, no space, comma or control character'
 local TEXT = '1 to 256 bytes, no space or control character'
 local TEXT_OR_EMPTY = '"" or 1 to 256 bytes, no space or control character'
 local CHECKED = 'checked before' -- a limit the same as the stored one
@@ -139,6 +159,11 @@ local function value_of(kind, s)
       return s
     end
     return nil
+  elseif kind == NODE then
+    if #s <= MAX_TEXT and #s > 0 and not s:find('[%s%c,]') then
+      return s
+    end
+    return nil
   end
   local x = tonumber(s)
   if not x or x ~= x or #s > 40 or s:find('[^%d%.eE%+%-]') or s:sub(1, 1) == '+' then
@@ -151,6 +176,8 @@ local function value_of(kind, s)
     ok = x == -1 or (x >= 0 and x <= MAX_UNITS)
   elseif kind == COUNT then
     ok = x >= 0 and x <= MAX_UNITS and x == math.floor(x)
+  elseif kind == LEVEL_COUNT then
+    ok = x >= 0 and x <= MAX_LEVELS and x == math.floor(x)
   elseif kind == RATE then
     ok = x == 0 or (x >= MIN_RATE and x <= MAX_UNITS)
   elseif kind == LIMIT_OR_UNSET then
@@ -198,7 +225,7 @@ end
 -- by spaces. Limits the same as the stored ones were checked when they were stored.
 -- The state hash is read once, here: the stored limits first, then what load_state() takes.
 local STATE_V = redis.call('HMGET', K_STATE, 'cf', 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq',
-  'ct', 'lr', 'lt', 'lu', 'pb', 'la', 'xa', 'vt')
+  'ct', 'lr', 'lt', 'lu', 'pb', 'la', 'xa', 'vt', 'ca')
 local STORED = STATE_V[1]
 local CONFIG = #ARGV >= 9 and table.concat({ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[9]}, ' ')
 local function limit(kind)
@@ -383,14 +410,111 @@ local function snapshot(tat, rate, burst)
   return fmt(level(tat, rate, burst))
 end
 
+-- The caps' state this script has read (node -> {rt, tt, n}), written back by save_state().
+local NODES = {}
+
+local function node(name)
+  local s = NODES[name]
+  if not s then
+    local w = words(redis.call('HGET', K_CAPS, name) or '0 0 0')
+    s = {rt = tonumber(w[1]), tt = tonumber(w[2]), n = tonumber(w[3])}
+    NODES[name] = s
+  end
+  return s
+end
+
+-- One level as its ticket and lease keep it ("n<rr>,<br>,<rt>,<bt>,<mc>,<node>").
+local function level_of(w)
+  local rr, br, rt, bt, mc, name = string.match(w, '^n([^,]+),([^,]+),([^,]+),([^,]+),([^,]+),(.+)$')
+  return {rr = tonumber(rr), br = tonumber(br), rt = tonumber(rt), bt = tonumber(bt), mc = tonumber(mc),
+    node = name, raw = w}
+end
+
+-- The levels among the words of a lease or ticket from `from` on (nil: none).
+local function levels_in(w, from)
+  local out = nil
+  for i = from, #w do
+    if string.sub(w[i], 1, 1) == 'n' then
+      out = out or {}
+      out[#out + 1] = level_of(w[i])
+    end
+  end
+  return out
+end
+
+local function level_words(levels)
+  local s = ''
+  for _, l in ipairs(levels or {}) do
+    s = s .. ' ' .. l.raw
+  end
+  return s
+end
+
+-- When the caps let a cost through: the earliest time their rates fit (now if they do), and whether
+-- each has a slot; `holders` (if given) gets the caps that hold it now.
+local function level_fit(levels, creq, ctok, overdraft, holders)
+  local fit, slot = NOW, true
+  for _, l in ipairs(levels) do
+    local s = node(l.node)
+    local f = math.max(dim_fit(s.rt, creq, l.rr, l.br, overdraft), dim_fit(s.tt, ctok, l.rt, l.bt, overdraft))
+    local full = l.mc > 0 and s.n >= l.mc
+    if full then
+      slot = false
+    end
+    fit = math.max(fit, f)
+    if holders and (full or f > NOW) then
+      holders[#holders + 1] = l.node
+    end
+  end
+  return fit, slot
+end
+
+local function charge_levels(levels, creq, ctok)
+  for _, l in ipairs(levels) do
+    local s = node(l.node)
+    if l.rr > 0 and creq > 0 then
+      s.rt = math.max(s.rt, NOW) + creq / l.rr
+    end
+    if l.rt > 0 and ctok > 0 then
+      s.tt = math.max(s.tt, NOW) + ctok / l.rt
+    end
+    s.n = s.n + 1
+    s.dirty = true
+  end
+end
+
+-- A lease ends: its slot at every cap, `creq` and `ctok` given back there as refund() does (ctok
+-- below 0: charged as debt, as settle.lua does an under-estimate).
+local function release_levels(levels, creq, ctok)
+  for _, l in ipairs(levels or {}) do
+    local s = node(l.node)
+    s.n = math.max(0, s.n - 1)
+    if l.rr > 0 and creq > 0 and s.rt > NOW then
+      s.rt = math.max(NOW, s.rt - creq / l.rr)
+    end
+    if l.rt > 0 and ctok > 0 and s.tt > NOW then
+      s.tt = math.max(NOW, s.tt - ctok / l.rt)
+    elseif l.rt > 0 and ctok < 0 then
+      s.tt = math.max(s.tt, NOW) - ctok / l.rt
+    end
+    s.dirty = true
+  end
+end
+
 -- A grant, now; ``fit``: the fit time told to a head of the queue (see charge()). A grant to a queued
 -- ticket is provisional (``provisional`` true): it expires after the claim window unless its holder
--- claims it (acquire.lua with the same id), and is then refunded (see reap()).
-local function grant(st, id, creq, ctok, fit, provisional, overdraft)
+-- claims it (acquire.lua with the same id), and is then refunded (see reap()). ``levels``: the caps
+-- it passes (nil: none), charged too.
+local function grant(st, id, creq, ctok, fit, provisional, overdraft, levels)
   charge(st, creq, ctok, fit or -1, overdraft)
   local data = creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
     snapshot(st.rt, RATE_REQ, BURST_REQ) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK) .. ' ' ..
     fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct)
+  if levels then
+    charge_levels(levels, creq, ctok)
+    data = data .. level_words(levels)
+    WROTE[K_CAPS] = true
+  end
   local expiry = NOW + LEASE_TTL
   if provisional then
     expiry = NOW + CLAIM_WINDOW
@@ -508,7 +632,7 @@ local function load_state()
     qa = tonumber(v[8]) or 0, kr = tonumber(v[9]) or 0, kt = tonumber(v[10]) or 0,
     cq = tonumber(v[11]) or 0, ct = tonumber(v[12]) or 0,
     lr = tonumber(v[13]) or 0, lt = tonumber(v[14]) or 0, lu = tonumber(v[15]) or 0, pb = tonumber(v[16]) or 0,
-    la = tonumber(v[17]) or 0, xa = tonumber(v[18]) or 0, vt = tonumber(v[19]) or 0,
+    la = tonumber(v[17]) or 0, xa = tonumber(v[18]) or 0, vt = tonumber(v[19]) or 0, ca = tonumber(v[20]) or 0,
   }
   if v[2] and not v[17] then -- a state an older version made, without la: the leases tell it (once)
     st.la = tonumber(redis.call('ZRANGE', K_LEASES, -1, -1, 'WITHSCORES')[2]) or 0
@@ -537,6 +661,20 @@ local function save_state(st)
   end
   if st.vt > 0 then
     redis.call('HSET', K_STATE, 'vt', fmt(st.vt))
+  end
+  for name, s in pairs(NODES) do
+    if s.dirty then
+      if s.rt <= NOW and s.tt <= NOW and s.n <= 0 then
+        redis.call('HDEL', K_CAPS, name) -- full and unused: as good as absent
+      else
+        redis.call('HSET', K_CAPS, name, fmt(s.rt) .. ' ' .. fmt(s.tt) .. ' ' .. s.n)
+        st.ca = math.max(st.ca, NOW, s.rt, s.tt)
+        WROTE[K_CAPS] = true
+      end
+    end
+  end
+  if st.ca > 0 then
+    redis.call('HSET', K_STATE, 'ca', fmt(st.ca))
   end
   if st.lost then
     st.lost = false
@@ -583,10 +721,13 @@ local function reap()
   local dead = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW)
   for _, id in ipairs(dead) do
     local held = redis.call('HGET', K_DATA, id)
+    local w = words(held or '')
     if held and string.sub(held, -2) == ' p' then
-      local w = words(held)
       REAPED_REQ = REAPED_REQ + tonumber(w[1])
       REAPED_TOK = REAPED_TOK + tonumber(w[2])
+      release_levels(levels_in(w, 10), tonumber(w[1]), tonumber(w[2]))
+    else
+      release_levels(levels_in(w, 10), 0, 0)
     end
     redis.call('ZREM', K_LEASES, id)
     redis.call('HDEL', K_DATA, id)
@@ -610,6 +751,7 @@ local function ticket(id)
       out.fin = tonumber(string.sub(t[i], 2))
     end
   end
+  out.levels = levels_in(t, 6)
   return out
 end
 
@@ -618,7 +760,7 @@ local function save_ticket(st, id, t)
   redis.call('HSET', K_TICKETS, id, t.creq .. ' ' .. t.ctok .. ' ' .. fmt(t.alive) .. ' ' .. fmt(t.ttl) ..
     ' ' .. fmt(t.fit) .. (t.overdraft and ' o' or '') ..
     (t.tag and ' v' .. fmt(t.tag) .. ' w' .. fmt(t.inc or 0) .. ' f' .. fmt(t.fin or 0) .. ' t:' ..
-    (t.tenant or '') or ''))
+    (t.tenant or '') or '') .. level_words(t.levels))
 end
 
 -- Fair queuing by tenant (see the header). The tag of a new call of `tenant`: its finish tag, or the
@@ -664,7 +806,7 @@ local function wait_hint(id)
   local t = ticket(id)
   local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
   local hint = t.ttl / 2
-  if head == id and t.fit > NOW then
+  if (head == id or t.levels) and t.fit > NOW then -- (its caps' fit, told to a ticket they hold)
     hint = t.fit - NOW
   end
   local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2]
@@ -710,15 +852,28 @@ end
 
 -- Serve the queue in order: grant every head that fits now; tell the first that does not when it
 -- will (once per change). A ticket not renewed in time belongs to a dead waiter and is dropped.
+-- A ticket that only its caps hold back is told when they will fit and passed over, with every later
+-- ticket of those caps (`held`), up to MAX_SCAN tickets deep (`rank`: how many were passed over).
+-- True and the caps that hold tickets when no ticket waits for the budget itself (none at all, or
+-- only tickets that their caps hold), so that an arrival of other caps may go first.
 local function advance(st)
+  local rank, held = 0, nil
   while true do
-    local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
+    local head = redis.call('ZRANGE', K_QUEUE, rank, rank)[1]
     if not head then
-      return
+      return true, held
     end
     local t = ticket(head)
+    local pass = false
+    if held and t.levels then
+      for _, l in ipairs(t.levels) do
+        pass = pass or held[l.node] == true
+      end
+    end
     if t.alive < NOW then
       drop(st, head, t)
+    elseif pass then
+      rank = rank + 1
     elseif not slot_free() then
       -- A provisional grant left unclaimed frees its slot when its claim window ends, and no other
       -- call may come then: the head is told to come back at that time (once per change).
@@ -731,7 +886,7 @@ local function advance(st)
         local target, tk = head, t
         local owner = owner_of(first[1])
         if owner_of(head) == owner then
-          for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, 1, 15)) do
+          for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, rank + 1, rank + 15)) do
             if owner_of(id) ~= owner then
               target, tk = id, ticket(id)
               break
@@ -740,12 +895,26 @@ local function advance(st)
         end
         announce(st, target, tk, at)
       end
-      return
+      return false
     else
       local fit = fit_time(st, t.creq, t.ctok, t.overdraft)
-      if fit <= NOW then
+      local lfit, lslot, holders = NOW, true, {}
+      if t.levels then
+        lfit, lslot = level_fit(t.levels, t.creq, t.ctok, t.overdraft, holders)
+      end
+      if not lslot or lfit > fit then
+        -- its caps hold it (the budget would let it through sooner): pass over it and its caps' tickets
+        held = held or {}
+        for _, name in ipairs(holders) do
+          held[name] = true
+        end
+        if lslot then
+          announce(st, head, t, lfit)
+        end
+        rank = rank + 1
+      elseif fit <= NOW then
         dequeue(head)
-        grant(st, head, t.creq, t.ctok, t.fit, true, t.overdraft)
+        grant(st, head, t.creq, t.ctok, t.fit, true, t.overdraft, t.levels)
         if t.tag then
           st.vt = math.max(st.vt, t.tag)
         end
@@ -756,14 +925,17 @@ local function advance(st)
         -- the first waiter of another process is told to come back a claim window after that fit
         -- time (a live head is served by then, and the waiter told its own time instead).
         local owner = owner_of(head)
-        for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, 1, 15)) do
+        for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, rank + 1, rank + 15)) do
           if owner_of(id) ~= owner then
             announce(st, id, ticket(id), fit + CLAIM_WINDOW)
             break
           end
         end
-        return
+        return false
       end
+    end
+    if rank >= MAX_SCAN then
+      return false
     end
   end
 end
@@ -773,10 +945,13 @@ end
 -- grace further, so that most calls set no expiry but on the keys they may have made (WROTE).
 -- touch() runs after save_state(), last: it writes `xa` itself when it moves.
 local function touch(st)
-  local horizon = math.max(NOW, st.rt, st.tt, st.cu, st.cr, st.lu, st.qa, st.la)
+  local horizon = math.max(NOW, st.rt, st.tt, st.cu, st.cr, st.lu, st.qa, st.la, st.ca)
   -- capped, so that the time stays exact even for a debt of centuries (a rate of 1e-6 owed 1e15)
   local due = math.ceil((NOW + math.min(horizon - NOW, 1e11) + IDLE_GRACE) * 1000)
   local keys = {K_STATE, K_LEASES, K_DATA, K_QUEUE, K_TICKETS, K_LEARNED, K_TENANTS}
+  if st.ca > 0 then -- (a budget that never had caps sets no expiry on their key)
+    keys[8] = K_CAPS
+  end
   if due > st.xa then
     st.xa = due + math.ceil(IDLE_GRACE * 500)
     redis.call('HSET', K_STATE, 'xa', string.format('%.0f', st.xa))

@@ -24,6 +24,12 @@
 -- ARGV[21] tenant weight (0 or absent: the budget shares nothing by tenant): with a weight, places
 --          are tenants' virtual times (start-time fair queuing; see the queue in _prelude.lua), and
 --          a lead moves a call ahead by `lead` calls of its own cost
+-- ARGV[22] levels (a whole number in [0, 8], "0" or absent: none): how many caps of the hierarchy
+--          under the budget the call passes (see Caps in _prelude.lua), each then given by six
+--          arguments from ARGV[23]: node (its name, 1 to 256 bytes without space, control character
+--          or comma), request rate, request burst, token rate, token burst (rates per second, 0:
+--          none; bursts in seconds) and max concurrency (0: none). A grant fits the budget and each
+--          of them, and is charged at each; a cost no cap can ever hold is "too_large"
 --
 -- Reply, all strings:
 --   {"granted", start, now, expiry}  the lease exists, charged now (start = its grant time)
@@ -42,7 +48,7 @@
 --                                    longer (the configured limits alone are checked by the client)
 -- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
 -- nothing changed.
-local A, REFUSED = operation_args({
+local SPEC = {
   {'id', TEXT},
   {'requests', UNITS},
   {'tokens', UNITS},
@@ -54,11 +60,29 @@ local A, REFUSED = operation_args({
   {'lead', COUNT, '0'},
   {'tenant', TEXT_OR_EMPTY, ''},
   {'weight', RATE, '0'},
-})
+  {'levels', LEVEL_COUNT, '0'},
+}
+local n_levels = value_of(LEVEL_COUNT, ARGV[22] or '0') or 0
+for i = 1, n_levels do
+  local at = ' of level ' .. i
+  for _, arg in ipairs({{'node', NODE}, {'request rate', RATE}, {'request burst', SECONDS}, {'token rate', RATE},
+      {'token burst', SECONDS}, {'max concurrency', COUNT}}) do
+    SPEC[#SPEC + 1] = {arg[1] .. at, arg[2]}
+  end
+end
+local A, REFUSED = operation_args(SPEC)
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
 local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT, LEAD, TENANT, WEIGHT = unpack(A)
+-- The caps this call passes (nil: none), as its ticket and lease keep them.
+local LEVELS = nil
+for i = 1, n_levels do
+  local a = 22 + 6 * (i - 1)
+  LEVELS = LEVELS or {}
+  LEVELS[i] = level_of('n' .. ARGV[a + 2] .. ',' .. ARGV[a + 3] .. ',' .. ARGV[a + 4] .. ',' .. ARGV[a + 5] .. ',' ..
+    ARGV[a + 6] .. ',' .. ARGV[a + 1])
+end
 
 reap()
 local st = load_state()
@@ -69,7 +93,7 @@ if PROBE and st.pb == 0 then
   end
   apply_limits(st)
 end
-advance(st)
+local open, held_caps = advance(st)
 
 local function finish(reply)
   save_state(st)
@@ -107,6 +131,15 @@ end
 if not OVERDRAFT and most_tok >= 0 and CTOK > most_tok then
   return finish({'too_large', fmt(most_tok), fmt(NOW), 'tokens'})
 end
+for _, l in ipairs(LEVELS or {}) do
+  local lreq, ltok = most(l.rr, l.br, 1), most(l.rt, l.bt, 0)
+  if not OVERDRAFT and lreq >= 0 and CREQ > lreq then
+    return finish({'too_large', fmt(lreq), fmt(NOW), 'requests', l.node})
+  end
+  if not OVERDRAFT and ltok >= 0 and CTOK > ltok then
+    return finish({'too_large', fmt(ltok), fmt(NOW), 'tokens', l.node})
+  end
+end
 
 -- Its place: its sequence number, or with a lead that less the lead and a half (ahead of the ticket
 -- that holds that number). Shared by tenant: its tag (its tenant's finish tag, or the virtual time
@@ -123,11 +156,22 @@ end
 if not first and (WEIGHT > 0 or LEAD > 0) then
   first = score < tonumber(redis.call('ZRANGE', K_QUEUE, 0, 0, 'WITHSCORES')[2])
 end
+if not first and open then
+  -- every ticket waits for its caps alone: first, unless one of its own caps holds one of them
+  first = true
+  for _, l in ipairs(LEVELS or {}) do
+    first = first and not held_caps[l.node]
+  end
+end
 
-if first and slot_free() then
-  local fit = fit_time(st, CREQ, CTOK, OVERDRAFT)
+local lfit, lslot = NOW, true -- what its caps allow (a cap's slots all held: refused or queued)
+if first and LEVELS then
+  lfit, lslot = level_fit(LEVELS, CREQ, CTOK, OVERDRAFT)
+end
+if first and lslot and slot_free() then
+  local fit = math.max(fit_time(st, CREQ, CTOK, OVERDRAFT), lfit)
   if fit <= NOW then
-    grant(st, ID, CREQ, CTOK, nil, false, OVERDRAFT)
+    grant(st, ID, CREQ, CTOK, nil, false, OVERDRAFT, LEVELS)
     if tag then
       served(st, TENANT, tag, cost, WEIGHT, score)
     end
@@ -161,6 +205,14 @@ redis.call('ZADD', K_QUEUE, score, ID)
 WROTE[K_QUEUE], WROTE[K_TICKETS] = true, true
 save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1,
   overdraft = OVERDRAFT, tag = tag and score, inc = tag and cost / WEIGHT, fin = tag and tag + cost / WEIGHT,
-  tenant = TENANT})
+  tenant = TENANT, levels = LEVELS})
 advance(st)
+if LEVELS then
+  -- Behind tickets that only their caps hold back, it may have been granted just now: claimed at once.
+  held = redis.call('HGET', K_DATA, ID)
+  if held then
+    claim(st, ID, held)
+    return finish({'granted', fmt(NOW), fmt(NOW), fmt(NOW + LEASE_TTL)})
+  end
+end
 return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})

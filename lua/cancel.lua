@@ -5,7 +5,7 @@
 --
 -- A queued ticket leaves the queue (its tenant, if it has one, gets back the turn it was charged). A
 -- granted lease is removed and its whole charge, requests and tokens, is refunded (never above
--- capacity); its slot and credit go to the queue at once.
+-- capacity), at the budget and at every cap it passed; its slot and credit go to the queue at once.
 -- Idempotent: an unknown id changes nothing.
 --
 -- Reply: {"cancelled" | "dequeued" | "unknown", now}
@@ -32,6 +32,7 @@ else
     redis.call('ZREM', K_LEASES, ID)
     redis.call('HDEL', K_DATA, ID)
     refund(st, tonumber(w[1]), tonumber(w[2]))
+    release_levels(levels_in(w, 10), tonumber(w[1]), tonumber(w[2]))
     reply = {'cancelled', fmt(NOW)}
   end
 end

@@ -26,7 +26,8 @@
 -- grant to start from: the level is only capped at SEEN plus that unit.
 --
 -- Last, the difference to the estimate is settled on the token bucket: an over-estimate is refunded
--- (never above capacity), an under-estimate is charged as debt that later arrivals wait out.
+-- (never above capacity), an under-estimate is charged as debt that later arrivals wait out; so it is
+-- at every cap the lease passed (see Caps in _prelude.lua), whose slots it gives back.
 -- Idempotent: a lease already settled, cancelled or expired is left alone; the limits it reports are
 -- still learned (they are facts whatever became of the lease), the remaining counts are not.
 --
@@ -103,8 +104,10 @@ elseif held then
     elseif diff < 0 and RATE_TOK > 0 then
       st.tt = math.max(st.tt, NOW) - diff / RATE_TOK
     end
+    release_levels(levels_in(w, 10), 0, diff) -- the same difference, settled at every cap
     reply = {'settled', fmt(diff), fmt(NOW)}
   else
+    release_levels(levels_in(w, 10), 0, 0)
     reply = {'settled', '0', fmt(NOW)}
   end
 end

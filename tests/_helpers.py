@@ -88,9 +88,11 @@ class Ops:
         weight: float = 0.0,
     ) -> tuple[str, Any]:
         lid = lease_id or uuid.uuid4().hex
+        levels = self.budget.levels(tenant) if tenant else ()  # the caps its path passes, if any
         argv = acquire_args(
-            lid, requests, tokens, max_wait, queue, ticket_ttl, self.budget.probe, overdraft, lead, tenant, weight
-        )
+            lid, requests, tokens, max_wait, queue, ticket_ttl, self.budget.probe, overdraft, lead, tenant, weight,
+            levels,
+        )  # fmt: skip
         return lid, decode_acquire(self.run("acquire", argv))
 
     def settle(self, lid: str, actual: float | None = None, **facts: float) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._async_limiter import AsyncLimiter
 from ._base import Decision
-from ._budget import Budget, CooldownPolicy
+from ._budget import Budget, Cap, CooldownPolicy
 from ._core import CooldownReply, SettleReply, Status
 from ._exceptions import (
     AcquireTimeout,
@@ -37,6 +37,7 @@ __all__ = [
     "BudgetConflictError",
     "BudgetNotFoundError",
     "BudgetUnavailableError",
+    "Cap",
     "ConfigurationError",
     "CooldownPolicy",
     "CooldownReply",

@@ -261,7 +261,7 @@ class AsyncLimiter(LimiterBase):
         ``priority``: as ``Limiter.acquire``'s.
         """
         place = place_of(self.budget, priority, tenant)
-        lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place)
+        lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place, place)
         if not observe.OBSERVERS or self._quiet:
             return _Acquiring(self._acquire(lease_id, requests, tokens, timeout, keep_place, place))
         return _Acquiring(self._observed(lease_id, requests, tokens, timeout, keep_place, place))
@@ -370,7 +370,7 @@ class AsyncLimiter(LimiterBase):
         """As ``Limiter.park``: keep ``ticket`` in the queue for ``seconds`` more; the lease if it was
         granted meanwhile, else None."""
         place = place_of(self.budget, priority, tenant)
-        lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket)
+        lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket, place=place)
         _check_seconds("seconds", seconds)
         raw = await self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, place))
         return self._hold(lease_id, requests, tokens) if self._parked(raw, requests, tokens) else None
@@ -380,7 +380,7 @@ class AsyncLimiter(LimiterBase):
     ) -> Decision[AsyncLease]:
         """As ``Limiter.try_acquire``: a grant only if it fits now in its ``priority``'s place."""
         place = place_of(self.budget, priority, tenant)
-        lease_id, requests, tokens = self._prepare(requests, tokens, None)
+        lease_id, requests, tokens = self._prepare(requests, tokens, None, place=place)
         return self._tried(await self._try_acquire(lease_id, requests, tokens, place), requests, tokens)
 
     async def _try_acquire(

@@ -22,6 +22,7 @@ from ._backend import IO_TIMEOUT
 from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy
 from ._cluster import in_transition
 from ._core import (
+    ANYWHERE,
     IDLE_GRACE,
     AcquireReply,
     CooldownReply,
@@ -30,6 +31,7 @@ from ._core import (
     acquire_args,
     budget_args,
     channel,
+    check_levels,
     cooldown_args,
     decode_acquire,
     decode_clear_cooldown,
@@ -229,9 +231,16 @@ class LimiterBase:
         return old
 
     def _prepare(
-        self, requests: float, tokens: float, timeout: float | None, ticket: str | None = None, away: bool = False
+        self,
+        requests: float,
+        tokens: float,
+        timeout: float | None,
+        ticket: str | None = None,
+        away: bool = False,
+        place: Place = ANYWHERE,
     ) -> tuple[str, float, float]:
         requests, tokens = validate_cost(self.budget, requests, tokens)
+        check_levels(self.budget, place, requests, tokens)
         _check_seconds("timeout", timeout)
         if ticket is None:
             # A ticket that may leave this process (keep_place) is its own process for the queue:

@@ -6,10 +6,11 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["Budget", "CooldownPolicy"]
+__all__ = ["Budget", "Cap", "CooldownPolicy"]
 
 _NAME = re.compile(r"[A-Za-z0-9._:/@+=-]{1,200}")
 _CLASS = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -20,6 +21,9 @@ MAX_LEAD = 1_000_000_000
 #: A tenant's name (sent with each call) and the bounds of a tenant's weight.
 _TENANT = re.compile(r"[A-Za-z0-9._:/@+=-]{1,128}")
 MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e9
+_SEGMENT = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
+#: Caps one call may pass (a tenant path's depth): the scripts take at most this many levels.
+MAX_LEVELS = 8
 
 #: Providers' buckets hold one minute of their rate: no single request may cost more.
 PROVIDER_WINDOW = 60.0
@@ -153,6 +157,109 @@ def _tenants(budget: str, given: object, default: object) -> Weights | None:
     return Weights(given)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cap:
+    """The limits of one node of the hierarchy under a budget: a team, a user (see ``Budget.caps``).
+
+    Rates per minute or per second, as on the budget; ``burst`` is seconds of credit (None: the
+    budget's own credit). A cap limits only the calls that pass it; the budget still limits them all.
+    """
+
+    rpm: float | None = None
+    rps: float | None = None
+    tpm: float | None = None
+    tps: float | None = None
+    max_concurrency: int | None = None
+    burst: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("rpm", "rps", "tpm", "tps"):
+            _positive(None, f"a cap's {key}", getattr(self, key), top=math.inf)
+        _positive(None, "a cap's burst", self.burst, zero_ok=True)
+        mc = self.max_concurrency
+        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= MAX_UNITS):
+            raise ConfigurationError(
+                f"a cap's max_concurrency must be a whole number from 1 to {MAX_UNITS:g}, not {mc!r}"
+            )
+        for what, rate in (("requests", self.request_rate), ("tokens", self.token_rate)):
+            if rate is not None and not MIN_RATE <= rate <= MAX_UNITS:
+                raise ConfigurationError(f"a cap's {what} rate must be from {MIN_RATE:g} to {MAX_UNITS:g} per second, "
+                                         f"not {rate!r}")  # fmt: skip
+        if self.request_rate is None and self.token_rate is None and mc is None:
+            raise ConfigurationError("a cap limits nothing: give it rpm/rps, tpm/tps or max_concurrency")
+
+    @property
+    def request_rate(self) -> float | None:
+        return _per_second("", self.rpm, self.rps, "a cap's requests")
+
+    @property
+    def token_rate(self) -> float | None:
+        return _per_second("", self.tpm, self.tps, "a cap's tokens")
+
+
+class Level(NamedTuple):
+    """One cap a call passes, as the scripts take it: its node (the tenant path up to it), rates per
+    second (0: none), bursts in seconds, max concurrency (0: none)."""
+
+    node: str
+    request_rate: float
+    request_burst: float
+    token_rate: float
+    token_burst: float
+    max_concurrency: int
+
+
+class Caps(Mapping[str, Cap]):
+    """A budget's caps, path -> Cap: immutable and hashable, like the budget."""
+
+    __slots__ = ("_caps",)
+
+    def __init__(self, caps: Mapping[str, Cap]) -> None:
+        self._caps = dict(sorted(caps.items()))
+
+    def __getitem__(self, path: str) -> Cap:
+        return self._caps[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._caps)
+
+    def __len__(self) -> int:
+        return len(self._caps)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._caps.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._caps)
+
+
+def _caps(budget: str, given: object) -> Caps | None:
+    if given is None:
+        return None
+    if not isinstance(given, Mapping) or not given:
+        raise ConfigurationError(
+            f"caps must be a non-empty mapping of tenant path to Cap, not {given!r}", budget=budget
+        )
+    for path, cap in given.items():
+        parts = path.split("/") if isinstance(path, str) else []
+        if (
+            not isinstance(path, str)
+            or len(path) > 128
+            or not 1 <= len(parts) <= MAX_LEVELS
+            or not all(_SEGMENT.fullmatch(p) for p in parts[:-1])
+            or not (_SEGMENT.fullmatch(parts[-1]) or parts[-1] == "*")
+        ):
+            raise ConfigurationError(
+                f"a cap's path must be 1 to {MAX_LEVELS} parts joined by '/', each of letters, digits and ._:@+=- "
+                f"(the last may be '*': every part there without a cap of its own), at most 128 characters, "
+                f"not {path!r}",
+                budget=budget,
+            )
+        if not isinstance(cap, Cap):
+            raise ConfigurationError(f"the cap of {path!r} must be a Cap, not {cap!r}", budget=budget)
+    return Caps(given)
+
+
 @dataclass(frozen=True, slots=True)
 class Budget:
     """One provider limit shared by every process that uses the same ``name``.
@@ -195,6 +302,12 @@ class Budget:
     while several wait each gets its weight's share of the dimension that binds (start-time fair
     queuing on the seconds of rate each call takes). With tenants, a lead moves a call ahead by
     ``lead`` calls of its own cost.
+
+    ``caps`` makes a hierarchy under the budget: ``{"team-a": Cap(tpm=400_000), "team-a/*":
+    Cap(rpm=60)}``. A call of tenant ``"team-a/alice"`` passes the cap of each part of its path,
+    ``"team-a"`` then ``"team-a/alice"`` (a path's own cap, else its parent's ``"*"``), and is granted
+    only when the budget and every cap it passes allow it, atomically; it is settled, refunded and
+    released at each. Calls held back only by their caps do not hold the others back.
     """
 
     name: str
@@ -213,6 +326,7 @@ class Budget:
     default_priority: str | None = field(default=None, kw_only=True)
     tenants: Mapping[str, float] | None = field(default=None, kw_only=True)
     default_weight: float = field(default=1.0, kw_only=True)
+    caps: Mapping[str, Cap] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -243,6 +357,7 @@ class Budget:
                 )
         object.__setattr__(self, "priorities", _priorities(self.name, self.priorities, self.default_priority))
         object.__setattr__(self, "tenants", _tenants(self.name, self.tenants, self.default_weight))
+        object.__setattr__(self, "caps", _caps(self.name, self.caps))
 
     def lead(self, priority: str | None = None) -> int:
         """The lead of class ``priority`` (None: the default class's). A name the budget does not
@@ -260,20 +375,44 @@ class Budget:
         """The weight of ``tenant`` (None: the untagged calls, tenant ``""``), or 0 where the budget
         is not shared by tenant. A tenant named on a budget without ``tenants`` is refused, as is a
         name that could not travel to Redis, before Redis is touched."""
-        if self.tenants is None:
+        if self.tenants is None and (tenant is None or self.caps is None):
             if tenant is None:
                 return 0.0
             raise ConfigurationError(
-                f"budget is not shared by tenant (tenant {tenant!r} given): set tenants= on it", budget=self.name
+                f"budget is not shared by tenant (tenant {tenant!r} given): set tenants= or caps= on it",
+                budget=self.name,
             )
         if tenant is None:
-            return self.default_weight
+            return self.default_weight if self.tenants is not None else 0.0
         if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
             raise ConfigurationError(
                 f"a tenant's name must be 1-128 characters of letters, digits and ._:/@+=-, not {tenant!r}",
                 budget=self.name,
             )
+        if self.tenants is None:
+            return 0.0
         return self.tenants.get(tenant, self.default_weight)
+
+    def levels(self, tenant: str | None) -> tuple[Level, ...]:
+        """The caps a call of ``tenant`` passes, from the top of its path down (see ``caps``); a path
+        with an empty part, or deeper than the scripts take, is refused before Redis is touched."""
+        if self.caps is None or not tenant:
+            return ()
+        parts = tenant.split("/")
+        if "" in parts or len(parts) > MAX_LEVELS:
+            raise ConfigurationError(
+                f"a tenant path under caps must be 1 to {MAX_LEVELS} non-empty parts joined by '/', not {tenant!r}",
+                budget=self.name,
+            )
+        out = []
+        for k in range(1, len(parts) + 1):
+            node = "/".join(parts[:k])
+            cap = self.caps.get(node) or self.caps.get("/".join([*parts[: k - 1], "*"]))
+            if cap is not None:
+                rr, rt = cap.request_rate, cap.token_rate
+                burst = self.credit if cap.burst is None else cap.burst
+                out.append(Level(node, rr or 0.0, burst, rt or 0.0, burst, cap.max_concurrency or 0))
+        return tuple(out)
 
     @property
     def request_rate(self) -> float | None:

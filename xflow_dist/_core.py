@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._budget import MAX_SECONDS, MAX_UNITS, Budget, CooldownPolicy
+from ._budget import MAX_SECONDS, MAX_UNITS, PROVIDER_WINDOW, Budget, CooldownPolicy, Level
 from ._exceptions import (
     BackendError,
     BudgetConflictError,
@@ -26,7 +26,7 @@ LEARN_MEMORY = 3600.0
 
 
 def keys(budget: Budget) -> list[str]:
-    """The seven keys of a budget, in the order every script expects (see ``lua/_prelude.lua``)."""
+    """The eight keys of a budget, in the order every script expects (see ``lua/_prelude.lua``)."""
     return key_names(budget.name)
 
 
@@ -41,6 +41,7 @@ def key_names(name: str) -> list[str]:
         f"{tag}:tickets",
         f"{tag}:learned",
         f"{tag}:tenants",
+        f"{tag}:caps",
     ]
 
 
@@ -98,11 +99,13 @@ def validate_cost(budget: Budget, requests: float, tokens: float) -> tuple[float
 
 class Place(NamedTuple):
     """Where a call goes in the queue: its priority class's lead, and its tenant with the tenant's
-    weight (0: the budget is not shared by tenant). Checked by ``place_of`` before Redis is touched."""
+    weight (0: the budget is not shared by tenant) and the caps its path passes. Checked by
+    ``place_of`` before Redis is touched."""
 
     lead: int = 0
     tenant: str = ""
     weight: float = 0.0
+    levels: tuple[Level, ...] = ()
 
 
 #: A call of no class by no tenant: the first come, first served place.
@@ -114,7 +117,26 @@ def place_of(budget: Budget, priority: str | None, tenant: str | None) -> Place:
     if priority is None and tenant is None and budget.priorities is None and budget.tenants is None:
         return ANYWHERE  # (the compatible schedulers' hot path: no lookup)
     weight = budget.weight(tenant)
-    return Place(budget.lead(priority), tenant or "" if weight else "", weight)
+    levels = budget.levels(tenant)
+    return Place(budget.lead(priority), tenant or "" if weight or levels else "", weight, levels)
+
+
+def check_levels(budget: Budget, place: Place, requests: float, tokens: float) -> None:
+    """Refuse a cost one of the call's caps can never hold (as ``validate_cost`` does the budget's)."""
+    if budget.overdraft:
+        return
+    for lv in place.levels:
+        for what, cost, rate, burst, floor in (
+            ("requests", requests, lv.request_rate, lv.request_burst, 1.0),
+            ("tokens", tokens, lv.token_rate, lv.token_burst, 0.0),
+        ):
+            most = max(floor, rate * max(burst, PROVIDER_WINDOW))
+            if rate > 0 and cost > most:
+                raise CostTooLargeError(
+                    f"{cost:g} {what} can never fit the cap of {lv.node!r} under budget {budget.name!r}: it grants "
+                    f"at most {most:g} {what} to one call",
+                    budget=budget.name,
+                )
 
 
 def acquire_args(
@@ -129,10 +151,11 @@ def acquire_args(
     lead: int = 0,
     tenant: str = "",
     weight: float = 0.0,
+    levels: tuple[Level, ...] = (),
 ) -> list[str]:
     """The operation arguments of ``acquire.lua``; a max wait beyond the scripts' bound is no bound at
-    all. A priority class's ``lead``, and a ``tenant`` with its ``weight`` (a budget shared by tenant),
-    are sent only when there are some (ARGV[19..21] are optional)."""
+    all. A priority class's ``lead``, a ``tenant`` with its ``weight`` (a budget shared by tenant) and
+    the caps it passes are sent only when there are some (ARGV[19..] are optional)."""
     args = [
         lease_id,
         _num(requests),
@@ -143,10 +166,15 @@ def acquire_args(
         "1" if probe else "0",
         "1" if overdraft else "0",
     ]
-    if lead or weight:
+    if lead or weight or levels:
         args.append(str(lead))
-    if weight:
+    if weight or levels:
         args += [tenant, _num(weight)]
+    if levels:
+        args.append(str(len(levels)))
+        for lv in levels:
+            args += [lv.node, _num(lv.request_rate), _num(lv.request_burst), _num(lv.token_rate),
+                     _num(lv.token_burst), str(lv.max_concurrency)]  # fmt: skip
     return args
 
 

@@ -33,12 +33,16 @@ RATE, LIMIT_OR_UNSET = "0 or a rate in [1e-6, 1e15]", "-1 or a limit in [1e-6, 1
 SECONDS, POSITIVE_SECONDS = "seconds in [0, 1e9]", "seconds in (0, 1e9]"
 SECONDS_OR_UNSET, FACTOR, DRAW = "-1 or seconds in [0, 1e9]", "a number in [0, 1e9]", "a number in [0, 1)"
 FLAG = '"0" or "1"'
+LEVEL_COUNT = "a whole number in [0, 8]"
+NODE = "1 to 256 bytes, no space, comma or control character"
+MAX_LEVELS, MAX_SCAN = 8, 32
 TEXT = "1 to 256 bytes, no space or control character"
 TEXT_OR_EMPTY = '"" or 1 to 256 bytes, no space or control character'
 CHECKED = "checked before"
 
 _NUMBER_CHARS = re.compile(r"[0-9.eE+\-]+")
 _SPACE_OR_CONTROL = re.compile(rb"[\s\x00-\x1f\x7f]")
+_SPACE_COMMA_OR_CONTROL = re.compile(rb"[\s,\x00-\x1f\x7f]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Spec = tuple[tuple[Any, ...], ...]
@@ -71,6 +75,7 @@ _SPECS: dict[str, Spec] = {
         ("lead", COUNT, "0"),
         ("tenant", TEXT_OR_EMPTY, ""),
         ("weight", RATE, "0"),
+        ("levels", LEVEL_COUNT, "0"),
     ),
     "settle": (
         ("id", TEXT_OR_EMPTY),
@@ -115,6 +120,23 @@ def _renew_spec(n_argv: int) -> Spec:
     return (("ticket ttl", POSITIVE_SECONDS),) + (("id", TEXT),) * (max(12, min(n_argv, 11 + MAX_RENEW)) - 11)
 
 
+_LEVEL_ARGS = (
+    ("node", NODE),
+    ("request rate", RATE),
+    ("request burst", SECONDS),
+    ("token rate", RATE),
+    ("token burst", SECONDS),
+    ("max concurrency", COUNT),
+)
+
+
+def _acquire_spec(argv: list[str]) -> Spec:
+    """acquire.lua's arguments: six more for each level ARGV[22] announces (none where it is not a count)."""
+    n = _value_of(LEVEL_COUNT, argv[21]) if len(argv) > 21 else 0
+    levels = tuple((f"{name} of level {i}", kind) for i in range(1, int(n or 0) + 1) for name, kind in _LEVEL_ARGS)
+    return _SPECS["acquire"] + levels
+
+
 def fmt(x: float) -> str:
     """Lua's ``string.format('%.6f', x)``."""
     return f"{x:.6f}"
@@ -149,6 +171,9 @@ def _value_of(kind: str, s: str) -> Any:
         if len(b) <= MAX_TEXT and (b or kind is TEXT_OR_EMPTY) and not _SPACE_OR_CONTROL.search(b):
             return s
         return None
+    if kind is NODE:
+        b = s.encode()
+        return s if 0 < len(b) <= MAX_TEXT and not _SPACE_COMMA_OR_CONTROL.search(b) else None
     if len(s) > 40 or not _NUMBER_CHARS.fullmatch(s) or s[0] == "+":
         return None
     x = _lua_number(s)
@@ -160,6 +185,8 @@ def _value_of(kind: str, s: str) -> Any:
         ok = x == -1 or 0 <= x <= MAX_UNITS
     elif kind is COUNT:
         ok = 0 <= x <= MAX_UNITS and x == math.floor(x)
+    elif kind is LEVEL_COUNT:
+        ok = 0 <= x <= MAX_LEVELS and x == math.floor(x)
     elif kind is RATE:
         ok = x == 0 or MIN_RATE <= x <= MAX_UNITS
     elif kind is LIMIT_OR_UNSET:
@@ -214,10 +241,22 @@ def _checked(
     return values
 
 
+class _Level:
+    """One cap a call passes, as its ticket and lease keep it (level_of())."""
+
+    __slots__ = ("br", "bt", "mc", "node", "rr", "rt")
+
+    def __init__(self, node: str, rr: float, br: float, rt: float, bt: float, mc: float) -> None:
+        self.node, self.rr, self.br, self.rt, self.bt, self.mc = node, rr, br, rt, bt, mc
+
+    def __repr__(self) -> str:  # (what memory://'s DUMP shows of a ticket or a lease)
+        return f"n{self.rr!r},{self.br!r},{self.rt!r},{self.bt!r},{self.mc!r},{self.node}"
+
+
 class _Lease:
     """One lease_data entry: what it was charged and the levels and counters just after."""
 
-    __slots__ = ("cq", "creq", "ct", "ctok", "kr", "kt", "provisional", "snap_req", "snap_tok", "start")
+    __slots__ = ("cq", "creq", "ct", "ctok", "kr", "kt", "levels", "provisional", "snap_req", "snap_tok", "start")
 
     def __init__(
         self,
@@ -231,15 +270,17 @@ class _Lease:
         cq: float,
         ct: float,
         provisional: bool,
+        levels: list[_Level] | None = None,
     ) -> None:
         self.creq, self.ctok, self.start = creq, ctok, start
         self.snap_req, self.snap_tok = snap_req, snap_tok
         self.kr, self.kt, self.cq, self.ct = kr, kt, cq, ct
         self.provisional = provisional
+        self.levels = levels
 
 
 class _Ticket:
-    __slots__ = ("alive", "creq", "ctok", "fin", "fit", "inc", "overdraft", "tag", "tenant", "ttl")
+    __slots__ = ("alive", "creq", "ctok", "fin", "fit", "inc", "levels", "overdraft", "tag", "tenant", "ttl")
 
     def __init__(
         self,
@@ -253,11 +294,13 @@ class _Ticket:
         inc: float = 0.0,
         tenant: str = "",
         fin: float = 0.0,
+        levels: list[_Level] | None = None,
     ) -> None:
         self.creq, self.ctok, self.alive, self.ttl, self.fit, self.overdraft = creq, ctok, alive, ttl, fit, overdraft
         # queued by a tenant (fair queuing): its place ("v"), the turn it was charged, whose it is and
         # the tenant's finish tag it set
         self.tag, self.inc, self.tenant, self.fin = tag, inc, tenant, fin
+        self.levels = levels
 
 
 class _Leases:
@@ -317,9 +360,9 @@ class _Leases:
 
 
 class _Budget:
-    """The seven keys of one budget. ``state`` holds the state HASH's fields as the scripts wrote them."""
+    """The eight keys of one budget. ``state`` holds the state HASH's fields as the scripts wrote them."""
 
-    __slots__ = ("data", "expire_at", "learned", "leases", "queue", "state", "tenants", "tickets")
+    __slots__ = ("caps", "data", "expire_at", "learned", "leases", "queue", "state", "tenants", "tickets")
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
@@ -329,11 +372,19 @@ class _Budget:
         self.tickets: dict[str, _Ticket] = {}
         self.learned: dict[str, list[float]] = {}  # model -> [rpm, rpm until, tpm, tpm until]
         self.tenants: dict[str, float] = {}  # tenant -> finish tag
+        self.caps: dict[str, tuple[float, float, float]] = {}  # node -> (request TAT, token TAT, leases held)
         self.expire_at: float | None = None
 
     def empty(self) -> bool:
         return not (
-            self.state or self.leases.by_id or self.data or self.queue or self.tickets or self.learned or self.tenants
+            self.state
+            or self.leases.by_id
+            or self.data
+            or self.queue
+            or self.tickets
+            or self.learned
+            or self.tenants
+            or self.caps
         )
 
 
@@ -341,6 +392,7 @@ class _State:
     """load_state()'s table."""
 
     __slots__ = (
+        "ca",
         "cl",
         "cq",
         "cr",
@@ -380,6 +432,7 @@ class _State:
     la: float
     xa: float
     vt: float
+    ca: float
     stored: bool
     lost: bool
 
@@ -406,14 +459,14 @@ class Engine:
         self.budgets.clear()
 
     def existing_keys(self, keys_of: Callable[[str], list[str]]) -> list[str]:
-        """Every key that exists now (``keys_of`` names the seven keys of a budget from its first)."""
+        """Every key that exists now (``keys_of`` names the eight keys of a budget from its first)."""
         at = self.clock()
         out: list[str] = []
         for first in list(self.budgets):
             b = self._live(first, at)
             if b is None:
                 continue
-            parts = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned, b.tenants)
+            parts = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned, b.tenants, b.caps)
             out.extend(k for k, part in zip(keys_of(first), parts, strict=True) if part)
         return out
 
@@ -459,6 +512,7 @@ class _Call:
         self.engine, self.b, self.t, self.now, self.argv = engine, b, t, now, argv
         self.reaped_req = 0.0
         self.reaped_tok = 0.0
+        self.nodes: dict[str, list[Any]] = {}  # NODES: node -> [rt, tt, n, dirty]
 
     # --- the budget block (prelude) ---
 
@@ -492,7 +546,13 @@ class _Call:
         if op == "configure":
             _checked(argv, 11, ())
             return self.configure()
-        values = _checked(argv, 11, _renew_spec(len(argv)) if op == "renew" else _SPECS[op])
+        if op == "renew":
+            spec = _renew_spec(len(argv))
+        elif op == "acquire":
+            spec = _acquire_spec(argv)
+        else:
+            spec = _SPECS[op]
+        values = _checked(argv, 11, spec)
         if stored is not None and stored != config:
             mine = [block[i] for i in _LIMITS]
             words = stored.split()
@@ -563,10 +623,68 @@ class _Call:
     def snapshot(self, tat: float, rate: float, burst: float) -> float | None:
         return None if rate <= 0 else r6(self.level(tat, rate, burst))
 
+    def node(self, name: str) -> list[Any]:
+        n = self.nodes.get(name)
+        if n is None:
+            rt, tt, held = self.b.caps.get(name, (0.0, 0.0, 0))
+            n = self.nodes[name] = [rt, tt, held, False]
+        return n
+
+    def level_fit(
+        self, levels: list[_Level], creq: float, ctok: float, overdraft: bool, holders: list[str] | None = None
+    ) -> tuple[float, bool]:
+        fit, slot, now = self.now, True, self.now
+        for lv in levels:
+            n = self.node(lv.node)
+            f = max(
+                self.dim_fit(n[0], creq, lv.rr, lv.br, overdraft), self.dim_fit(n[1], ctok, lv.rt, lv.bt, overdraft)
+            )
+            full = lv.mc > 0 and n[2] >= lv.mc
+            if full:
+                slot = False
+            fit = max(fit, f)
+            if holders is not None and (full or f > now):
+                holders.append(lv.node)
+        return fit, slot
+
+    def charge_levels(self, levels: list[_Level], creq: float, ctok: float) -> None:
+        now = self.now
+        for lv in levels:
+            n = self.node(lv.node)
+            if lv.rr > 0 and creq > 0:
+                n[0] = max(n[0], now) + creq / lv.rr
+            if lv.rt > 0 and ctok > 0:
+                n[1] = max(n[1], now) + ctok / lv.rt
+            n[2] = n[2] + 1
+            n[3] = True
+
+    def release_levels(self, levels: list[_Level] | None, creq: float, ctok: float) -> None:
+        now = self.now
+        for lv in levels or ():
+            n = self.node(lv.node)
+            n[2] = max(0, n[2] - 1)
+            if lv.rr > 0 and creq > 0 and n[0] > now:
+                n[0] = max(now, n[0] - creq / lv.rr)
+            if lv.rt > 0 and ctok > 0 and n[1] > now:
+                n[1] = max(now, n[1] - ctok / lv.rt)
+            elif lv.rt > 0 and ctok < 0:
+                n[1] = max(n[1], now) - ctok / lv.rt
+            n[3] = True
+
     def grant(
-        self, st: _State, lid: str, creq: float, ctok: float, fit: float | None, provisional: bool, overdraft: bool
+        self,
+        st: _State,
+        lid: str,
+        creq: float,
+        ctok: float,
+        fit: float | None,
+        provisional: bool,
+        overdraft: bool,
+        levels: list[_Level] | None = None,
     ) -> None:
         self.charge(st, creq, ctok, -1 if fit is None else fit, overdraft)
+        if levels:
+            self.charge_levels(levels, creq, ctok)
         lease = _Lease(
             float(g14(creq)),
             float(g14(ctok)),
@@ -578,6 +696,7 @@ class _Call:
             r6(st.cq),
             r6(st.ct),
             provisional,
+            levels,
         )
         expiry = self.now + (self.claim_window if provisional else self.lease_ttl)
         self.b.leases.add(lid, expiry)
@@ -654,12 +773,12 @@ class _Call:
             st.rt, st.tt, st.cu, st.cl, st.cr = get("rt", 0), get("tt", 0), get("cu", 0), get("cl", 0), get("cr", 0)
             st.seq, st.qa, st.kr, st.kt, st.cq = get("seq", 0), get("qa", 0), get("kr", 0), get("kt", 0), get("cq", 0)
             st.ct, st.lr, st.lt, st.lu, st.pb = get("ct", 0), get("lr", 0), get("lt", 0), get("lu", 0), get("pb", 0)
-            st.la, st.xa, st.vt = get("la", 0), get("xa", 0), get("vt", 0)
+            st.la, st.xa, st.vt, st.ca = get("la", 0), get("xa", 0), get("vt", 0), get("ca", 0)
             if "rt" in fields and "la" not in fields:  # a state an older version made
                 st.la = self.b.leases.last_expiry() or 0
         else:
             st.rt = st.tt = st.cu = st.cl = st.cr = st.seq = st.qa = st.kr = st.kt = st.cq = st.ct = 0
-            st.lr = st.lt = st.lu = st.pb = st.la = st.xa = st.vt = 0
+            st.lr = st.lt = st.lu = st.pb = st.la = st.xa = st.vt = st.ca = 0
         st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
         st.lost = False
         self.apply_limits(st)
@@ -683,6 +802,16 @@ class _Call:
             f["lr"], f["lt"], f["lu"], f["pb"] = r6(st.lr), r6(st.lt), r6(st.lu), st.pb
         if st.vt > 0:
             f["vt"] = r6(st.vt)
+        caps, now = self.b.caps, self.now
+        for name, n in self.nodes.items():
+            if n[3]:
+                if n[0] <= now and n[1] <= now and n[2] <= 0:
+                    caps.pop(name, None)  # full and unused: as good as absent
+                else:
+                    caps[name] = (r6(n[0]), r6(n[1]), n[2])
+                    st.ca = max(st.ca, now, n[0], n[1])
+        if st.ca > 0:
+            f["ca"] = r6(st.ca)
         if st.lost:
             st.lost = False
             self.engine.publish(self.channel, "l " + fmt(self.now))
@@ -713,6 +842,9 @@ class _Call:
             if held is not None and held.provisional:
                 self.reaped_req = self.reaped_req + held.creq
                 self.reaped_tok = self.reaped_tok + held.ctok
+                self.release_levels(held.levels, held.creq, held.ctok)
+            elif held is not None:
+                self.release_levels(held.levels, 0, 0)
             b.leases.remove(lid)
             b.data.pop(lid, None)
 
@@ -728,7 +860,7 @@ class _Call:
         t = self.b.tickets.get(lid)
         if t is None:
             return _Ticket(0, 0, 0, 0, -1, False)
-        return _Ticket(t.creq, t.ctok, t.alive, t.ttl, t.fit, t.overdraft, t.tag, t.inc, t.tenant, t.fin)
+        return _Ticket(t.creq, t.ctok, t.alive, t.ttl, t.fit, t.overdraft, t.tag, t.inc, t.tenant, t.fin, t.levels)
 
     def dequeue(self, lid: str) -> None:
         self.b.queue.pop(lid, None)
@@ -749,15 +881,20 @@ class _Call:
             self.save_ticket(st, lid, t)
             self.engine.publish(self.channel, f"h {lid} {fmt(fit)} {fmt(self.now)}")
 
-    def advance(self, st: _State) -> None:
+    def advance(self, st: _State) -> tuple[bool, set[str] | None]:
         b = self.b
+        rank = 0
+        held: set[str] | None = None
         while True:
-            head = next(iter(b.queue), None)
+            head = next(islice(b.queue, rank, None), None)
             if head is None:
-                return
+                return True, held
             t = self.ticket(head)
+            passed = held is not None and t.levels is not None and any(lv.node in held for lv in t.levels)
             if t.alive < self.now:
                 self.drop(st, head, t)
+            elif passed:
+                rank += 1
             elif not self.slot_free():
                 first = b.leases.first()
                 data = b.data.get(first[0]) if first else None
@@ -766,32 +903,43 @@ class _Call:
                     target, tk = head, t
                     owner = _owner_of(first[0])
                     if _owner_of(head) == owner:
-                        for lid in islice(b.queue, 1, 16):
+                        for lid in islice(b.queue, rank + 1, rank + 16):
                             if _owner_of(lid) != owner:
                                 target, tk = lid, self.ticket(lid)
                                 break
                     self.announce(st, target, tk, at)
-                return
+                return False, held
             else:
                 fit = self.fit_time(st, t.creq, t.ctok, t.overdraft)
-                if fit <= self.now:
+                lfit, lslot, holders = self.now, True, list[str]()
+                if t.levels:
+                    lfit, lslot = self.level_fit(t.levels, t.creq, t.ctok, t.overdraft, holders)
+                if not lslot or lfit > fit:  # only its caps hold it: pass over it and their tickets
+                    held = held if held is not None else set()
+                    held.update(holders)
+                    if lslot:
+                        self.announce(st, head, t, lfit)
+                    rank += 1
+                elif fit <= self.now:
                     self.dequeue(head)
-                    self.grant(st, head, t.creq, t.ctok, t.fit, True, t.overdraft)
+                    self.grant(st, head, t.creq, t.ctok, t.fit, True, t.overdraft, t.levels)
                     if t.tag is not None:
                         st.vt = max(st.vt, t.tag)
                     self.engine.publish(self.channel, f"g {head} {fmt(self.now)}")
                 else:
                     self.announce(st, head, t, fit)
                     owner = _owner_of(head)
-                    for lid in islice(b.queue, 1, 16):
+                    for lid in islice(b.queue, rank + 1, rank + 16):
                         if _owner_of(lid) != owner:
                             self.announce(st, lid, self.ticket(lid), fit + self.claim_window)
                             break
-                    return
+                    return False, held
+            if rank >= MAX_SCAN:
+                return False, held
 
     def touch(self, st: _State) -> None:
         now = self.now
-        horizon = max(now, st.rt, st.tt, st.cu, st.cr, st.lu, st.qa, st.la)
+        horizon = max(now, st.rt, st.tt, st.cu, st.cr, st.lu, st.qa, st.la, st.ca)
         due = math.ceil((now + min(horizon - now, 1e11) + self.idle_grace) * 1000)
         if due > st.xa:
             st.xa = due + math.ceil(self.idle_grace * 500)
@@ -819,8 +967,11 @@ class _Call:
         lead: float = 0,
         tenant: str = "",
         weight: float = 0,
+        n_levels: float = 0,
+        *level_args: Any,
     ) -> list[str]:
         b, now = self.b, self.now
+        levels = [_Level(*level_args[i : i + 6]) for i in range(0, len(level_args), 6)] or None
         self.reap()
         st = self.load_state()
         if probe and st.pb == 0:
@@ -828,7 +979,7 @@ class _Call:
             if st.lr > 0 or st.lt > 0:
                 st.pb = 2
             self.apply_limits(st)
-        self.advance(st)
+        open_, held_caps = self.advance(st)
 
         held = b.data.get(lid)
         if held is not None:
@@ -848,6 +999,12 @@ class _Call:
             return self.finish(st, ["too_large", fmt(most_req), fmt(now), "requests"])
         if not overdraft and most_tok >= 0 and ctok > most_tok:
             return self.finish(st, ["too_large", fmt(most_tok), fmt(now), "tokens"])
+        for lv in levels or ():
+            lreq, ltok = _most(lv.rr, lv.br, 1), _most(lv.rt, lv.bt, 0)
+            if not overdraft and lreq >= 0 and creq > lreq:
+                return self.finish(st, ["too_large", fmt(lreq), fmt(now), "requests", lv.node])
+            if not overdraft and ltok >= 0 and ctok > ltok:
+                return self.finish(st, ["too_large", fmt(ltok), fmt(now), "tokens", lv.node])
 
         waiting = len(b.queue)
         seq = st.seq + 1
@@ -862,10 +1019,15 @@ class _Call:
             score = seq - lead - 0.5
         if not first and (weight > 0 or lead > 0):
             first = score < next(iter(b.queue.values()))
-        if first and self.slot_free():
-            fit = self.fit_time(st, creq, ctok, overdraft)
+        if not first and open_:  # every ticket waits for its caps alone
+            first = not any(lv.node in (held_caps or ()) for lv in levels or ())
+        lfit, lslot = now, True  # what its caps allow
+        if first and levels:
+            lfit, lslot = self.level_fit(levels, creq, ctok, overdraft)
+        if first and lslot and self.slot_free():
+            fit = max(self.fit_time(st, creq, ctok, overdraft), lfit)
             if fit <= now:
-                self.grant(st, lid, creq, ctok, None, False, overdraft)
+                self.grant(st, lid, creq, ctok, None, False, overdraft, levels)
                 if tag is not None:
                     self.queued_tag(tenant, tag, cost, weight)
                     st.vt = max(st.vt, score)
@@ -884,11 +1046,16 @@ class _Call:
         else:
             st.seq = seq
         self.enqueue(lid, score)
-        queued = _Ticket(creq, ctok, now + ticket_ttl, ticket_ttl, -1, overdraft)
+        queued = _Ticket(creq, ctok, now + ticket_ttl, ticket_ttl, -1, overdraft, levels=levels)
         if tag is not None:  # its place, its turn, whose, and the finish tag it set
             queued.tag, queued.inc, queued.tenant, queued.fin = score, cost / weight, tenant, tag + cost / weight
         self.save_ticket(st, lid, queued)
         self.advance(st)
+        if levels:
+            got = b.data.get(lid)
+            if got is not None:  # granted just now, behind tickets only their caps hold: claimed at once
+                self.claim(st, lid, got)
+                return self.finish(st, ["granted", fmt(now), fmt(now), fmt(now + self.lease_ttl)])
         return self.finish(st, ["queued", fmt(self.wait_hint(lid)), fmt(now)])
 
     def tenant_tag(self, st: _State, tenant: str) -> float:
@@ -928,7 +1095,7 @@ class _Call:
         t = self.ticket(lid)
         head = next(iter(b.queue), None)
         hint = t.ttl / 2
-        if head == lid and t.fit > now:
+        if (head == lid or t.levels) and t.fit > now:
             hint = t.fit - now
         first = b.leases.first()
         if head == lid and first is not None:
@@ -975,8 +1142,10 @@ class _Call:
                     self.refund(st, 0, diff)
                 elif diff < 0 and self.rate_tok > 0:
                     st.tt = max(st.tt, now) - diff / self.rate_tok
+                self.release_levels(held.levels, 0, diff)
                 reply = ["settled", fmt(diff), fmt(now)]
             else:
+                self.release_levels(held.levels, 0, 0)
                 reply = ["settled", "0", fmt(now)]
         reply.append(fmt(self.rate_req * 60))
         reply.append(fmt(self.rate_tok * 60))
@@ -1019,6 +1188,7 @@ class _Call:
                 b.leases.remove(lid)
                 del b.data[lid]
                 self.refund(st, held.creq, held.ctok)
+                self.release_levels(held.levels, held.creq, held.ctok)
                 reply = ["cancelled", fmt(now)]
         self.advance(st)
         return self.finish(st, reply)

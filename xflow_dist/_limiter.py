@@ -412,7 +412,7 @@ class Limiter(LimiterBase):
         ``tenant``: whose call it is, on a budget shared by tenant (``Budget(tenants=...)``).
         """
         place = place_of(self.budget, priority, tenant)
-        lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place)
+        lease_id, requests, tokens = self._prepare(requests, tokens, timeout, ticket, keep_place, place)
         if not observe.OBSERVERS or self._quiet:
             return self._acquire(lease_id, requests, tokens, timeout, keep_place, place)
         started = time.monotonic()
@@ -518,7 +518,7 @@ class Limiter(LimiterBase):
         the ticket's. Returns the lease if the ticket was granted meanwhile (claimed now: use it),
         else None. A ticket Redis lost joins the queue again, as a new arrival of class ``priority``."""
         place = place_of(self.budget, priority, tenant)
-        lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket)
+        lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket, place=place)
         _check_seconds("seconds", seconds)
         raw = self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, place))
         return self._hold(lease_id, requests, tokens) if self._parked(raw, requests, tokens) else None
@@ -529,7 +529,7 @@ class Limiter(LimiterBase):
         """Take a grant only if it fits now with nobody queued ahead (of its ``priority``'s place:
         a class with a lead may pass the queue); never waits, never queues."""
         place = place_of(self.budget, priority, tenant)
-        lease_id, requests, tokens = self._prepare(requests, tokens, None)
+        lease_id, requests, tokens = self._prepare(requests, tokens, None, place=place)
         return self._tried(self._try_acquire(lease_id, requests, tokens, place), requests, tokens)
 
     def _try_acquire(self, lease_id: str, requests: float, tokens: float, place: Place = ANYWHERE) -> Decision[Lease]:

@@ -143,7 +143,7 @@ class MemoryServer:
             if key not in self.keys_now():
                 return None
             b = self.engine.budgets[_first_key(key)]
-            part: Any = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned, b.tenants)[
+            part: Any = (b.state, b.leases.by_id, b.data, b.queue, b.tickets, b.learned, b.tenants, b.caps)[
                 _SUFFIXES.index(key[key.rfind(":") :])
             ]
             if part is b.data or part is b.tickets:
@@ -155,7 +155,7 @@ class MemoryServer:
             self.engine.flush()
 
 
-_SUFFIXES = (":state", ":leases", ":lease_data", ":queue", ":tickets", ":learned", ":tenants")
+_SUFFIXES = (":state", ":leases", ":lease_data", ":queue", ":tickets", ":learned", ":tenants", ":caps")
 
 
 def _budget_keys(first: str) -> list[str]:

@@ -134,6 +134,10 @@ class LocalLimiter:
     budget's would."""
 
     def __init__(self, budget: Budget, cooldown_policy: CooldownPolicy) -> None:
+        if budget.caps is not None:
+            raise ConfigurationError(
+                "caps need the shared budget (a Redis URL or memory://), not the in-process one", budget=budget.name
+            )
         self.budget = budget
         self.cooldown_policy = cooldown_policy
         # the leases this budget makes know it by their class (see LocalLease)
@@ -249,7 +253,7 @@ class LocalLimiter:
         """A lease now, or how long until one would be granted (None: a slot or the queue holds it back)."""
         place = place_of(self.budget, priority, tenant)
         requests, tokens = validate_cost(self.budget, requests, tokens)
-        got = self._core.acquire(self._now_caught_up(), requests, tokens, None, False, *place)
+        got = self._core.acquire(self._now_caught_up(), requests, tokens, None, False, *place[:3])  # (no caps here)
         self._arm()  # the queue ran: a head may have been granted or told another time
         if not isinstance(got, LocalLease):
             if observe.OBSERVERS:
@@ -275,7 +279,7 @@ class LocalLimiter:
         if place is ANYWHERE:
             got = core.acquire(now, requests, tokens, max_wait)
         else:
-            got = core.acquire(now, requests, tokens, max_wait, True, *place)
+            got = core.acquire(now, requests, tokens, max_wait, True, *place[:3])  # (no caps here)
         if type(got) is float:
             return got
         if type(got) is not Waiting:
