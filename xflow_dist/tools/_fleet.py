@@ -94,6 +94,24 @@ class FleetSpec:
     probe: bool = False  # with budget_rates=False: one call at a time until the first reply teaches them
     report_limits: bool = True  # False: settle with the remaining counts only (as Azure sends no limits)
     uneven: bool = False  # True: process i runs workers_of(spec, i) workers, from a few to twice the mean
+    # weights of tenants "tenant-1".. (none: one job list, no tenants): the budget is shared by them,
+    # each has its own job list and its own workers (worker w of the fleet serves tenant w mod k)
+    tenants: tuple[float, ...] = ()
+
+
+def tenant_names(spec: FleetSpec) -> list[str]:
+    """The fleet's tenants, in the order of their weights."""
+    return [f"tenant-{i + 1}" for i in range(len(spec.tenants))]
+
+
+def jobs_key_of(spec: FleetSpec, tenant: str | None) -> str:
+    """The job list a worker pops from: its tenant's, or the fleet's one list."""
+    return spec.jobs_key if tenant is None else f"{spec.jobs_key}:{tenant}"
+
+
+def tally_key(spec: FleetSpec) -> str:
+    """Where the workers count each tenant's tokens and jobs done (``<tenant>`` and ``<tenant>:done``)."""
+    return f"{spec.jobs_key}:tally"
 
 
 def workers_of(spec: FleetSpec, index: int) -> int:
@@ -107,6 +125,7 @@ def workers_of(spec: FleetSpec, index: int) -> int:
 def fleet_budget(spec: FleetSpec) -> Budget:
     """The budget every xflow worker of the fleet shares (one set of limits under one name)."""
     limits = spec.limits
+    shares = dict(zip(tenant_names(spec), spec.tenants, strict=True)) or None
     if spec.budget_rates:
         return Budget(
             spec.budget_name,
@@ -114,9 +133,10 @@ def fleet_budget(spec: FleetSpec) -> Budget:
             tpm=limits.tpm * spec.budget_scale,
             max_concurrency=limits.max_concurrency,
             burst=60,
+            tenants=shares,
         )
     # no rates: the provider's headers teach them (concurrency is in no header)
-    return Budget(spec.budget_name, max_concurrency=limits.max_concurrency, burst=60, probe=spec.probe)
+    return Budget(spec.budget_name, max_concurrency=limits.max_concurrency, burst=60, probe=spec.probe, tenants=shares)
 
 
 @dataclass(slots=True)
@@ -205,11 +225,11 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
             body = {"model": "sim", "messages": job.messages, "max_tokens": job.max_tokens}
             return await http.post("/v1/chat/completions", json=body)
 
-        async def run(job: Job) -> None:
+        async def run(job: Job, tenant: str | None) -> None:
             attempt = 0
             while time.monotonic() < stop_at:
                 if limiter is not None:
-                    async with limiter.acquire(tokens=job.estimate) as lease:
+                    async with limiter.acquire(tokens=job.estimate, tenant=tenant) as lease:
                         reply = await call(job)
                         seen = parse_limit_headers(reply.headers)
                         limit_requests = (seen.request_limit or None) if spec.report_limits else None
@@ -248,18 +268,23 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
                     used = int(reply.json()["usage"]["total_tokens"])
                 report.done += 1
                 report.tokens += used
+                if tenant is not None:  # counted for the tenants' shares (xflow demo --tenants)
+                    await jobs.hincrby(tally_key(spec), tenant, used)
+                    await jobs.hincrby(tally_key(spec), f"{tenant}:done", 1)
                 return
 
-        async def loop() -> None:
+        async def loop(tenant: str | None) -> None:
             while time.monotonic() < stop_at:
-                raw = await jobs.lpop(spec.jobs_key)
+                raw = await jobs.lpop(jobs_key_of(spec, tenant))
                 if raw is None:
                     return
                 job_id, prompt, max_tokens = json.loads(raw)  # type: ignore[arg-type]
-                await run(Job(job_id, prompt, max_tokens))
+                await run(Job(job_id, prompt, max_tokens), tenant)
 
+        names = tenant_names(spec)
+        first = sum(workers_of(spec, i) for i in range(report.index))  # this process's first worker in the fleet
         try:
-            await asyncio.gather(*(loop() for _ in range(workers)))
+            await asyncio.gather(*(loop(names[(first + w) % len(names)] if names else None) for w in range(workers)))
         finally:
             if limiter is not None:
                 await limiter.aclose()
