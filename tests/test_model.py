@@ -1833,18 +1833,23 @@ class BudgetMachine(RuleBasedStateMachine):
         assert self._events() == [], "status published something"
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_lua_agrees_with_the_model(shape: str, fake_clock: FakeClock) -> None:
-    machine = type(f"Machine_{shape}", (BudgetMachine,), {"shape": SHAPES[shape]})
+def run_machine(base: type[BudgetMachine], name: str, shape: dict[str, Any], steps: int = 40) -> None:
+    """Run ``base`` as a test on a budget of ``shape``: 30 examples of ``steps`` steps each."""
+    machine = type(f"{base.__name__}_{name}", (base,), {"shape": shape})
     run_state_machine_as_test(
         machine,
         settings=settings(
             max_examples=30,
-            stateful_step_count=35,
+            stateful_step_count=steps,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_lua_agrees_with_the_model(shape: str, fake_clock: FakeClock) -> None:
+    run_machine(BudgetMachine, shape, SHAPES[shape], steps=35)
 
 
 class LearningMachine(BudgetMachine):
@@ -1874,16 +1879,7 @@ class LearningMachine(BudgetMachine):
 
 @pytest.mark.parametrize("shape", ["tokens-only-burst-mc2", "both-burst-mc2", "both-burst-no-mc", "concurrency-only"])
 def test_lua_agrees_with_the_model_while_learning(shape: str, fake_clock: FakeClock) -> None:
-    machine = type(f"LearningMachine_{shape}", (LearningMachine,), {"shape": SHAPES[shape]})
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=30,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    run_machine(LearningMachine, shape, SHAPES[shape])
 
 
 class TenantMachine(BudgetMachine):
@@ -1903,16 +1899,7 @@ class TenantMachine(BudgetMachine):
 
 @pytest.mark.parametrize("shape", ["requests-only", "both-burst-mc2", "both-burst0-mc1", "concurrency-only"])
 def test_lua_agrees_with_the_model_shared_by_tenant(shape: str, fake_clock: FakeClock) -> None:
-    machine = type(f"TenantMachine_{shape}", (TenantMachine,), {"shape": SHAPES[shape]})
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=30,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    run_machine(TenantMachine, shape, SHAPES[shape])
 
 
 # a team with two users under it, another team, and calls that pass no cap (rates of powers of two
@@ -1941,16 +1928,7 @@ class CapMachine(BudgetMachine):
 
 @pytest.mark.parametrize("shape", ["both-burst-mc2", "both-burst-no-mc", "concurrency-only", "fast-requests"])
 def test_lua_agrees_with_the_model_under_caps(shape: str, fake_clock: FakeClock) -> None:
-    machine = type(f"CapMachine_{shape}", (CapMachine,), {"shape": {**SHAPES[shape], "caps": CAPS}})
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=30,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    run_machine(CapMachine, shape, {**SHAPES[shape], "caps": CAPS})
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from ._exceptions import ConfigurationError
 
@@ -63,31 +63,35 @@ def _per_second(budget: str, per_minute: float | None, per_second: float | None,
     return per_second
 
 
-class Priorities(Mapping[str, int]):
-    """A budget's priority classes, name -> lead: immutable and hashable, like the budget."""
+V = TypeVar("V")
 
-    __slots__ = ("_leads",)
 
-    def __init__(self, leads: Mapping[str, int]) -> None:
-        self._leads = dict(sorted(leads.items()))
+class Frozen(Mapping[str, V]):
+    """A budget's priority classes (name -> lead), tenant weights (name -> weight) or caps (path ->
+    Cap): immutable and hashable, like the budget."""
 
-    def __getitem__(self, name: str) -> int:
-        return self._leads[name]
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, V]) -> None:
+        self._items = dict(sorted(items.items()))
+
+    def __getitem__(self, key: str) -> V:
+        return self._items[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._leads)
+        return iter(self._items)
 
     def __len__(self) -> int:
-        return len(self._leads)
+        return len(self._items)
 
     def __hash__(self) -> int:
-        return hash(tuple(self._leads.items()))
+        return hash(tuple(self._items.items()))
 
     def __repr__(self) -> str:
-        return repr(self._leads)
+        return repr(self._items)
 
 
-def _priorities(budget: str, given: object, default: object) -> Priorities | None:
+def _priorities(budget: str, given: object, default: object) -> Frozen[int] | None:
     if given is None:
         if default is not None:
             raise ConfigurationError("default_priority needs priorities", budget=budget)
@@ -108,31 +112,7 @@ def _priorities(budget: str, given: object, default: object) -> Priorities | Non
             )
     if default is not None and default not in given:
         raise ConfigurationError(f"default_priority {default!r} is not one of {sorted(given)}", budget=budget)
-    return Priorities(given)
-
-
-class Weights(Mapping[str, float]):
-    """A budget's tenant weights, name -> weight: immutable and hashable, like the budget."""
-
-    __slots__ = ("_weights",)
-
-    def __init__(self, weights: Mapping[str, float]) -> None:
-        self._weights = {name: float(w) for name, w in sorted(weights.items())}
-
-    def __getitem__(self, name: str) -> float:
-        return self._weights[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._weights)
-
-    def __len__(self) -> int:
-        return len(self._weights)
-
-    def __hash__(self) -> int:
-        return hash(tuple(self._weights.items()))
-
-    def __repr__(self) -> str:
-        return repr(self._weights)
+    return Frozen(given)
 
 
 def _weight(budget: str, what: str, w: object) -> None:
@@ -141,7 +121,7 @@ def _weight(budget: str, what: str, w: object) -> None:
                                  budget=budget)  # fmt: skip
 
 
-def _tenants(budget: str, given: object, default: object) -> Weights | None:
+def _tenants(budget: str, given: object, default: object) -> Frozen[float] | None:
     _weight(budget, "default_weight", default)
     if given is None:
         return None
@@ -154,7 +134,7 @@ def _tenants(budget: str, given: object, default: object) -> Weights | None:
                 budget=budget,
             )
         _weight(budget, f"tenant {name!r}'s weight", w)
-    return Weights(given)
+    return Frozen({name: float(w) for name, w in given.items()})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,31 +189,7 @@ class Level(NamedTuple):
     max_concurrency: int
 
 
-class Caps(Mapping[str, Cap]):
-    """A budget's caps, path -> Cap: immutable and hashable, like the budget."""
-
-    __slots__ = ("_caps",)
-
-    def __init__(self, caps: Mapping[str, Cap]) -> None:
-        self._caps = dict(sorted(caps.items()))
-
-    def __getitem__(self, path: str) -> Cap:
-        return self._caps[path]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._caps)
-
-    def __len__(self) -> int:
-        return len(self._caps)
-
-    def __hash__(self) -> int:
-        return hash(tuple(self._caps.items()))
-
-    def __repr__(self) -> str:
-        return repr(self._caps)
-
-
-def _caps(budget: str, given: object) -> Caps | None:
+def _caps(budget: str, given: object) -> Frozen[Cap] | None:
     if given is None:
         return None
     if not isinstance(given, Mapping) or not given:
@@ -257,7 +213,7 @@ def _caps(budget: str, given: object) -> Caps | None:
             )
         if not isinstance(cap, Cap):
             raise ConfigurationError(f"the cap of {path!r} must be a Cap, not {cap!r}", budget=budget)
-    return Caps(given)
+    return Frozen(given)
 
 
 @dataclass(frozen=True, slots=True)
