@@ -325,6 +325,9 @@ end
 -- keys' expiry, which every other key has already.
 local WROTE = {}
 
+-- The tickets advance() granted in this script (acquire.lua claims its own at once).
+local GRANTED = {}
+
 -- Charges of unclaimed provisional grants that reap() removed; load_state() refunds them, as a
 -- cancel would, once the rates in force are known.
 local REAPED_REQ, REAPED_TOK = 0, 0
@@ -451,7 +454,7 @@ local function level_words(levels)
 end
 
 -- When the caps let a cost through: the earliest time their rates fit (now if they do), and whether
--- each has a slot; `holders` (if given) gets the caps that hold it now.
+-- each has a slot; `holders` (if given) gets each cap's {node, fit, full}.
 local function level_fit(levels, creq, ctok, overdraft, holders)
   local fit, slot = NOW, true
   for _, l in ipairs(levels) do
@@ -462,8 +465,8 @@ local function level_fit(levels, creq, ctok, overdraft, holders)
       slot = false
     end
     fit = math.max(fit, f)
-    if holders and (full or f > NOW) then
-      holders[#holders + 1] = l.node
+    if holders then
+      holders[#holders + 1] = {node = l.node, f = f, full = full}
     end
   end
   return fit, slot
@@ -903,18 +906,30 @@ local function advance(st)
         lfit, lslot = level_fit(t.levels, t.creq, t.ctok, t.overdraft, holders)
       end
       if not lslot or lfit > fit then
-        -- its caps hold it (the budget would let it through sooner): pass over it and its caps' tickets
+        -- its caps hold it (the budget would let it through sooner): pass over it and the later
+        -- tickets of the caps that bind it (those without a slot, else those that fit last)
         held = held or {}
-        for _, name in ipairs(holders) do
-          held[name] = true
+        for _, h in ipairs(holders) do
+          if (lslot and h.f >= lfit) or (not lslot and h.full) then
+            held[h.node] = true
+          end
         end
         if lslot then
           announce(st, head, t, lfit)
+        else
+          -- as for the budget's slot: a provisional grant left unclaimed frees its slot when its
+          -- claim window ends, and no other call may come then (the first lease is told, once)
+          local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
+          local data = first[1] and redis.call('HGET', K_DATA, first[1])
+          if data and string.sub(data, -2) == ' p' then
+            announce(st, head, t, tonumber(first[2]))
+          end
         end
         rank = rank + 1
       elseif fit <= NOW then
         dequeue(head)
         grant(st, head, t.creq, t.ctok, t.fit, true, t.overdraft, t.levels)
+        GRANTED[head] = true
         if t.tag then
           st.vt = math.max(st.vt, t.tag)
         end

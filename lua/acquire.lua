@@ -207,12 +207,9 @@ save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = T
   overdraft = OVERDRAFT, tag = tag and score, inc = tag and cost / WEIGHT, fin = tag and tag + cost / WEIGHT,
   tenant = TENANT, levels = LEVELS})
 advance(st)
-if LEVELS then
-  -- Behind tickets that only their caps hold back, it may have been granted just now: claimed at once.
-  held = redis.call('HGET', K_DATA, ID)
-  if held then
-    claim(st, ID, held)
-    return finish({'granted', fmt(NOW), fmt(NOW), fmt(NOW + LEASE_TTL)})
-  end
+if GRANTED[ID] then
+  -- Behind tickets that only their caps hold back, it was granted just now: claimed at once.
+  claim(st, ID, redis.call('HGET', K_DATA, ID))
+  return finish({'granted', fmt(NOW), fmt(NOW), fmt(NOW + LEASE_TTL)})
 end
 return finish({'queued', fmt(wait_hint(ID)), fmt(NOW)})

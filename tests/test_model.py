@@ -303,8 +303,9 @@ class BudgetModel:
     def _level_fit(
         self, levels: tuple[CapLevel, ...], requests: Fraction, tokens: Fraction, now: Fraction, overdraft: bool
     ) -> tuple[Fraction, bool, list[str]]:
-        """When every cap's rates let the cost through, whether each has a slot, and the caps that hold it now."""
-        fit, slot, holders = now, True, []
+        """When every cap's rates let the cost through, whether each has a slot, and the caps that bind
+        it: those without a slot, else those whose rates fit last (the others free before it fits)."""
+        fit, slot, fits = now, True, []
         for lv in levels:
             rt, tt, held = self._cap(lv.node)
             at = max(
@@ -314,9 +315,8 @@ class BudgetModel:
             full = lv.max_concurrency > 0 and held >= lv.max_concurrency
             slot = slot and not full
             fit = max(fit, at)
-            if full or at > now:
-                holders.append(lv.node)
-        return fit, slot, holders
+            fits.append((lv.node, at, full))
+        return fit, slot, [node for node, at, full in fits if (full if not slot else at >= fit)]
 
     def _charge_levels(self, levels: tuple[CapLevel, ...], requests: Fraction, tokens: Fraction, now: Fraction) -> None:
         """A grant is charged at every cap it passes (from now) and holds a slot there."""
@@ -566,10 +566,14 @@ class BudgetModel:
             lfit, lslot, holders = self._level_fit(ticket.levels, ticket.requests, ticket.tokens, now, ticket.overdraft)
             if not lslot or lfit > fit:
                 held.update(holders)
-                if lslot and ticket.fit != lfit:
-                    ticket.fit = lfit
-                    ticket.alive_until = max(ticket.alive_until, lfit + ticket.ttl)
-                    events.append(("h", head, lfit, now))
+                # told when its caps' rates fit; held by a cap's slot, when an unclaimed grant's claim
+                # window ends if the first lease is one (as for the budget's slot)
+                first = min(self.leases.items(), key=lambda item: (item[1].expiry, item[0]), default=None)
+                at = lfit if lslot else (first[1].expiry if first is not None and first[1].provisional else None)
+                if at is not None and ticket.fit != at:
+                    ticket.fit = at
+                    ticket.alive_until = max(ticket.alive_until, at + ticket.ttl)
+                    events.append(("h", head, at, now))
                 rank += 1
                 if rank >= MAX_SCAN:
                     return False, held
@@ -764,7 +768,7 @@ class BudgetModel:
         self.queue = dict(order)
         self._advance(now, events)
         lease = self.leases.get(lease_id)
-        if levels and lease is not None:  # granted just now, behind tickets only their caps hold: claimed
+        if lease is not None:  # granted just now, behind tickets only their caps hold: claimed
             lease.provisional = False
             lease.expiry = now + self.lease_ttl
             return ["granted", now, now, lease.expiry]

@@ -513,6 +513,7 @@ class _Call:
         self.reaped_req = 0.0
         self.reaped_tok = 0.0
         self.nodes: dict[str, list[Any]] = {}  # NODES: node -> [rt, tt, n, dirty]
+        self.granted: set[str] = set()  # GRANTED: the tickets advance() granted in this call
 
     # --- the budget block (prelude) ---
 
@@ -631,9 +632,14 @@ class _Call:
         return n
 
     def level_fit(
-        self, levels: list[_Level], creq: float, ctok: float, overdraft: bool, holders: list[str] | None = None
+        self,
+        levels: list[_Level],
+        creq: float,
+        ctok: float,
+        overdraft: bool,
+        holders: list[tuple[str, float, bool]] | None = None,
     ) -> tuple[float, bool]:
-        fit, slot, now = self.now, True, self.now
+        fit, slot = self.now, True
         for lv in levels:
             n = self.node(lv.node)
             f = max(
@@ -643,8 +649,8 @@ class _Call:
             if full:
                 slot = False
             fit = max(fit, f)
-            if holders is not None and (full or f > now):
-                holders.append(lv.node)
+            if holders is not None:
+                holders.append((lv.node, f, full))
         return fit, slot
 
     def charge_levels(self, levels: list[_Level], creq: float, ctok: float) -> None:
@@ -911,18 +917,24 @@ class _Call:
                 return False, held
             else:
                 fit = self.fit_time(st, t.creq, t.ctok, t.overdraft)
-                lfit, lslot, holders = self.now, True, list[str]()
+                lfit, lslot, holders = self.now, True, list[tuple[str, float, bool]]()
                 if t.levels:
                     lfit, lslot = self.level_fit(t.levels, t.creq, t.ctok, t.overdraft, holders)
                 if not lslot or lfit > fit:  # only its caps hold it: pass over it and their tickets
                     held = held if held is not None else set()
-                    held.update(holders)
+                    held.update(n for n, f, full in holders if (lslot and f >= lfit) or (not lslot and full))
                     if lslot:
                         self.announce(st, head, t, lfit)
+                    else:
+                        first = b.leases.first()
+                        data = b.data.get(first[0]) if first else None
+                        if first is not None and data is not None and data.provisional:
+                            self.announce(st, head, t, first[1])
                     rank += 1
                 elif fit <= self.now:
                     self.dequeue(head)
                     self.grant(st, head, t.creq, t.ctok, t.fit, True, t.overdraft, t.levels)
+                    self.granted.add(head)
                     if t.tag is not None:
                         st.vt = max(st.vt, t.tag)
                     self.engine.publish(self.channel, f"g {head} {fmt(self.now)}")
@@ -1051,11 +1063,9 @@ class _Call:
             queued.tag, queued.inc, queued.tenant, queued.fin = score, cost / weight, tenant, tag + cost / weight
         self.save_ticket(st, lid, queued)
         self.advance(st)
-        if levels:
-            got = b.data.get(lid)
-            if got is not None:  # granted just now, behind tickets only their caps hold: claimed at once
-                self.claim(st, lid, got)
-                return self.finish(st, ["granted", fmt(now), fmt(now), fmt(now + self.lease_ttl)])
+        if lid in self.granted:  # granted just now, behind tickets only their caps hold: claimed at once
+            self.claim(st, lid, b.data.get(lid))
+            return self.finish(st, ["granted", fmt(now), fmt(now), fmt(now + self.lease_ttl)])
         return self.finish(st, ["queued", fmt(self.wait_hint(lid)), fmt(now)])
 
     def tenant_tag(self, st: _State, tenant: str) -> float:
