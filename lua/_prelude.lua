@@ -445,6 +445,31 @@ local function levels_in(w, from)
   return out
 end
 
+-- The spec of the caps an operation takes from ARGV[at]: their count there, then six arguments
+-- each (acquire.lua, rejoin.lua), appended to `spec`; and once checked, the levels they give (nil: none).
+local function level_spec(spec, at)
+  spec[#spec + 1] = {'levels', LEVEL_COUNT, '0'}
+  local n = value_of(LEVEL_COUNT, ARGV[at] or '0') or 0
+  for i = 1, n do
+    for _, arg in ipairs({{'node', NODE}, {'request rate', RATE}, {'request burst', SECONDS},
+        {'token rate', RATE}, {'token burst', SECONDS}, {'max concurrency', COUNT}}) do
+      spec[#spec + 1] = {arg[1] .. ' of level ' .. i, arg[2]}
+    end
+  end
+  return spec
+end
+
+local function levels_at(at)
+  local out = nil
+  for i = 1, tonumber(ARGV[at] or '0') do
+    local a = at + 6 * (i - 1)
+    out = out or {}
+    out[i] = level_of('n' .. ARGV[a + 2] .. ',' .. ARGV[a + 3] .. ',' .. ARGV[a + 4] .. ',' .. ARGV[a + 5] .. ',' ..
+      ARGV[a + 6] .. ',' .. ARGV[a + 1])
+  end
+  return out
+end
+
 local function level_words(levels)
   local s = ''
   for _, l in ipairs(levels or {}) do

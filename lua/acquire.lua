@@ -60,29 +60,13 @@ local SPEC = {
   {'lead', COUNT, '0'},
   {'tenant', TEXT_OR_EMPTY, ''},
   {'weight', RATE, '0'},
-  {'levels', LEVEL_COUNT, '0'},
 }
-local n_levels = value_of(LEVEL_COUNT, ARGV[22] or '0') or 0
-for i = 1, n_levels do
-  local at = ' of level ' .. i
-  for _, arg in ipairs({{'node', NODE}, {'request rate', RATE}, {'request burst', SECONDS}, {'token rate', RATE},
-      {'token burst', SECONDS}, {'max concurrency', COUNT}}) do
-    SPEC[#SPEC + 1] = {arg[1] .. at, arg[2]}
-  end
-end
-local A, REFUSED = operation_args(SPEC)
+local A, REFUSED = operation_args(level_spec(SPEC, 22))
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
 local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT, LEAD, TENANT, WEIGHT = unpack(A)
--- The caps this call passes (nil: none), as its ticket and lease keep them.
-local LEVELS = nil
-for i = 1, n_levels do
-  local a = 22 + 6 * (i - 1)
-  LEVELS = LEVELS or {}
-  LEVELS[i] = level_of('n' .. ARGV[a + 2] .. ',' .. ARGV[a + 3] .. ',' .. ARGV[a + 4] .. ',' .. ARGV[a + 5] .. ',' ..
-    ARGV[a + 6] .. ',' .. ARGV[a + 1])
-end
+local LEVELS = levels_at(22) -- the caps this call passes (nil: none), as its ticket and lease keep them
 
 reap()
 local st = load_state()

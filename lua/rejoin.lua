@@ -11,6 +11,8 @@
 -- ARGV[16] hold, seconds (absent: 0): no new grant before now + hold (the cooldown deadline, the
 --          backoff left alone). A process back from an outage sets it, so that every other process
 --          back from the same outage registers its share's calls before anyone takes a slot again.
+-- ARGV[17] levels (0 to 8, absent 0), then six arguments each, as acquire.lua's: the caps the lease
+--          passes. A lease added here takes its slot at each of them too (charged nothing there).
 --
 -- Spending is charged on top of the levels Redis kept, unless this very call finds the state lost
 -- and makes it anew with empty buckets, which already stand for it.
@@ -25,18 +27,19 @@
 -- Reply: {"extended" | "adopted" | "charged", now}
 -- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
 -- nothing changed.
-local A, REFUSED = operation_args({
+local A, REFUSED = operation_args(level_spec({
   {'id', TEXT_OR_EMPTY},
   {'requests', UNITS},
   {'tokens', UNITS},
   {'spent requests', UNITS},
   {'spent tokens', UNITS},
   {'hold', SECONDS, '0'},
-})
+}, 17))
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
 local ID, CREQ, CTOK, SPENT_REQ, SPENT_TOK, HOLD = unpack(A)
+local LEVELS = levels_at(17)
 
 reap()
 local st = load_state()
@@ -55,7 +58,11 @@ if ID ~= '' then
     st.la = math.max(st.la, NOW + LEASE_TTL)
     WROTE[K_LEASES], WROTE[K_DATA] = true, true
     redis.call('HSET', K_DATA, ID, CREQ .. ' ' .. CTOK .. ' ' .. fmt(NOW) .. ' u u ' .. fmt(st.kr) .. ' ' ..
-      fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct))
+      fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct) .. level_words(LEVELS))
+    if LEVELS then
+      charge_levels(LEVELS, 0, 0) -- its slot at each cap; what it was charged there is not known again
+      WROTE[K_CAPS] = true
+    end
     reply = {'adopted', fmt(NOW)}
   end
 end

@@ -14,6 +14,7 @@ import redis
 from _helpers import Ops, budget_keys
 
 from xflow_dist import Budget, Cap, ConfigurationError, CostTooLargeError, Limiter
+from xflow_dist._base import LimiterBase
 from xflow_dist._budget import Level
 from xflow_dist._core import acquire_args, place_of
 
@@ -184,6 +185,29 @@ def test_an_expired_lease_frees_its_cap_s_slot(rclient: redis.Redis, name: str) 
     assert ops.acquire(tenant="t", queue=False)[1].kind == "refused"
     ops.wait_redis_until(ops.redis_now() + 0.25)
     assert ops.acquire(tenant="t", queue=False)[1].kind == "granted"
+
+
+def test_a_lease_registered_again_takes_its_slot_at_its_caps(rclient: redis.Redis, name: str) -> None:
+    """A process cut off from Redis longer than the lease TTL: its lease was reaped (its cap's slot
+    given back) while its call ran; registered again, it takes that slot again."""
+    budget = Budget(name, max_concurrency=4, lease_ttl=0.2, caps={"t": Cap(max_concurrency=1)})
+    ops = Ops(rclient, budget)
+    lid, _ = ops.acquire(tenant="t", queue=False)
+    ops.wait_redis_until(ops.redis_now() + 0.25)
+    assert ops.acquire(tenant="u", queue=False)[1].kind == "granted"  # reaps it
+    levels = budget.levels("t")
+    assert ops.run("rejoin", LimiterBase._rejoin_args(lid, 1, 0, levels=levels))[0] == b"adopted"
+    assert ops.acquire(tenant="t", queue=False)[1].kind == "refused"  # its slot is held again
+    assert ops.settle(lid).settled
+    assert ops.acquire(tenant="t", queue=False)[1].kind == "granted"
+
+
+def test_the_limiters_register_a_lease_again_with_its_caps(url: str, name: str) -> None:
+    budget = Budget(name, max_concurrency=4, caps={"t": Cap(max_concurrency=1)})
+    with Limiter(budget, url) as limiter:
+        lease = limiter.acquire(tenant="t/x")
+        assert lease.levels == budget.levels("t/x")
+        assert limiter.try_acquire(tenant="u").granted and not limiter.try_acquire(tenant="t/y").granted
 
 
 def test_the_caps_key_expires_with_the_others_and_a_budget_without_caps_never_makes_it(

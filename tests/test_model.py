@@ -860,6 +860,7 @@ class BudgetModel:
         spent_tokens: Fraction,
         seen_keys: bool = False,
         hold: Fraction = ZERO,
+        levels: tuple[CapLevel, ...] = (),
     ) -> Reply:
         """What was spent outside the budget is charged as debt, unless this very call found the state
         lost (its empty buckets stand for it); ``hold`` seconds of no new grant (the cooldown deadline,
@@ -881,7 +882,10 @@ class BudgetModel:
                 kind = "extended"
             else:
                 marks = (self.kr, self.kt, self.cq, self.ct)
-                self.leases[lease_id] = Lease(requests, tokens, now, now + self.lease_ttl, None, None, marks)
+                self.leases[lease_id] = Lease(
+                    requests, tokens, now, now + self.lease_ttl, None, None, marks, levels=levels
+                )
+                self._charge_levels(levels, ZERO, ZERO, now)  # its slot at each of its caps, charged nothing
                 kind = "adopted"
         self._advance(now, events)
         return [kind, now], self._saved(lost, now, events)
@@ -948,6 +952,21 @@ class BudgetModel:
             self.lt,
             1 if self.probing else 0,
         ]
+
+
+def cap_levels(levels: tuple[Any, ...]) -> tuple[CapLevel, ...]:
+    """The model's levels of a call, exact, from the ones the client sends (``Budget.levels``)."""
+    return tuple(
+        CapLevel(
+            lv.node,
+            frac(lv.request_rate),
+            frac(lv.request_burst),
+            frac(lv.token_rate),
+            frac(lv.token_burst),
+            lv.max_concurrency,
+        )
+        for lv in levels
+    )
 
 
 def model_of(budget: Budget) -> BudgetModel:
@@ -1368,17 +1387,7 @@ class BudgetMachine(RuleBasedStateMachine):
             lead,
             tenant if weight else "",
             weight,
-            tuple(
-                CapLevel(
-                    lv.node,
-                    frac(lv.request_rate),
-                    frac(lv.request_burst),
-                    frac(lv.token_rate),
-                    frac(lv.token_burst),
-                    lv.max_concurrency,
-                )
-                for lv in levels
-            ),
+            cap_levels(levels),
         )
         what = f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue}, {overdraft}, {lead}, {tenant!r})"
         self._check(what, raw, result)
@@ -1649,10 +1658,14 @@ class BudgetMachine(RuleBasedStateMachine):
     def _rejoin(
         self, lease_id: str, requests: int, tokens: int, spent: tuple[int, int] = (0, 0), hold: float = 0.0
     ) -> None:
-        argv = LimiterBase._rejoin_args(lease_id, requests, tokens, spent, hold)
+        tenant = self.tenant_of.get(lease_id, "")
+        levels = self.budget.levels(tenant) if lease_id and tenant else ()  # the caps it passes, if any
+        argv = LimiterBase._rejoin_args(lease_id, requests, tokens, spent, hold, levels)
         raw = self._run("rejoin", argv)
         now, spent_req, spent_tok = CLOCK.now(), F(spent[0]), F(spent[1])
-        result = self.model.rejoin(now, lease_id, F(requests), F(tokens), spent_req, spent_tok, self.seen, frac(hold))
+        result = self.model.rejoin(
+            now, lease_id, F(requests), F(tokens), spent_req, spent_tok, self.seen, frac(hold), cap_levels(levels)
+        )
         what = f"rejoin({lease_id!r}, {requests}, {tokens}, spent={spent}, seen={self.seen}, hold={hold})"
         self._check(what, raw, result)
 

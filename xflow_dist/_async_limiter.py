@@ -32,7 +32,7 @@ from ._base import (
     new_id,
     transient,
 )
-from ._budget import Budget, CooldownPolicy
+from ._budget import Budget, CooldownPolicy, Level
 from ._cluster import async_subscribers, subscriber
 from ._core import (
     ANYWHERE,
@@ -355,7 +355,7 @@ class AsyncLimiter(LimiterBase):
             hub.mail.forget(lease_id)
             self._queued.discard(lease_id)
             self._renewals.discard(lease_id)
-        return self._hold(lease_id, requests, tokens)
+        return self._hold(lease_id, requests, tokens, place.levels)
 
     async def park(
         self,
@@ -373,7 +373,7 @@ class AsyncLimiter(LimiterBase):
         lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket, place=place)
         _check_seconds("seconds", seconds)
         raw = await self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, place))
-        return self._hold(lease_id, requests, tokens) if self._parked(raw, requests, tokens) else None
+        return self._hold(lease_id, requests, tokens, place.levels) if self._parked(raw, requests, tokens) else None
 
     async def try_acquire(
         self, tokens: float = 0, *, requests: float = 1, priority: str | None = None, tenant: str | None = None
@@ -404,10 +404,13 @@ class AsyncLimiter(LimiterBase):
             return await self._try_in_outage(outage, requests, tokens) or Decision(False)
         if reply.kind != "granted":
             return self._refused(reply, requests, tokens)
-        return Decision(True, self._hold(lease_id, requests, tokens))
+        return Decision(True, self._hold(lease_id, requests, tokens, place.levels))
 
-    def _hold(self, lease_id: str, requests: float, tokens: float) -> AsyncLease:
+    def _hold(
+        self, lease_id: str, requests: float, tokens: float, levels: tuple[Level, ...] = ()
+    ) -> AsyncLease:
         lease = AsyncLease(self, lease_id, requests, tokens)
+        lease.levels = levels
         self._held[lease_id] = time.monotonic() + self.heartbeat_interval
         self._leases[lease_id] = lease
         # dropped without being settled: settle at the estimate (the call may have gone out), on this loop
@@ -474,7 +477,7 @@ class AsyncLimiter(LimiterBase):
 
     async def _rejoin(self, lease: AsyncLease) -> None:
         """Register ``lease`` again; a release crossing it is settled again (see ``Limiter._rejoin``)."""
-        raw = await self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        raw = await self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens, levels=lease.levels))
         if adopted(raw) and lease.closed:
             await self._run("settle", self._settle_args(lease.id, None))
 

@@ -19,7 +19,7 @@ import redis
 from . import _observe as observe
 from ._acl import Rights
 from ._backend import IO_TIMEOUT
-from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy
+from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy, Level
 from ._cluster import in_transition
 from ._core import (
     ANYWHERE,
@@ -37,6 +37,7 @@ from ._core import (
     decode_clear_cooldown,
     decode_settle,
     keys,
+    level_args,
     settle_args,
     too_large_error,
     validate_cost,
@@ -374,11 +375,13 @@ class LimiterBase:
         tokens: float,
         spent: tuple[float, float] = (0.0, 0.0),
         hold: float = 0.0,
+        levels: tuple[Level, ...] = (),
     ) -> list[str]:
-        """``rejoin.lua``: register a lease held (id "" for none), charge what was spent outside, and
-        hold new grants ``hold`` seconds (the way back from an outage)."""
+        """``rejoin.lua``: register a lease held (id "" for none) with the caps it passes, charge what
+        was spent outside, and hold new grants ``hold`` seconds (the way back from an outage)."""
         spent_req, spent_tok = (repr(float(x)) for x in spent)
-        return [lease_id, repr(float(requests)), repr(float(tokens)), spent_req, spent_tok, repr(float(hold))]
+        args = [lease_id, repr(float(requests)), repr(float(tokens)), spent_req, spent_tok, repr(float(hold))]
+        return args + level_args(levels) if levels else args
 
     @property
     def comeback_hold(self) -> float:

@@ -171,10 +171,17 @@ def acquire_args(
     if weight or levels:
         args += [tenant, _num(weight)]
     if levels:
-        args.append(str(len(levels)))
-        for lv in levels:
-            args += [lv.node, _num(lv.request_rate), _num(lv.request_burst), _num(lv.token_rate),
-                     _num(lv.token_burst), str(lv.max_concurrency)]  # fmt: skip
+        args += level_args(levels)
+    return args
+
+
+def level_args(levels: tuple[Level, ...]) -> list[str]:
+    """The caps a call passes as ``acquire.lua`` and ``rejoin.lua`` take them: their count, then six
+    arguments each."""
+    args = [str(len(levels))]
+    for lv in levels:
+        args += [lv.node, _num(lv.request_rate), _num(lv.request_burst), _num(lv.token_rate),
+                 _num(lv.token_burst), str(lv.max_concurrency)]  # fmt: skip
     return args
 
 

@@ -75,7 +75,6 @@ _SPECS: dict[str, Spec] = {
         ("lead", COUNT, "0"),
         ("tenant", TEXT_OR_EMPTY, ""),
         ("weight", RATE, "0"),
-        ("levels", LEVEL_COUNT, "0"),
     ),
     "settle": (
         ("id", TEXT_OR_EMPTY),
@@ -130,11 +129,17 @@ _LEVEL_ARGS = (
 )
 
 
-def _acquire_spec(argv: list[str]) -> Spec:
-    """acquire.lua's arguments: six more for each level ARGV[22] announces (none where it is not a count)."""
-    n = _value_of(LEVEL_COUNT, argv[21]) if len(argv) > 21 else 0
+def _level_spec(spec: Spec, argv: list[str], at: int) -> Spec:
+    """level_spec(): ``spec``, then the count of levels at ARGV[at] and six arguments for each it
+    announces (none where it is not a count)."""
+    n = _value_of(LEVEL_COUNT, argv[at - 1]) if len(argv) >= at else 0
     levels = tuple((f"{name} of level {i}", kind) for i in range(1, int(n or 0) + 1) for name, kind in _LEVEL_ARGS)
-    return _SPECS["acquire"] + levels
+    return (*spec, ("levels", LEVEL_COUNT, "0"), *levels)
+
+
+def _levels(level_args: tuple[Any, ...]) -> list[_Level] | None:
+    """levels_at(): the checked six arguments of each level."""
+    return [_Level(*level_args[i : i + 6]) for i in range(0, len(level_args), 6)] or None
 
 
 def fmt(x: float) -> str:
@@ -549,8 +554,8 @@ class _Call:
             return self.configure()
         if op == "renew":
             spec = _renew_spec(len(argv))
-        elif op == "acquire":
-            spec = _acquire_spec(argv)
+        elif op in ("acquire", "rejoin"):
+            spec = _level_spec(_SPECS[op], argv, 22 if op == "acquire" else 17)
         else:
             spec = _SPECS[op]
         values = _checked(argv, 11, spec)
@@ -983,7 +988,7 @@ class _Call:
         *level_args: Any,
     ) -> list[str]:
         b, now = self.b, self.now
-        levels = [_Level(*level_args[i : i + 6]) for i in range(0, len(level_args), 6)] or None
+        levels = _levels(level_args)
         self.reap()
         st = self.load_state()
         if probe and st.pb == 0:
@@ -1230,8 +1235,19 @@ class _Call:
                 reply.append("g" if lid in b.data else "-")
         return self.finish(st, reply)
 
-    def rejoin(self, lid: str, creq: float, ctok: float, spent_req: float, spent_tok: float, hold: float) -> list[str]:
+    def rejoin(
+        self,
+        lid: str,
+        creq: float,
+        ctok: float,
+        spent_req: float,
+        spent_tok: float,
+        hold: float,
+        n_levels: float = 0,
+        *level_args: Any,
+    ) -> list[str]:
         b, now = self.b, self.now
+        levels = _levels(level_args)
         self.reap()
         st = self.load_state()
         if (spent_req > 0 or spent_tok > 0) and not st.lost:
@@ -1256,7 +1272,10 @@ class _Call:
                     r6(st.cq),
                     r6(st.ct),
                     False,
+                    levels,
                 )
+                if levels:
+                    self.charge_levels(levels, 0, 0)  # its slot at each cap, charged nothing there
                 reply = ["adopted", fmt(now)]
         self.advance(st)
         return self.finish(st, reply)

@@ -10,11 +10,12 @@ from ._core import SettleReply
 
 if TYPE_CHECKING:
     from ._async_limiter import AsyncLimiter
+    from ._budget import Level
     from ._limiter import Limiter
 
 
 class _LeaseState:
-    __slots__ = ("__weakref__", "_closed", "id", "lost", "model", "requests", "tokens")
+    __slots__ = ("__weakref__", "_closed", "id", "levels", "lost", "model", "requests", "tokens")
 
     def __init__(self, lease_id: str, requests: float, tokens: float) -> None:
         self.id = lease_id
@@ -25,6 +26,8 @@ class _LeaseState:
         #: The model (or route) whose limits the provider reports with this call: each is learned on
         #: its own, so two models under one budget do not flip it (settable; the transports set it).
         self.model = ""
+        #: The caps the lease passes (``Budget.caps``), registered with it again if Redis lost it.
+        self.levels: tuple[Level, ...] = ()
         self._closed = False
 
     @property

@@ -32,7 +32,7 @@ from ._base import (
     new_id,
     transient,
 )
-from ._budget import Budget, CooldownPolicy
+from ._budget import Budget, CooldownPolicy, Level
 from ._cluster import subscriber, subscribers
 from ._core import (
     ANYWHERE,
@@ -494,7 +494,7 @@ class Limiter(LimiterBase):
             hub.mail.forget(lease_id)
             self._queued.discard(lease_id)
             self._upkeep.unqueued(lease_id)
-        return self._hold(lease_id, requests, tokens)
+        return self._hold(lease_id, requests, tokens, place.levels)
 
     @staticmethod
     def _await_notice(inbox: queue.SimpleQueue[Notice], step: AwaitNotice) -> Notice | None:
@@ -521,7 +521,7 @@ class Limiter(LimiterBase):
         lease_id, requests, tokens = self._prepare(requests, tokens, None, ticket, place=place)
         _check_seconds("seconds", seconds)
         raw = self._run("acquire", self._park_args(lease_id, requests, tokens, seconds, place))
-        return self._hold(lease_id, requests, tokens) if self._parked(raw, requests, tokens) else None
+        return self._hold(lease_id, requests, tokens, place.levels) if self._parked(raw, requests, tokens) else None
 
     def try_acquire(
         self, tokens: float = 0, *, requests: float = 1, priority: str | None = None, tenant: str | None = None
@@ -551,10 +551,11 @@ class Limiter(LimiterBase):
             return self._try_in_outage(outage, requests, tokens) or Decision(False)
         if reply.kind != "granted":
             return self._refused(reply, requests, tokens)
-        return Decision(True, self._hold(lease_id, requests, tokens))
+        return Decision(True, self._hold(lease_id, requests, tokens, place.levels))
 
-    def _hold(self, lease_id: str, requests: float, tokens: float) -> Lease:
+    def _hold(self, lease_id: str, requests: float, tokens: float, levels: tuple[Level, ...] = ()) -> Lease:
         lease = Lease(self, lease_id, requests, tokens)
+        lease.levels = levels
         self._upkeep.add(lease)
         # dropped without being settled: settle at the estimate (the call may have gone out)
         self._finalizers[lease_id] = fin = weakref.finalize(lease, self._dropped, lease_id)
@@ -609,7 +610,7 @@ class Limiter(LimiterBase):
         """Register ``lease`` again. Its release may cross this call: a release settled just before
         would be undone by the re-registration, so a lease found closed after it is settled again (at
         its estimate; a settle of a lease already gone changes nothing)."""
-        raw = self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens))
+        raw = self._run("rejoin", self._rejoin_args(lease.id, lease.requests, lease.tokens, levels=lease.levels))
         if adopted(raw) and lease.closed:
             self._run("settle", self._settle_args(lease.id, None))
 
