@@ -312,13 +312,21 @@ local function apply_limits(st)
 end
 
 -- Give credit back; a TAT never goes below now, so a refund never lifts a bucket above capacity.
+-- A bucket's TAT once `amount` is given back (never below now), or, below 0, charged as debt from now.
+local function given_back(tat, rate, amount)
+  if rate <= 0 or amount == 0 then
+    return tat
+  elseif amount < 0 then
+    return math.max(tat, NOW) - amount / rate
+  elseif tat > NOW then
+    return math.max(NOW, tat - amount / rate)
+  end
+  return tat
+end
+
 local function refund(st, creq, ctok)
-  if RATE_REQ > 0 and st.rt > NOW then
-    st.rt = math.max(NOW, st.rt - creq / RATE_REQ)
-  end
-  if RATE_TOK > 0 and st.tt > NOW then
-    st.tt = math.max(NOW, st.tt - ctok / RATE_TOK)
-  end
+  st.rt = given_back(st.rt, RATE_REQ, creq)
+  st.tt = given_back(st.tt, RATE_TOK, ctok)
 end
 
 -- The keys this script may have made (written to while they could be empty): touch() gives them the
@@ -517,14 +525,7 @@ local function release_levels(levels, creq, ctok)
   for _, l in ipairs(levels or {}) do
     local s = node(l.node)
     s.n = math.max(0, s.n - 1)
-    if l.rr > 0 and creq > 0 and s.rt > NOW then
-      s.rt = math.max(NOW, s.rt - creq / l.rr)
-    end
-    if l.rt > 0 and ctok > 0 and s.tt > NOW then
-      s.tt = math.max(NOW, s.tt - ctok / l.rt)
-    elseif l.rt > 0 and ctok < 0 then
-      s.tt = math.max(s.tt, NOW) - ctok / l.rt
-    end
+    s.rt, s.tt = given_back(s.rt, l.rr, creq), given_back(s.tt, l.rt, ctok)
     s.dirty = true
   end
 end
@@ -750,13 +751,12 @@ local function reap()
   for _, id in ipairs(dead) do
     local held = redis.call('HGET', K_DATA, id)
     local w = words(held or '')
+    local back_req, back_tok = 0, 0 -- what it gives back (at the budget through load_state())
     if held and string.sub(held, -2) == ' p' then
-      REAPED_REQ = REAPED_REQ + tonumber(w[1])
-      REAPED_TOK = REAPED_TOK + tonumber(w[2])
-      release_levels(levels_in(w, 10), tonumber(w[1]), tonumber(w[2]))
-    else
-      release_levels(levels_in(w, 10), 0, 0)
+      back_req, back_tok = tonumber(w[1]), tonumber(w[2])
+      REAPED_REQ, REAPED_TOK = REAPED_REQ + back_req, REAPED_TOK + back_tok
     end
+    release_levels(levels_in(w, 10), back_req, back_tok)
     redis.call('ZREM', K_LEASES, id)
     redis.call('HDEL', K_DATA, id)
   end
@@ -868,6 +868,17 @@ local function drop(st, id, t)
   dequeue(id)
 end
 
+-- The lease that expires first, if it is a grant to a queued ticket not claimed yet: its id and
+-- expiry (its slot comes back then, and no other call may come at that time), else nil.
+local function unclaimed()
+  local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
+  local data = first[1] and redis.call('HGET', K_DATA, first[1])
+  if data and string.sub(data, -2) == ' p' then
+    return first[1], tonumber(first[2])
+  end
+  return nil
+end
+
 -- Tell ticket `id` to come back at `fit` (once per change of that time); it lives until then plus its TTL.
 local function announce(st, id, t, fit)
   if math.abs(fit - t.fit) > 0.0000005 then
@@ -907,12 +918,10 @@ local function advance(st)
       -- call may come then: the head is told to come back at that time (once per change).
       -- The first waiter of another process than the grant's is told (that process may be dead
       -- with all its tickets; ids are "<process>.<unique>"), among the first 16, else the head.
-      local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
-      local data = first[1] and redis.call('HGET', K_DATA, first[1])
-      if data and string.sub(data, -2) == ' p' then
-        local at = tonumber(first[2])
+      local lease, at = unclaimed()
+      if lease then
         local target, tk = head, t
-        local owner = owner_of(first[1])
+        local owner = owner_of(lease)
         if owner_of(head) == owner then
           for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, rank + 1, rank + 15)) do
             if owner_of(id) ~= owner then
@@ -943,11 +952,10 @@ local function advance(st)
           announce(st, head, t, lfit)
         else
           -- as for the budget's slot: a provisional grant left unclaimed frees its slot when its
-          -- claim window ends, and no other call may come then (the first lease is told, once)
-          local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
-          local data = first[1] and redis.call('HGET', K_DATA, first[1])
-          if data and string.sub(data, -2) == ' p' then
-            announce(st, head, t, tonumber(first[2]))
+          -- claim window ends, and no other call may come then (once per change)
+          local lease, at = unclaimed()
+          if lease then
+            announce(st, head, t, at)
           end
         end
         rank = rank + 1

@@ -96,20 +96,13 @@ elseif held then
   end
   local w = words(held)
   correct(st, w)
-  local est = tonumber(w[2])
+  local diff = 0 -- over the estimate: refunded; under it: charged as debt; -1 actual: kept
   if ACTUAL >= 0 then
-    local diff = est - ACTUAL
-    if diff > 0 then
-      refund(st, 0, diff)
-    elseif diff < 0 and RATE_TOK > 0 then
-      st.tt = math.max(st.tt, NOW) - diff / RATE_TOK
-    end
-    release_levels(levels_in(w, 10), 0, diff) -- the same difference, settled at every cap
-    reply = {'settled', fmt(diff), fmt(NOW)}
-  else
-    release_levels(levels_in(w, 10), 0, 0)
-    reply = {'settled', '0', fmt(NOW)}
+    diff = tonumber(w[2]) - ACTUAL
   end
+  st.tt = given_back(st.tt, RATE_TOK, diff)
+  release_levels(levels_in(w, 10), 0, diff) -- the same difference at every cap, and its slots
+  reply = {'settled', ACTUAL >= 0 and fmt(diff) or '0', fmt(NOW)}
 end
 reply[4] = fmt(RATE_REQ * 60)
 reply[5] = fmt(RATE_TOK * 60)

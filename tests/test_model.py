@@ -556,11 +556,7 @@ class BudgetModel:
                 continue
             if not self._slot_free():
                 # an unclaimed provisional grant frees its slot at its expiry: the head comes back then
-                first = min(self.leases.items(), key=lambda item: (item[1].expiry, item[0]), default=None)
-                if first is not None and first[1].provisional and ticket.fit != first[1].expiry:
-                    ticket.fit = first[1].expiry
-                    ticket.alive_until = max(ticket.alive_until, ticket.fit + ticket.ttl)
-                    events.append(("h", head, ticket.fit, now))
+                self._announce(head, self._unclaimed_expiry(), now, events)
                 return False, held
             fit = self._fit(ticket.requests, ticket.tokens, now, ticket.overdraft)
             lfit, lslot, holders = self._level_fit(ticket.levels, ticket.requests, ticket.tokens, now, ticket.overdraft)
@@ -568,12 +564,7 @@ class BudgetModel:
                 held.update(holders)
                 # told when its caps' rates fit; held by a cap's slot, when an unclaimed grant's claim
                 # window ends if the first lease is one (as for the budget's slot)
-                first = min(self.leases.items(), key=lambda item: (item[1].expiry, item[0]), default=None)
-                at = lfit if lslot else (first[1].expiry if first is not None and first[1].provisional else None)
-                if at is not None and ticket.fit != at:
-                    ticket.fit = at
-                    ticket.alive_until = max(ticket.alive_until, at + ticket.ttl)
-                    events.append(("h", head, at, now))
+                self._announce(head, lfit if lslot else self._unclaimed_expiry(), now, events)
                 rank += 1
                 if rank >= MAX_SCAN:
                     return False, held
@@ -587,22 +578,29 @@ class BudgetModel:
                     self.vt = max(self.vt, ticket.tag)
                 events.append(("g", head, now))
                 continue
-            if ticket.fit != fit:
-                ticket.fit = fit
-                ticket.alive_until = max(ticket.alive_until, fit + ticket.ttl)
-                events.append(("h", head, fit, now))
+            self._announce(head, fit, now, events)
             # a head that died never comes back: the next waiter (of another process; here every id
             # is its own) is told to come back a claim window after the head's fit time
             second = next(iter(list(self.queue)[rank + 1 : rank + 2]), None)
             if second is not None:
-                waiter = self.queue[second]
-                at = fit + self.claim_window
-                if waiter.fit != at:
-                    waiter.fit = at
-                    waiter.alive_until = max(waiter.alive_until, at + waiter.ttl)
-                    events.append(("h", second, at, now))
+                self._announce(second, fit + self.claim_window, now, events)
             return False, held
         return True, held
+
+    def _announce(self, ticket_id: str, at: Fraction | None, now: Fraction, events: list[tuple[Any, ...]]) -> None:
+        """Tell a ticket to come back at ``at`` (None: nothing to tell), once per change of that time;
+        it lives until then plus its TTL."""
+        ticket = self.queue[ticket_id]
+        if at is not None and ticket.fit != at:
+            ticket.fit = at
+            ticket.alive_until = max(ticket.alive_until, at + ticket.ttl)
+            events.append(("h", ticket_id, at, now))
+
+    def _unclaimed_expiry(self) -> Fraction | None:
+        """The expiry of the lease that expires first (equal expiries: by id, as Redis orders them), if
+        it is a grant not claimed yet."""
+        first = min(self.leases.items(), key=lambda item: (item[1].expiry, item[0]), default=None)
+        return first[1].expiry if first is not None and first[1].provisional else None
 
     def _wait_hint(self, ticket_id: str, now: Fraction) -> Fraction:
         """The head waiting for its rates: exactly until it fits; else a renewal interval; the head

@@ -137,6 +137,29 @@ def _tenants(budget: str, given: object, default: object) -> Frozen[float] | Non
     return Frozen({name: float(w) for name, w in given.items()})
 
 
+def most_per_call(rate: float, burst: float, floor: float) -> float:
+    """The most one call may cost in a dimension of this rate and burst (a budget's or a cap's):
+    a minute of the rate (providers' buckets hold one), or the burst if longer, at least ``floor``."""
+    return max(floor, rate * max(burst, PROVIDER_WINDOW))
+
+
+def _check_limits(limits: Budget | Cap, budget: str | None, prefix: str) -> None:
+    """The rates and max concurrency of a budget, or of a cap (``prefix``: "a cap's "), checked."""
+    for key in ("rpm", "rps", "tpm", "tps"):
+        _positive(budget, prefix + key, getattr(limits, key), top=math.inf)
+    mc = limits.max_concurrency
+    if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= MAX_UNITS):
+        raise ConfigurationError(
+            f"{prefix}max_concurrency must be a whole number from 1 to {MAX_UNITS:g}, not {mc!r}", budget=budget
+        )
+    for what, rate in (("requests", limits.request_rate), ("tokens", limits.token_rate)):
+        if rate is not None and not MIN_RATE <= rate <= MAX_UNITS:
+            raise ConfigurationError(
+                f"{prefix or 'the '}{what} rate must be from {MIN_RATE:g} to {MAX_UNITS:g} per second, not {rate!r}",
+                budget=budget,
+            )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cap:
     """The limits of one node of the hierarchy under a budget: a team, a user (see ``Budget.caps``).
@@ -153,19 +176,9 @@ class Cap:
     burst: float | None = None
 
     def __post_init__(self) -> None:
-        for key in ("rpm", "rps", "tpm", "tps"):
-            _positive(None, f"a cap's {key}", getattr(self, key), top=math.inf)
+        _check_limits(self, None, "a cap's ")
         _positive(None, "a cap's burst", self.burst, zero_ok=True)
-        mc = self.max_concurrency
-        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= MAX_UNITS):
-            raise ConfigurationError(
-                f"a cap's max_concurrency must be a whole number from 1 to {MAX_UNITS:g}, not {mc!r}"
-            )
-        for what, rate in (("requests", self.request_rate), ("tokens", self.token_rate)):
-            if rate is not None and not MIN_RATE <= rate <= MAX_UNITS:
-                raise ConfigurationError(f"a cap's {what} rate must be from {MIN_RATE:g} to {MAX_UNITS:g} per second, "
-                                         f"not {rate!r}")  # fmt: skip
-        if self.request_rate is None and self.token_rate is None and mc is None:
+        if self.request_rate is None and self.token_rate is None and self.max_concurrency is None:
             raise ConfigurationError("a cap limits nothing: give it rpm/rps, tpm/tps or max_concurrency")
 
     @property
@@ -289,28 +302,16 @@ class Budget:
             raise ConfigurationError(
                 f"budget name must be 1-200 characters of letters, digits and ._:/@+=-, not {self.name!r}"
             )
-        for key in ("rpm", "rps", "tpm", "tps"):
-            _positive(self.name, key, getattr(self, key), top=math.inf)
+        _check_limits(self, self.name, "")
         _positive(self.name, "burst", self.burst, zero_ok=True)
         _positive(self.name, "lease_ttl", self.lease_ttl)
         _positive(self.name, "claim_window", self.claim_window)
         if self.dispatch_margin is None:
             raise ConfigurationError("dispatch_margin must be a number of seconds, not None", budget=self.name)
         _positive(self.name, "dispatch_margin", self.dispatch_margin, zero_ok=True)
-        mc = self.max_concurrency
-        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= MAX_UNITS):
-            raise ConfigurationError(
-                f"max_concurrency must be a whole number from 1 to {MAX_UNITS:g}, not {mc!r}", budget=self.name
-            )
         for flag in ("probe", "overdraft"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigurationError(f"{flag} must be True or False, not {getattr(self, flag)!r}", budget=self.name)
-        for what, rate in (("requests", self.request_rate), ("tokens", self.token_rate)):
-            if rate is not None and not MIN_RATE <= rate <= MAX_UNITS:
-                raise ConfigurationError(
-                    f"the {what} rate must be from {MIN_RATE:g} to {MAX_UNITS:g} per second, not {rate!r}",
-                    budget=self.name,
-                )
         object.__setattr__(self, "priorities", _priorities(self.name, self.priorities, self.default_priority))
         object.__setattr__(self, "tenants", _tenants(self.name, self.tenants, self.default_weight))
         object.__setattr__(self, "caps", _caps(self.name, self.caps))
@@ -390,13 +391,13 @@ class Budget:
     def max_tokens_per_request(self) -> float:
         """The largest token cost that can ever be granted (infinite when tokens are unlimited)."""
         rate = self.token_rate
-        return math.inf if rate is None else rate * max(self.credit, PROVIDER_WINDOW)
+        return math.inf if rate is None else most_per_call(rate, self.credit, 0.0)
 
     @property
     def max_requests_per_acquire(self) -> float:
         """The largest request count one acquire may charge."""
         rate = self.request_rate
-        return math.inf if rate is None else max(1.0, rate * max(self.credit, PROVIDER_WINDOW))
+        return math.inf if rate is None else most_per_call(rate, self.credit, 1.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._budget import MAX_SECONDS, MAX_UNITS, PROVIDER_WINDOW, Budget, CooldownPolicy, Level
+from ._budget import MAX_SECONDS, MAX_UNITS, Budget, CooldownPolicy, Level, most_per_call
 from ._exceptions import (
     BackendError,
     BudgetConflictError,
@@ -130,7 +130,7 @@ def check_levels(budget: Budget, place: Place, requests: float, tokens: float) -
             ("requests", requests, lv.request_rate, lv.request_burst, 1.0),
             ("tokens", tokens, lv.token_rate, lv.token_burst, 0.0),
         ):
-            most = max(floor, rate * max(burst, PROVIDER_WINDOW))
+            most = most_per_call(rate, burst, floor)
             if rate > 0 and cost > most:
                 raise CostTooLargeError(
                     f"{cost:g} {what} can never fit the cap of {lv.node!r} under budget {budget.name!r}: it grants "

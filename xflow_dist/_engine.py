@@ -574,12 +574,19 @@ class _Call:
         self.rate_tok = _effective(self.cfg_rate_tok, st.lt)
         self.probing = st.pb == 1
 
+    def given_back(self, tat: float, rate: float, amount: float) -> float:
+        """given_back(): the TAT once ``amount`` is given back, or (below 0) charged as debt."""
+        if rate <= 0 or amount == 0:
+            return tat
+        if amount < 0:
+            return max(tat, self.now) - amount / rate
+        if tat > self.now:
+            return max(self.now, tat - amount / rate)
+        return tat
+
     def refund(self, st: _State, creq: float, ctok: float) -> None:
-        now = self.now
-        if self.rate_req > 0 and st.rt > now:
-            st.rt = max(now, st.rt - creq / self.rate_req)
-        if self.rate_tok > 0 and st.tt > now:
-            st.tt = max(now, st.tt - ctok / self.rate_tok)
+        st.rt = self.given_back(st.rt, self.rate_req, creq)
+        st.tt = self.given_back(st.tt, self.rate_tok, ctok)
 
     def dim_fit(self, tat: float, cost: float, rate: float, burst: float, overdraft: bool) -> float:
         if rate <= 0 or cost <= 0:
@@ -670,16 +677,10 @@ class _Call:
             n[3] = True
 
     def release_levels(self, levels: list[_Level] | None, creq: float, ctok: float) -> None:
-        now = self.now
         for lv in levels or ():
             n = self.node(lv.node)
             n[2] = max(0, n[2] - 1)
-            if lv.rr > 0 and creq > 0 and n[0] > now:
-                n[0] = max(now, n[0] - creq / lv.rr)
-            if lv.rt > 0 and ctok > 0 and n[1] > now:
-                n[1] = max(now, n[1] - ctok / lv.rt)
-            elif lv.rt > 0 and ctok < 0:
-                n[1] = max(n[1], now) - ctok / lv.rt
+            n[0], n[1] = self.given_back(n[0], lv.rr, creq), self.given_back(n[1], lv.rt, ctok)
             n[3] = True
 
     def grant(
@@ -850,12 +851,10 @@ class _Call:
         b = self.b
         for lid in b.leases.due(self.now):
             held = b.data.get(lid)
-            if held is not None and held.provisional:
-                self.reaped_req = self.reaped_req + held.creq
-                self.reaped_tok = self.reaped_tok + held.ctok
-                self.release_levels(held.levels, held.creq, held.ctok)
-            elif held is not None:
-                self.release_levels(held.levels, 0, 0)
+            if held is not None:
+                back_req, back_tok = (held.creq, held.ctok) if held.provisional else (0.0, 0.0)
+                self.reaped_req, self.reaped_tok = self.reaped_req + back_req, self.reaped_tok + back_tok
+                self.release_levels(held.levels, back_req, back_tok)
             b.leases.remove(lid)
             b.data.pop(lid, None)
 
@@ -885,6 +884,12 @@ class _Call:
                 self.b.tenants[t.tenant] = r6(f - t.inc)
         self.dequeue(lid)
 
+    def unclaimed(self) -> tuple[str, float] | None:
+        """unclaimed(): the lease that expires first, if a grant not claimed yet, with its expiry."""
+        first = self.b.leases.first()
+        data = self.b.data.get(first[0]) if first else None
+        return first if first is not None and data is not None and data.provisional else None
+
     def announce(self, st: _State, lid: str, t: _Ticket, fit: float) -> None:
         if abs(fit - t.fit) > 0.0000005:
             t.fit = fit
@@ -907,9 +912,8 @@ class _Call:
             elif passed:
                 rank += 1
             elif not self.slot_free():
-                first = b.leases.first()
-                data = b.data.get(first[0]) if first else None
-                if first is not None and data is not None and data.provisional:
+                first = self.unclaimed()
+                if first is not None:
                     at = first[1]
                     target, tk = head, t
                     owner = _owner_of(first[0])
@@ -930,11 +934,8 @@ class _Call:
                     held.update(n for n, f, full in holders if (lslot and f >= lfit) or (not lslot and full))
                     if lslot:
                         self.announce(st, head, t, lfit)
-                    else:
-                        first = b.leases.first()
-                        data = b.data.get(first[0]) if first else None
-                        if first is not None and data is not None and data.provisional:
-                            self.announce(st, head, t, first[1])
+                    elif (first := self.unclaimed()) is not None:
+                        self.announce(st, head, t, first[1])
                     rank += 1
                 elif fit <= self.now:
                     self.dequeue(head)
@@ -1150,18 +1151,10 @@ class _Call:
             st.tt, st.kt = self.corrected(
                 st.tt, self.rate_tok, self.burst_tok, st.kt, seen_tok, held.snap_tok, held.kt, st.ct, held.ct
             )
-            est = held.ctok
-            if actual >= 0:
-                diff = est - actual
-                if diff > 0:
-                    self.refund(st, 0, diff)
-                elif diff < 0 and self.rate_tok > 0:
-                    st.tt = max(st.tt, now) - diff / self.rate_tok
-                self.release_levels(held.levels, 0, diff)
-                reply = ["settled", fmt(diff), fmt(now)]
-            else:
-                self.release_levels(held.levels, 0, 0)
-                reply = ["settled", "0", fmt(now)]
+            diff = held.ctok - actual if actual >= 0 else 0.0
+            st.tt = self.given_back(st.tt, self.rate_tok, diff)
+            self.release_levels(held.levels, 0, diff)
+            reply = ["settled", fmt(diff) if actual >= 0 else "0", fmt(now)]
         reply.append(fmt(self.rate_req * 60))
         reply.append(fmt(self.rate_tok * 60))
         self.advance(st)

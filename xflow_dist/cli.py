@@ -393,7 +393,7 @@ def _tenant_rows(weights: dict[str, float], totals: dict[str, int], history: lis
     last = history[-1]
     back = next(t for t in history if t.at >= last.at - RATE_WINDOW)
     seconds = last.at - back.at
-    spent = {n: last.tokens[n] - back.tokens[n] for n in weights}
+    spent = last.spent_since(back)
     total = sum(spent.values())
     left = sum(w for n, w in weights.items() if last.done[n] < totals[n])
     rows: list[tuple[str, ...]] = []
@@ -421,12 +421,12 @@ def _run_live(spec: Any, jobs: list[Any], latency: Any, limits: Any, console: An
     from rich.table import Table
 
     from .tools._demo import run_fleet
-    from .tools._fleet import tenant_names
+    from .tools._fleet import tenant_jobs, tenant_names
 
     started = time.monotonic()
     names = tenant_names(spec)
     weights = dict(zip(names, spec.tenants, strict=True))
-    totals = {n: len(jobs[i :: len(names)]) for i, n in enumerate(names)}
+    totals = {name: len(own) for name, own in tenant_jobs(spec, jobs).items()}
     history: list[Any] = []
 
     def tenants_view(tally: Any) -> Table:

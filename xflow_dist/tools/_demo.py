@@ -33,6 +33,7 @@ from ._fleet import (
     jobs_key_of,
     load_jobs,
     tally_key,
+    tenant_jobs,
     tenant_names,
     worker_main,
     workers_of,
@@ -201,6 +202,10 @@ class Tally:
     done: dict[str, int]
     queued: int  # calls the budget held back then
 
+    def spent_since(self, earlier: Tally) -> dict[str, int]:
+        """Each tenant's tokens used between ``earlier`` and this tally."""
+        return {n: used - earlier.tokens[n] for n, used in self.tokens.items()}
+
 
 def read_tally(client: Any, spec: FleetSpec, queued: int) -> Tally:
     raw = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in client.hgetall(tally_key(spec)).items()}
@@ -209,14 +214,14 @@ def read_tally(client: Any, spec: FleetSpec, queued: int) -> Tally:
     return Tally(time.monotonic(), tokens, done, queued)
 
 
-def tenant_shares(spec: FleetSpec, totals: dict[str, int], history: list[Tally]) -> tuple[dict[str, float], float]:
+def tenant_shares(totals: dict[str, int], history: list[Tally]) -> tuple[dict[str, float], float]:
     """Each tenant's share of the tokens while every tenant still had jobs left and the budget held
     calls back (the window in which weighted shares apply), and that window's length."""
     contended = [t for t in history if t.queued > 0 and all(t.done[n] < totals[n] for n in totals)]
     if len(contended) < 2:
         return {}, 0.0
     first, last = contended[0], contended[-1]
-    spent = {n: last.tokens[n] - first.tokens[n] for n in totals}
+    spent = last.spent_since(first)
     total = sum(spent.values())
     return ({n: v / total for n, v in spent.items()} if total else {}), last.at - first.at
 
@@ -239,9 +244,10 @@ def run_fleet(
     client, _ = sync_client(spec.redis_url)  # any URL a limiter takes (redis+sentinel:// too)
     reset_provider(spec.provider_url)
     names = tenant_names(spec)
-    totals = {n: len(jobs[i :: len(names)]) for i, n in enumerate(names)}
-    for i, name in enumerate(names):  # each tenant its own list (job i is tenant i mod k's)
-        load_jobs(client, jobs_key_of(spec, name), jobs[i :: len(names)])
+    by_tenant = tenant_jobs(spec, jobs)
+    totals = {name: len(own) for name, own in by_tenant.items()}
+    for name, own in by_tenant.items():  # each tenant its own list
+        load_jobs(client, jobs_key_of(spec, name), own)
     if not names:
         load_jobs(client, spec.jobs_key, jobs)
     history: list[Tally] = []
@@ -323,7 +329,7 @@ def run_fleet(
 def _tenants(spec: FleetSpec, totals: dict[str, int], history: list[Tally], final: Tally | None) -> dict[str, Any]:
     if final is None:
         return {}
-    shares, window = tenant_shares(spec, totals, history)
+    shares, window = tenant_shares(totals, history)
     weights = dict(zip(tenant_names(spec), spec.tenants, strict=True))
     out = {
         n: {"weight": weights[n], "jobs": totals[n], "done": final.done[n], "tokens": final.tokens[n],

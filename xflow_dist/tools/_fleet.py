@@ -104,6 +104,12 @@ def tenant_names(spec: FleetSpec) -> list[str]:
     return [f"tenant-{i + 1}" for i in range(len(spec.tenants))]
 
 
+def tenant_jobs(spec: FleetSpec, jobs: list[Job]) -> dict[str, list[Job]]:
+    """Each tenant's job list: job i is tenant i mod k's."""
+    names = tenant_names(spec)
+    return {name: jobs[i :: len(names)] for i, name in enumerate(names)}
+
+
 def jobs_key_of(spec: FleetSpec, tenant: str | None) -> str:
     """The job list a worker pops from: its tenant's, or the fleet's one list."""
     return spec.jobs_key if tenant is None else f"{spec.jobs_key}:{tenant}"
