@@ -114,12 +114,20 @@ def test_settle_refunds_never_above_capacity_and_charges_debt(rclient: redis.Red
     refund = o.settle(a, actual=0)
     assert refund.settled and refund.refunded == pytest.approx(50)
     assert o.status().tokens_available == pytest.approx(100, abs=1)  # full again, not 150
-    b, _ = o.acquire(tokens=10)
+    b, granted = o.acquire(tokens=10)
     debt = o.settle(b, actual=110)
     assert debt.refunded == pytest.approx(-100)
-    assert o.status().tokens_available == pytest.approx(-10, abs=2)
+
+    def level_at(t: float) -> float:
+        """90 left at b's grant, refilling at 100 a second up to 100, then 100 owed from the settle
+        on: by Redis's own clock, whatever a loaded machine takes between the calls."""
+        return min(100.0, min(0.0, -10 + 100 * (debt.now - granted.now)) + 100 * (t - debt.now))
+
+    seen = o.status()
+    assert seen.tokens_available == pytest.approx(level_at(seen.now), abs=1)
     assert not o.settle(b, actual=0).settled  # idempotent: a second settle changes nothing
-    assert o.status().tokens_available == pytest.approx(-10, abs=3)
+    seen = o.status()
+    assert seen.tokens_available == pytest.approx(level_at(seen.now), abs=1)
 
 
 def test_cancel_gives_everything_back(rclient: redis.Redis, name: str) -> None:
