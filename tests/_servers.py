@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import redis
 
-from xflow_dist.tools._embedded import find_redis_server, free_port
+from xflow_dist.tools._embedded import find_redis_server, free_port, free_ports
 
 Ping = Callable[[int], redis.Redis]
 
@@ -256,12 +256,12 @@ class SentinelGroup:
             raise RuntimeError("SentinelGroup needs a redis-server binary")
         self._tmp = tempfile.TemporaryDirectory(prefix="xflow-sentinel-")
         try:
-            self.data_ports = [free_port() for _ in range(1 + self.replicas)]
+            self.data_ports = free_ports(1 + self.replicas)
             master = self.data_ports[0]
             for port in self.data_ports:
                 self._data_node(binary, port, None if port == master else master)
             self._until(lambda: all(self._node_ready(p, master) for p in self.data_ports), "the replicas to sync")
-            self.sentinel_ports = [free_port() for _ in self.sentinel_ports]
+            self.sentinel_ports = free_ports(len(self.sentinel_ports))  # the data nodes hold theirs now
             for port in self.sentinel_ports:
                 self._sentinel(binary, port, master)
             self._until(self._sentinels_ready, "the sentinels to see the replicas and each other")

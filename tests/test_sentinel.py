@@ -28,7 +28,7 @@ from xflow_dist import AsyncLease, AsyncLimiter, BackendError, Budget, Configura
 from xflow_dist._backend import async_client, sync_client
 from xflow_dist._redact import redact_text, redact_url
 from xflow_dist._sentinel import AsyncBlockingSentinelPool, BlockingSentinelPool, SentinelURL, parse_sentinel_url
-from xflow_dist.tools._embedded import find_redis_server, free_port
+from xflow_dist.tools._embedded import find_redis_server, free_ports
 
 SECRET = "S3cr3t-pa55word"
 SENTINEL_SECRET = "Sent1nel-pa55word"
@@ -171,7 +171,7 @@ async def test_an_async_client_from_a_sentinel_url_has_the_bounds_of_every_url()
 def test_no_sentinel_listening_is_a_prompt_backend_error_without_the_passwords(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    ports = ",".join(f"127.0.0.1:{free_port()}" for _ in range(3))
+    ports = ",".join(f"127.0.0.1:{port}" for port in free_ports(3))
     url = f"redis+sentinel://:{SECRET}@{ports}/main?sentinel_password={SENTINEL_SECRET}"
     with (
         caplog.at_level(logging.DEBUG),

@@ -4,6 +4,7 @@ fakeredis's TCP server in a thread (the same Lua, through lupa)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import platform
@@ -26,9 +27,21 @@ SERVERS: tuple[Server, ...] = ("auto", "redis", "valkey")
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: the sockets stay bound until all are picked.
+
+    Picking one port at a time lets the kernel hand the same port out twice once its socket closes.
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def _on_path(program: str) -> str | None:
