@@ -24,10 +24,13 @@
 --                           vt      virtual time of the tenants' fair queuing: the largest place granted
 --                           ca      the latest time a cap was written, or TAT it was given (the keys
 --                                   outlive it; 0: the budget has had no caps)
+--                           rf, tf  what the reservations hold of the request and token buckets: the
+--                                   latest start plus its cost's refill time; a refund keeps the TAT
+--                                   at or above it (absent: 0, none; see acquire.lua)
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
---                           after ("u" where that bucket had no rate), and the corrections and
+--                           after at its start ("u" where that bucket had no rate), and the corrections and
 --                           charges made by then; then its levels (below), and " p" while provisional
 --   KEYS[4] queue     ZSET  ticket id -> place: acquirers waiting, served in order of place. The place
 --                           is the arrival's sequence number (seq), FIFO; a priority class's lead L
@@ -96,8 +99,9 @@
 -- or a full bucket when c is more than the burst credit) and is charged when it is granted, so the
 -- level may go below zero: that debt is what later arrivals wait out.
 --
--- Grants happen only now, never in the future, so credit given back (a refund, a cancel) is used
--- at once. Whoever cannot be granted now joins one queue (rates and slots alike), FIFO within a
+-- Grants happen now, so credit given back (a refund, a cancel) is used at once; only a reservation
+-- (acquire.lua) is granted now for a later start, and credit it holds stays held until then (rf,
+-- tf). Whoever cannot be granted now joins one queue (rates and slots alike), FIFO within a
 -- priority class; only its head may be granted, so a large request is never overtaken by small ones
 -- of its class. An arrival with a lead that would go before the head and fits now is granted at once,
 -- and counts as an arrival (seq): no ticket is passed by more than L - its own lead later arrivals.
@@ -225,7 +229,7 @@ end
 -- by spaces. Limits the same as the stored ones were checked when they were stored.
 -- The state hash is read once, here: the stored limits first, then what load_state() takes.
 local STATE_V = redis.call('HMGET', K_STATE, 'cf', 'rt', 'tt', 'cu', 'cl', 'cr', 'seq', 'qa', 'kr', 'kt', 'cq',
-  'ct', 'lr', 'lt', 'lu', 'pb', 'la', 'xa', 'vt', 'ca')
+  'ct', 'lr', 'lt', 'lu', 'pb', 'la', 'xa', 'vt', 'ca', 'rf', 'tf')
 local STORED = STATE_V[1]
 local CONFIG = #ARGV >= 9 and table.concat({ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[9]}, ' ')
 local function limit(kind)
@@ -313,20 +317,22 @@ end
 
 -- Give credit back; a TAT never goes below now, so a refund never lifts a bucket above capacity.
 -- A bucket's TAT once `amount` is given back (never below now), or, below 0, charged as debt from now.
-local function given_back(tat, rate, amount)
+-- ``floor`` (a budget bucket's `rf` or `tf`, nil for a cap): what the reservations made still hold
+-- of the bucket; a refund never takes the TAT below it (see acquire.lua), or lower if it already is.
+local function given_back(tat, rate, amount, floor)
   if rate <= 0 or amount == 0 then
     return tat
   elseif amount < 0 then
     return math.max(tat, NOW) - amount / rate
   elseif tat > NOW then
-    return math.max(NOW, tat - amount / rate)
+    return math.max(NOW, math.min(tat, floor or 0), tat - amount / rate)
   end
   return tat
 end
 
 local function refund(st, creq, ctok)
-  st.rt = given_back(st.rt, RATE_REQ, creq)
-  st.tt = given_back(st.tt, RATE_TOK, ctok)
+  st.rt = given_back(st.rt, RATE_REQ, creq, st.rf)
+  st.tt = given_back(st.tt, RATE_TOK, ctok, st.tf)
 end
 
 -- The keys this script may have made (written to while they could be empty): touch() gives them the
@@ -405,20 +411,20 @@ local function charge(st, creq, ctok, fit, overdraft)
   end
 end
 
--- Credit in a bucket now (below zero: debt).
-local function level(tat, rate, burst)
+-- Credit in a bucket now, or at time `at` if given (below zero: debt).
+local function level(tat, rate, burst, at)
   if rate <= 0 then
     return 0
   end
-  return rate * burst - rate * math.max(0, tat - NOW)
+  return rate * burst - rate * math.max(0, tat - (at or NOW))
 end
 
--- A level as the lease data keeps it: "u" (unknown) where the bucket has no rate.
-local function snapshot(tat, rate, burst)
+-- A level as the lease data keeps it, at the lease's start: "u" (unknown) where the bucket has no rate.
+local function snapshot(tat, rate, burst, at)
   if rate <= 0 then
     return 'u'
   end
-  return fmt(level(tat, rate, burst))
+  return fmt(level(tat, rate, burst, at))
 end
 
 -- The caps' state this script has read (node -> {rt, tt, n}), written back by save_state().
@@ -533,18 +539,30 @@ end
 -- A grant, now; ``fit``: the fit time told to a head of the queue (see charge()). A grant to a queued
 -- ticket is provisional (``provisional`` true): it expires after the claim window unless its holder
 -- claims it (acquire.lua with the same id), and is then refunded (see reap()). ``levels``: the caps
--- it passes (nil: none), charged too.
-local function grant(st, id, creq, ctok, fit, provisional, overdraft, levels)
+-- it passes (nil: none), charged too. ``start``: a reservation's later start (nil: now), from which
+-- its lease runs; it is charged now as it would be then (see acquire.lua): from its start in a bucket
+-- that would be fuller by then, so that the credit it takes is never also the credit of a call made
+-- before it; its snapshots are the levels then, when the provider sees the call.
+local function grant(st, id, creq, ctok, fit, provisional, overdraft, levels, start)
+  start = start or NOW
+  if start > NOW then -- charged from its start in every bucket, not only in those that set it
+    if RATE_REQ > 0 and creq > 0 then
+      st.rt = math.max(st.rt, start)
+    end
+    if RATE_TOK > 0 and ctok > 0 then
+      st.tt = math.max(st.tt, start)
+    end
+  end
   charge(st, creq, ctok, fit or -1, overdraft)
-  local data = creq .. ' ' .. ctok .. ' ' .. fmt(NOW) .. ' ' ..
-    snapshot(st.rt, RATE_REQ, BURST_REQ) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK) .. ' ' ..
+  local data = creq .. ' ' .. ctok .. ' ' .. fmt(start) .. ' ' ..
+    snapshot(st.rt, RATE_REQ, BURST_REQ, start) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK, start) .. ' ' ..
     fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct)
   if levels then
     charge_levels(levels, creq, ctok)
     data = data .. level_words(levels)
     WROTE[K_CAPS] = true
   end
-  local expiry = NOW + LEASE_TTL
+  local expiry = start + LEASE_TTL
   if provisional then
     expiry = NOW + CLAIM_WINDOW
     data = data .. ' p'
@@ -635,6 +653,17 @@ local function live_limits(st)
   return lr, lt
 end
 
+-- A bucket rescaled while a reservation waits (its floor ahead of now): no refund takes it below its
+-- new TAT until then, so a tighter rate keeps the reservation's share whole (a looser one is safe).
+local function refloor(st)
+  if st.rf > NOW and st.rt > st.rf then
+    st.rf, st.reserved = st.rt, true
+  end
+  if st.tf > NOW and st.tt > st.tf then
+    st.tf, st.reserved = st.tt, true
+  end
+end
+
 -- Put the learned limits lr, lt (per minute, 0: none) in force, rescaling each bucket whose rate
 -- changes. A level dropped by a tighter rate counts as a correction (kr, kt), as settle.lua's
 -- provider correction requires.
@@ -650,6 +679,7 @@ local function relimit(st, lr, lt)
   st.kr = st.kr + drop
   st.tt, drop = rescale(st.tt, old_tok, RATE_TOK, BURST_TOK, st.ct)
   st.kt = st.kt + drop
+  refloor(st)
 end
 
 -- The state, with the learned limits that expired since the last script taken out of force.
@@ -662,6 +692,7 @@ local function load_state()
     cq = tonumber(v[11]) or 0, ct = tonumber(v[12]) or 0,
     lr = tonumber(v[13]) or 0, lt = tonumber(v[14]) or 0, lu = tonumber(v[15]) or 0, pb = tonumber(v[16]) or 0,
     la = tonumber(v[17]) or 0, xa = tonumber(v[18]) or 0, vt = tonumber(v[19]) or 0, ca = tonumber(v[20]) or 0,
+    rf = tonumber(v[21]) or 0, tf = tonumber(v[22]) or 0,
   }
   if v[2] and not v[17] then -- a state an older version made, without la: the leases tell it (once)
     st.la = tonumber(redis.call('ZRANGE', K_LEASES, -1, -1, 'WITHSCORES')[2]) or 0
@@ -690,6 +721,9 @@ local function save_state(st)
   end
   if st.vt > 0 then
     redis.call('HSET', K_STATE, 'vt', fmt(st.vt))
+  end
+  if st.reserved then
+    redis.call('HSET', K_STATE, 'rf', fmt(st.rf), 'tf', fmt(st.tf))
   end
   for name, s in pairs(NODES) do
     if s.dirty then

@@ -30,9 +30,16 @@
 --          or comma), request rate, request burst, token rate, token burst (rates per second, 0:
 --          none; bursts in seconds) and max concurrency (0: none). A grant fits the budget and each
 --          of them, and is charged at each; a cost no cap can ever hold is "too_large"
+-- ARGV[23 + 6 x levels] "1": reserve (the top priority class's calls; "0" or absent: no). A new
+--          arrival that passes no cap, goes first, has a slot and waits only for the rates (not for
+--          a cooldown) is granted now for its fit time: charged now as it would be then, its lease
+--          running from then. Its caller starts then without coming back, so its wait is the fit
+--          time plus one round trip; no later arrival can pass it, and no refund takes the buckets
+--          below what it holds (state rf, tf)
 --
 -- Reply, all strings:
---   {"granted", start, now, expiry}  the lease exists, charged now (start = its grant time)
+--   {"granted", start, now, expiry}  the lease exists, charged now; start: its grant time, or for
+--                                    a reservation the later time its call may start
 --   {"queued", wait, now}            the ticket waits in its turn; come back after `wait` seconds:
 --                                    exact for the head waiting for its rates, else a renewal
 --                                    interval. Meanwhile the events channel announces "h <id> <fit>
@@ -61,11 +68,14 @@ local SPEC = {
   {'tenant', TEXT_OR_EMPTY, ''},
   {'weight', RATE, '0'},
 }
-local A, REFUSED = operation_args(level_spec(SPEC, 22))
+level_spec(SPEC, 22)
+SPEC[#SPEC + 1] = {'reserve', FLAG, '0'}
+local A, REFUSED = operation_args(SPEC)
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
 local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT, LEAD, TENANT, WEIGHT = unpack(A)
+local RESERVE = A[#SPEC]
 local LEVELS = levels_at(22) -- the caps this call passes (nil: none), as its ticket and lease keep them
 
 reap()
@@ -154,8 +164,27 @@ if first and LEVELS then
 end
 if first and lslot and slot_free() then
   local fit = math.max(fit_time(st, CREQ, CTOK, OVERDRAFT), lfit)
-  if fit <= NOW then
-    grant(st, ID, CREQ, CTOK, nil, false, OVERDRAFT, LEVELS)
+  if fit > NOW and (not MAY_QUEUE or (MAX_WAIT >= 0 and fit - NOW > MAX_WAIT)) then
+    return finish({'refused', fmt(fit - NOW), fmt(NOW)})
+  end
+  -- A reservation: the rates set its fit time (a cooldown may yet be extended; it is not reserved).
+  -- A refund made before its start must not hand out its share again: each bucket's TAT stays at
+  -- least at its start plus its cost's refill time (rf, tf: given_back() keeps to them).
+  local start = NOW
+  if RESERVE and not LEVELS and fit > NOW and fit > st.cu then
+    start = fit
+  end
+  if fit <= start then
+    grant(st, ID, CREQ, CTOK, nil, false, OVERDRAFT, LEVELS, start)
+    if start > NOW then
+      st.reserved = true
+      if RATE_REQ > 0 and CREQ > 0 then
+        st.rf = math.max(st.rf, start + CREQ / RATE_REQ)
+      end
+      if RATE_TOK > 0 and CTOK > 0 then
+        st.tf = math.max(st.tf, start + CTOK / RATE_TOK)
+      end
+    end
     if tag then
       served(st, TENANT, tag, cost, WEIGHT, score)
     end
@@ -167,10 +196,7 @@ if first and lslot and slot_free() then
       end
       advance(st)
     end
-    return finish({'granted', fmt(NOW), fmt(NOW), fmt(NOW + LEASE_TTL)})
-  end
-  if not MAY_QUEUE or (MAX_WAIT >= 0 and fit - NOW > MAX_WAIT) then
-    return finish({'refused', fmt(fit - NOW), fmt(NOW)})
+    return finish({'granted', fmt(start), fmt(NOW), fmt(start + LEASE_TTL)})
   end
 elseif not MAY_QUEUE then
   return finish({'refused', '-1', fmt(NOW)})

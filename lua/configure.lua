@@ -35,6 +35,7 @@ if previous ~= CONFIG and #old == 7 then
   st.kr = st.kr + drop
   st.tt, drop = rescale(st.tt, effective(old[3], st.lt), RATE_TOK, old[4], st.ct, BURST_TOK)
   st.kt = st.kt + drop
+  refloor(st)
 end
 advance(st)
 save_state(st)

@@ -100,7 +100,7 @@ elseif held then
   if ACTUAL >= 0 then
     diff = tonumber(w[2]) - ACTUAL
   end
-  st.tt = given_back(st.tt, RATE_TOK, diff)
+  st.tt = given_back(st.tt, RATE_TOK, diff, st.tf)
   release_levels(levels_in(w, 10), 0, diff) -- the same difference at every cap, and its slots
   reply = {'settled', ACTUAL >= 0 and fmt(diff) or '0', fmt(NOW)}
 end

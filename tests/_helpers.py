@@ -86,12 +86,13 @@ class Ops:
         lead: int = 0,
         tenant: str = "",
         weight: float = 0.0,
+        reserve: bool = False,
     ) -> tuple[str, Any]:
         lid = lease_id or uuid.uuid4().hex
         levels = self.budget.levels(tenant) if tenant else ()  # the caps its path passes, if any
         argv = acquire_args(
             lid, requests, tokens, max_wait, queue, ticket_ttl, self.budget.probe, overdraft, lead, tenant, weight,
-            levels,
+            levels, reserve,
         )  # fmt: skip
         return lid, decode_acquire(self.run("acquire", argv))
 

@@ -17,7 +17,8 @@ import pytest
 import redis
 from _helpers import Ops, budget_keys, mock_provider, until, until_queued
 
-from xflow_dist import AsyncLimiter, Budget, ConfigurationError, Limiter
+from xflow_dist import AcquireTimeout, AsyncLimiter, Budget, Cap, ConfigurationError, Limiter
+from xflow_dist._core import place_of
 from xflow_dist._local import Held, LocalBudget, Waiting
 from xflow_dist.httpx import PRIORITY_HEADER, AsyncRateLimitedTransport, RateLimitedTransport
 
@@ -382,3 +383,158 @@ def test_a_celery_task_waits_in_its_class_and_its_transport_keeps_it(redis_url: 
     finally:
         _close_all()
         app.close()
+
+
+# -- reservations: the top class is granted now for its fit time -------------------------------------
+
+
+def test_the_top_class_is_reserved_its_fit_time_and_later_arrivals_come_after_it(
+    rclient: redis.Redis, name: str
+) -> None:
+    """An empty bucket refilling 100 tokens/s: a reserving arrival of 50 is granted now, starting
+    when 50 have refilled; the next reservation starts 0.5 s after it; a batch head that waited
+    before them is told its turn after both."""
+    ops = Ops(rclient, Budget(name, tps=100, burst=1, lease_ttl=30))
+    assert ops.acquire(tokens=100)[1].kind == "granted"
+    assert ops.acquire(tokens=50, lease_id="batch")[1].kind == "queued"
+    _, first = ops.acquire(tokens=50, lead=5, reserve=True)
+    assert first.kind == "granted"
+    assert first.start - first.now == pytest.approx(0.5, abs=0.05)
+    assert first.expiry == pytest.approx(first.start + 30, abs=1e-6)  # its lease runs from its start
+    _, second = ops.acquire(tokens=50, lead=5, reserve=True)
+    assert second.kind == "granted" and second.start == pytest.approx(first.start + 0.5, abs=1e-6)
+    _, batch = ops.acquire(tokens=50, lease_id="batch")
+    assert batch.kind == "queued" and batch.wait == pytest.approx(second.start + 0.5 - batch.now, abs=1e-6)
+    assert ops.status().in_flight == 3 and ops.status().queued == 1
+
+
+def test_a_reservation_is_made_only_for_the_rates_within_the_wait_allowed(rclient: redis.Redis, name: str) -> None:
+    ops = Ops(rclient, Budget(name, tps=100, burst=1))
+    assert ops.acquire(tokens=100)[1].kind == "granted"
+    _, short = ops.acquire(tokens=50, lead=5, reserve=True, max_wait=0.1)
+    assert short.kind == "refused" and short.retry_after == pytest.approx(0.5, abs=0.05)
+    _, unreserved = ops.acquire(tokens=50, lead=5)  # no reserve: it queues, as before
+    assert unreserved.kind == "queued"
+    assert ops.cancel(_) == "dequeued"
+    ops.cooldown(5.0)  # a cooldown sets the fit time: it may be extended, so nothing is reserved
+    _, paused = ops.acquire(tokens=50, lead=5, reserve=True)
+    assert paused.kind == "queued" and ops.status().in_flight == 1
+
+
+def test_a_reservation_given_back_before_its_start_frees_its_slot_and_what_it_held_beyond_its_share(
+    rclient: redis.Redis, name: str
+) -> None:
+    """Tokens bind (100/s, a burst of 1 s): a reservation of 50 holds the bucket until 0.5 s after
+    its start; charged up to a full second after it, it gives back the other 50 when cancelled."""
+    ops = Ops(rclient, Budget(name, tps=100, burst=1, max_concurrency=1))
+    assert ops.settle(ops.acquire(tokens=100)[0]).settled
+    lid, reserved = ops.acquire(tokens=50, lead=5, reserve=True)
+    assert reserved.kind == "granted" and ops.status().in_flight == 1
+    assert ops.cancel(lid) == "cancelled"
+    assert ops.status().in_flight == 0  # the slot at once
+    _, again = ops.acquire(tokens=50, lead=5, reserve=True)
+    assert again.start == pytest.approx(reserved.start, abs=0.05)  # the same start: nothing more held
+
+
+def test_a_refund_before_a_reservation_starts_never_hands_out_its_share_again(
+    rclient: redis.Redis, name: str
+) -> None:
+    """A full bucket of 100 tokens taken by L; a reservation of 50 then starts when 50 have refilled.
+    L given back: its 100 come back, except what the reservation holds, so a call of 100 fits only
+    0.5 s after the reservation's start (150 tokens in 0.5 s: rate x 0.5 + capacity), not at it."""
+    ops = Ops(rclient, Budget(name, tps=100, burst=1))
+    held, _ = ops.acquire(tokens=100)
+    _, reserved = ops.acquire(tokens=50, lead=5, reserve=True)
+    assert reserved.kind == "granted" and reserved.start > reserved.now
+    assert ops.cancel(held) == "cancelled"
+    _, big = ops.acquire(tokens=100, queue=False)
+    assert big.kind == "refused" and big.retry_after is not None
+    assert big.now + big.retry_after == pytest.approx(reserved.start + 0.5, abs=1e-3)
+
+
+def test_a_call_that_passes_caps_is_not_reserved(rclient: redis.Redis, name: str) -> None:
+    ops = Ops(rclient, Budget(name, tps=100, burst=1, caps={"team": Cap(tps=1000)}))
+    assert ops.acquire(tokens=100)[1].kind == "granted"
+    _, capped = ops.acquire(tokens=50, lead=5, reserve=True, tenant="team")
+    assert capped.kind == "queued"  # caps keep no reservation's hold: it waits, as without one
+
+
+def test_only_the_top_class_with_a_lead_reserves() -> None:
+    budget = Budget("b", rps=1, priorities={"interactive": 100, "normal": 5, "batch": 0})
+    assert [place_of(budget, p, None).reserve for p in ("interactive", "normal", "batch")] == [True, False, False]
+    assert not place_of(Budget("b", rps=1), None, None).reserve
+    assert not place_of(Budget("b", rps=1, priorities={"batch": 0}), "batch", None).reserve
+
+
+def test_the_limiter_starts_a_reserved_call_at_its_time_after_one_round_trip(url: str, name: str) -> None:
+    """The interactive call returns once its start has come, having run one script: no claim."""
+    budget = Budget(name, tps=100, burst=1, priorities={"interactive": 100, "batch": 0})
+    with Limiter(budget, url) as lim:
+        lim.acquire(tokens=100).release()
+        ops: list[str] = []
+        run = lim._run
+
+        def counted(op: str, argv: list[str]) -> Any:
+            ops.append(op)
+            return run(op, argv)
+
+        lim._run = counted  # type: ignore[method-assign]
+        asked = time.monotonic()
+        with lim.acquire(tokens=50, priority="interactive", timeout=10):
+            waited = time.monotonic() - asked
+        assert ops[0] == "acquire" and ops.count("acquire") == 1, ops
+        assert waited >= 0.4  # it slept until its start (0.5 s of refill, less the calls before)
+
+
+async def test_a_caller_that_gives_up_during_its_reservation_gives_it_back(url: str, name: str) -> None:
+    import asyncio
+
+    budget = Budget(name, tps=10, burst=1, priorities={"interactive": 100})
+    async with AsyncLimiter(budget, url) as lim:
+        await (await lim.acquire(tokens=10)).release()  # empty: 5 tokens fit in 0.5 s
+        task = asyncio.ensure_future(lim.acquire(tokens=5, priority="interactive", timeout=10))
+        for _ in range(500):  # until it holds its reservation (bounded)
+            if (await lim.status()).in_flight == 1:
+                break
+            await asyncio.sleep(0.005)
+        assert (await lim.status()).in_flight == 1 and not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        status = await lim.status()
+        assert status.in_flight == 0
+        # given back: the bucket holds its refill since it emptied (less than 0.5 s), not 5 tokens of debt less it
+        assert status.tokens_available is not None and 0 <= status.tokens_available < 5
+
+
+def test_a_pause_announced_before_a_reservation_starts_holds_the_call_until_it_ends(url: str, name: str) -> None:
+    budget = Budget(name, tps=100, burst=1, priorities={"interactive": 100, "batch": 0})
+    with Limiter(budget, url) as lim, Limiter(budget, url) as other:
+        lim.acquire(tokens=100).release()  # empty: 50 tokens fit in 0.5 s
+        out: dict[str, float] = {}
+
+        def call() -> None:
+            with lim.acquire(tokens=50, priority="interactive", timeout=10):
+                out["started"] = time.monotonic()
+
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        until(lambda: other.status().in_flight == 1)  # reserved, waiting for its start
+        paused = time.monotonic()
+        other.cooldown(2.0)  # a 429 in another process of the fleet: a 2 s pause
+        t.join(timeout=10)
+        assert out["started"] - paused >= 1.9  # held until the pause ended, not sent at its start
+
+
+def test_keep_place_never_turns_a_long_wait_into_a_reservation(url: str, name: str) -> None:
+    """Refused for a wait longer than the timeout, a top-class call takes its place in the queue and
+    leaves at once with its ticket: it is not reserved (its caller would be held for the whole wait)."""
+    budget = Budget(name, tps=10, burst=1, priorities={"interactive": 100})
+    with Limiter(budget, url) as lim:
+        lim.acquire(tokens=10).release()  # empty: 10 tokens fit in 1 s
+        asked = time.monotonic()
+        with pytest.raises(AcquireTimeout) as caught:
+            lim.acquire(tokens=10, priority="interactive", timeout=0.2, keep_place=True)
+        assert time.monotonic() - asked < 0.9 and caught.value.ticket is not None
+        status = lim.status()
+        assert status.queued == 1 and status.in_flight == 0

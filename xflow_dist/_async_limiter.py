@@ -50,6 +50,7 @@ from ._core import (
     decode_status,
     place_of,
     queued,
+    reserved,
     script_error,
 )
 from ._events import Mailroom, Notice, Resubscribed
@@ -330,6 +331,8 @@ class AsyncLimiter(LimiterBase):
                         self._renewals.queued(lease_id, time.monotonic())
                         if self._renewer is None or self._renewer.done():
                             self._renewer = asyncio.get_running_loop().create_task(self._renew(), name="xflow-renewals")
+                    elif reserved(raw):  # so does a reservation waiting for its start
+                        self._queued.add(lease_id)
                     step = flow.send(raw)
                 elif isinstance(step, GiveBack):
                     await self._give_back(step.lease_id, now=True)

@@ -106,6 +106,7 @@ class Place(NamedTuple):
     tenant: str = ""
     weight: float = 0.0
     levels: tuple[Level, ...] = ()
+    reserve: bool = False  # the top class with a lead: granted now for its fit time (see acquire.lua)
 
 
 #: A call of no class by no tenant: the first come, first served place.
@@ -118,7 +119,9 @@ def place_of(budget: Budget, priority: str | None, tenant: str | None) -> Place:
         return ANYWHERE  # (the compatible schedulers' hot path: no lookup)
     weight = budget.weight(tenant)
     levels = budget.levels(tenant)
-    return Place(budget.lead(priority), tenant or "" if weight or levels else "", weight, levels)
+    lead = budget.lead(priority)
+    reserve = lead > 0 and budget.priorities is not None and lead == max(budget.priorities.values())
+    return Place(lead, tenant or "" if weight or levels else "", weight, levels, reserve)
 
 
 def check_levels(budget: Budget, place: Place, requests: float, tokens: float) -> None:
@@ -152,10 +155,11 @@ def acquire_args(
     tenant: str = "",
     weight: float = 0.0,
     levels: tuple[Level, ...] = (),
+    reserve: bool = False,
 ) -> list[str]:
     """The operation arguments of ``acquire.lua``; a max wait beyond the scripts' bound is no bound at
-    all. A priority class's ``lead``, a ``tenant`` with its ``weight`` (a budget shared by tenant) and
-    the caps it passes are sent only when there are some (ARGV[19..] are optional)."""
+    all. A priority class's ``lead``, a ``tenant`` with its ``weight`` (a budget shared by tenant), the
+    caps it passes and ``reserve`` are sent only when there are some (ARGV[19..] are optional)."""
     args = [
         lease_id,
         _num(requests),
@@ -166,12 +170,14 @@ def acquire_args(
         "1" if probe else "0",
         "1" if overdraft else "0",
     ]
-    if lead or weight or levels:
+    if lead or weight or levels or reserve:
         args.append(str(lead))
-    if weight or levels:
+    if weight or levels or reserve:
         args += [tenant, _num(weight)]
-    if levels:
+    if levels or reserve:
         args += level_args(levels)
+    if reserve:
+        args.append("1")
     return args
 
 
@@ -328,6 +334,16 @@ def decode_acquire(raw: Any) -> AcquireReply:
 def queued(raw: Any) -> bool:
     """An acquire reply that queued its ticket (undecoded: the fronts only look, the flow decodes)."""
     return isinstance(raw, list | tuple) and bool(raw) and raw[0] in (b"queued", "queued")
+
+
+def reserved(raw: Any) -> bool:
+    """An acquire reply that granted a reservation: its call starts later (see acquire.lua)."""
+    if not (isinstance(raw, list | tuple) and len(raw) >= 3 and raw[0] in (b"granted", "granted")):
+        return False
+    try:
+        return float(raw[1]) > float(raw[2])
+    except (TypeError, ValueError):
+        return False
 
 
 def adopted(raw: Any) -> bool:

@@ -412,9 +412,12 @@ class _State:
         "lu",
         "pb",
         "qa",
+        "reserved",
+        "rf",
         "rt",
         "seq",
         "stored",
+        "tf",
         "tt",
         "vt",
         "xa",
@@ -438,6 +441,9 @@ class _State:
     xa: float
     vt: float
     ca: float
+    rf: float
+    tf: float
+    reserved: bool
     stored: bool
     lost: bool
 
@@ -556,6 +562,8 @@ class _Call:
             spec = _renew_spec(len(argv))
         elif op in ("acquire", "rejoin"):
             spec = _level_spec(_SPECS[op], argv, 22 if op == "acquire" else 17)
+            if op == "acquire":
+                spec = (*spec, ("reserve", FLAG, "0"))
         else:
             spec = _SPECS[op]
         values = _checked(argv, 11, spec)
@@ -574,19 +582,20 @@ class _Call:
         self.rate_tok = _effective(self.cfg_rate_tok, st.lt)
         self.probing = st.pb == 1
 
-    def given_back(self, tat: float, rate: float, amount: float) -> float:
-        """given_back(): the TAT once ``amount`` is given back, or (below 0) charged as debt."""
+    def given_back(self, tat: float, rate: float, amount: float, floor: float = 0.0) -> float:
+        """given_back(): the TAT once ``amount`` is given back (never below what the reservations
+        hold, ``floor``), or (below 0) charged as debt."""
         if rate <= 0 or amount == 0:
             return tat
         if amount < 0:
             return max(tat, self.now) - amount / rate
         if tat > self.now:
-            return max(self.now, tat - amount / rate)
+            return max(self.now, min(tat, floor), tat - amount / rate)
         return tat
 
     def refund(self, st: _State, creq: float, ctok: float) -> None:
-        st.rt = self.given_back(st.rt, self.rate_req, creq)
-        st.tt = self.given_back(st.tt, self.rate_tok, ctok)
+        st.rt = self.given_back(st.rt, self.rate_req, creq, st.rf)
+        st.tt = self.given_back(st.tt, self.rate_tok, ctok, st.tf)
 
     def dim_fit(self, tat: float, cost: float, rate: float, burst: float, overdraft: bool) -> float:
         if rate <= 0 or cost <= 0:
@@ -628,13 +637,13 @@ class _Call:
                 self.charged_from(st, st.tt, fit, ctok, self.rate_tok, self.burst_tok, overdraft) + ctok / self.rate_tok
             )
 
-    def level(self, tat: float, rate: float, burst: float) -> float:
+    def level(self, tat: float, rate: float, burst: float, at: float | None = None) -> float:
         if rate <= 0:
             return 0
-        return rate * burst - rate * max(0, tat - self.now)
+        return rate * burst - rate * max(0, tat - (self.now if at is None else at))
 
-    def snapshot(self, tat: float, rate: float, burst: float) -> float | None:
-        return None if rate <= 0 else r6(self.level(tat, rate, burst))
+    def snapshot(self, tat: float, rate: float, burst: float, at: float) -> float | None:
+        return None if rate <= 0 else r6(self.level(tat, rate, burst, at))
 
     def node(self, name: str) -> list[Any]:
         n = self.nodes.get(name)
@@ -693,16 +702,24 @@ class _Call:
         provisional: bool,
         overdraft: bool,
         levels: list[_Level] | None = None,
+        start: float | None = None,
     ) -> None:
+        """grant(): ``start``, a reservation's later start (None: now)."""
+        start = self.now if start is None else start
+        if start > self.now:  # charged from its start in every bucket
+            if self.rate_req > 0 and creq > 0:
+                st.rt = max(st.rt, start)
+            if self.rate_tok > 0 and ctok > 0:
+                st.tt = max(st.tt, start)
         self.charge(st, creq, ctok, -1 if fit is None else fit, overdraft)
         if levels:
             self.charge_levels(levels, creq, ctok)
         lease = _Lease(
             float(g14(creq)),
             float(g14(ctok)),
-            fmt(self.now),
-            self.snapshot(st.rt, self.rate_req, self.burst_req),
-            self.snapshot(st.tt, self.rate_tok, self.burst_tok),
+            fmt(start),
+            self.snapshot(st.rt, self.rate_req, self.burst_req, start),
+            self.snapshot(st.tt, self.rate_tok, self.burst_tok, start),
             r6(st.kr),
             r6(st.kt),
             r6(st.cq),
@@ -710,7 +727,7 @@ class _Call:
             provisional,
             levels,
         )
-        expiry = self.now + (self.claim_window if provisional else self.lease_ttl)
+        expiry = start + (self.claim_window if provisional else self.lease_ttl)
         self.b.leases.add(lid, expiry)
         self.b.data[lid] = lease
         st.la = max(st.la, expiry)
@@ -776,6 +793,14 @@ class _Call:
         st.kr = st.kr + drop
         st.tt, drop = self.rescale(st.tt, old_tok, self.rate_tok, self.burst_tok, st.ct)
         st.kt = st.kt + drop
+        self.refloor(st)
+
+    def refloor(self, st: _State) -> None:
+        """refloor(): a bucket rescaled while a reservation waits keeps its new TAT from refunds."""
+        if st.rf > self.now and st.rt > st.rf:
+            st.rf, st.reserved = st.rt, True
+        if st.tf > self.now and st.tt > st.tf:
+            st.tf, st.reserved = st.tt, True
 
     def load_state(self) -> _State:
         fields = self.b.state
@@ -786,13 +811,14 @@ class _Call:
             st.seq, st.qa, st.kr, st.kt, st.cq = get("seq", 0), get("qa", 0), get("kr", 0), get("kt", 0), get("cq", 0)
             st.ct, st.lr, st.lt, st.lu, st.pb = get("ct", 0), get("lr", 0), get("lt", 0), get("lu", 0), get("pb", 0)
             st.la, st.xa, st.vt, st.ca = get("la", 0), get("xa", 0), get("vt", 0), get("ca", 0)
+            st.rf, st.tf = get("rf", 0), get("tf", 0)
             if "rt" in fields and "la" not in fields:  # a state an older version made
                 st.la = self.b.leases.last_expiry() or 0
         else:
             st.rt = st.tt = st.cu = st.cl = st.cr = st.seq = st.qa = st.kr = st.kt = st.cq = st.ct = 0
-            st.lr = st.lt = st.lu = st.pb = st.la = st.xa = st.vt = st.ca = 0
+            st.lr = st.lt = st.lu = st.pb = st.la = st.xa = st.vt = st.ca = st.rf = st.tf = 0
         st.stored = st.lr > 0 or st.lt > 0 or st.lu > 0 or st.pb > 0
-        st.lost = False
+        st.lost = st.reserved = False
         self.apply_limits(st)
         if self.seen and "rt" not in fields:
             st.lost = True
@@ -814,6 +840,8 @@ class _Call:
             f["lr"], f["lt"], f["lu"], f["pb"] = r6(st.lr), r6(st.lt), r6(st.lu), st.pb
         if st.vt > 0:
             f["vt"] = r6(st.vt)
+        if st.reserved:
+            f["rf"], f["tf"] = r6(st.rf), r6(st.tf)
         caps, now = self.b.caps, self.now
         for name, n in self.nodes.items():
             if n[3]:
@@ -989,7 +1017,7 @@ class _Call:
         *level_args: Any,
     ) -> list[str]:
         b, now = self.b, self.now
-        levels = _levels(level_args)
+        levels, reserve = _levels(level_args[:-1]), bool(level_args[-1])  # (the flag follows the levels)
         self.reap()
         st = self.load_state()
         if probe and st.pb == 0:
@@ -1044,8 +1072,18 @@ class _Call:
             lfit, lslot = self.level_fit(levels, creq, ctok, overdraft)
         if first and lslot and self.slot_free():
             fit = max(self.fit_time(st, creq, ctok, overdraft), lfit)
-            if fit <= now:
-                self.grant(st, lid, creq, ctok, None, False, overdraft, levels)
+            if fit > now and (not may_queue or (max_wait >= 0 and fit - now > max_wait)):
+                return self.finish(st, ["refused", fmt(fit - now), fmt(now)])
+            # a reservation (see acquire.lua): what it holds of the buckets no refund gives back
+            start = fit if reserve and not levels and fit > now and fit > st.cu else now
+            if fit <= start:
+                self.grant(st, lid, creq, ctok, None, False, overdraft, levels, start)
+                if start > now:
+                    st.reserved = True
+                    if self.rate_req > 0 and creq > 0:
+                        st.rf = max(st.rf, start + creq / self.rate_req)
+                    if self.rate_tok > 0 and ctok > 0:
+                        st.tf = max(st.tf, start + ctok / self.rate_tok)
                 if tag is not None:
                     self.queued_tag(tenant, tag, cost, weight)
                     st.vt = max(st.vt, score)
@@ -1053,9 +1091,7 @@ class _Call:
                     if tag is None:
                         st.seq = seq
                     self.advance(st)
-                return self.finish(st, ["granted", fmt(now), fmt(now), fmt(now + self.lease_ttl)])
-            if not may_queue or (max_wait >= 0 and fit - now > max_wait):
-                return self.finish(st, ["refused", fmt(fit - now), fmt(now)])
+                return self.finish(st, ["granted", fmt(start), fmt(now), fmt(start + self.lease_ttl)])
         elif not may_queue:
             return self.finish(st, ["refused", "-1", fmt(now)])
 
@@ -1152,7 +1188,7 @@ class _Call:
                 st.tt, self.rate_tok, self.burst_tok, st.kt, seen_tok, held.snap_tok, held.kt, st.ct, held.ct
             )
             diff = held.ctok - actual if actual >= 0 else 0.0
-            st.tt = self.given_back(st.tt, self.rate_tok, diff)
+            st.tt = self.given_back(st.tt, self.rate_tok, diff, st.tf)
             self.release_levels(held.levels, 0, diff)
             reply = ["settled", fmt(diff) if actual >= 0 else "0", fmt(now)]
         reply.append(fmt(self.rate_req * 60))
@@ -1334,6 +1370,7 @@ class _Call:
             st.kr = st.kr + drop
             st.tt, drop = self.rescale(st.tt, _effective(o[2], st.lt), self.rate_tok, o[3], st.ct, self.burst_tok)
             st.kt = st.kt + drop
+            self.refloor(st)
         self.advance(st)
         return self.finish(st, ["unchanged" if previous == self.config else "configured", fmt(self.now), previous])
 

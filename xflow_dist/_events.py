@@ -106,10 +106,14 @@ class Mailroom(Generic[Q]):
 
     def deliver(self, message: dict[str, Any]) -> list[tuple[Q, Notice]]:
         """Where a pub/sub message goes: a notice to the waiter it names; after a (re)subscription,
-        ``Resubscribed`` to every waiter, since what was published meanwhile is lost."""
+        ``Resubscribed`` to every waiter, since what was published meanwhile is lost; a pause to
+        every waiter (a reservation waiting for its start holds until it ends; the queue ignores it)."""
         if self.resets(message):
             return [(inbox, Resubscribed()) for inbox in self.everyone()]
         if message.get("type") == "message":
+            notice = parse(message["data"])
+            if isinstance(notice, CooldownNotice):
+                return [(inbox, notice) for inbox in self.everyone()]
             found = self.route(message["data"])
             return [found] if found is not None else []
         return []

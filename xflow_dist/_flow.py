@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._budget import Budget
-from ._core import ANYWHERE, Place, acquire_args, decode_acquire, too_large_error
-from ._events import GrantNotice, HeadNotice, Notice, Resubscribed
+from ._core import ANYWHERE, AcquireReply, Place, acquire_args, decode_acquire, too_large_error
+from ._events import CooldownNotice, GrantNotice, HeadNotice, Notice, Resubscribed
 from ._exceptions import AcquireTimeout
 from ._renewals import LAST_RESORT, renewal_only
 
@@ -85,15 +85,18 @@ def acquire_flow(
         )
         reply = decode_acquire((yield RunScript("acquire", argv)))
         if reply.kind == "granted":
-            return
+            if (yield from _until_start(lease_id, reply)):
+                return
+            continue  # a reconnect or a lost state while it waited: ask Redis again, same id
         if reply.kind == "too_large":
             raise too_large_error(budget, requests, tokens, reply)
         if reply.kind == "refused" and keep_place:
             # Longer than the timeout, as the budget can tell: take the place (a queue with no
             # bound on the wait) and leave at once with that wait.
-            argv = acquire_args(
-                lease_id, requests, tokens, None, True, ticket_ttl, budget.probe, budget.overdraft, *place
-            )
+            argv = acquire_args(  # (never a reservation: its caller leaves at once)
+                lease_id, requests, tokens, None, True, ticket_ttl, budget.probe, budget.overdraft,
+                *place._replace(reserve=False),
+            )  # fmt: skip
             if decode_acquire((yield RunScript("acquire", argv))).kind == "granted":
                 return  # it fits after all (a release in between)
             raise AcquireTimeout(
@@ -125,3 +128,22 @@ def acquire_flow(
                 break
             if isinstance(notice, HeadNotice):
                 wake = fits_at = notice.arrived + notice.delay
+
+
+def _until_start(lease_id: str, reply: AcquireReply) -> Generator[Step, Any, bool]:
+    """A reservation (a grant for a later start, see acquire.lua) sleeps until its start: True then.
+
+    A pause announced meanwhile (a 429 anywhere in the fleet) holds it until the pause ends as well;
+    a reconnect or a lost state returns False at once, for the flow to ask Redis again with the same
+    id (the lease is found and its start told again, or, lost, the call is a new arrival). A caller
+    that gives up meanwhile cancels it (the fronts give the lease back)."""
+    if reply.start <= reply.now:
+        return True
+    wake = time.monotonic() + (reply.start - reply.now)  # the reply's half round trip only adds margin
+    while (left := wake - time.monotonic()) > 0:
+        notice = yield AwaitNotice(lease_id, left)
+        if isinstance(notice, Resubscribed):
+            return False
+        if isinstance(notice, CooldownNotice):
+            wake = max(wake, notice.arrived + notice.remaining)
+    return True

@@ -50,6 +50,7 @@ from ._core import (
     decode_status,
     place_of,
     queued,
+    reserved,
     script_error,
 )
 from ._events import Mailroom, Notice, Resubscribed
@@ -474,6 +475,8 @@ class Limiter(LimiterBase):
                     if queued(raw):  # the ticket keeps the keys alive: their absence now means loss
                         self._queued.add(lease_id)
                         self._upkeep.queued(lease_id)
+                    elif reserved(raw):  # so does a reservation waiting for its start
+                        self._queued.add(lease_id)
                     step = flow.send(raw)
                 elif isinstance(step, GiveBack):
                     self._give_back(step.lease_id, now=True)
