@@ -21,11 +21,13 @@ runs first, as the baseline: there an interactive call waits behind the whole ba
 Tenants: the same budget with ``tenants={"a": 1, "b": 2, "c": 5}``, one process of ``--threads``
 threads per tenant acquiring without pause. Where requests bind every call costs 300 tokens; where
 tokens bind the calls are of 1,200 (a), 600 (b) and 900 (c) tokens, so that shares of calls and of
-tokens differ. Goals: while all three are backlogged, each gets its weight's share of the binding
+tokens differ; where slots bind the budget has ``max_concurrency=4`` and every call of 300 tokens
+holds its slot 0.8 s (5 calls/s, under the rates), so the shares of the slots' time are those of
+the calls. Goals: while all three are backlogged, each gets its weight's share of the binding
 dimension within 2 points; tenant a alone uses at least 99 % of the rate. Each window opens once the
 initial burst is spent.
 
-  python benchmarks/fairness.py                  # classes: baseline 30 s, 120 s; tenants: 3 x 60 s
+  python benchmarks/fairness.py                  # classes: baseline 30 s, 120 s; tenants: 4 x 60 s
   python benchmarks/fairness.py --only tenants --tenant-seconds 30 --json out.json
 """
 
@@ -46,7 +48,18 @@ RPM, TPM, BURST = 500, 200_000, 60  # the README's quickstart budget, and its re
 COST = 300  # tokens a call: 150,000 a minute at the full request rate, so requests bind
 CLASSES = {"interactive": 10_000, "batch": 0}
 WEIGHTS = {"a": 1, "b": 2, "c": 5}
-SIZES = {"requests": {"a": 300, "b": 300, "c": 300}, "tokens": {"a": 1200, "b": 600, "c": 900}}
+SIZES = {
+    "requests": {"a": 300, "b": 300, "c": 300},
+    "tokens": {"a": 1200, "b": 600, "c": 900},
+    "slots": {"a": 300, "b": 300, "c": 300},
+}
+SLOTS, HOLD = 4, 0.8  # where slots bind: 4 of them, each call holding one 0.8 s (5 calls/s, under the rates)
+
+
+def tenant_budget(name: str, binding: str) -> Budget:
+    """The quickstart budget shared by tenant; where slots bind, with ``SLOTS`` of them."""
+    slots = SLOTS if binding == "slots" else None
+    return Budget(name, rpm=RPM, tpm=TPM, burst=BURST, tenants=WEIGHTS, max_concurrency=slots)
 
 
 def make_budget(name: str, classes: bool) -> Budget:
@@ -67,10 +80,11 @@ def _backlog(
     before: float,
     priority: str | None = None,
     tenant: str | None = None,
+    hold: float = 0.0,
 ) -> tuple[list[tuple[float, int]], list[float]]:
     """Acquire ``tokens`` as ``priority`` and ``tenant`` back to back from ``threads`` threads until the window
-    closes, each call waiting at most ``before`` seconds while it has not opened: every grant's time
-    and tokens, and the times of the calls that timed out."""
+    closes, each call waiting at most ``before`` seconds while it has not opened and holding its lease
+    ``hold`` seconds: every grant's time and tokens, and the times of the calls that timed out."""
     grants: list[tuple[float, int]] = []
     gave_up: list[float] = []
     lock = threading.Lock()
@@ -86,6 +100,8 @@ def _backlog(
                 continue
             with lock:
                 grants.append((time.monotonic(), tokens))
+            if hold:
+                time.sleep(hold)  # the call's length: what holds the slot
             lease.release()
 
     pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
@@ -196,16 +212,18 @@ def run(url: str, classes: bool, seconds: float, batch_procs: int, threads: int,
     }
 
 
-def tenant_worker(conn: Any, url: str, name: str, tenant: str, tokens: int, threads: int, stop: Any) -> None:
+def tenant_worker(
+    conn: Any, url: str, name: str, binding: str, tenant: str, tokens: int, threads: int, stop: Any
+) -> None:
     """Acquire as ``tenant``, ``tokens`` a call, back to back from ``threads`` threads, until the
     window closes: every grant's time and tokens. No call gives up before the window closes (a
     ticket given up still costs its tenant its turn: see docs/concepts/waiting.md), and any that
     timed out is counted."""
     try:
-        budget = Budget(name, rpm=RPM, tpm=TPM, burst=BURST, tenants=WEIGHTS)
-        with Limiter(budget, url) as lim:
+        hold = HOLD if binding == "slots" else 0.0
+        with Limiter(tenant_budget(name, binding), url) as lim:
             # before the window opens, a wait as long as the whole run may be
-            grants, gave_up = _backlog(lim, stop, tokens, threads, 1800.0, tenant=tenant)
+            grants, gave_up = _backlog(lim, stop, tokens, threads, 1800.0, tenant=tenant, hold=hold)
         conn.send((tenant, grants, gave_up))
     except BaseException as exc:
         c.report_error(conn, exc)
@@ -217,20 +235,24 @@ def run_tenants(url: str, binding: str, tenants: str, seconds: float, threads: i
     ctx = c.spawn_context()
     name = f"bench-tenants-{uuid.uuid4().hex[:8]}"
     sizes = SIZES[binding]
-    watch = Limiter(Budget(name, rpm=RPM, tpm=TPM, burst=BURST, tenants=WEIGHTS), url)
+    watch = Limiter(tenant_budget(name, binding), url)
     stop = ctx.Value("d", 0.0)
     conns, procs = [], []
     try:
         for tenant in tenants:
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=tenant_worker, args=(child, url, name, tenant, sizes[tenant], threads, stop))
+            p = ctx.Process(
+                target=tenant_worker, args=(child, url, name, binding, tenant, sizes[tenant], threads, stop)
+            )
             p.start()
             conns.append(parent)
             procs.append(p)
         smallest = min(sizes[t] for t in tenants)
-        for _ in range(6000):  # the initial burst spent (the binding bucket): the window opens
+        for _ in range(6000):  # the initial burst spent (the binding bucket, or every slot held): the window opens
             st = watch.status()
             spent = (st.requests_available or 0) < 1 or (st.tokens_available or 0) < smallest
+            if binding == "slots":
+                spent = st.in_flight >= SLOTS
             if spent and st.queued >= len(tenants):
                 break
             time.sleep(0.01)
@@ -252,10 +274,11 @@ def run_tenants(url: str, binding: str, tenants: str, seconds: float, threads: i
         used[tenant] = {"requests": float(len(inside)), "tokens": float(sum(n for _, n in inside))}
         gave_up[tenant] = sum(1 for at in quits if at < closed)
         times[tenant] = sorted(round(at - opened, 4) for at, _ in grants)
-    dim = binding
+    # where slots bind every call holds one for HOLD seconds: shares of the slots' time are those of the calls
+    dim = "requests" if binding == "slots" else binding
     total = sum(u[dim] for u in used.values())
     weight = sum(WEIGHTS[t] for t in tenants)
-    rate = (RPM if dim == "requests" else TPM) / 60.0
+    rate = SLOTS / HOLD if binding == "slots" else (RPM if dim == "requests" else TPM) / 60.0
     return {
         "binding": binding,
         "tenants": tenants,
@@ -306,11 +329,13 @@ def main() -> None:
             print(
                 f"# Budget(rpm={RPM}, tpm={TPM:,}, burst={BURST}, tenants={WEIGHTS}); one process of "
                 f"{args.threads} threads per tenant back to back; calls of {SIZES['requests']['a']} tokens where "
-                f"requests bind, of {SIZES['tokens']} tokens where tokens bind; {args.tenant_seconds:g} s windows"
+                f"requests bind, of {SIZES['tokens']} tokens where tokens bind; where slots bind, "
+                f"max_concurrency={SLOTS} and each call holds its slot {HOLD:g} s; {args.tenant_seconds:g} s windows"
             )
             runs = [
                 run_tenants(server.url, "requests", "abc", args.tenant_seconds, args.threads),
                 run_tenants(server.url, "tokens", "abc", args.tenant_seconds, args.threads),
+                run_tenants(server.url, "slots", "abc", args.tenant_seconds, args.threads),
                 run_tenants(server.url, "requests", "a", args.tenant_seconds, args.threads),
             ]
             report_tenants(runs)
