@@ -114,13 +114,15 @@ class Mailroom(Generic[Q]):
             notice = parse(message["data"])
             if isinstance(notice, CooldownNotice):
                 return [(inbox, notice) for inbox in self.everyone()]
-            found = self.route(message["data"])
+            found = self._addressed(notice)
             return [found] if found is not None else []
         return []
 
     def route(self, data: bytes | str) -> tuple[Q, Notice] | None:
         """The inbox a message is for, with its notice; None if nobody here waits for it."""
-        notice = parse(data)
+        return self._addressed(parse(data))
+
+    def _addressed(self, notice: Notice | None) -> tuple[Q, Notice] | None:
         if isinstance(notice, GrantNotice | HeadNotice):
             inbox = self._inboxes.get(notice.lease_id)
             if inbox is not None:
