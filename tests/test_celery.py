@@ -21,9 +21,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from _helpers import until
 
 from xflow_dist import AcquireTimeout, Budget, ConfigurationError, CooldownPolicy, Lease, Limiter
+from xflow_dist._core import keys
 
 celery = pytest.importorskip("celery")
 from celery import Celery  # noqa: E402
@@ -512,14 +514,19 @@ def test_a_requeued_task_keeps_its_place_and_later_tasks_never_pass_it(
     """A large task waits longer than max_wait and re-queues; small tasks sent after it would each
     fit long before it on their own, yet it runs first: its ticket kept its place in the fleet's
     queue across the countdown, and it came back to it (without this, the small tasks take the
-    refill as it comes and the large one starves). Its ticket is gone once it ran."""
+    refill as it comes and the large one starves). Its ticket is gone once it ran.
+
+    Each task returns its grant's time as Redis wrote it in the lease record (the third word), so
+    the order compared is the order the budget granted in, not the order threads ran bodies in."""
     budget = Budget(name, tps=100, burst=1)  # 100 tokens of credit, refilling at 100 a second
+    lease_data = keys(budget)[2]
+    reader = redis.Redis.from_url(redis_url)
 
     @rate_limited_task(
         app, shared=False, budget=budget, cost=lambda n: n, policy=TaskPolicy(max_wait=0.3), usage=None
     )
     def limited(self: Any, n: int) -> float:
-        return time.time()
+        return float(reader.hget(lease_data, self.lease.id).split()[2])  # type: ignore[union-attr]
 
     with (
         Limiter(budget, redis_url) as holder,
@@ -533,7 +540,8 @@ def test_a_requeued_task_keeps_its_place_and_later_tasks_never_pass_it(
         big_at = big.get(timeout=30)
         small_at = [r.get(timeout=30) for r in small]
         status = holder.status()
-    assert big_at < min(small_at), "a task sent after the re-queued one ran before it"
+    reader.close()
+    assert big_at < min(small_at), "a task sent after the re-queued one was granted before it"
     assert status.queued == 0 and status.in_flight == 0
 
 
