@@ -542,7 +542,8 @@ end
 -- it passes (nil: none), charged too. ``start``: a reservation's later start (nil: now), from which
 -- its lease runs; it is charged now as it would be then (see acquire.lua): from its start in a bucket
 -- that would be fuller by then, so that the credit it takes is never also the credit of a call made
--- before it; its snapshots are the levels then, when the provider sees the call.
+-- before it; its snapshots are the levels then, when the provider sees the call; and the floors (rf,
+-- tf) rise to its start plus its cost's refill time, which no refund goes below before then.
 local function grant(st, id, creq, ctok, fit, provisional, overdraft, levels, start)
   start = start or NOW
   if start > NOW then -- charged from its start in every bucket, not only in those that set it
@@ -554,6 +555,15 @@ local function grant(st, id, creq, ctok, fit, provisional, overdraft, levels, st
     end
   end
   charge(st, creq, ctok, fit or -1, overdraft)
+  if start > NOW then -- what it holds of each bucket, no refund gives back before then (rf, tf)
+    st.reserved = true
+    if RATE_REQ > 0 and creq > 0 then
+      st.rf = math.max(st.rf, start + creq / RATE_REQ)
+    end
+    if RATE_TOK > 0 and ctok > 0 then
+      st.tf = math.max(st.tf, start + ctok / RATE_TOK)
+    end
+  end
   local data = creq .. ' ' .. ctok .. ' ' .. fmt(start) .. ' ' ..
     snapshot(st.rt, RATE_REQ, BURST_REQ, start) .. ' ' .. snapshot(st.tt, RATE_TOK, BURST_TOK, start) .. ' ' ..
     fmt(st.kr) .. ' ' .. fmt(st.kt) .. ' ' .. fmt(st.cq) .. ' ' .. fmt(st.ct)

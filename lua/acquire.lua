@@ -176,15 +176,6 @@ if first and lslot and slot_free() then
   end
   if fit <= start then
     grant(st, ID, CREQ, CTOK, nil, false, OVERDRAFT, LEVELS, start)
-    if start > NOW then
-      st.reserved = true
-      if RATE_REQ > 0 and CREQ > 0 then
-        st.rf = math.max(st.rf, start + CREQ / RATE_REQ)
-      end
-      if RATE_TOK > 0 and CTOK > 0 then
-        st.tf = math.max(st.tf, start + CTOK / RATE_TOK)
-      end
-    end
     if tag then
       served(st, TENANT, tag, cost, WEIGHT, score)
     end

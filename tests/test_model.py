@@ -412,6 +412,10 @@ class BudgetModel:
             if self.token_rate and tokens:
                 self.tt = max(self.tt, at)
         self._charge(requests, tokens, now, fit, overdraft)
+        if at > now and self.request_rate and requests:  # what it holds, no refund gives back before then
+            self.rf = max(self.rf, at + requests / self.request_rate)
+        if at > now and self.token_rate and tokens:
+            self.tf = max(self.tf, at + tokens / self.token_rate)
         self._charge_levels(levels, requests, tokens, now)
         self.leases[lease_id] = Lease(
             requests,
@@ -762,10 +766,6 @@ class BudgetModel:
             start = fit if reserve and not levels and fit > now and fit > self.cu else now
             if fit <= start:
                 self._grant(lease_id, requests, tokens, now, overdraft=overdraft, levels=levels, start=start)
-                if start > now and self.request_rate and requests:
-                    self.rf = max(self.rf, start + requests / self.request_rate)
-                if start > now and self.token_rate and tokens:
-                    self.tf = max(self.tf, start + tokens / self.token_rate)
                 if tag is not None:  # the virtual time moves to its place (a lead's is below its tag)
                     self.tenants[tenant] = tag + cost / weight
                     self.vt = max(self.vt, place)

@@ -712,6 +712,12 @@ class _Call:
             if self.rate_tok > 0 and ctok > 0:
                 st.tt = max(st.tt, start)
         self.charge(st, creq, ctok, -1 if fit is None else fit, overdraft)
+        if start > self.now:  # what it holds of each bucket, no refund gives back before then
+            st.reserved = True
+            if self.rate_req > 0 and creq > 0:
+                st.rf = max(st.rf, start + creq / self.rate_req)
+            if self.rate_tok > 0 and ctok > 0:
+                st.tf = max(st.tf, start + ctok / self.rate_tok)
         if levels:
             self.charge_levels(levels, creq, ctok)
         lease = _Lease(
@@ -1078,12 +1084,6 @@ class _Call:
             start = fit if reserve and not levels and fit > now and fit > st.cu else now
             if fit <= start:
                 self.grant(st, lid, creq, ctok, None, False, overdraft, levels, start)
-                if start > now:
-                    st.reserved = True
-                    if self.rate_req > 0 and creq > 0:
-                        st.rf = max(st.rf, start + creq / self.rate_req)
-                    if self.rate_tok > 0 and ctok > 0:
-                        st.tf = max(st.tf, start + ctok / self.rate_tok)
                 if tag is not None:
                     self.queued_tag(tenant, tag, cost, weight)
                     st.vt = max(st.vt, score)
