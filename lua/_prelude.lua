@@ -59,7 +59,9 @@
 --   ARGV[7] idle grace, seconds the keys outlive the last thing they still have to remember
 --   ARGV[8] events channel: grants to queued tickets and cooldowns are published there
 --   ARGV[9] claim window, seconds: a grant to a queued ticket is provisional until its holder claims
---           it (acquire.lua with the same id) within this window; unclaimed, it is taken back
+--           it (acquire.lua with the same id) within this window; unclaimed, it is taken back. A
+--           grant to a ticket whose process is connected (it holds "<ARGV[8]>:<process>" subscribed,
+--           see connected()) is firm: it needs no claim
 --   ARGV[10] "1": the caller has seen this budget's keys so recently (or holds a lease or ticket of
 --           it) that they cannot have expired: if they are gone, they were lost (see below); "0" else
 -- Operation arguments follow from ARGV[11].
@@ -114,7 +116,8 @@
 -- with the places granted (tag less lead x cost), so that a call of a class with a lead does not push
 -- the other tenants behind its own tenant's backlog. The head is told, on the
 -- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
--- a refund or that return grants it ("g <id> <now>") together with every next head that fits too.
+-- a refund or that return grants it ("g <id> <now>", or "g <id> <now> f" when firm: see connected())
+-- together with every next head that fits too.
 -- The first waiter of another process behind it is told to come back a claim window after that fit
 -- time, so that a head whose process died is granted (provisionally) and passed over without a wait
 -- for its ticket's TTL.
@@ -893,6 +896,17 @@ local function owner_of(id)
   return string.match(id, '^([^.]+)%.') or id
 end
 
+-- Whether the process of ticket `id` is connected: it holds its own channel, "<events channel>:
+-- <process>", subscribed on the connection that hears its notices. A process that dies closes it (a
+-- SIGKILL too: the kernel closes its sockets), so a grant to it needs no claim to prove its waiter
+-- alive: it is made firm, and its waiter starts on the notice. A process frozen with its connection
+-- open holds a firm grant until its lease expires, like a call in flight. Where Redis cannot say (an
+-- ACL without PUBSUB, a subscriber on another Cluster node), the grant is provisional, as before.
+local function connected(id)
+  local r = redis.pcall('PUBSUB', 'NUMSUB', CHANNEL .. ':' .. owner_of(id))
+  return type(r) == 'table' and (tonumber(r[2]) or 0) > 0
+end
+
 local function dequeue(id)
   redis.call('ZREM', K_QUEUE, id)
   redis.call('HDEL', K_TICKETS, id)
@@ -1005,12 +1019,13 @@ local function advance(st)
         rank = rank + 1
       elseif fit <= NOW then
         dequeue(head)
-        grant(st, head, t.creq, t.ctok, t.fit, true, t.overdraft, t.levels)
+        local firm = connected(head) -- ("g <id> <now> f": no claim; "g <id> <now>": claim it)
+        grant(st, head, t.creq, t.ctok, t.fit, not firm, t.overdraft, t.levels)
         GRANTED[head] = true
         if t.tag then
           st.vt = math.max(st.vt, t.tag)
         end
-        redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW))
+        redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW) .. (firm and ' f' or ''))
       else
         announce(st, head, t, fit)
         -- A head whose process died never comes back for its grant, and no other call may come:

@@ -213,6 +213,9 @@ class BudgetModel:
     # each cap's [request TAT, token TAT, leases held] (absent: full and unused)
     caps: dict[str, list[Any]] = field(default_factory=dict)
     stored: bool = False  # the keys exist (some operation other than status ran)
+    # the processes connected (their own channel subscribed): grants to their tickets are firm; not
+    # the keys' state, so a lost state keeps it
+    live: set[str] = field(default_factory=set)
 
     def reset(self) -> None:
         self.rt = self.tt = self.cu = self.cr = ZERO
@@ -595,12 +598,13 @@ class BudgetModel:
                 continue
             if fit <= now:
                 del self.queue[head]
+                firm = owner_of(head) in self.live  # its process connected: no claim needed
                 self._grant(
-                    head, ticket.requests, ticket.tokens, now, ticket.fit, True, ticket.overdraft, ticket.levels
+                    head, ticket.requests, ticket.tokens, now, ticket.fit, not firm, ticket.overdraft, ticket.levels
                 )
                 if ticket.tag is not None:
                     self.vt = max(self.vt, ticket.tag)
-                events.append(("g", head, now))
+                events.append(("g", head, now, "f") if firm else ("g", head, now))
                 continue
             self._announce(head, fit, now, events)
             # a head that died never comes back: the next waiter (of another process; here every id
@@ -996,6 +1000,12 @@ def cap_levels(levels: tuple[Any, ...]) -> tuple[CapLevel, ...]:
     )
 
 
+def owner_of(lease_id: str) -> str:
+    """The process an id belongs to: ids are ``<process>.<unique>`` (one without a dot is its own)."""
+    process, dot, _ = lease_id.partition(".")
+    return process if dot and process else lease_id
+
+
 def model_of(budget: Budget) -> BudgetModel:
     return BudgetModel(
         configured_request_rate=frac(budget.request_rate or 0.0),
@@ -1173,6 +1183,7 @@ class BudgetMachine(RuleBasedStateMachine):
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(channel(self.budget))
         self.twin = Twin(self.client, channel(self.budget))
+        self.live = self.client.pubsub()  # the processes' own channels (connected(): firm grants)
         self.policy = CooldownPolicy()
         self.ticket_ttl = self.budget.lease_ttl
         self.base_args = budget_args(self.budget)
@@ -1208,6 +1219,7 @@ class BudgetMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.pubsub.close()
+        self.live.close()
         self.client.close()
 
     @initialize(
@@ -1707,6 +1719,27 @@ class BudgetMachine(RuleBasedStateMachine):
         expiry = min(lease.expiry for lease in self.model.leases.values() if lease.provisional)
         CLOCK.ticks = max(CLOCK.ticks, int((expiry - BASE) * TICKS) + late)
         self.cancel(UNKNOWN)
+
+    @rule(target=ids, requests=REQUESTS, tokens=TOKENS, lead=LEADS)
+    def queue_from_a_connected_process(self, requests: int, tokens: int, lead: int) -> str:
+        """An arrival whose process holds its channel: when its ticket is granted in the queue, firm."""
+        lease_id = self.acquire(requests, tokens, None, True, False, lead, "")
+        self.connect(lease_id, True)
+        return lease_id
+
+    @rule(lease_id=ids, up=st.booleans())
+    def connect(self, lease_id: str, up: bool) -> None:
+        """The process of ``lease_id`` (every id is its own here) subscribes its own channel, or drops
+        it (its connection closed): grants to its tickets are firm while it holds it."""
+        name = f"{channel(self.budget)}:{owner_of(lease_id)}"
+        if up and owner_of(lease_id) not in self.model.live:
+            self.live.subscribe(name)
+            self.twin.server.subscribe(name, self.twin)  # type: ignore[arg-type]
+            self.model.live.add(owner_of(lease_id))
+        elif not up and owner_of(lease_id) in self.model.live:
+            self.live.unsubscribe(name)
+            self.twin.server.unsubscribe(name, self.twin)  # type: ignore[arg-type]
+            self.model.live.discard(owner_of(lease_id))
 
     @rule(lease_id=ids | st.just(UNKNOWN))
     def cancel(self, lease_id: str) -> None:

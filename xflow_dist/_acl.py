@@ -47,11 +47,13 @@ KEY_COMMANDS: dict[str, tuple[str, ...]] = {
     "ZSCORE": ("m",),
 }
 
-#: The commands the operations run without a key: PUBLISH (on the budget's channel) and TIME.
-SCRIPT_COMMANDS = frozenset({*KEY_COMMANDS, "PUBLISH", "TIME"})
+#: The commands the operations run without a key: PUBLISH (on the budget's channel), TIME and PUBSUB
+#: NUMSUB (whether a waiter's process is connected; without it, its grants wait for a claim).
+SCRIPT_COMMANDS = frozenset({*KEY_COMMANDS, "PUBLISH", "TIME", "PUBSUB|NUMSUB"})
 
 #: What the client sends besides the operations: EVALSHA (proven by running the check), SCRIPT LOAD
-#: (after a NOSCRIPT), SUBSCRIBE and UNSUBSCRIBE (the budget's channel), PING (health checks), PUBSUB
+#: (after a NOSCRIPT), SUBSCRIBE and UNSUBSCRIBE (the budget's channel and the process's own beside
+#: it), PING (health checks), PUBSUB
 #: NUMSUB (the count of processes an outage shares the budget among, docs/reliability.md).
 CLIENT_COMMANDS = ("EVALSHA", "SCRIPT|LOAD", "SUBSCRIBE", "UNSUBSCRIBE", "PING", "PUBSUB|NUMSUB")
 
@@ -74,10 +76,12 @@ def source() -> str:
 
 
 def checks(keys: list[str], channel: str) -> list[tuple[str, ...]]:
-    """Every command a limiter of the budget with these keys and channel sends, as a check."""
+    """Every command a limiter of the budget with these keys and channel sends, as a check (the
+    process's own channel beside the budget's, ``<channel>:<process>``, checked by one such name)."""
     out: list[tuple[str, ...]] = [
         ("SCRIPT", "LOAD", "return 1"),
         ("SUBSCRIBE", channel),
+        ("SUBSCRIBE", f"{channel}:0"),
         ("UNSUBSCRIBE", channel),
         ("PING",),
         ("PUBSUB", "NUMSUB", channel),

@@ -30,6 +30,7 @@ from ._base import (
     gate_size,
     left,
     new_id,
+    own_channel,
     transient,
 )
 from ._budget import Budget, CooldownPolicy, Level
@@ -73,19 +74,19 @@ class _Events:
         self._limiter = limiter
         self._name = name
         self._census_at = 0.0
-        self.mail: Mailroom[asyncio.Queue[Notice]] = Mailroom(asyncio.Queue)
+        self.mail: Mailroom[asyncio.Queue[Notice]] = Mailroom(asyncio.Queue, name)
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, limiter: AsyncLimiter, name: str) -> _Events:
         client = limiter._client
         pubsub = subscriber(client)  # on a cluster, one that moves to a live node after a failure
-        await pubsub.subscribe(name)
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
+        await pubsub.subscribe(name, own_channel(name))  # the second: this process is connected
+        confirmed, deadline = 0, time.monotonic() + 10.0
+        while confirmed < 2 and time.monotonic() < deadline:  # live before anyone relies on them
             msg = await pubsub.get_message(timeout=1.0)
             if msg is not None and msg.get("type") == "subscribe":
-                break
+                confirmed += 1
         events = cls(pubsub, limiter, name)
         # the loop's own create_task, here and for the heartbeat: these tasks are the limiter's, and code
         # that counts the application's tasks by wrapping asyncio.create_task (XtremeFlow's tests do) should
@@ -109,7 +110,7 @@ class _Events:
                 await self._census()
             if msg is None:
                 continue
-            if Mailroom.resets(msg):
+            if self.mail.resets(msg):
                 self._limiter._rejoin_soon()
                 self._limiter._kick()
             for inbox, notice in self.mail.deliver(msg):

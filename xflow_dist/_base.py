@@ -127,6 +127,12 @@ def new_id() -> str:
     return f"{_PROCESS[0]}.{uuid.uuid4().hex}"
 
 
+def own_channel(events: str) -> str:
+    """This process's own channel beside a budget's ``events`` channel: held subscribed, it tells the
+    scripts the process is connected, and grants to its tickets need no claim (``connected()``)."""
+    return f"{events}:{_PROCESS[0]}"
+
+
 def left(deadline: float | None) -> float | None:
     """Seconds to a monotonic deadline, never below zero (None: no deadline)."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -450,12 +450,18 @@ class _State:
 
 class Engine:
     """Every budget of one ``memory://`` server. ``run`` is EVALSHA of one operation; what it
-    publishes goes to ``publish(channel, message)``."""
+    publishes goes to ``publish(channel, message)``; ``numsub(channel)`` is PUBSUB NUMSUB's count."""
 
-    def __init__(self, publish: Callable[[str, str], None], clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        publish: Callable[[str, str], None],
+        clock: Callable[[], float] = time.time,
+        numsub: Callable[[str], int] = lambda _channel: 0,
+    ) -> None:
         self.budgets: dict[str, _Budget] = {}
         self.publish = publish
         self.clock = clock
+        self.numsub = numsub
 
     # --- the keyspace, as the few commands ``_memory`` offers see it ---
 
@@ -973,11 +979,12 @@ class _Call:
                     rank += 1
                 elif fit <= self.now:
                     self.dequeue(head)
-                    self.grant(st, head, t.creq, t.ctok, t.fit, True, t.overdraft, t.levels)
+                    firm = self.engine.numsub(f"{self.channel}:{_owner_of(head)}") > 0  # connected()
+                    self.grant(st, head, t.creq, t.ctok, t.fit, not firm, t.overdraft, t.levels)
                     self.granted.add(head)
                     if t.tag is not None:
                         st.vt = max(st.vt, t.tag)
-                    self.engine.publish(self.channel, f"g {head} {fmt(self.now)}")
+                    self.engine.publish(self.channel, f"g {head} {fmt(self.now)}" + (" f" if firm else ""))
                 else:
                     self.announce(st, head, t, fit)
                     owner = _owner_of(head)

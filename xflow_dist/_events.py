@@ -16,9 +16,11 @@ Q = TypeVar("Q")
 
 @dataclass(frozen=True, slots=True)
 class GrantNotice:
-    """A queued ticket was granted: its lease exists, charged; the holder may start at once."""
+    """A queued ticket was granted: its lease exists, charged. ``firm``: granted to a connected
+    process, the holder starts at once; else it claims the grant first (acquire again, same id)."""
 
     lease_id: str
+    firm: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,8 @@ def parse(data: bytes | str, arrived: float | None = None) -> Notice | None:
     try:
         if parts[0] == "g" and len(parts) == 3:
             return GrantNotice(parts[1])
+        if parts[0] == "g" and len(parts) == 4 and parts[3] == "f":
+            return GrantNotice(parts[1], firm=True)
         if parts[0] == "h" and len(parts) == 4:
             return HeadNotice(parts[1], max(0.0, float(parts[2]) - float(parts[3])), at)
         if parts[0] == "c" and len(parts) == 3:
@@ -75,12 +79,14 @@ class Mailroom(Generic[Q]):
     """Routes each notice about a ticket to the inbox of the acquirer waiting for it.
 
     Both fronts keep one; the sync one makes ``queue.SimpleQueue`` inboxes, the async one
-    ``asyncio.Queue``.
+    ``asyncio.Queue``. ``channel``: the budget's events channel, whose (re)subscription resets (the
+    process's own channel, subscribed beside it, does not).
     """
 
-    def __init__(self, make: Callable[[], Q]) -> None:
+    def __init__(self, make: Callable[[], Q], channel: str | None = None) -> None:
         self._make = make
         self._inboxes: dict[str, Q] = {}
+        self._channel = None if channel is None else channel.encode()
 
     def expect(self, lease_id: str) -> Q:
         inbox = self._inboxes[lease_id] = self._make()
@@ -93,11 +99,12 @@ class Mailroom(Generic[Q]):
         """The inbox of the acquirer waiting for ``lease_id``, if one does."""
         return self._inboxes.get(lease_id)
 
-    @staticmethod
-    def resets(message: dict[str, Any]) -> bool:
-        """A (re)subscription or a lost state: the leases held must be registered again."""
+    def resets(self, message: dict[str, Any]) -> bool:
+        """A (re)subscription to the budget's channel or a lost state: the leases held must be
+        registered again."""
         if message.get("type") == "subscribe":
-            return True
+            name = message.get("channel")
+            return self._channel is None or (name.encode() if isinstance(name, str) else name) == self._channel
         return message.get("type") == "message" and isinstance(parse(message["data"]), StateLost)
 
     def everyone(self) -> list[Q]:

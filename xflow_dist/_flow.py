@@ -58,8 +58,10 @@ def acquire_flow(
     """Acquire, queue, sleep until the fit time or a notice, and claim a grant made in the queue.
 
     ``timeout=0`` tries once and never queues. A grant made to the queued ticket is provisional
-    until this flow claims it (acquire again with the same id), and so is every return after a
-    reconnect: the same call renews the ticket, claims a grant, or re-enters a ticket that Redis lost.
+    until this flow claims it (acquire again with the same id), unless it was made firm (this
+    process connected, see ``connected()`` in ``lua/_prelude.lua``): then the notice is the grant.
+    Every return after a reconnect is that same call: it renews the ticket, claims a grant, or
+    re-enters a ticket that Redis lost.
     ``keep_place``: the ticket stays in the queue when the flow gives up (``AcquireTimeout.ticket``),
     for the caller to come back to with the same id: at the deadline, or at once when the budget
     can tell the wait is longer (then the ticket is queued first, and ``retry_after`` is that wait).
@@ -124,6 +126,8 @@ def acquire_flow(
             if left <= 0:
                 break
             notice: Notice | None = yield AwaitNotice(lease_id, left)
+            if isinstance(notice, GrantNotice) and notice.firm:
+                return  # granted to this connected process: nothing to claim
             if isinstance(notice, GrantNotice | Resubscribed):
                 break
             if isinstance(notice, HeadNotice):

@@ -30,6 +30,7 @@ from ._base import (
     gate_size,
     left,
     new_id,
+    own_channel,
     transient,
 )
 from ._budget import Budget, CooldownPolicy, Level
@@ -79,18 +80,18 @@ class _Events:
     """
 
     def __init__(self, limiter: Limiter, name: str) -> None:
-        self.mail: Mailroom[queue.SimpleQueue[Notice]] = Mailroom(queue.SimpleQueue)
+        self.mail: Mailroom[queue.SimpleQueue[Notice]] = Mailroom(queue.SimpleQueue, name)
         self._limiter = limiter
         self._client = limiter._client
         self._name = name
         self._census_at = 0.0
         self._pubsub = subscriber(self._client)  # on a cluster, one that moves to a live node after a failure
-        self._pubsub.subscribe(name)
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:  # the subscription is live before anyone relies on it
+        self._pubsub.subscribe(name, own_channel(name))  # the second: this process is connected
+        confirmed, deadline = 0, time.monotonic() + 10.0
+        while confirmed < 2 and time.monotonic() < deadline:  # live before anyone relies on them
             msg = self._pubsub.get_message(timeout=1.0)
             if msg is not None and msg.get("type") == "subscribe":
-                break
+                confirmed += 1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="xflow-events", daemon=True)
         self._thread.start()
@@ -113,7 +114,7 @@ class _Events:
                 self._census()
             if msg is None:
                 continue
-            if Mailroom.resets(msg):
+            if self.mail.resets(msg):
                 self._limiter._upkeep.rejoin_soon()
                 self._limiter._upkeep.kick()
             for inbox, notice in self.mail.deliver(msg):

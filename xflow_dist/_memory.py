@@ -79,7 +79,7 @@ class MemoryServer:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.lock = threading.RLock()
         self.clock = clock
-        self.engine = Engine(self._publish, clock)
+        self.engine = Engine(self._publish, clock, lambda channel: len(self.subscribers.get(channel, ())))
         self.subscribers: dict[str, list[_SyncPubSub | _AsyncPubSub]] = {}
 
     def _publish(self, channel: str, message: str) -> None:
