@@ -53,7 +53,7 @@ DEEP_TTL = 3.0
 MARK_START = "xflow-bench-start"
 MARK_END = "xflow-bench-end"
 SHAS = {hashlib.sha1(source(op).encode()).hexdigest(): op for op in OPS}
-SUBCOMMANDS = ("client", "script", "config", "command", "cluster", "object", "memory", "function")
+SUBCOMMANDS = ("client", "script", "config", "command", "cluster", "object", "memory", "function", "pubsub")
 
 
 def make_budget(scenario: str, name: str, concurrency: int, rate: float) -> Budget:
