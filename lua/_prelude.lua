@@ -540,8 +540,9 @@ local function release_levels(levels, creq, ctok)
 end
 
 -- A grant, now; ``fit``: the fit time told to a head of the queue (see charge()). A grant to a queued
--- ticket is provisional (``provisional`` true): it expires after the claim window unless its holder
--- claims it (acquire.lua with the same id), and is then refunded (see reap()). ``levels``: the caps
+-- ticket is provisional (``provisional`` true) unless its process is connected (advance(), see
+-- connected()): it expires after the claim window unless its holder claims it (acquire.lua with the
+-- same id), and is then refunded (see reap()). ``levels``: the caps
 -- it passes (nil: none), charged too. ``start``: a reservation's later start (nil: now), from which
 -- its lease runs; it is charged now as it would be then (see acquire.lua): from its start in a bucket
 -- that would be fuller by then, so that the credit it takes is never also the credit of a call made

@@ -4,7 +4,8 @@
 -- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
 -- ARGV[11]  id: lease id, also the ticket id while queued; calling again with the same id is a
 --          return to the queue that keeps the ticket's place (and renews it), or, once the ticket
---          was granted, the claim of that provisional grant (the lease then lives a lease TTL)
+--          was granted, the claim of that grant if it was provisional (the lease then lives a lease
+--          TTL; a firm grant is only reported)
 -- ARGV[12] requests to charge (count, usually 1)
 -- ARGV[13] tokens to charge (estimate)
 -- ARGV[14] max wait, seconds: a new arrival whose exact wait is longer is refused, charging
@@ -43,10 +44,11 @@
 --   {"queued", wait, now}            the ticket waits in its turn; come back after `wait` seconds:
 --                                    exact for the head waiting for its rates, else a renewal
 --                                    interval. Meanwhile the events channel announces "h <id> <fit>
---                                    <now>" (the ticket is head and fits at <fit>) or "g <id> <now>"
+--                                    <now>" (the ticket is head and fits at <fit>), "g <id> <now>"
 --                                    (granted provisionally: the holder claims it by calling again
 --                                    with the same id within the claim window, or it is taken back
---                                    and refunded)
+--                                    and refunded) or "g <id> <now> f" (granted firm to a connected
+--                                    process: the holder starts, no claim; see connected())
 --   {"refused", retry_after, now}    nothing charged; retry_after is exact when the refusal is for
 --                                    the rates, "-1" when it is for a slot or a queue ahead
 --   {"too_large", most, now, what}   nothing charged: a new arrival's cost of `what` ("requests" or

@@ -10,7 +10,8 @@
 --   "q"  still queued, and renewed
 --   "h<seconds>"  still queued, renewed, and the head: it comes back after <seconds> (acquire.lua's
 --        wait for it: its fit time, or when the first lease would expire, or the renewal interval)
---   "g"  granted in the queue: its waiter claims it (acquire.lua with the same id)
+--   "g"  granted in the queue: its waiter asks again (acquire.lua with the same id), which claims
+--        the grant if it is provisional
 --   "-"  neither (dropped as not renewed in time, or never queued): its waiter asks again
 -- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
 -- nothing changed.

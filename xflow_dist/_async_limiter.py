@@ -27,6 +27,7 @@ from ._base import (
     Decision,
     LimiterBase,
     _check_seconds,
+    away_id,
     gate_size,
     left,
     new_id,
@@ -306,7 +307,9 @@ class AsyncLimiter(LimiterBase):
                 if not transient(exc):
                     raise
                 await self._enter_outage(exc)
-            lease_id = new_id()  # the failed id is given back in the background: never reuse it
+            # the failed id is given back in the background: never reuse it (a ticket that may leave
+            # keeps an id of its own "process", as _prepare made it)
+            lease_id = away_id() if keep_place else new_id()
 
     async def _acquire_shared(
         self,

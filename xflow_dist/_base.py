@@ -127,6 +127,12 @@ def new_id() -> str:
     return f"{_PROCESS[0]}.{uuid.uuid4().hex}"
 
 
+def away_id() -> str:
+    """The id of a ticket that may leave this process (``keep_place``): its own "process", which no
+    limiter holds connected, so that a grant made while it is away waits for a claim."""
+    return f"{uuid.uuid4().hex[:12]}.{uuid.uuid4().hex}"
+
+
 def own_channel(events: str) -> str:
     """This process's own channel beside a budget's ``events`` channel: held subscribed, it tells the
     scripts the process is connected, and grants to its tickets need no claim (``connected()``)."""
@@ -253,7 +259,7 @@ class LimiterBase:
             # A ticket that may leave this process (keep_place) is its own process for the queue:
             # when its turn comes while it is away, the waiter behind it is told to come back a
             # claim window later, as behind the ticket of a dead process (ids are "<process>.<unique>").
-            return (f"{uuid.uuid4().hex[:12]}.{uuid.uuid4().hex}" if away else new_id()), requests, tokens
+            return (away_id() if away else new_id()), requests, tokens
         if not isinstance(ticket, str) or not _TICKET.fullmatch(ticket):
             raise InvalidCostError(f"ticket must be an id that acquire gave (AcquireTimeout.ticket), not {ticket!r}",
                                    budget=self.budget.name)  # fmt: skip

@@ -38,6 +38,7 @@ def _after_fork_in_child() -> None:
     _servers_lock = threading.Lock()
     for s in _servers.values():
         s.lock = threading.RLock()
+        s.subscribers.clear()  # the parent's subscribers are not this process's: none is connected here
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
