@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import redis
@@ -231,3 +232,17 @@ def mock_provider(seen: list[tuple[str, str | None]], header: str) -> Any:
         return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
 
     return httpx.MockTransport(reply)
+
+
+def counting_scripts(limiter: Any) -> Counter[str]:
+    """Count the scripts ``limiter`` runs, by operation (sync or async: the wrapper passes on what
+    the limiter's own ``_run`` returns, a coroutine included)."""
+    counts: Counter[str] = Counter()
+    run = limiter._run
+
+    def counted(op: str, argv: list[str]) -> Any:
+        counts[op] += 1
+        return run(op, argv)
+
+    limiter._run = counted
+    return counts

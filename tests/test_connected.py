@@ -16,11 +16,11 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
 from typing import Any
 
 import pytest
 import redis
+from _helpers import counting_scripts
 
 from xflow_dist import AsyncLimiter, Budget, Limiter
 from xflow_dist._base import own_channel
@@ -30,24 +30,11 @@ from xflow_dist._events import GrantNotice, Mailroom, parse
 _SPAWN = mp.get_context("spawn")
 
 
-def _counting(limiter: Any) -> Counter[str]:
-    """Count the scripts ``limiter`` runs, by operation."""
-    counts: Counter[str] = Counter()
-    run = limiter._run
-
-    def counted(op: str, argv: list[str], *args: Any, **kwargs: Any) -> Any:
-        counts[op] += 1
-        return run(op, argv, *args, **kwargs)
-
-    limiter._run = counted
-    return counts
-
-
 def test_a_grant_to_a_waiter_of_a_connected_process_needs_no_claim(url: str, name: str) -> None:
     budget = Budget(name, max_concurrency=1, lease_ttl=20.0)
     with Limiter(budget, url) as holder, Limiter(budget, url) as other:
         held = holder.acquire()
-        counts = _counting(other)
+        counts = counting_scripts(other)
         got: list[Any] = []
         waiter = threading.Thread(target=lambda: got.append(other.acquire(timeout=10)))
         waiter.start()
@@ -100,7 +87,7 @@ def test_a_ticket_of_a_process_not_connected_is_granted_provisionally(redis_url:
 def _contend(url: str, name: str, rounds: int, out: Any) -> None:
     budget = Budget(name, max_concurrency=1, lease_ttl=20.0)
     with Limiter(budget, url) as lim:
-        counts = _counting(lim)
+        counts = counting_scripts(lim)
         for _ in range(rounds):
             lease = lim.acquire(timeout=20)
             time.sleep(0.01)  # the call, while the other process queues for the slot
@@ -182,7 +169,7 @@ async def test_an_async_waiter_of_a_connected_process_needs_no_claim(url: str, n
     budget = Budget(name, max_concurrency=1)
     async with AsyncLimiter(budget, url) as holder, AsyncLimiter(budget, url) as other:
         held = await holder.acquire()
-        counts = _counting(other)
+        counts = counting_scripts(other)
         task = asyncio.ensure_future(other.acquire(timeout=10))
         deadline = time.monotonic() + 5
         while (await holder.status()).queued == 0 and time.monotonic() < deadline:

@@ -8,26 +8,13 @@ from collections import Counter
 from typing import Any
 
 import redis
-from _helpers import acquire_in_thread, ops, until
+from _helpers import acquire_in_thread, counting_scripts, ops, until
 
 from xflow_dist import AsyncLimiter, Budget, Limiter
 from xflow_dist._core import keys
 from xflow_dist._renewals import MAX_RENEW, Renewals, renewal_only
 
 TTL = 0.4  # a renewal round every 0.2 s
-
-
-def _counting(limiter: Any) -> Counter[str]:
-    """Count the scripts ``limiter`` runs, by name."""
-    counts: Counter[str] = Counter()
-    run = limiter._run
-
-    def counted(op: str, argv: list[str]) -> Any:
-        counts[op] += 1
-        return run(op, argv)
-
-    limiter._run = counted
-    return counts
 
 
 def test_a_round_takes_every_ticket_due_within_a_quarter_ttl() -> None:
@@ -81,7 +68,7 @@ def test_a_round_never_shortens_a_ticket_and_tells_the_head_its_time(client: red
 
 def test_a_deep_queue_is_renewed_in_rounds_not_waiter_by_waiter(url: str, name: str) -> None:
     with Limiter(Budget(name, max_concurrency=1), url, ticket_ttl=TTL) as lim:
-        counts = _counting(lim)
+        counts = counting_scripts(lim)
         holder = lim.acquire()
         waiters = []
         for k in range(6):
@@ -103,7 +90,7 @@ def test_a_deep_queue_is_renewed_in_rounds_not_waiter_by_waiter(url: str, name: 
 
 def test_a_ticket_dropped_meanwhile_sends_its_waiter_back(redis_url: str, client: redis.Redis, name: str) -> None:
     with Limiter(Budget(name, max_concurrency=1), redis_url, ticket_ttl=TTL) as lim:
-        counts = _counting(lim)
+        counts = counting_scripts(lim)
         holder = lim.acquire()
         thread, out = acquire_in_thread(lim, timeout=30)
         until(lambda: lim.status().queued == 1)
