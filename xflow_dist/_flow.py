@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._budget import Budget
-from ._core import ANYWHERE, AcquireReply, Place, acquire_args, decode_acquire, too_large_error
+from ._core import ANYWHERE, Place, acquire_args, decode_acquire, too_large_error
 from ._events import CooldownNotice, GrantNotice, HeadNotice, Notice, Resubscribed
 from ._exceptions import AcquireTimeout
 from ._renewals import LAST_RESORT, renewal_only
@@ -69,6 +69,9 @@ def acquire_flow(
     deadline = None if timeout is None else time.monotonic() + timeout
     first = True
     fits_at: float | None = None  # when the head was told it fits (monotonic), if it was
+    # a booking heard (its start may be after the deadline), and the end of a pause heard while a
+    # reservation waited (monotonic): a reservation asked for again keeps to both
+    booked, paused = False, [0.0]
     while True:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0 and not first:
@@ -87,9 +90,13 @@ def acquire_flow(
         )
         reply = decode_acquire((yield RunScript("acquire", argv)))
         if reply.kind == "granted":
-            if (yield from _until_start(lease_id, reply)):
+            if reply.start <= reply.now and paused[0] <= time.monotonic():
                 return
-            continue  # a reconnect or a lost state while it waited: ask Redis again, same id
+            # a reservation: the reply's half round trip only adds margin
+            wake = time.monotonic() + max(0.0, reply.start - reply.now)
+            if (yield from _until_start(lease_id, wake, deadline if booked else None, paused)):
+                return
+            continue  # a reconnect, a lost state or the deadline while it waited: ask Redis again, same id
         if reply.kind == "too_large":
             raise too_large_error(budget, requests, tokens, reply)
         if reply.kind == "refused" and keep_place:
@@ -97,7 +104,7 @@ def acquire_flow(
             # bound on the wait) and leave at once with that wait.
             argv = acquire_args(  # (never a reservation: its caller leaves at once)
                 lease_id, requests, tokens, None, True, ticket_ttl, budget.probe, budget.overdraft,
-                *place._replace(reserve=False),
+                *place._replace(reserve=False, book=False),
             )  # fmt: skip
             if decode_acquire((yield RunScript("acquire", argv))).kind == "granted":
                 return  # it fits after all (a release in between)
@@ -127,27 +134,41 @@ def acquire_flow(
                 break
             notice: Notice | None = yield AwaitNotice(lease_id, left)
             if isinstance(notice, GrantNotice) and notice.firm:
-                return  # granted to this connected process: nothing to claim
+                # granted to this connected process: nothing to claim; booked, it starts later
+                booked = booked or notice.delay > 0
+                start = notice.arrived + notice.delay
+                if not notice.delay or (yield from _until_start(lease_id, start, deadline, paused)):
+                    return
+                break  # a reconnect (ask Redis again, same id: it finds the lease) or the deadline
             if isinstance(notice, GrantNotice | Resubscribed):
                 break
             if isinstance(notice, HeadNotice):
                 wake = fits_at = notice.arrived + notice.delay
 
 
-def _until_start(lease_id: str, reply: AcquireReply) -> Generator[Step, Any, bool]:
-    """A reservation (a grant for a later start, see acquire.lua) sleeps until its start: True then.
+def _until_start(
+    lease_id: str, wake: float, deadline: float | None = None, paused: list[float] | None = None
+) -> Generator[Step, Any, bool]:
+    """A reservation (a grant for a later start, see acquire.lua) sleeps until its start, ``wake``
+    (monotonic): True then. A booking whose start is after the caller's ``deadline`` returns False
+    at the deadline (the flow then gives it back and times out). ``paused[0]``: the end of a pause
+    heard (monotonic), kept there for the flow's next ask.
 
     A pause announced meanwhile (a 429 anywhere in the fleet) holds it until the pause ends as well;
     a reconnect or a lost state returns False at once, for the flow to ask Redis again with the same
     id (the lease is found and its start told again, or, lost, the call is a new arrival). A caller
     that gives up meanwhile cancels it (the fronts give the lease back)."""
-    if reply.start <= reply.now:
-        return True
-    wake = time.monotonic() + (reply.start - reply.now)  # the reply's half round trip only adds margin
+    paused = [0.0] if paused is None else paused
+    wake = max(wake, paused[0])
     while (left := wake - time.monotonic()) > 0:
+        if deadline is not None and wake > deadline:
+            if deadline - time.monotonic() <= 0:
+                return False
+            left = deadline - time.monotonic()
         notice = yield AwaitNotice(lease_id, left)
         if isinstance(notice, Resubscribed):
             return False
         if isinstance(notice, CooldownNotice):
-            wake = max(wake, notice.arrived + notice.remaining)
+            paused[0] = max(paused[0], notice.arrived + notice.remaining)
+            wake = max(wake, paused[0])
     return True
