@@ -10,7 +10,6 @@ follows a limit learned while it sleeps, and a cancel before its fit time refund
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import threading
 import time
@@ -18,14 +17,12 @@ from typing import Any
 
 import pytest
 import redis
-from _helpers import counting_scripts
+from _helpers import counting_scripts, results_of_processes
 
 from xflow_dist import AcquireTimeout, Budget, Limiter
 from xflow_dist._core import ANYWHERE, keys
 from xflow_dist._events import CooldownNotice, GrantNotice, Resubscribed, parse
 from xflow_dist._flow import AwaitNotice, GiveBack, RunScript, acquire_flow
-
-_SPAWN = mp.get_context("spawn")
 
 
 def test_a_waiter_at_the_head_is_booked_by_another_script_and_starts_at_its_fit_time(url: str, name: str) -> None:
@@ -102,17 +99,7 @@ def test_processes_paced_by_a_rate_spend_about_an_acquire_and_a_settle_per_reque
     the queue is never empty, and each head is booked by the settle before it. Without booking,
     each head comes back at its fit time: about two acquires per request."""
     calls, threads = 10, 3
-    out: Any = _SPAWN.Queue()
-    procs = [_SPAWN.Process(target=_paced, args=(redis_url, name, calls, threads, out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = [out.get(timeout=90) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    results = results_of_processes(_paced, (redis_url, name, calls, threads), 2, 90)
     requests = calls * threads
     for _, counts in results:
         assert counts.get("settle") == requests, counts
