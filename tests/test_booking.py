@@ -106,6 +106,10 @@ def test_processes_paced_by_a_rate_spend_about_an_acquire_and_a_settle_per_reque
         assert requests <= counts.get("acquire", 0) <= 1.25 * requests, f"heads came back for their grants: {counts}"
 
 
+#: status.lua's reply for a budget with no pause in force (what a waiter asks after a reconnect)
+NO_PAUSE = ["100.1", "0", "0", "1", "0", "0.000000", "0", "60", "0", "0", "0", "0"]
+
+
 def _drive(flow: Any, answers: list[Any]) -> list[Any]:
     """Run an acquire flow, answering its steps in turn (None to a wait: after its timeout); the steps
     it took, and how it ended."""
@@ -152,16 +156,28 @@ def test_a_booking_asked_for_again_keeps_the_pause_it_heard() -> None:
     now = time.monotonic()
     steps = _drive(flow, [["queued", "1.000000", "100.000000"], GrantNotice("p.1", True, 0.05, now),
                           CooldownNotice(3.0, now), Resubscribed(),
-                          ["granted", "100.050000", "100.100000", "130.050000"]])  # fmt: skip
-    assert isinstance(steps[4], RunScript), "the waiter did not ask again"
-    assert isinstance(steps[5], AwaitNotice) and steps[5].timeout > 2.5, "it started within the pause"
+                          ["granted", "100.050000", "100.100000", "130.050000"], NO_PAUSE])  # fmt: skip
+    assert isinstance(steps[4], RunScript) and steps[4].op == "acquire", "the waiter did not ask again"
+    assert isinstance(steps[6], AwaitNotice) and steps[6].timeout > 2.5, "it started within the pause"
 
 
 def test_a_booking_asked_for_again_keeps_the_deadline() -> None:
     flow = acquire_flow(Budget("b", rps=1), "p.1", 1, 0, 0.3, 30.0, False, ANYWHERE)
     now = time.monotonic()
     steps = _drive(flow, [["queued", "1.000000", "100.000000"], GrantNotice("p.1", True, 5.0, now), Resubscribed(),
-                          ["granted", "105.000000", "100.100000", "135.000000"], None, None])  # fmt: skip
+                          ["granted", "105.000000", "100.100000", "135.000000"], NO_PAUSE, None, None])  # fmt: skip
     assert isinstance(steps[3], RunScript)
-    assert isinstance(steps[4], AwaitNotice) and steps[4].timeout <= 0.3, "it slept past the deadline"
-    assert isinstance(steps[5], GiveBack) and isinstance(steps[6], AcquireTimeout)
+    assert isinstance(steps[5], AwaitNotice) and steps[5].timeout <= 0.3, "it slept past the deadline"
+    assert isinstance(steps[6], GiveBack) and isinstance(steps[7], AcquireTimeout)
+
+
+def test_a_grant_asked_for_after_a_reconnect_waits_for_a_pause_whose_notice_was_lost() -> None:
+    """A reconnect loses what was published meanwhile, a pause's notice too: the grant the waiter
+    then finds (booked, its start passed) asks Redis whether a pause is in force, and holds for it."""
+    flow = acquire_flow(Budget("b", rps=1), "p.1", 1, 0, None, 30.0, False, ANYWHERE)
+    status = [*NO_PAUSE[:5], "2.000000", *NO_PAUSE[6:]]  # a pause of 2 s in force
+    steps = _drive(flow, [["queued", "1.000000", "100.000000"], Resubscribed(),
+                          ["granted", "100.050000", "100.100000", "130.050000"], status])  # fmt: skip
+    assert isinstance(steps[2], RunScript) and steps[2].op == "acquire"
+    assert isinstance(steps[3], RunScript) and steps[3].op == "status", "it did not ask for a pause"
+    assert isinstance(steps[4], AwaitNotice) and steps[4].timeout > 1.5, "it started within the pause"

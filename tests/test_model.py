@@ -979,13 +979,15 @@ class BudgetModel:
             self.rt = max(self.rt, now + self.burst)
         if self.token_rate:
             self.tt = max(self.tt, now + self.burst)
-        # reservations that were to start within the pause start at its end: the buckets hold them
-        # from then, so that the queue's next grant comes paced after them
-        held = [lease for lease in self.leases.values() if now < lease.start < self.cu]
+        # reservations still to start start no sooner than the pause's end: the buckets hold them as
+        # charged then, after the zero credit of now, and no refund goes below that (the floors)
+        held = [lease for lease in self.leases.values() if lease.start > now]
         if self.request_rate and sum(lease.requests for lease in held):
-            self.rt = max(self.rt, self.cu + sum(lease.requests for lease in held) / self.request_rate)
+            self.rt = max(self.rt, max(now + self.burst, self.cu) + sum(h.requests for h in held) / self.request_rate)
+            self.rf = max(self.rf, self.rt)
         if self.token_rate and sum(lease.tokens for lease in held):
-            self.tt = max(self.tt, self.cu + sum(lease.tokens for lease in held) / self.token_rate)
+            self.tt = max(self.tt, max(now + self.burst, self.cu) + sum(h.tokens for h in held) / self.token_rate)
+            self.tf = max(self.tf, self.tt)
         self.cl = level
         self.cr = self.cu + frac(policy.quiet)  # the quiet period runs from the pause's end
         self._advance(now, events)
@@ -1780,6 +1782,7 @@ class BudgetMachine(RuleBasedStateMachine):
         CLOCK.ticks = max(CLOCK.ticks, math.floor((edge - BASE) * TICKS) + around)
         self.cancel(UNKNOWN)
 
+    @precondition(lambda self: len(self.model.leases) + len(self.model.queue) < 12)  # (each run adds up to 9)
     @rule(
         target=ids, tokens=st.sampled_from([0, 1, 8]), waiters=st.integers(1, 3), around=st.sampled_from([-1, 0, 1, 4])
     )

@@ -1381,16 +1381,18 @@ class _Call:
             st.rt = max(st.rt, now + self.burst_req)
         if self.rate_tok > 0:
             st.tt = max(st.tt, now + self.burst_tok)
-        # reservations that were to start within the pause start at its end: charged from then
+        # reservations still to start start no sooner than the pause's end: charged then, floored
         held_req = held_tok = 0.0
-        for lid in self.b.leases.ids_from(now + self.lease_ttl - 0.001):
+        for lid in self.b.leases.ids_from(-math.inf):
             lease = self.b.data.get(lid)
-            if lease is not None and now < float(lease.start) < st.cu:
+            if lease is not None and float(lease.start) > now:
                 held_req, held_tok = held_req + lease.creq, held_tok + lease.ctok
         if self.rate_req > 0 and held_req > 0:
-            st.rt = max(st.rt, st.cu + held_req / self.rate_req)
+            st.rt = max(st.rt, max(now + self.burst_req, st.cu) + held_req / self.rate_req)
+            st.rf, st.reserved = max(st.rf, st.rt), True
         if self.rate_tok > 0 and held_tok > 0:
-            st.tt = max(st.tt, st.cu + held_tok / self.rate_tok)
+            st.tt = max(st.tt, max(now + self.burst_tok, st.cu) + held_tok / self.rate_tok)
+            st.tf, st.reserved = max(st.tf, st.tt), True
         st.cl = level
         st.cr = st.cu + quiet
         self.advance(st)
