@@ -24,9 +24,10 @@
 --                           vt      virtual time of the tenants' fair queuing: the largest place granted
 --                           ca      the latest time a cap was written, or TAT it was given (the keys
 --                                   outlive it; 0: the budget has had no caps)
---                           rf, tf  what the reservations hold of the request and token buckets: the
---                                   latest start plus its cost's refill time; a refund keeps the TAT
---                                   at or above it (absent: 0, none; see acquire.lua)
+--                           rf, tf  what the reservations hold of the request and token buckets: their
+--                                   own TAT (each: the later of it and its start, plus its cost's
+--                                   refill time); a refund keeps the TAT at or above it (absent: 0,
+--                                   none; see grant())
 --   KEYS[2] leases    ZSET  lease id -> expiry (seconds of Redis time)
 --   KEYS[3] lease_data HASH lease id -> "<requests> <tokens> <start> <request level> <token level>
 --                           <kr> <kt> <cq> <ct>": what the lease was charged, the levels just
@@ -547,7 +548,10 @@ end
 -- its lease runs; it is charged now as it would be then (see acquire.lua): from its start in a bucket
 -- that would be fuller by then, so that the credit it takes is never also the credit of a call made
 -- before it; its snapshots are the levels then, when the provider sees the call; and the floors (rf,
--- tf) rise to its start plus its cost's refill time, which no refund goes below before then.
+-- tf), which no refund goes below before then, are the TATs of the reservations alone: the later of
+-- the floor and its start, plus its cost's refill time. (Not its start plus that time: reservations
+-- sharing a start would each hold only their own share, and a refund of a call charged before that
+-- start, whose debt it forgot, would free what they hold together.)
 local function grant(st, id, creq, ctok, fit, provisional, overdraft, levels, start)
   start = start or NOW
   if start > NOW then -- charged from its start in every bucket, not only in those that set it
@@ -562,10 +566,10 @@ local function grant(st, id, creq, ctok, fit, provisional, overdraft, levels, st
   if start > NOW then -- what it holds of each bucket, no refund gives back before then (rf, tf)
     st.reserved = true
     if RATE_REQ > 0 and creq > 0 then
-      st.rf = math.max(st.rf, start + creq / RATE_REQ)
+      st.rf = math.max(st.rf, start) + creq / RATE_REQ
     end
     if RATE_TOK > 0 and ctok > 0 then
-      st.tf = math.max(st.tf, start + ctok / RATE_TOK)
+      st.tf = math.max(st.tf, start) + ctok / RATE_TOK
     end
   end
   local data = creq .. ' ' .. ctok .. ' ' .. fmt(start) .. ' ' ..

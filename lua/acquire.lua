@@ -171,7 +171,7 @@ if first and lslot and slot_free() then
   end
   -- A reservation: the rates set its fit time (a cooldown may yet be extended; it is not reserved).
   -- A refund made before its start must not hand out its share again: each bucket's TAT stays at
-  -- least at its start plus its cost's refill time (rf, tf: given_back() keeps to them).
+  -- least at the reservations' own TAT (rf, tf: see grant(); given_back() keeps to them).
   local start = NOW
   if RESERVE and not LEVELS and fit > NOW and fit > st.cu then
     start = fit

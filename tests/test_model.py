@@ -416,9 +416,9 @@ class BudgetModel:
                 self.tt = max(self.tt, at)
         self._charge(requests, tokens, now, fit, overdraft)
         if at > now and self.request_rate and requests:  # what it holds, no refund gives back before then
-            self.rf = max(self.rf, at + requests / self.request_rate)
+            self.rf = max(self.rf, at) + requests / self.request_rate
         if at > now and self.token_rate and tokens:
-            self.tf = max(self.tf, at + tokens / self.token_rate)
+            self.tf = max(self.tf, at) + tokens / self.token_rate
         self._charge_levels(levels, requests, tokens, now)
         self.leases[lease_id] = Lease(
             requests,

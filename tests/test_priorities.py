@@ -452,6 +452,26 @@ def test_a_refund_before_a_reservation_starts_never_hands_out_its_share_again(
     assert big.now + big.retry_after == pytest.approx(reserved.start + 0.5, abs=1e-3)
 
 
+def test_reservations_at_one_start_hold_together_what_a_refund_of_an_earlier_call_would_free(
+    rclient: redis.Redis, name: str
+) -> None:
+    """4 requests/s and 16 tokens/s, a burst of 1 s. G takes every token and a request; R1 (3
+    requests, 8 tokens) is reserved for when its tokens refill, S, after the request bucket has
+    filled up again: its requests are charged from S, and G's spent request is forgotten there.
+    R2 (1 request) is reserved for S too: the two hold the whole bucket of 4 at S. G given back
+    must not free a request at S (5 in one instant): the next call fits a refill time after it."""
+    ops = Ops(rclient, Budget(name, rps=4, tps=16, burst=1))
+    held, _ = ops.acquire(requests=1, tokens=16)
+    _, r1 = ops.acquire(requests=3, tokens=8, lead=5, reserve=True)
+    _, r2 = ops.acquire(requests=1, tokens=0, lead=5, reserve=True)
+    assert r1.kind == r2.kind == "granted" and r1.start > r1.now
+    assert r2.start == pytest.approx(r1.start, abs=1e-6)
+    assert ops.cancel(held) == "cancelled"
+    _, late = ops.acquire(requests=1, tokens=0, queue=False)
+    assert late.kind == "refused" and late.retry_after is not None
+    assert late.now + late.retry_after == pytest.approx(r2.start + 0.25, abs=1e-3)
+
+
 def test_a_call_that_passes_caps_is_not_reserved(rclient: redis.Redis, name: str) -> None:
     ops = Ops(rclient, Budget(name, tps=100, burst=1, caps={"team": Cap(tps=1000)}))
     assert ops.acquire(tokens=100)[1].kind == "granted"

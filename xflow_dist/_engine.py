@@ -721,9 +721,9 @@ class _Call:
         if start > self.now:  # what it holds of each bucket, no refund gives back before then
             st.reserved = True
             if self.rate_req > 0 and creq > 0:
-                st.rf = max(st.rf, start + creq / self.rate_req)
+                st.rf = max(st.rf, start) + creq / self.rate_req
             if self.rate_tok > 0 and ctok > 0:
-                st.tf = max(st.tf, start + ctok / self.rate_tok)
+                st.tf = max(st.tf, start) + ctok / self.rate_tok
         if levels:
             self.charge_levels(levels, creq, ctok)
         lease = _Lease(
