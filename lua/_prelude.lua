@@ -39,7 +39,7 @@
 --                           Shared by tenant (a weight w given), it is the call's tag (below), less
 --                           L times its cost
 --   KEYS[5] tickets   HASH  ticket id -> "<requests> <tokens> <alive until> <ttl> <fit announced>"
---                           then "o" if it is in overdraft; queued by tenant, "v<place>", "w<turn>" (its
+--                           then "o" if it is in overdraft, "b" if it books (see advance()); queued by tenant, "v<place>", "w<turn>" (its
 --                           cost / weight), "f<finish tag>" and "t:<tenant>"; then its levels (below)
 --   KEYS[6] learned   HASH  model (or route; "" unnamed) -> "<rpm> <rpm until> <tpm> <tpm until>": the
 --                           limits the provider reported for it, per minute (0: none), each live
@@ -345,6 +345,9 @@ local WROTE = {}
 
 -- The tickets advance() granted in this script (acquire.lua claims its own at once).
 local GRANTED = {}
+
+-- The ticket acquire.lua is queueing in this script: advance() never books it (see advance()).
+local ARRIVING = nil
 
 -- Charges of unclaimed provisional grants that reap() removed; load_state() refunds them, as a
 -- cancel would, once the rates in force are known.
@@ -821,6 +824,8 @@ local function ticket(id)
   for i = 6, #t do
     if t[i] == 'o' then
       out.overdraft = true
+    elseif t[i] == 'b' then
+      out.book = true
     elseif string.sub(t[i], 1, 2) == 't:' then
       out.tenant = string.sub(t[i], 3)
     elseif string.sub(t[i], 1, 1) == 'v' then
@@ -838,7 +843,7 @@ end
 local function save_ticket(st, id, t)
   st.qa = math.max(st.qa, t.alive)
   redis.call('HSET', K_TICKETS, id, t.creq .. ' ' .. t.ctok .. ' ' .. fmt(t.alive) .. ' ' .. fmt(t.ttl) ..
-    ' ' .. fmt(t.fit) .. (t.overdraft and ' o' or '') ..
+    ' ' .. fmt(t.fit) .. (t.overdraft and ' o' or '') .. (t.book and ' b' or '') ..
     (t.tag and ' v' .. fmt(t.tag) .. ' w' .. fmt(t.inc or 0) .. ' f' .. fmt(t.fin or 0) .. ' t:' ..
     (t.tenant or '') or '') .. level_words(t.levels))
 end
@@ -952,8 +957,26 @@ local function announce(st, id, t, fit)
   end
 end
 
--- Serve the queue in order: grant every head that fits now; tell the first that does not when it
--- will (once per change). A ticket not renewed in time belongs to a dead waiter and is dropped.
+-- How far ahead of its fit time a booking ticket at the head is reserved: two refill times of its
+-- own cost, at most a second. Any script run in that window (a settle, an arrival, a renewal) books
+-- it, so a busy fleet's waiters seldom come back for their grants; the window is short, so a limit
+-- learned or a cancel finds at most about two calls reserved that it cannot move or refund whole.
+local function horizon(t)
+  local h = 0
+  if RATE_REQ > 0 then
+    h = math.max(h, t.creq / RATE_REQ)
+  end
+  if RATE_TOK > 0 then
+    h = math.max(h, t.ctok / RATE_TOK)
+  end
+  return math.min(1, 2 * h)
+end
+
+-- Serve the queue in order: grant every head that fits now; book a booking head (acquire.lua's
+-- book) of a connected process whose fit time is within its horizon(), unless it is the arrival of
+-- this very script (which hears its exact wait and comes back then, so that a lone waiter follows a
+-- limit learned while it sleeps, and a cancel before its fit time refunds all); tell the first that
+-- does not fit when it will (once per change). A ticket not renewed in time belongs to a dead waiter and is dropped.
 -- A ticket that only its caps hold back is told when they will fit and passed over, with every later
 -- ticket of those caps (`held`), up to MAX_SCAN tickets deep (`rank`: how many were passed over).
 -- True and the caps that hold tickets when no ticket waits for the budget itself (none at all, or
@@ -1031,6 +1054,17 @@ local function advance(st)
           st.vt = math.max(st.vt, t.tag)
         end
         redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW) .. (firm and ' f' or ''))
+      elseif t.book and head ~= ARRIVING and not t.levels and fit > st.cu and fit - NOW <= horizon(t)
+          and connected(head) then
+        -- Booked: reserved now for its fit time, firm, so that its waiter starts then without coming
+        -- back ("g <id> <now> f <start>"; see acquire.lua's reserve)
+        dequeue(head)
+        grant(st, head, t.creq, t.ctok, t.fit, false, t.overdraft, nil, fit)
+        GRANTED[head] = true
+        if t.tag then
+          st.vt = math.max(st.vt, t.tag)
+        end
+        redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW) .. ' f ' .. fmt(fit))
       else
         announce(st, head, t, fit)
         -- A head whose process died never comes back for its grant, and no other call may come:

@@ -37,6 +37,11 @@
 --          running from then. Its caller starts then without coming back, so its wait is the fit
 --          time plus one round trip; no later arrival can pass it, and no refund takes the buckets
 --          below what it holds (state rf, tf)
+-- ARGV[24 + 6 x levels] "1": book (the calls of a budget with no priority classes, tenants or caps;
+--          "0" or absent: no). Once queued, the ticket of a connected process is reserved for its
+--          fit time, firm ("g <id> <now> f <start>"), by any later script that finds it at the head
+--          within two refill times of its cost (at most 1 s) of that time: its waiter starts then
+--          without coming back (see advance() in _prelude.lua)
 --
 -- Reply, all strings:
 --   {"granted", start, now, expiry}  the lease exists, charged now; start: its grant time, or for
@@ -47,8 +52,10 @@
 --                                    <now>" (the ticket is head and fits at <fit>), "g <id> <now>"
 --                                    (granted provisionally: the holder claims it by calling again
 --                                    with the same id within the claim window, or it is taken back
---                                    and refunded) or "g <id> <now> f" (granted firm to a connected
---                                    process: the holder starts, no claim; see connected())
+--                                    and refunded), "g <id> <now> f" (granted firm to a connected
+--                                    process: the holder starts, no claim; see connected()) or
+--                                    "g <id> <now> f <start>" (booked: granted firm for a later start,
+--                                    when the holder starts)
 --   {"refused", retry_after, now}    nothing charged; retry_after is exact when the refusal is for
 --                                    the rates, "-1" when it is for a slot or a queue ahead
 --   {"too_large", most, now, what}   nothing charged: a new arrival's cost of `what` ("requests" or
@@ -72,12 +79,13 @@ local SPEC = {
 }
 level_spec(SPEC, 22)
 SPEC[#SPEC + 1] = {'reserve', FLAG, '0'}
+SPEC[#SPEC + 1] = {'book', FLAG, '0'}
 local A, REFUSED = operation_args(SPEC)
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
 local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT, LEAD, TENANT, WEIGHT = unpack(A)
-local RESERVE = A[#SPEC]
+local RESERVE, BOOK = A[#SPEC - 1], A[#SPEC]
 local LEVELS = levels_at(22) -- the caps this call passes (nil: none), as its ticket and lease keep them
 
 reap()
@@ -207,8 +215,9 @@ end
 redis.call('ZADD', K_QUEUE, score, ID)
 WROTE[K_QUEUE], WROTE[K_TICKETS] = true, true
 save_ticket(st, ID, {creq = CREQ, ctok = CTOK, alive = NOW + TICKET_TTL, ttl = TICKET_TTL, fit = -1,
-  overdraft = OVERDRAFT, tag = tag and score, inc = tag and cost / WEIGHT, fin = tag and tag + cost / WEIGHT,
+  overdraft = OVERDRAFT, book = BOOK and not LEVELS, tag = tag and score, inc = tag and cost / WEIGHT, fin = tag and tag + cost / WEIGHT,
   tenant = TENANT, levels = LEVELS})
+ARRIVING = ID
 advance(st)
 if GRANTED[ID] then
   -- Behind tickets that only their caps hold back, it was granted just now: claimed at once.

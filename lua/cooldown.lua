@@ -16,6 +16,10 @@
 -- clear_cooldown.lua ends one early). Nothing is granted before it ends.
 -- A 429 means the provider's bucket is empty now: both buckets drop to zero credit now and refill
 -- during the pause, so that dispatch resumes paced (the refill, then the rate), not as a herd.
+-- Reservations still to start (a top-class call's, a booking's) start no sooner than the pause's
+-- end, their waiters held until then: the buckets hold them as charged then, after the zero credit
+-- of now (and no refund goes below that before then: the floors rf, tf), so that the queue's next
+-- grant comes paced after them.
 --
 -- Reply: {"cooldown", until (Redis time), now, backoff level, started ("1": no pause was in force,
 -- this 429 began one; "0": it met a pause and at most lengthened it)}
@@ -56,6 +60,23 @@ if RATE_REQ > 0 then
 end
 if RATE_TOK > 0 then
   st.tt = math.max(st.tt, NOW + BURST_TOK)
+end
+-- (every lease: a 429 is rare, and a lease TTL changed by configure.lua leaves older expiries)
+local held_req, held_tok = 0, 0
+for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+  local w = words(redis.call('HGET', K_DATA, id) or '')
+  local start = tonumber(w[3])
+  if start and start > NOW then
+    held_req, held_tok = held_req + tonumber(w[1]), held_tok + tonumber(w[2])
+  end
+end
+if RATE_REQ > 0 and held_req > 0 then
+  st.rt = math.max(st.rt, math.max(NOW + BURST_REQ, st.cu) + held_req / RATE_REQ)
+  st.rf, st.reserved = math.max(st.rf, st.rt), true
+end
+if RATE_TOK > 0 and held_tok > 0 then
+  st.tt = math.max(st.tt, math.max(NOW + BURST_TOK, st.cu) + held_tok / RATE_TOK)
+  st.tf, st.reserved = math.max(st.tf, st.tt), true
 end
 st.cl = level
 st.cr = st.cu + QUIET

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import threading
 import time
 import uuid
@@ -246,3 +247,20 @@ def counting_scripts(limiter: Any) -> Counter[str]:
 
     limiter._run = counted
     return counts
+
+
+def results_of_processes(target: Any, args: tuple[Any, ...], count: int, timeout: float) -> list[Any]:
+    """Run ``count`` spawned processes of ``target(*args, out)`` and collect what each puts on
+    ``out``, waiting up to ``timeout`` seconds for each; every process is joined (or killed) after."""
+    spawn = multiprocessing.get_context("spawn")
+    out: Any = spawn.Queue()
+    procs = [spawn.Process(target=target, args=(*args, out)) for _ in range(count)]
+    for p in procs:
+        p.start()
+    try:
+        return [out.get(timeout=timeout) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()

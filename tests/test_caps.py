@@ -256,7 +256,8 @@ def test_the_scripts_refuse_bad_levels(client: redis.Redis, name: str) -> None:
         ([*base, "1", *level[:5], "1.5"], "ARGV[28] max concurrency of level 1"),
         ([*base, "2", *level], "ARGV[29] node of level 2"),
         ([*base, "1", *level, "extra"], "ARGV[29] reserve"),
-        ([*base, "1", *level, "0", "extra"], "ARGV[30]: unexpected"),
+        ([*base, "1", *level, "0", "extra"], "ARGV[30] book"),
+        ([*base, "1", *level, "0", "0", "extra"], "ARGV[31]: unexpected"),
     ):
         with pytest.raises(redis.ResponseError, match=where.replace("[", r"\[").replace("]", r"\]")):
             ops.run("acquire", argv)

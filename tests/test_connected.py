@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis
-from _helpers import counting_scripts
+from _helpers import counting_scripts, results_of_processes
 
 from xflow_dist import AsyncLimiter, Budget, Limiter
 from xflow_dist._base import own_channel
@@ -100,17 +100,7 @@ def test_processes_handing_a_slot_over_spend_an_acquire_and_a_settle_per_request
     """Two processes contending for one slot: every hand-over is a grant in the queue, made firm
     (both processes connected), so each request costs exactly one acquire and one settle."""
     rounds = 25
-    out: Any = _SPAWN.Queue()
-    procs = [_SPAWN.Process(target=_contend, args=(redis_url, name, rounds, out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = [out.get(timeout=60) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    results = results_of_processes(_contend, (redis_url, name, rounds), 2, 60)
     for _, counts in results:
         assert counts.get("acquire") == rounds, f"claims or returns beyond one acquire per request: {counts}"
         assert counts.get("settle") == rounds, counts

@@ -143,6 +143,7 @@ class Ticket:
     fin: Fraction = ZERO  # the tenant's finish tag it set
     passed: int = 0  # later arrivals granted or queued ahead of it (at most the greatest lead less its own)
     levels: tuple[CapLevel, ...] = ()  # the caps it passes
+    book: bool = False  # reserved for its fit time at the head, within its horizon, if its process is connected
 
 
 Reply = tuple[list[Any], list[tuple[Any, ...]]]  # (reply fields, events published in order)
@@ -216,6 +217,7 @@ class BudgetModel:
     # the processes connected (their own channel subscribed): grants to their tickets are firm; not
     # the keys' state, so a lost state keeps it
     live: set[str] = field(default_factory=set)
+    arriving: str | None = None  # the ticket this acquire queues: it is never booked in its own call
 
     def reset(self) -> None:
         self.rt = self.tt = self.cu = self.cr = ZERO
@@ -606,6 +608,21 @@ class BudgetModel:
                     self.vt = max(self.vt, ticket.tag)
                 events.append(("g", head, now, "f") if firm else ("g", head, now))
                 continue
+            if (
+                ticket.book
+                and head != self.arriving
+                and not ticket.levels
+                and fit > self.cu
+                and fit - now <= self._horizon(ticket)
+                and owner_of(head) in self.live
+            ):
+                # booked: reserved for its fit time, firm (its waiter starts then without coming back)
+                del self.queue[head]
+                self._grant(head, ticket.requests, ticket.tokens, now, ticket.fit, False, ticket.overdraft, start=fit)
+                if ticket.tag is not None:
+                    self.vt = max(self.vt, ticket.tag)
+                events.append(("g", head, now, "f", fit))
+                continue
             self._announce(head, fit, now, events)
             # a head that died never comes back: the next waiter (of another process; here every id
             # is its own) is told to come back a claim window after the head's fit time
@@ -614,6 +631,16 @@ class BudgetModel:
                 self._announce(second, fit + self.claim_window, now, events)
             return False, held
         return True, held
+
+    def _horizon(self, ticket: Ticket) -> Fraction:
+        """How far ahead of its fit time a booking head is reserved: two refill times of its cost, at
+        most a second."""
+        h = ZERO
+        if self.request_rate:
+            h = max(h, ticket.requests / self.request_rate)
+        if self.token_rate:
+            h = max(h, ticket.tokens / self.token_rate)
+        return min(F(1), 2 * h)
 
     def _announce(self, ticket_id: str, at: Fraction | None, now: Fraction, events: list[tuple[Any, ...]]) -> None:
         """Tell a ticket to come back at ``at`` (None: nothing to tell), once per change of that time;
@@ -682,13 +709,15 @@ class BudgetModel:
         weight: Fraction = ZERO,
         levels: tuple[CapLevel, ...] = (),
         reserve: bool = False,
+        book: bool = False,
     ) -> Reply:
         events: list[tuple[Any, ...]] = []
         lost = self._load(now, seen_keys)
         reply = self._acquire(
             now, lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, probe, events, overdraft, lead, tenant,
-            weight, levels, reserve,
+            weight, levels, reserve, book,
         )  # fmt: skip
+        self.arriving = None
         return reply, self._saved(lost, now, events)
 
     def _acquire(
@@ -708,6 +737,7 @@ class BudgetModel:
         weight: Fraction = ZERO,
         levels: tuple[CapLevel, ...] = (),
         reserve: bool = False,
+        book: bool = False,
     ) -> list[Any]:
         if probe and self.pb == 0:  # the first acquire of a probing budget: one call at a time
             self.pb = 2 if self.lr or self.lt else 1
@@ -789,7 +819,7 @@ class BudgetModel:
         ticket = Ticket(
             requests, tokens, now + ticket_ttl, ticket_ttl, overdraft=overdraft, place=place, lead=lead,
             tag=place if tag is not None else None, inc=cost / weight if tag is not None else ZERO, tenant=tenant,
-            fin=tag + cost / weight if tag is not None else ZERO, levels=levels,
+            fin=tag + cost / weight if tag is not None else ZERO, levels=levels, book=book and not levels,
         )  # fmt: skip
         for waiter_id, waiter in self.queue.items():
             if (place, lease_id.encode()) < (waiter.place, waiter_id.encode()):
@@ -797,6 +827,7 @@ class BudgetModel:
         self.queue[lease_id] = ticket
         order = sorted(self.queue.items(), key=lambda item: (item[1].place, item[0].encode()))
         self.queue = dict(order)
+        self.arriving = lease_id
         self._advance(now, events)
         lease = self.leases.get(lease_id)
         if lease is not None:  # granted just now, behind tickets only their caps hold: claimed
@@ -948,6 +979,15 @@ class BudgetModel:
             self.rt = max(self.rt, now + self.burst)
         if self.token_rate:
             self.tt = max(self.tt, now + self.burst)
+        # reservations still to start start no sooner than the pause's end: the buckets hold them as
+        # charged then, after the zero credit of now, and no refund goes below that (the floors)
+        held = [lease for lease in self.leases.values() if lease.start > now]
+        if self.request_rate and sum(lease.requests for lease in held):
+            self.rt = max(self.rt, max(now + self.burst, self.cu) + sum(h.requests for h in held) / self.request_rate)
+            self.rf = max(self.rf, self.rt)
+        if self.token_rate and sum(lease.tokens for lease in held):
+            self.tt = max(self.tt, max(now + self.burst, self.cu) + sum(h.tokens for h in held) / self.token_rate)
+            self.tf = max(self.tf, self.tt)
         self.cl = level
         self.cr = self.cu + frac(policy.quiet)  # the quiet period runs from the pause's end
         self._advance(now, events)
@@ -1384,8 +1424,8 @@ class BudgetMachine(RuleBasedStateMachine):
             kind, subject, *rest = event.split()
             if kind == "h":
                 self.told[subject] = frac(rest[0])
-            elif kind == "g":
-                self._granted(subject, frac(rest[0]))
+            elif kind == "g":  # (booked: "g <id> <now> f <start>", granted for its start)
+                self._granted(subject, frac(rest[2] if len(rest) > 2 else rest[0]))
             elif kind == "c":
                 self.paused_until = max(self.paused_until, frac(rest[0]))
         granted_here = any(e.split()[:2] == ["g", argv[0] if argv else ""] for e in events)
@@ -1424,9 +1464,10 @@ class BudgetMachine(RuleBasedStateMachine):
         ticket_ttl = self.ticket_ttl if ticket_ttl is None else ticket_ttl
         levels = self.budget.levels(tenant) if tenant else ()  # the caps its path passes, if any
         reserve = lead == TOP_LEAD  # as the client sends it: the top class reserves
+        book = not reserve and not levels  # (the client books on budgets without classes: any here)
         argv = acquire_args(
             lease_id, requests, tokens, max_wait, may_queue, ticket_ttl, self.probe, overdraft, lead, tenant,
-            float(weight), levels, reserve,
+            float(weight), levels, reserve, book,
         )  # fmt: skip
         raw = self._run("acquire", argv)
         result = self.model.acquire(
@@ -1445,6 +1486,7 @@ class BudgetMachine(RuleBasedStateMachine):
             weight,
             cap_levels(levels),
             reserve,
+            book and may_queue,
         )
         what = f"acquire({lease_id}, {requests}, {tokens}, {max_wait}, {may_queue}, {overdraft}, {lead}, {tenant!r})"
         self._check(what, raw, result)
@@ -1540,9 +1582,10 @@ class BudgetMachine(RuleBasedStateMachine):
         self.drain(tokens)
 
     @rule(tokens=st.sampled_from([0, 1, 8]))
-    def drain(self, tokens: int) -> None:
-        """Take all the budget grants at once, one request at a time (what tests a window's bound)."""
-        for _ in range(24):
+    def drain(self, tokens: int, most: int = 24) -> None:
+        """Take all the budget grants at once, one request at a time (what tests a window's bound),
+        ``most`` of them at most."""
+        for _ in range(most):
             lease_id = self._fresh()
             self.costs[lease_id] = (1, tokens)
             self._acquire(lease_id, 0.0, False)
@@ -1719,6 +1762,44 @@ class BudgetMachine(RuleBasedStateMachine):
         expiry = min(lease.expiry for lease in self.model.leases.values() if lease.provisional)
         CLOCK.ticks = max(CLOCK.ticks, int((expiry - BASE) * TICKS) + late)
         self.cancel(UNKNOWN)
+
+    def _booking_head(self) -> Ticket | None:
+        """The head, if it books, its process is connected and it was told a fit time still ahead."""
+        head = next(iter(self.model.queue), None)
+        ticket = self.model.queue.get(head) if head is not None else None
+        if ticket is None or not ticket.book or ticket.levels or owner_of(head or "") not in self.model.live:
+            return None
+        return ticket if ticket.fit is not None and ticket.fit > CLOCK.now() else None
+
+    @precondition(lambda self: self._booking_head() is not None)
+    @rule(around=st.sampled_from([-1, 0, 0, 1, 4]))
+    def a_script_about_a_horizon_before_the_heads_fit_time(self, around: int) -> None:
+        """Some other call's script runs about a horizon before the fit time of a booking head (a
+        tick before, at, or after its edge): within it, the head is booked for that fit time."""
+        ticket = self._booking_head()
+        assert ticket is not None and ticket.fit is not None
+        edge = ticket.fit - self.model._horizon(ticket)
+        CLOCK.ticks = max(CLOCK.ticks, math.floor((edge - BASE) * TICKS) + around)
+        self.cancel(UNKNOWN)
+
+    @precondition(lambda self: len(self.model.leases) + len(self.model.queue) < 12)  # (each run adds up to 9)
+    @rule(
+        target=ids, tokens=st.sampled_from([0, 1, 8]), waiters=st.integers(1, 3), around=st.sampled_from([-1, 0, 1, 4])
+    )
+    def connected_waiters_paced_by_a_rate(self, tokens: int, waiters: int, around: int) -> str:
+        """All the budget taken, then calls of connected processes queue for the rates, one after the
+        other: each arrival books the head before it (its own arrival does not book it), and the
+        third fits beyond its horizon; a script runs about a horizon before the last one's fit time."""
+        self.drain(tokens, 6)  # (the shapes' bursts hold at most 4 requests)
+        lease_id = ""
+        for _ in range(waiters):
+            lease_id = self._fresh()
+            self.costs[lease_id] = (1, tokens)
+            self.connect(lease_id, True)
+            self._acquire(lease_id, None, True)
+        if self._booking_head() is not None:
+            self.a_script_about_a_horizon_before_the_heads_fit_time(around)
+        return lease_id
 
     @rule(target=ids, requests=REQUESTS, tokens=TOKENS, lead=LEADS)
     def queue_from_a_connected_process(self, requests: int, tokens: int, lead: int) -> str:

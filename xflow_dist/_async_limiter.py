@@ -55,7 +55,7 @@ from ._core import (
     reserved,
     script_error,
 )
-from ._events import Mailroom, Notice, Resubscribed
+from ._events import GrantNotice, Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
@@ -347,6 +347,8 @@ class AsyncLimiter(LimiterBase):
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(step.timeout):
                             notice = await inbox.get()
+                    if isinstance(notice, GrantNotice) and notice.firm:  # granted: its renewals end
+                        self._renewals.discard(lease_id)
                     step = flow.send(notice)
         except StopIteration:
             pass

@@ -270,7 +270,7 @@ class LimiterBase:
         Redis lost joins again at the ``place`` of a new arrival."""
         return acquire_args(
             lease_id, requests, tokens, None, True, min(MAX_SECONDS, seconds + self.ticket_ttl),
-            self.budget.probe, self.budget.overdraft, *place._replace(reserve=False),
+            self.budget.probe, self.budget.overdraft, *place._replace(reserve=False, book=False),
         )  # fmt: skip  (a parked ticket's holder is away: it takes no grant for later)
 
     def _try_args(self, lease_id: str, requests: float, tokens: float, place: Place) -> list[str]:

@@ -107,10 +107,11 @@ class Place(NamedTuple):
     weight: float = 0.0
     levels: tuple[Level, ...] = ()
     reserve: bool = False  # the top class with a lead: granted now for its fit time (see acquire.lua)
+    book: bool = False  # queued, reserved for its fit time at the head shortly before (see acquire.lua)
 
 
-#: A call of no class by no tenant: the first come, first served place.
-ANYWHERE = Place()
+#: A call of a budget with no classes, tenant shares or caps: first come, first served, booked once queued.
+ANYWHERE = Place(book=True)
 
 
 def place_of(budget: Budget, priority: str | None, tenant: str | None) -> Place:
@@ -121,7 +122,8 @@ def place_of(budget: Budget, priority: str | None, tenant: str | None) -> Place:
     levels = budget.levels(tenant)
     lead = budget.lead(priority)
     reserve = lead > 0 and budget.priorities is not None and lead == max(budget.priorities.values())
-    return Place(lead, tenant or "" if weight or levels else "", weight, levels, reserve)
+    book = budget.priorities is None and not weight and not levels  # (see acquire.lua: no class passes it)
+    return Place(lead, tenant or "" if weight or levels else "", weight, levels, reserve, book)
 
 
 def check_levels(budget: Budget, place: Place, requests: float, tokens: float) -> None:
@@ -156,10 +158,13 @@ def acquire_args(
     weight: float = 0.0,
     levels: tuple[Level, ...] = (),
     reserve: bool = False,
+    book: bool = False,
 ) -> list[str]:
     """The operation arguments of ``acquire.lua``; a max wait beyond the scripts' bound is no bound at
     all. A priority class's ``lead``, a ``tenant`` with its ``weight`` (a budget shared by tenant), the
-    caps it passes and ``reserve`` are sent only when there are some (ARGV[19..] are optional)."""
+    caps it passes, ``reserve`` and ``book`` are sent only when there are some (ARGV[19..] are
+    optional); ``book`` only where the call may queue."""
+    book = book and may_queue
     args = [
         lease_id,
         _num(requests),
@@ -170,13 +175,15 @@ def acquire_args(
         "1" if probe else "0",
         "1" if overdraft else "0",
     ]
-    if lead or weight or levels or reserve:
+    if lead or weight or levels or reserve or book:
         args.append(str(lead))
-    if weight or levels or reserve:
+    if weight or levels or reserve or book:
         args += [tenant, _num(weight)]
-    if levels or reserve:
+    if levels or reserve or book:
         args += level_args(levels)
-    if reserve:
+    if reserve or book:
+        args.append("1" if reserve else "0")
+    if book:
         args.append("1")
     return args
 

@@ -285,7 +285,7 @@ class _Lease:
 
 
 class _Ticket:
-    __slots__ = ("alive", "creq", "ctok", "fin", "fit", "inc", "levels", "overdraft", "tag", "tenant", "ttl")
+    __slots__ = ("alive", "book", "creq", "ctok", "fin", "fit", "inc", "levels", "overdraft", "tag", "tenant", "ttl")
 
     def __init__(
         self,
@@ -300,12 +300,14 @@ class _Ticket:
         tenant: str = "",
         fin: float = 0.0,
         levels: list[_Level] | None = None,
+        book: bool = False,
     ) -> None:
         self.creq, self.ctok, self.alive, self.ttl, self.fit, self.overdraft = creq, ctok, alive, ttl, fit, overdraft
         # queued by a tenant (fair queuing): its place ("v"), the turn it was charged, whose it is and
         # the tenant's finish tag it set
         self.tag, self.inc, self.tenant, self.fin = tag, inc, tenant, fin
         self.levels = levels
+        self.book = book  # reserved at the head within its horizon (see advance())
 
 
 class _Leases:
@@ -359,6 +361,11 @@ class _Leases:
         for lid in out:  # popped here, removed by the caller
             heapq.heappush(low, (by_id[lid], lid))
         return out
+
+    def ids_from(self, t: float) -> list[str]:
+        """ZRANGEBYSCORE t +inf, in order (a cooldown's rare scan: no index for it)."""
+        after = sorted((e, lid.encode(), lid) for lid, e in self.by_id.items() if e >= t)
+        return [lid for _, _, lid in after]
 
     def count_after(self, t: float) -> int:
         return sum(1 for e in self.by_id.values() if e > t)
@@ -531,6 +538,7 @@ class _Call:
         self.reaped_tok = 0.0
         self.nodes: dict[str, list[Any]] = {}  # NODES: node -> [rt, tt, n, dirty]
         self.granted: set[str] = set()  # GRANTED: the tickets advance() granted in this call
+        self.arriving: str | None = None  # ARRIVING: the ticket acquire() queues in this call
 
     # --- the budget block (prelude) ---
 
@@ -569,7 +577,7 @@ class _Call:
         elif op in ("acquire", "rejoin"):
             spec = _level_spec(_SPECS[op], argv, 22 if op == "acquire" else 17)
             if op == "acquire":
-                spec = (*spec, ("reserve", FLAG, "0"))
+                spec = (*spec, ("reserve", FLAG, "0"), ("book", FLAG, "0"))
         else:
             spec = _SPECS[op]
         values = _checked(argv, 11, spec)
@@ -910,7 +918,9 @@ class _Call:
         t = self.b.tickets.get(lid)
         if t is None:
             return _Ticket(0, 0, 0, 0, -1, False)
-        return _Ticket(t.creq, t.ctok, t.alive, t.ttl, t.fit, t.overdraft, t.tag, t.inc, t.tenant, t.fin, t.levels)
+        return _Ticket(
+            t.creq, t.ctok, t.alive, t.ttl, t.fit, t.overdraft, t.tag, t.inc, t.tenant, t.fin, t.levels, t.book
+        )
 
     def dequeue(self, lid: str) -> None:
         self.b.queue.pop(lid, None)
@@ -936,6 +946,15 @@ class _Call:
             t.alive = max(t.alive, fit + t.ttl)
             self.save_ticket(st, lid, t)
             self.engine.publish(self.channel, f"h {lid} {fmt(fit)} {fmt(self.now)}")
+
+    def horizon(self, t: _Ticket) -> float:
+        """horizon(): two refill times of its cost, at most a second."""
+        h = 0.0
+        if self.rate_req > 0:
+            h = max(h, t.creq / self.rate_req)
+        if self.rate_tok > 0:
+            h = max(h, t.ctok / self.rate_tok)
+        return min(1.0, 2 * h)
 
     def advance(self, st: _State) -> tuple[bool, set[str] | None]:
         b = self.b
@@ -985,6 +1004,21 @@ class _Call:
                     if t.tag is not None:
                         st.vt = max(st.vt, t.tag)
                     self.engine.publish(self.channel, f"g {head} {fmt(self.now)}" + (" f" if firm else ""))
+                elif (
+                    t.book
+                    and head != self.arriving
+                    and not t.levels
+                    and fit > st.cu
+                    and fit - self.now <= self.horizon(t)
+                    and self.engine.numsub(f"{self.channel}:{_owner_of(head)}") > 0
+                ):
+                    # booked: reserved for its fit time, firm; its waiter starts then, no come-back
+                    self.dequeue(head)
+                    self.grant(st, head, t.creq, t.ctok, t.fit, False, t.overdraft, None, fit)
+                    self.granted.add(head)
+                    if t.tag is not None:
+                        st.vt = max(st.vt, t.tag)
+                    self.engine.publish(self.channel, f"g {head} {fmt(self.now)} f {fmt(fit)}")
                 else:
                     self.announce(st, head, t, fit)
                     owner = _owner_of(head)
@@ -1030,7 +1064,8 @@ class _Call:
         *level_args: Any,
     ) -> list[str]:
         b, now = self.b, self.now
-        levels, reserve = _levels(level_args[:-1]), bool(level_args[-1])  # (the flag follows the levels)
+        # (the flags follow the levels)
+        levels, reserve, book = _levels(level_args[:-2]), bool(level_args[-2]), bool(level_args[-1])
         self.reap()
         st = self.load_state()
         if probe and st.pb == 0:
@@ -1108,9 +1143,11 @@ class _Call:
             st.seq = seq
         self.enqueue(lid, score)
         queued = _Ticket(creq, ctok, now + ticket_ttl, ticket_ttl, -1, overdraft, levels=levels)
+        queued.book = book and not levels
         if tag is not None:  # its place, its turn, whose, and the finish tag it set
             queued.tag, queued.inc, queued.tenant, queued.fin = score, cost / weight, tenant, tag + cost / weight
         self.save_ticket(st, lid, queued)
+        self.arriving = lid
         self.advance(st)
         if lid in self.granted:  # granted just now, behind tickets only their caps hold: claimed at once
             self.claim(st, lid, b.data.get(lid))
@@ -1344,6 +1381,18 @@ class _Call:
             st.rt = max(st.rt, now + self.burst_req)
         if self.rate_tok > 0:
             st.tt = max(st.tt, now + self.burst_tok)
+        # reservations still to start start no sooner than the pause's end: charged then, floored
+        held_req = held_tok = 0.0
+        for lid in self.b.leases.ids_from(-math.inf):
+            lease = self.b.data.get(lid)
+            if lease is not None and float(lease.start) > now:
+                held_req, held_tok = held_req + lease.creq, held_tok + lease.ctok
+        if self.rate_req > 0 and held_req > 0:
+            st.rt = max(st.rt, max(now + self.burst_req, st.cu) + held_req / self.rate_req)
+            st.rf, st.reserved = max(st.rf, st.rt), True
+        if self.rate_tok > 0 and held_tok > 0:
+            st.tt = max(st.tt, max(now + self.burst_tok, st.cu) + held_tok / self.rate_tok)
+            st.tf, st.reserved = max(st.tf, st.tt), True
         st.cl = level
         st.cr = st.cu + quiet
         self.advance(st)

@@ -17,10 +17,13 @@ Q = TypeVar("Q")
 @dataclass(frozen=True, slots=True)
 class GrantNotice:
     """A queued ticket was granted: its lease exists, charged. ``firm``: granted to a connected
-    process, the holder starts at once; else it claims the grant first (acquire again, same id)."""
+    process, the holder starts ``delay`` seconds after ``arrived`` (0: at once; later where the
+    ticket was booked, see acquire.lua); else it claims the grant first (acquire again, same id)."""
 
     lease_id: str
     firm: bool = False
+    delay: float = 0.0
+    arrived: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,8 @@ def parse(data: bytes | str, arrived: float | None = None) -> Notice | None:
             return GrantNotice(parts[1])
         if parts[0] == "g" and len(parts) == 4 and parts[3] == "f":
             return GrantNotice(parts[1], firm=True)
+        if parts[0] == "g" and len(parts) == 5 and parts[3] == "f":
+            return GrantNotice(parts[1], True, max(0.0, float(parts[4]) - float(parts[2])), at)
         if parts[0] == "h" and len(parts) == 4:
             return HeadNotice(parts[1], max(0.0, float(parts[2]) - float(parts[3])), at)
         if parts[0] == "c" and len(parts) == 3:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._budget import Budget
-from ._core import ANYWHERE, AcquireReply, Place, acquire_args, decode_acquire, too_large_error
+from ._core import ANYWHERE, Place, acquire_args, decode_acquire, decode_status, too_large_error
 from ._events import CooldownNotice, GrantNotice, HeadNotice, Notice, Resubscribed
 from ._exceptions import AcquireTimeout
 from ._renewals import LAST_RESORT, renewal_only
@@ -45,6 +45,15 @@ class GiveBack:
 Step = RunScript | AwaitNotice | GiveBack
 
 
+@dataclass(slots=True)
+class _Pause:
+    """What a waiting flow knows of a fleet pause: when the last one it heard ends (monotonic), and
+    whether a reconnect may have hidden one (its notice lost): then the next grant asks Redis."""
+
+    until: float = 0.0
+    unsure: bool = False
+
+
 def acquire_flow(
     budget: Budget,
     lease_id: str,
@@ -69,6 +78,9 @@ def acquire_flow(
     deadline = None if timeout is None else time.monotonic() + timeout
     first = True
     fits_at: float | None = None  # when the head was told it fits (monotonic), if it was
+    # queued (a later start is then a booking's, which may be after the deadline), and the pauses a
+    # reservation heard of: a reservation asked for again keeps to both
+    waited, pause = False, _Pause()
     while True:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0 and not first:
@@ -87,9 +99,17 @@ def acquire_flow(
         )
         reply = decode_acquire((yield RunScript("acquire", argv)))
         if reply.kind == "granted":
-            if (yield from _until_start(lease_id, reply)):
+            if pause.unsure:  # a pause may have begun while its notice could not reach this process
+                pause.unsure = False
+                remaining = decode_status(budget, (yield RunScript("status", []))).cooldown_remaining
+                pause.until = max(pause.until, time.monotonic() + remaining)
+            if reply.start <= reply.now and pause.until <= time.monotonic():
                 return
-            continue  # a reconnect or a lost state while it waited: ask Redis again, same id
+            # a reservation: the reply's half round trip only adds margin
+            wake = time.monotonic() + max(0.0, reply.start - reply.now)
+            if (yield from _until_start(lease_id, wake, deadline if waited else None, pause)):
+                return
+            continue  # a reconnect, a lost state or the deadline while it waited: ask Redis again, same id
         if reply.kind == "too_large":
             raise too_large_error(budget, requests, tokens, reply)
         if reply.kind == "refused" and keep_place:
@@ -97,7 +117,7 @@ def acquire_flow(
             # bound on the wait) and leave at once with that wait.
             argv = acquire_args(  # (never a reservation: its caller leaves at once)
                 lease_id, requests, tokens, None, True, ticket_ttl, budget.probe, budget.overdraft,
-                *place._replace(reserve=False),
+                *place._replace(reserve=False, book=False),
             )  # fmt: skip
             if decode_acquire((yield RunScript("acquire", argv))).kind == "granted":
                 return  # it fits after all (a release in between)
@@ -115,6 +135,7 @@ def acquire_flow(
                 budget=budget.name,
                 retry_after=reply.retry_after,
             )
+        waited = True
         # Queued: sleep until the exact fit time, unless a notice comes first; a grant, a reconnect or a
         # ticket the limiter found dropped sends the flow straight back to Redis (to claim, or to ask again).
         wake = time.monotonic() + reply.wait
@@ -127,27 +148,43 @@ def acquire_flow(
                 break
             notice: Notice | None = yield AwaitNotice(lease_id, left)
             if isinstance(notice, GrantNotice) and notice.firm:
-                return  # granted to this connected process: nothing to claim
-            if isinstance(notice, GrantNotice | Resubscribed):
+                # granted to this connected process: nothing to claim; booked, it starts later
+                start = notice.arrived + notice.delay
+                if start <= time.monotonic() and pause.until <= time.monotonic():
+                    return
+                if (yield from _until_start(lease_id, start, deadline, pause)):
+                    return
+                break  # a reconnect (ask Redis again, same id: it finds the lease) or the deadline
+            if isinstance(notice, Resubscribed):
+                pause.unsure = True
+                break
+            if isinstance(notice, GrantNotice):
                 break
             if isinstance(notice, HeadNotice):
                 wake = fits_at = notice.arrived + notice.delay
 
 
-def _until_start(lease_id: str, reply: AcquireReply) -> Generator[Step, Any, bool]:
-    """A reservation (a grant for a later start, see acquire.lua) sleeps until its start: True then.
+def _until_start(lease_id: str, wake: float, deadline: float | None, pause: _Pause) -> Generator[Step, Any, bool]:
+    """A reservation (a grant for a later start, see acquire.lua) sleeps until its start, ``wake``
+    (monotonic), and the end of any pause heard: True then. A booking whose start is after the
+    caller's ``deadline`` returns False at the deadline (the flow then gives it back and times out).
+    ``pause`` keeps what it heard for the flow's next ask.
 
     A pause announced meanwhile (a 429 anywhere in the fleet) holds it until the pause ends as well;
     a reconnect or a lost state returns False at once, for the flow to ask Redis again with the same
     id (the lease is found and its start told again, or, lost, the call is a new arrival). A caller
     that gives up meanwhile cancels it (the fronts give the lease back)."""
-    if reply.start <= reply.now:
-        return True
-    wake = time.monotonic() + (reply.start - reply.now)  # the reply's half round trip only adds margin
+    wake = max(wake, pause.until)
     while (left := wake - time.monotonic()) > 0:
+        if deadline is not None and wake > deadline:
+            if deadline - time.monotonic() <= 0:
+                return False
+            left = deadline - time.monotonic()
         notice = yield AwaitNotice(lease_id, left)
         if isinstance(notice, Resubscribed):
+            pause.unsure = True
             return False
         if isinstance(notice, CooldownNotice):
-            wake = max(wake, notice.arrived + notice.remaining)
+            pause.until = max(pause.until, notice.arrived + notice.remaining)
+            wake = max(wake, pause.until)
     return True

@@ -55,7 +55,7 @@ from ._core import (
     reserved,
     script_error,
 )
-from ._events import Mailroom, Notice, Resubscribed
+from ._events import GrantNotice, Mailroom, Notice, Resubscribed
 from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, CostTooLargeError, XflowError
 from ._flow import AwaitNotice, GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
@@ -486,7 +486,10 @@ class Limiter(LimiterBase):
                     self._give_back(step.lease_id, now=True)
                     step = flow.send(None)
                 else:
-                    step = flow.send(self._await_notice(inbox, step))
+                    notice = self._await_notice(inbox, step)
+                    if isinstance(notice, GrantNotice) and notice.firm:  # granted: its renewals end
+                        self._upkeep.unqueued(lease_id)
+                    step = flow.send(notice)
         except StopIteration:
             pass
         except (AcquireTimeout, CostTooLargeError, BudgetConflictError):
