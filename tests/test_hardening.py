@@ -103,6 +103,9 @@ _RATE_WAITER = textwrap.dedent(
     import sys
     from xflow_dist import Budget, Limiter
     lim = Limiter(Budget(sys.argv[1], rps=2, burst=1), sys.argv[2])
+    lim.status()  # connected and the scripts loaded: the acquire below is a round trip
+    print("ready", flush=True)
+    sys.stdin.readline()  # the parent has spent the bucket
     lim.acquire(timeout=60)
     """
 )
@@ -112,14 +115,23 @@ def test_a_process_killed_at_the_head_of_a_rate_paced_queue_costs_a_claim_window
     """The rates' twin of the test above: the head of the queue, told when its rate fits, dies; the
     waiter behind it should be served about a claim window after that time, not at its renewal."""
     with Limiter(Budget(name, rps=2, burst=1), redis_url) as lim:
-        for _ in range(2):
-            lim.acquire().release()  # the bucket (2 requests) is spent: the next waits 0.5 s
-        child = subprocess.Popen([sys.executable, "-c", _RATE_WAITER, name, redis_url])
+        child = subprocess.Popen(
+            [sys.executable, "-c", _RATE_WAITER, name, redis_url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
+            assert child.stdout is not None and child.stdin is not None
+            assert child.stdout.readline().strip() == "ready"  # (its start-up is no part of the 0.5 s)
+            for _ in range(2):
+                lim.acquire().release()  # the bucket (2 requests) is spent: the next waits 0.5 s
+            child.stdin.write("go\n")
+            child.stdin.flush()
             _until(lambda: lim.status().queued == 1)  # the child's ticket heads the queue
         finally:
             child.kill()
-            child.wait(timeout=10)
+            child.communicate(timeout=10)  # (and its pipes closed)
         started = time.monotonic()
         with lim.acquire(timeout=3):  # AcquireTimeout today: the next renewal is 15 s away
             waited = time.monotonic() - started
