@@ -680,7 +680,8 @@ def test_fleet_of_prefork_workers_shares_the_budget_and_survives_a_kill(
                     killed_at = time.monotonic() - started
                 if done == JOBS:
                     break
-                assert time.monotonic() - started < 90, f"only {done}/{JOBS} done after 90 s"
+                if time.monotonic() - started >= 90:
+                    pytest.fail(f"only {done}/{JOBS} done after 90 s: {_stuck(results, broker, queue)}")
                 time.sleep(0.2)
             elapsed = time.monotonic() - started
             failed = [r.result for r in results if not r.successful()]
@@ -704,6 +705,18 @@ def test_fleet_of_prefork_workers_shares_the_budget_and_survives_a_kill(
         f"\ncelery fleet: {JOBS} jobs in {elapsed:.1f}s on 2 nodes x 3 (node 1 SIGKILLed at {killed_at:.1f}s), "
         f"{admitted} admitted ({admitted - JOBS} redelivered), {rejected} 429s, violations {stats['violations']}"
     )
+
+
+def _stuck(results: list[Any], broker: str, queue: str) -> str:
+    """What the unfinished jobs and the broker hold, so that a stall says where it stalled."""
+    states = {r.id: r.state for r in results if not r.ready()}
+    with redis.Redis.from_url(broker) as client:
+        held = {
+            "queued": client.llen(queue),
+            "unacked": client.hlen("unacked"),
+            "restore mutex held": bool(client.exists("unacked_mutex")),
+        }
+    return f"unfinished {states}, broker {held}"
 
 
 @pytest.mark.slow
