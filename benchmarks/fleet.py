@@ -21,7 +21,10 @@ Where the concurrency limit binds, the provider's books also give the drain tail
 admission to the last completion: calls of uneven lengths cannot keep every slot busy to the end),
 the slots' use before it, and the hand-over: from a completion that freed a slot of the full limit
 to the next admission, as the provider sees it (the release's settle, the notice, the waiter's
-claim and its HTTP request), median and 90th percentile.
+claim and its HTTP request), median and 90th percentile; and the limiter's own part of it, from the
+start of a worker's settle to the start of the call it let in (``acquire`` returned, in any process;
+CLOCK_MONOTONIC is one clock for the machine), over the pairs that stand alone (one settle and one
+waited grant within 50 ms of each other), without the two HTTP legs and the reply's handling.
 
 The shared budget (xflow) is, by default, configured with the provider's real limits. Learning:
   --budget-scale 1.3   configure it 30 % above them (the fleet learns the real ones from the headers)
@@ -182,6 +185,11 @@ def _drain_text(r: FleetResult) -> str:
         if r.handover_median is None
         else (f", hand-over median {r.handover_median * 1e3:.1f} ms (p90 {(r.handover_p90 or 0) * 1e3:.1f} ms)")
     )
+    if r.limiter_handover_median is not None:
+        handover += (
+            f", the limiter's part (settle to next start) median {r.limiter_handover_median * 1e3:.2f} ms "
+            f"(p90 {(r.limiter_handover_p90 or 0) * 1e3:.2f} ms, {r.limiter_handover_pairs} pairs)"
+        )
     return f" | before the tail {r.before_tail:.1%}, tail {r.tail:.2f}s{handover}"
 
 

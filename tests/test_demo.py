@@ -174,6 +174,40 @@ def test_a_run_that_fits_the_initial_buckets_has_no_binding_limit() -> None:
     assert use["tokens"] == pytest.approx(180_000 / (120_000 + 2_000 * 31))
 
 
+def test_hand_overs_match_each_settle_with_the_next_waited_start_in_order() -> None:
+    from xflow_dist.tools._fleet import handovers
+
+    # two chains in step: two settles, then the two starts they let in, in order
+    assert handovers([2.0, 1.0, 1.0003], [1.0013, 1.001, 2.002]) == [
+        pytest.approx(0.001), pytest.approx(0.001), pytest.approx(0.002)
+    ]  # fmt: skip
+    # a settle that let no waited call in (none was queued) is passed over, not matched a round later
+    assert handovers([1.0, 1.8, 2.6], [1.802, 2.601]) == [pytest.approx(0.002), pytest.approx(0.001)]
+    # a waited start with no settle before it within the window (the first calls, queued at the start)
+    assert handovers([1.0], [0.9, 1.06]) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_fleet_where_slots_bind_measures_the_limiter_s_part_of_the_hand_over(redis_url: str) -> None:
+    """The workers' clocks pair each settle with the start it let in; the provider's hand-over holds
+    that and two HTTP legs more, so the limiter's part is the shorter."""
+    from xflow_dist.tools._demo import Latency, fleet_spec, run_fleet, simulator_process
+    from xflow_dist.tools._fleet import Limits, make_jobs
+
+    limits = Limits(rpm=60_000, tpm=10_000_000, max_concurrency=2)
+    latency = Latency(0.15, 0.0)
+    with simulator_process(limits, latency) as provider:
+        spec = fleet_spec(
+            "xflow", processes=2, concurrency=3, provider_url=provider, redis_url=redis_url, limits=limits, deadline=60
+        )
+        result = run_fleet(spec, make_jobs(16, seed=4), latency)
+    assert result.errors == [] and result.completed == 16 and result.rejected == 0
+    assert result.binding == "concurrency"
+    assert result.limiter_handover_pairs >= 4, result  # 14 hand-overs, two chains 0.15 s long
+    assert result.limiter_handover_median is not None and result.handover_median is not None
+    assert 0 < result.limiter_handover_median < result.handover_median
+
+
 def test_the_live_rates_count_only_whole_seconds() -> None:
     from xflow_dist.cli import _per_minute
 

@@ -30,6 +30,7 @@ from ._fleet import (
     Strategy,
     WorkerReport,
     fleet_budget,
+    handovers,
     jobs_key_of,
     load_jobs,
     tally_key,
@@ -73,6 +74,11 @@ class FleetResult:
     before_tail: float | None = None
     handover_median: float | None = None
     handover_p90: float | None = None
+    # the limiter's own part of it: from a settle's start to the start of the call it let in (seconds,
+    # from the workers' clocks, where the two pair up alone; see _fleet.handovers), and how many paired
+    limiter_handover_median: float | None = None
+    limiter_handover_p90: float | None = None
+    limiter_handover_pairs: int = 0
     shares: list[int] = field(default_factory=list)
     # per tenant (xflow demo --tenants): weight, jobs, done, tokens, goal (its weight's share) and
     # share (of the tokens, while every tenant had jobs left and the budget held calls back)
@@ -321,6 +327,11 @@ def run_fleet(
         series=stats.get("series", {}),
         errors=[e for r in reports for e in r.errors],
     )
+    paired = sorted(handovers([t for r in reports for t in r.releases], [t for r in reports for t in r.waited_grants]))
+    if paired:
+        result.limiter_handover_median = paired[len(paired) // 2]
+        result.limiter_handover_p90 = paired[min(len(paired) - 1, int(len(paired) * 0.9))]
+        result.limiter_handover_pairs = len(paired)
     for key, value in {**_drain(stats, spec.limits), **_tenants(spec, totals, history, final)}.items():
         setattr(result, key, value)
     return result

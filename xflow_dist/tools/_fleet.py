@@ -156,6 +156,10 @@ class WorkerReport:
     cooldowns: int = 0
     tokens: int = 0
     errors: list[str] = field(default_factory=list)
+    # where slots bind (xflow): when this process's settles began, and when its acquires that
+    # waited returned (CLOCK_MONOTONIC, one clock for the machine), to pair into hand-overs
+    releases: list[float] = field(default_factory=list)
+    waited_grants: list[float] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -167,6 +171,31 @@ def load_jobs(client: SyncClient, key: str, jobs: list[Job]) -> None:
     for start in range(0, len(jobs), 500):
         chunk = jobs[start : start + 500]
         client.rpush(key, *(json.dumps([j.id, j.prompt, j.max_tokens]) for j in chunk))
+
+
+#: A grant whose acquire took longer than this waited for a slot; a settle more than this before the
+#: next such grant let none in (the queue was empty, or a call that never waited took its slot).
+HANDOVER_WINDOW = 0.05
+
+
+def handovers(releases: list[float], grants: list[float], window: float = HANDOVER_WINDOW) -> list[float]:
+    """Settle-to-start times of the limiter, from every process's settle starts and waited grants.
+
+    A settle frees a slot and the queue's head, in any process, is granted: one settle, one waited
+    grant, in order. So they are matched in time order, each grant to the oldest settle not matched
+    yet within ``window`` before it; older settles let none in. Where two hand-overs overlap and the
+    second waiter wakes first, the two times are swapped; their sum is right.
+    """
+    releases, grants = sorted(releases), sorted(grants)
+    out = []
+    i = 0
+    for g in grants:
+        while i < len(releases) and g - releases[i] > window:
+            i += 1
+        if i < len(releases) and releases[i] <= g:
+            out.append(g - releases[i])
+            i += 1
+    return out
 
 
 def backoff(attempt: int, rng: random.Random) -> float:
@@ -231,11 +260,16 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
             body = {"model": "sim", "messages": job.messages, "max_tokens": job.max_tokens}
             return await http.post("/v1/chat/completions", json=body)
 
+        timed = limiter is not None and bool(limits.max_concurrency)
+
         async def run(job: Job, tenant: str | None) -> None:
             attempt = 0
             while time.monotonic() < stop_at:
                 if limiter is not None:
+                    asked = time.monotonic()
                     async with limiter.acquire(tokens=job.estimate, tenant=tenant) as lease:
+                        if timed and time.monotonic() - asked > HANDOVER_WINDOW:
+                            report.waited_grants.append(time.monotonic())
                         reply = await call(job)
                         seen = parse_limit_headers(reply.headers)
                         limit_requests = (seen.request_limit or None) if spec.report_limits else None
@@ -249,6 +283,8 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
                             continue
                         reply.raise_for_status()
                         used = int(reply.json()["usage"]["total_tokens"])
+                        if timed:
+                            report.releases.append(time.monotonic())
                         await lease.report(
                             actual_tokens=used,
                             remaining_requests=seen.requests_remaining,
