@@ -23,8 +23,8 @@ the slots' use before it, and the hand-over: from a completion that freed a slot
 to the next admission, as the provider sees it (the release's settle, the notice, the waiter's
 claim and its HTTP request), median and 90th percentile; and the limiter's own part of it, from the
 start of a worker's settle to the start of the call it let in (``acquire`` returned, in any process;
-CLOCK_MONOTONIC is one clock for the machine), over the pairs that stand alone (one settle and one
-waited grant within 50 ms of each other), without the two HTTP legs and the reply's handling.
+CLOCK_MONOTONIC is one clock for the machine; settles and grants that waited matched in order, one
+slot freed, one waiter let in), without the two HTTP legs and the reply's handling.
 
 The shared budget (xflow) is, by default, configured with the provider's real limits. Learning:
   --budget-scale 1.3   configure it 30 % above them (the fleet learns the real ones from the headers)

@@ -39,6 +39,7 @@ from ._fleet import (
     worker_main,
     workers_of,
 )
+from .simulator._ledger import _summary
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,7 @@ class FleetResult:
     handover_median: float | None = None
     handover_p90: float | None = None
     # the limiter's own part of it: from a settle's start to the start of the call it let in (seconds,
-    # from the workers' clocks, where the two pair up alone; see _fleet.handovers), and how many paired
+    # from the workers' clocks, settles and waited grants matched in order; see _fleet.handovers)
     limiter_handover_median: float | None = None
     limiter_handover_p90: float | None = None
     limiter_handover_pairs: int = 0
@@ -327,11 +328,12 @@ def run_fleet(
         series=stats.get("series", {}),
         errors=[e for r in reports for e in r.errors],
     )
-    paired = sorted(handovers([t for r in reports for t in r.releases], [t for r in reports for t in r.waited_grants]))
-    if paired:
-        result.limiter_handover_median = paired[len(paired) // 2]
-        result.limiter_handover_p90 = paired[min(len(paired) - 1, int(len(paired) * 0.9))]
-        result.limiter_handover_pairs = len(paired)
+    # summed up by the provider's rule for its own hand-overs, so that the two compare
+    releases = [t for r in reports for t in r.releases]
+    paired = _summary(handovers(releases, [t for r in reports for t in r.waited_grants]))
+    result.limiter_handover_median = paired["median"]
+    result.limiter_handover_p90 = paired["p90"]
+    result.limiter_handover_pairs = int(paired["count"] or 0)
     for key, value in {**_drain(stats, spec.limits), **_tenants(spec, totals, history, final)}.items():
         setattr(result, key, value)
     return result

@@ -268,8 +268,9 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
                 if limiter is not None:
                     asked = time.monotonic()
                     async with limiter.acquire(tokens=job.estimate, tenant=tenant) as lease:
-                        if timed and time.monotonic() - asked > HANDOVER_WINDOW:
-                            report.waited_grants.append(time.monotonic())
+                        granted = time.monotonic()
+                        if timed and granted - asked > HANDOVER_WINDOW:
+                            report.waited_grants.append(granted)
                         reply = await call(job)
                         seen = parse_limit_headers(reply.headers)
                         limit_requests = (seen.request_limit or None) if spec.report_limits else None
