@@ -39,7 +39,6 @@ from ._fleet import (
     worker_main,
     workers_of,
 )
-from .simulator._ledger import _summary
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,12 +327,14 @@ def run_fleet(
         series=stats.get("series", {}),
         errors=[e for r in reports for e in r.errors],
     )
-    # summed up by the provider's rule for its own hand-overs, so that the two compare
+    # the same median and p90 as the provider's ledger takes of its own hand-overs (simulator's
+    # _summary, not imported: that package needs aiohttp, which only the demo extra installs)
     releases = [t for r in reports for t in r.releases]
-    paired = _summary(handovers(releases, [t for r in reports for t in r.waited_grants]))
-    result.limiter_handover_median = paired["median"]
-    result.limiter_handover_p90 = paired["p90"]
-    result.limiter_handover_pairs = int(paired["count"] or 0)
+    paired = sorted(handovers(releases, [t for r in reports for t in r.waited_grants]))
+    if paired:
+        result.limiter_handover_median = paired[len(paired) // 2]
+        result.limiter_handover_p90 = paired[min(len(paired) - 1, int(len(paired) * 0.9))]
+        result.limiter_handover_pairs = len(paired)
     for key, value in {**_drain(stats, spec.limits), **_tenants(spec, totals, history, final)}.items():
         setattr(result, key, value)
     return result
