@@ -6,7 +6,7 @@
 local K_STATE, K_LEASES, K_DATA, K_QUEUE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local RATE_REQ, RATE_TOK = tonumber(ARGV[1]), tonumber(ARGV[3])
 local MAX_CONC, LEASE_TTL, IDLE_GRACE = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local ID, CREQ, CTOK = ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13]) -- the operation args follow the 10 of the budget block
+local ID, CREQ, CTOK = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14]) -- the operation args follow the 11 of the budget block
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local v = redis.call('HMGET', K_STATE, 'rt', 'tt')

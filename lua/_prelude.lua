@@ -65,7 +65,9 @@
 --           see connected()) is firm: it needs no claim
 --   ARGV[10] "1": the caller has seen this budget's keys so recently (or holds a lease or ticket of
 --           it) that they cannot have expired: if they are gone, they were lost (see below); "0" else
--- Operation arguments follow from ARGV[11].
+--   ARGV[11] give up: the moment (seconds of Redis time) after which the caller no longer waits for
+--           this call's reply; "0": it waits as long as it takes (see Late calls below)
+-- Operation arguments follow from ARGV[12].
 --
 -- Lost state. A restart without persistence, FLUSHALL or a failover to a replica that had not caught
 -- up lose the keys while calls are in flight. A caller that says it has seen them (ARGV[10]) and
@@ -75,6 +77,14 @@
 -- re-registers the leases it still holds (rejoin.lua). It announces "l <now>" on the events channel:
 -- each process then rejoins its leases and its waiters ask again. A caller that has not seen the
 -- keys makes a fresh budget, full, as on first use.
+--
+-- Late calls. A client that gives up on a call (its reply did not come within its timeout) takes
+-- it as failed and moves on: it may retry it, or decide Redis is out and run on an outage policy.
+-- Redis may still run the call later, when it reads it from a connection that client has closed
+-- (a server frozen, or stalled, and back): a settle would then free a slot its process is already
+-- counting on its own share. So a call carries the moment its client gives up (ARGV[11]), from the
+-- Redis time of earlier replies, taken early rather than late; run after that moment, it changes
+-- nothing and answers "XFLOW_LATE <now> <give up>", which a client still waiting takes as a timeout.
 --
 -- Every argument is checked before anything is written (Redis does not roll back a script that
 -- fails halfway), and a call with a bad one is refused with the error reply
@@ -254,18 +264,19 @@ local BLOCK, REFUSAL = checked(1, {
   {'channel', TEXT},
   {'claim window', limit(POSITIVE_SECONDS)},
   {'seen', FLAG},
+  {'give up', UNITS},
 }, true)
 if REFUSAL then
   return redis.error_reply(REFUSAL)
 end
 local CFG_RATE_REQ, BURST_REQ, CFG_RATE_TOK, BURST_TOK, MAX_CONC, LEASE_TTL, IDLE_GRACE, CHANNEL, CLAIM_WINDOW,
-  SEEN = unpack(BLOCK)
+  SEEN, GIVE_UP = unpack(BLOCK)
 local RECOVERY_WINDOWS = 3
 
--- The operation arguments ARGV[11..] checked against `spec` (see checked()), then the limits of this
+-- The operation arguments ARGV[12..] checked against `spec` (see checked()), then the limits of this
 -- call against the stored ones, by value: the values, or nil and the refusal. Reads only.
 local function operation_args(spec)
-  local values, refusal = checked(11, spec)
+  local values, refusal = checked(12, spec)
   if refusal then
     return nil, refusal
   end
@@ -288,6 +299,9 @@ end
 
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+if GIVE_UP > 0 and NOW > GIVE_UP then -- its client has given up on it (see Late calls)
+  return redis.error_reply(string.format('XFLOW_LATE %.6f %.6f', NOW, GIVE_UP))
+end
 
 -- The rates in force and whether the budget probes; set from the state by apply_limits().
 local RATE_REQ, RATE_TOK, PROBING = CFG_RATE_REQ, CFG_RATE_TOK, false

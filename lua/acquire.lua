@@ -1,33 +1,33 @@
 -- acquire.lua: grant requests, tokens and a concurrency lease jointly, now, all or nothing; or
 -- queue for them, first come first served within a priority class.
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
--- ARGV[11]  id: lease id, also the ticket id while queued; calling again with the same id is a
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua.
+-- ARGV[12]  id: lease id, also the ticket id while queued; calling again with the same id is a
 --          return to the queue that keeps the ticket's place (and renews it), or, once the ticket
 --          was granted, the claim of that grant if it was provisional (the lease then lives a lease
 --          TTL; a firm grant is only reported)
--- ARGV[12] requests to charge (count, usually 1)
--- ARGV[13] tokens to charge (estimate)
--- ARGV[14] max wait, seconds: a new arrival whose exact wait is longer is refused, charging
+-- ARGV[13] requests to charge (count, usually 1)
+-- ARGV[14] tokens to charge (estimate)
+-- ARGV[15] max wait, seconds: a new arrival whose exact wait is longer is refused, charging
 --          nothing (-1: any wait)
--- ARGV[15] "1" to queue when it cannot be granted now, "0" to refuse instead
--- ARGV[16] ticket time to live, seconds: a queued ticket not renewed within it is dropped
--- ARGV[17] "1": the budget probes: while it has learned no limit, it grants one call at a time
+-- ARGV[16] "1" to queue when it cannot be granted now, "0" to refuse instead
+-- ARGV[17] ticket time to live, seconds: a queued ticket not renewed within it is dropped
+-- ARGV[18] "1": the budget probes: while it has learned no limit, it grants one call at a time
 --          until the first settle or learned limit (see settle.lua); "0" (or absent): no probe
--- ARGV[18] "1": overdraft: the cost fits once every bucket is out of debt, whatever its size (a
+-- ARGV[19] "1": overdraft: the cost fits once every bucket is out of debt, whatever its size (a
 --          cost larger than a bucket is granted when that bucket is full, not refused), and is
 --          charged in full, the excess as debt (XtremeFlow's admission); "0" (or absent): it fits
 --          once every bucket holds it (or is full)
--- ARGV[19] lead (a whole number, "0" or absent: none): the priority class's lead. A new ticket is
+-- ARGV[20] lead (a whole number, "0" or absent: none): the priority class's lead. A new ticket is
 --          queued ahead of the tickets of the last `lead` arrivals (see the queue in _prelude.lua),
 --          and one that would be the head and fits now is granted at once, passing the queue
--- ARGV[20] tenant ("" or absent: the budget's untagged calls)
--- ARGV[21] tenant weight (0 or absent: the budget shares nothing by tenant): with a weight, places
+-- ARGV[21] tenant ("" or absent: the budget's untagged calls)
+-- ARGV[22] tenant weight (0 or absent: the budget shares nothing by tenant): with a weight, places
 --          are tenants' virtual times (start-time fair queuing; see the queue in _prelude.lua), and
 --          a lead moves a call ahead by `lead` calls of its own cost
--- ARGV[22] levels (a whole number in [0, 8], "0" or absent: none): how many caps of the hierarchy
+-- ARGV[23] levels (a whole number in [0, 8], "0" or absent: none): how many caps of the hierarchy
 --          under the budget the call passes (see Caps in _prelude.lua), each then given by six
---          arguments from ARGV[23]: node (its name, 1 to 256 bytes without space, control character
+--          arguments from ARGV[24]: node (its name, 1 to 256 bytes without space, control character
 --          or comma), request rate, request burst, token rate, token burst (rates per second, 0:
 --          none; bursts in seconds) and max concurrency (0: none). A grant fits the budget and each
 --          of them, and is charged at each; a cost no cap can ever hold is "too_large"
@@ -77,7 +77,7 @@ local SPEC = {
   {'tenant', TEXT_OR_EMPTY, ''},
   {'weight', RATE, '0'},
 }
-level_spec(SPEC, 22)
+level_spec(SPEC, 23)
 SPEC[#SPEC + 1] = {'reserve', FLAG, '0'}
 SPEC[#SPEC + 1] = {'book', FLAG, '0'}
 local A, REFUSED = operation_args(SPEC)
@@ -86,7 +86,7 @@ if REFUSED then
 end
 local ID, CREQ, CTOK, MAX_WAIT, MAY_QUEUE, TICKET_TTL, PROBE, OVERDRAFT, LEAD, TENANT, WEIGHT = unpack(A)
 local RESERVE, BOOK = A[#SPEC - 1], A[#SPEC]
-local LEVELS = levels_at(22) -- the caps this call passes (nil: none), as its ticket and lease keep them
+local LEVELS = levels_at(23) -- the caps this call passes (nil: none), as its ticket and lease keep them
 
 reap()
 local st = load_state()

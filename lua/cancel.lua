@@ -1,7 +1,7 @@
 -- cancel.lua: give back a grant or a ticket that was never used (a timeout or a cancelled caller).
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
--- ARGV[11] lease or ticket id
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua.
+-- ARGV[12] lease or ticket id
 --
 -- A queued ticket leaves the queue (its tenant, if it has one, gets back the turn it was charged). A
 -- granted lease is removed and its whole charge, requests and tokens, is refunded (never above

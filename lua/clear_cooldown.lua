@@ -1,6 +1,6 @@
 -- clear_cooldown.lua: end the fleet-wide pause now (an operator, or a caller who knows the provider is back).
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua. No operation arguments.
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua. No operation arguments.
 --
 -- The pause ends now; the backoff level and the quiet period are reset, so the next 429 counts as a
 -- first one (the provider's retry-after, or `base`), not as a repeat of the episode just ended. The

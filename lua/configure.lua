@@ -1,7 +1,7 @@
 -- configure.lua: change the limits of a budget live, for the whole fleet: this call's budget block
 -- replaces the limits stored in the state (`cf`, see _prelude.lua).
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua, with the new limits.
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua, with the new limits.
 -- No operation arguments.
 --
 -- The one script that does not refuse a call whose limits differ from the stored ones: it stores
@@ -16,7 +16,7 @@
 -- Reply: {"configured" | "unchanged", now, previous limits ("": none stored)}, the limits as the
 -- state keeps them: seven numbers in the order of the block (ARGV[1..6], ARGV[9]).
 -- A bad argument: an error reply (XFLOW_BADARG; see _prelude.lua), nothing changed.
-local _, REFUSED = checked(11, {})
+local _, REFUSED = checked(12, {})
 if REFUSED then
   return redis.error_reply(REFUSED)
 end

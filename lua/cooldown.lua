@@ -1,13 +1,13 @@
 -- cooldown.lua: a 429 was seen; pause the whole fleet until the provider allows again.
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
--- ARGV[11]  retry-after from the provider, seconds ("-1": none given)
--- ARGV[12] base backoff, seconds: the pause without a retry-after, doubled per repeated 429
--- ARGV[13] max backoff, seconds: caps the doubling, never a provider's retry-after
--- ARGV[14] quiet period, seconds after a pause ends within which another 429 counts as a repeat
--- ARGV[15] jitter fraction: the pause is lengthened by up to this share of itself
--- ARGV[16] jitter draw in [0, 1), chosen by the caller (scripts stay deterministic)
--- ARGV[17] max pause, seconds (finite, more than zero): no pause this call sets is longer, retry-after
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua.
+-- ARGV[12]  retry-after from the provider, seconds ("-1": none given)
+-- ARGV[13] base backoff, seconds: the pause without a retry-after, doubled per repeated 429
+-- ARGV[14] max backoff, seconds: caps the doubling, never a provider's retry-after
+-- ARGV[15] quiet period, seconds after a pause ends within which another 429 counts as a repeat
+-- ARGV[16] jitter fraction: the pause is lengthened by up to this share of itself
+-- ARGV[17] jitter draw in [0, 1), chosen by the caller (scripts stay deterministic)
+-- ARGV[18] max pause, seconds (finite, more than zero): no pause this call sets is longer, retry-after
 --          and jitter included
 --
 -- The pause honours retry-after as given for a first 429 (up to the max pause) and backs off

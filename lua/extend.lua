@@ -1,7 +1,7 @@
 -- extend.lua: heartbeat of a long call; the lease lives another lease TTL from now.
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
--- ARGV[11] lease id
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua.
+-- ARGV[12] lease id
 --
 -- A lease that already expired is lost for good (its slot may have gone to someone else). A
 -- provisional grant is claimed by its first heartbeat, as by acquire.lua.

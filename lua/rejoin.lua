@@ -2,16 +2,16 @@
 -- it: it charges what it spent on its own (an outage run on a local share) and re-registers a lease
 -- it still holds, whose call is in flight whatever Redis remembers of it.
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
--- ARGV[11] lease id ("": none, only charge)
--- ARGV[12] requests the lease was charged (its estimate)
--- ARGV[13] tokens the lease was charged (its estimate)
--- ARGV[14] requests spent outside the budget, charged now as debt (0: none)
--- ARGV[15] tokens spent outside the budget, charged now as debt (0: none)
--- ARGV[16] hold, seconds (absent: 0): no new grant before now + hold (the cooldown deadline, the
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua.
+-- ARGV[12] lease id ("": none, only charge)
+-- ARGV[13] requests the lease was charged (its estimate)
+-- ARGV[14] tokens the lease was charged (its estimate)
+-- ARGV[15] requests spent outside the budget, charged now as debt (0: none)
+-- ARGV[16] tokens spent outside the budget, charged now as debt (0: none)
+-- ARGV[17] hold, seconds (absent: 0): no new grant before now + hold (the cooldown deadline, the
 --          backoff left alone). A process back from an outage sets it, so that every other process
 --          back from the same outage registers its share's calls before anyone takes a slot again.
--- ARGV[17] levels (0 to 8, absent 0), then six arguments each, as acquire.lua's: the caps the lease
+-- ARGV[18] levels (0 to 8, absent 0), then six arguments each, as acquire.lua's: the caps the lease
 --          passes. A lease added here takes its slot at each of them too (charged nothing there).
 --
 -- Spending is charged on top of the levels Redis kept, unless this very call finds the state lost
@@ -34,12 +34,12 @@ local A, REFUSED = operation_args(level_spec({
   {'spent requests', UNITS},
   {'spent tokens', UNITS},
   {'hold', SECONDS, '0'},
-}, 17))
+}, 18))
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
 local ID, CREQ, CTOK, SPENT_REQ, SPENT_TOK, HOLD = unpack(A)
-local LEVELS = levels_at(17)
+local LEVELS = levels_at(18)
 
 reap()
 local st = load_state()

@@ -1,10 +1,10 @@
 -- renew.lua: keep a process's queued tickets alive, all in one call, so that its waiters need not
 -- come back one by one to renew themselves (acquire.lua with the same id does the same for one).
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
--- ARGV[11]  ticket time to live, seconds: each ticket named lives at least until max(now, its fit)
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua.
+-- ARGV[12]  ticket time to live, seconds: each ticket named lives at least until max(now, its fit)
 --           + this (a ticket that was to live longer keeps its time)
--- ARGV[12..] ticket ids, 1 to 1000
+-- ARGV[13..] ticket ids, 1 to 1000
 --
 -- Reply, all strings: {now, status, ...}, one status per id, in order:
 --   "q"  still queued, and renewed
@@ -17,7 +17,7 @@
 -- nothing changed.
 local MAX_IDS = 1000
 local spec = {{'ticket ttl', POSITIVE_SECONDS}}
-for _ = 12, math.max(12, math.min(#ARGV, 11 + MAX_IDS)) do
+for _ = 13, math.max(13, math.min(#ARGV, 12 + MAX_IDS)) do
   spec[#spec + 1] = {'id', TEXT}
 end
 local A, REFUSED = operation_args(spec)

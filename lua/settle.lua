@@ -1,15 +1,15 @@
 -- settle.lua: close a lease with the actual usage and what the provider said about its limits; its
 -- slot and any refund go to the queue at once. Without a lease (id ""), only learn.
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
--- ARGV[11]  lease id; "" for a reply that was not leased (limiter.learn): learn from it, settle nothing
--- ARGV[12] actual tokens used ("-1": keep the estimate)
--- ARGV[13] requests the provider said remain in its bucket when it admitted this call ("-1": unknown)
--- ARGV[14] tokens the provider said remain ("-1": unknown)
--- ARGV[15] the provider's request limit, requests per minute ("-1": not reported)
--- ARGV[16] the provider's token limit, tokens per minute ("-1": not reported)
--- ARGV[17] seconds the limits reported here are remembered (the keys outlive them)
--- ARGV[18] the model (or route) the call went to, whose limits these are ("" or absent: unnamed)
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua.
+-- ARGV[12]  lease id; "" for a reply that was not leased (limiter.learn): learn from it, settle nothing
+-- ARGV[13] actual tokens used ("-1": keep the estimate)
+-- ARGV[14] requests the provider said remain in its bucket when it admitted this call ("-1": unknown)
+-- ARGV[15] tokens the provider said remain ("-1": unknown)
+-- ARGV[16] the provider's request limit, requests per minute ("-1": not reported)
+-- ARGV[17] the provider's token limit, tokens per minute ("-1": not reported)
+-- ARGV[18] seconds the limits reported here are remembered (the keys outlive them)
+-- ARGV[19] the model (or route) the call went to, whose limits these are ("" or absent: unnamed)
 --
 -- First the limits are learned for that model (see learn() in _prelude.lua), replacing what it
 -- reported before, looser or tighter: the rates in force become the configured ones lowered to the

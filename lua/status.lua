@@ -1,6 +1,6 @@
 -- status.lua: a read-only snapshot of one budget; writes nothing, not even expired leases.
 --
--- KEYS and ARGV[1..10]: the budget block described in _prelude.lua.
+-- KEYS and ARGV[1..11]: the budget block described in _prelude.lua.
 --
 -- Reply, all strings: {now, request level, token level, leases in flight, tickets queued,
 --   cooldown seconds remaining, backoff level, request limit in force, token limit in force,

@@ -712,3 +712,60 @@ class RedisClusterGroup:
                 return False
             views.append(sorted((start, end, int(master[1])) for start, end, master, *_ in ranges))
         return bool(views) and all(view == views[0] for view in views)
+
+
+class Server:
+    """A redis-server on a fixed loopback port, killed and started again at will (nothing on disk)."""
+
+    def __init__(self) -> None:
+        binary = find_redis_server()
+        if binary is None:
+            pytest.skip("needs a redis-server binary")
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        try:
+            until("the server answers", lambda: _answers(probe), 10.0)
+        finally:
+            probe.close()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def in_flight(srv: Server, name: str) -> int:
+    c = srv.client()
+    try:
+        return int(c.zcard(f"{{xflow:{name}}}:leases"))
+    finally:
+        c.close()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from _servers import Server
 
 from xflow_dist._backend import sync_client
 from xflow_dist.tools._embedded import EmbeddedRedis
@@ -94,3 +95,15 @@ def rclient(url: str) -> Iterator[redis.Redis]:
     client, _ = sync_client(url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def server(real_redis: bool) -> Iterator[Server]:
+    """A redis-server of the test's own, to kill, freeze and restart (``_servers.Server``)."""
+    if not real_redis:
+        pytest.skip("needs a redis-server binary")
+    srv = Server()
+    srv.start()
+    yield srv
+    srv.thaw()
+    srv.kill()

@@ -249,16 +249,16 @@ def test_bad_caps_are_refused_before_redis_is_touched(client: redis.Redis, redis
 
 def test_the_scripts_refuse_bad_levels(client: redis.Redis, name: str) -> None:
     ops = Ops(client, Budget(name, max_concurrency=2))
-    base = [*acquire_args("x", 1, 0, None, False, 30.0), "0", "t", "0"]  # ARGV[11..21]
+    base = [*acquire_args("x", 1, 0, None, False, 30.0), "0", "t", "0"]  # ARGV[12..22]
     level = ["t", "1.0", "1.0", "0", "0", "1"]
     for argv, where in (
-        ([*base, "9"], "ARGV[22] levels"),
-        ([*base, "1", "t,u", *level[1:]], "ARGV[23] node of level 1"),
-        ([*base, "1", *level[:5], "1.5"], "ARGV[28] max concurrency of level 1"),
-        ([*base, "2", *level], "ARGV[29] node of level 2"),
-        ([*base, "1", *level, "extra"], "ARGV[29] reserve"),
-        ([*base, "1", *level, "0", "extra"], "ARGV[30] book"),
-        ([*base, "1", *level, "0", "0", "extra"], "ARGV[31]: unexpected"),
+        ([*base, "9"], "ARGV[23] levels"),
+        ([*base, "1", "t,u", *level[1:]], "ARGV[24] node of level 1"),
+        ([*base, "1", *level[:5], "1.5"], "ARGV[29] max concurrency of level 1"),
+        ([*base, "2", *level], "ARGV[30] node of level 2"),
+        ([*base, "1", *level, "extra"], "ARGV[30] reserve"),
+        ([*base, "1", *level, "0", "extra"], "ARGV[31] book"),
+        ([*base, "1", *level, "0", "0", "extra"], "ARGV[32]: unexpected"),
     ):
         with pytest.raises(redis.ResponseError, match=where.replace("[", r"\[").replace("]", r"\]")):
             ops.run("acquire", argv)

@@ -88,7 +88,10 @@ def _argv(op: tuple[Any, ...], ids: list[str]) -> tuple[str, list[str]]:
     burst=BURSTS,
     max_concurrency=st.sampled_from([0, 1, 3]),
     grace=st.sampled_from([0.5, 10.0]),
-    steps=st.lists(st.tuples(STEP, OP, st.booleans()), min_size=1, max_size=40),
+    # a give-up moment: none, or just before or after the call runs (Late calls)
+    steps=st.lists(
+        st.tuples(STEP, OP, st.booleans(), st.sampled_from([None, None, -1e-3, 1e-3])), min_size=1, max_size=40
+    ),
 )
 def test_the_engine_is_the_lua_off_the_grid(
     rps: float,
@@ -96,7 +99,7 @@ def test_the_engine_is_the_lua_off_the_grid(
     burst: float,
     max_concurrency: int,
     grace: float,
-    steps: list[tuple[int, tuple[Any, ...], bool]],
+    steps: list[tuple[int, tuple[Any, ...], bool, float | None]],
 ) -> None:
     budget = Budget(
         "engine",
@@ -117,19 +120,19 @@ def test_the_engine_is_the_lua_off_the_grid(
     ids = [f"p{i % 2}.{i}" for i in range(6)]
     CLOCK.ticks = 0
     base_us = 0
-    for step_us, op, seen in steps:
+    for step_us, op, seen, late in steps:
         base_us += step_us
         CLOCK.ticks = base_us / 1_000_000 * 64  # the fake clock counts 1/64 s; any float will do
         if op[0] == "flush":
             client.flushall()
             twin.server.flush()
             continue
-        block = budget_args(budget, seen)
+        block = budget_args(budget, seen, 0.0 if late is None else CLOCK.time() + late)
         block[6] = repr(grace)
         if op[0] == "bad":
             kind, argv = "acquire", acquire_args(ids[0], 1, 1, None, True, 1.5, False, False)
             argv.append("0")
-            argv[op[1] - 10] = op[2]  # ARGV[11..19]: one of them bad
+            argv[op[1] - 10] = op[2]  # ARGV[12..20]: one of them bad
         else:
             kind, argv = _argv(op, ids)
         try:

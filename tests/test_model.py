@@ -1331,7 +1331,7 @@ class BudgetMachine(RuleBasedStateMachine):
         self.last = (op, argv, {i for i, lease in self.model.leases.items() if lease.expiry > now})
         self.provisional = {i: lease for i, lease in self.model.leases.items() if lease.provisional}
         self.seen = self._seen(now)
-        block = [*self.base_args[:9], "1" if self.seen else "0"]
+        block = [*self.base_args[:9], "1" if self.seen else "0", *self.base_args[10:]]
         raw = self.scripts[op](keys=self.keys, args=[*block, *argv])
         self.twin.run(op, self.keys, [*block, *argv], raw)
         if op != "status":  # status.lua writes nothing: no sighting of the keys

@@ -9,18 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from _helpers import until
+from _servers import Server, in_flight
 
 from xflow_dist import (
     AsyncLimiter,
@@ -31,77 +28,8 @@ from xflow_dist import (
     OutagePolicy,
     XflowError,
 )
-from xflow_dist.tools._embedded import find_redis_server, free_port
 
 pytestmark = pytest.mark.timeout(90)
-
-
-class Server:
-    """A redis-server on a fixed loopback port, killed and started again at will (nothing on disk)."""
-
-    def __init__(self) -> None:
-        binary = find_redis_server()
-        if binary is None:
-            pytest.skip("needs a redis-server binary")
-        self.binary = binary
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
-            until(lambda: _answers(probe))
-        finally:
-            probe.close()
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        if self.proc is not None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture
-def server(real_redis: bool) -> Iterator[Server]:
-    if not real_redis:
-        pytest.skip("needs a redis-server binary")
-    srv = Server()
-    srv.start()
-    yield srv
-    srv.thaw()
-    srv.kill()
-
-
-def in_flight(srv: Server, name: str) -> int:
-    c = srv.client()
-    try:
-        return int(c.zcard(f"{{xflow:{name}}}:leases"))
-    finally:
-        c.close()
 
 
 # --- the policy, checked before anything runs ---------------------------------------------------------

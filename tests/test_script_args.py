@@ -33,7 +33,7 @@ from xflow_dist._budget import CooldownPolicy
 from xflow_dist._core import acquire_args, budget_args, cooldown_args, keys, settle_args
 
 # The kinds of every argument (lua/_prelude.lua), budget block first; "opt": may be left out.
-BLOCK = ["rate", "seconds", "rate", "seconds", "count", "positive", "seconds", "text", "positive", "flag"]
+BLOCK = ["rate", "seconds", "rate", "seconds", "count", "positive", "seconds", "text", "positive", "flag", "units"]
 OPS: dict[str, list[str]] = {
     "acquire": [
         "text",
@@ -211,7 +211,7 @@ def test_a_nan_token_cost_is_refused_and_the_limit_holds(rclient: redis.Redis, n
     ops = Ops(rclient, Budget(name, tpm=600, burst=1.0))  # 10 tokens a second, 10 of credit
     ops.acquire(10)  # keys exist, the bucket is empty
     message = refused(ops, "acquire", ["a", "1", "nan", "-1", "1", "30", "0"])
-    assert "ARGV[13] tokens" in message and '"nan"' in message
+    assert "ARGV[14] tokens" in message and '"nan"' in message
     assert ops.acquire(10, queue=False)[1].kind == "refused"
 
 
@@ -287,7 +287,7 @@ def test_python_refuses_what_the_scripts_refuse(redis_url: str, name: str) -> No
 
 def test_a_refused_argument_raises_script_argument_error(redis_url: str, name: str) -> None:
     with Limiter(Budget(name, rpm=60), redis_url) as limiter:
-        with pytest.raises(ScriptArgumentError, match=r"ARGV\[12\] requests.*'nan'|ARGV\[12\] requests.*\"nan\""):
+        with pytest.raises(ScriptArgumentError, match=r"ARGV\[13\] requests.*'nan'|ARGV\[13\] requests.*\"nan\""):
             limiter._run("acquire", ["a", "nan", "0", "-1", "1", "30", "0"])
         assert isinstance(ScriptArgumentError("x"), ValueError)
 

@@ -50,6 +50,7 @@ from ._core import (
     decode_extend,
     decode_settle,
     decode_status,
+    late_error,
     place_of,
     queued,
     reserved,
@@ -60,7 +61,7 @@ from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, Cost
 from ._flow import GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import AsyncLease
-from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share
+from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, hold_after, no_slot, reason, share
 from ._renewals import Renewals
 from ._scripts import register
 
@@ -188,7 +189,7 @@ class AsyncLimiter(LimiterBase):
             budget, cooldown_policy=cooldown_policy, ticket_ttl=ticket_ttl, io_timeout=io_timeout, outage=outage
         )
         self._target = redis
-        self._client, self._owns = async_client(redis, self.io_timeout)
+        self._bind(*async_client(redis, self.io_timeout))
         self._scripts = register(self._client, self.io_timeout)
         self._gate: asyncio.Semaphore | contextlib.nullcontext[None] | None = None  # made in the loop: gate_size()
         self._events: _Events | None = None
@@ -221,12 +222,16 @@ class AsyncLimiter(LimiterBase):
         for attempt in (1, 2):
             try:
                 reply = await self._scripts[op](keys=self._keys, args=self._argv(argv))
-                if op != "status":  # status.lua writes nothing: the keys may still not exist
-                    self._answered()
+                self._answered(op, reply)
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
                     raise script_error(self.budget, op, exc) from exc
+            except redis.ResponseError as exc:
+                if not self._late(exc):
+                    raise script_error(self.budget, op, exc) from exc
+                if attempt == 2:  # late again: as good as a timeout
+                    raise late_error(self.budget, op, exc) from redis.TimeoutError(str(exc))
             except redis.RedisError as exc:
                 raise script_error(self.budget, op, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -527,6 +532,7 @@ class AsyncLimiter(LimiterBase):
                                  cooldown_policy=self.cooldown_policy, ticket_ttl=self.ticket_ttl)  # fmt: skip
             local._quiet = True
         outage = Outage(policy.mode, reason(exc), n, local, share_budget, back=asyncio.Event())
+        outage.opens = outage.since + hold_after(exc, self._reply_wait)
         self._outage = outage  # set before any await: one outage per limiter
         if local is not None and share_budget is not None:
             req, tok = emptying_cost(share_budget)
@@ -591,6 +597,9 @@ class AsyncLimiter(LimiterBase):
                     budget=self.budget.name,
                 )
             step = SHARE_SLICE if rest is None else min(SHARE_SLICE, rest)
+            if (hold := outage.closed_for()) > 0:  # calls sent before may still free slots in Redis
+                await asyncio.sleep(min(hold, step))
+                continue
             try:
                 lease: AsyncLease = await local.acquire(tokens, requests=requests, timeout=step)
             except AcquireTimeout as exc:  # at once, for a rate: sleep toward the fit time
@@ -608,6 +617,8 @@ class AsyncLimiter(LimiterBase):
             raise outage.unavailable(self.budget.name)
         if outage.local is None:
             return Decision(False)
+        if (hold := outage.closed_for()) > 0:
+            return Decision(False, retry_after=hold)
         decision: Decision[AsyncLease] = await outage.local.try_acquire(tokens, requests=requests)
         if decision.lease is None:
             return decision
@@ -740,6 +751,9 @@ class AsyncLimiter(LimiterBase):
         fin = self._finalizers.pop(lease.id, None)
         if fin is not None:
             fin.detach()
+        if outage is not None and outage.defers():  # the way back sends it (see _outage)
+            self._later(op, argv, lease.id)
+            return None
         try:
             raw = await self._run(op, argv)
         except asyncio.CancelledError:
@@ -756,7 +770,8 @@ class AsyncLimiter(LimiterBase):
 
     async def _give_back(self, lease_id: str, *, now: bool) -> None:
         """Cancel a ticket or a grant not handed out; once now if ``now``, else (and on failure) later."""
-        if now:
+        outage = self._outage
+        if now and not (outage is not None and outage.defers()):
             try:
                 await asyncio.shield(self._run("cancel", [lease_id]))
                 return
@@ -884,7 +899,7 @@ class AsyncLimiter(LimiterBase):
         self._outage = None
         if self._owns:
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
-            self._client, _ = async_client(self._target, self.io_timeout)
+            self._bind(async_client(self._target, self.io_timeout)[0], True)
             self._scripts = register(self._client, self.io_timeout)
 
     async def __aenter__(self) -> AsyncLimiter:

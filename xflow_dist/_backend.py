@@ -88,6 +88,20 @@ def _pool(cls: Any, url: str, options: dict[str, Any]) -> Any:
         ) from None
 
 
+def reply_timeout(client: Any, owned: bool, io_timeout: float) -> float | None:
+    """How long ``client`` waits for a script's reply before it gives up on it, or None: no bound
+    known (a client passed in without a socket timeout, a Cluster client passed in) or no I/O
+    (``memory://``). Scripts are told the moment their client gives up (``lua/_prelude.lua``, Late
+    calls)."""
+    if owned:
+        return None if type(client).__module__.endswith("._memory") else io_timeout
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    bound = kwargs.get("socket_timeout") if isinstance(kwargs, dict) else None
+    if isinstance(bound, int | float) and not isinstance(bound, bool) and 0 < bound < 1e6:
+        return float(bound)
+    return None
+
+
 def sync_client(target: RedisLike, io_timeout: float = IO_TIMEOUT) -> tuple[SyncClient, bool]:
     """A sync client for ``target`` and whether the limiter owns (and so closes) it."""
     if isinstance(target, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -18,12 +19,14 @@ import redis
 
 from . import _observe as observe
 from ._acl import Rights
-from ._backend import IO_TIMEOUT
+from ._backend import IO_TIMEOUT, reply_timeout
 from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy, Level
 from ._cluster import in_transition
 from ._core import (
     ANYWHERE,
     IDLE_GRACE,
+    LATE,
+    NOW_AT,
     AcquireReply,
     CooldownReply,
     Place,
@@ -38,6 +41,7 @@ from ._core import (
     decode_settle,
     keys,
     level_args,
+    moment,
     settle_args,
     too_large_error,
     validate_cost,
@@ -199,7 +203,12 @@ class LimiterBase:
         self.ticket_ttl = ttl or budget.lease_ttl
         self.outage_policy = outage_policy(outage)
         self._keys = keys(budget)
-        self._blocks = (budget_args(budget), budget_args(budget, seen=True))
+        self._blocks = (budget_args(budget)[:-1], budget_args(budget, seen=True)[:-1])  # give up: per call
+        #: Redis time less ``time.monotonic()``, from the last reply. Read with the reply, after Redis
+        #: read its clock, it runs low, and so do the give-up moments made from it: on the safe side.
+        self._offset: float | None = None
+        #: How long the client waits for a reply (None: no bound known); see ``_backend.reply_timeout``.
+        self._reply_wait: float | None = None
         self._rights = Rights(budget.name, self._keys, channel(budget))  # proven before the first call
         self._warned_capped = False
         #: Until then (monotonic) the budget's keys cannot have expired: this process saw them.
@@ -213,13 +222,36 @@ class LimiterBase:
         self._outage: Outage | None = None
 
     def _argv(self, argv: list[str]) -> list[str]:
-        """The budget block (saying whether this process has seen the keys) and ``argv``."""
-        seen = self._holding() or time.monotonic() < self._fresh_until
-        return self._blocks[seen] + argv
+        """The budget block (saying whether this process has seen the keys, and when it gives up on
+        the reply) and ``argv``."""
+        at = time.monotonic()
+        seen = self._holding() or at < self._fresh_until
+        wait, offset = self._reply_wait, self._offset
+        give_up = "0" if wait is None or offset is None else moment(at + offset + wait)
+        return [*self._blocks[seen], give_up, *argv]
 
-    def _answered(self) -> None:
-        """A script ran: the keys live at least the idle grace from now (margin for the reply's way)."""
-        self._fresh_until = time.monotonic() + IDLE_GRACE * 0.8
+    def _answered(self, op: str, reply: Any) -> None:
+        """A script ran: the keys live at least the idle grace from now (margin for the reply's way),
+        and its reply's Redis time sets the clock offset."""
+        at = time.monotonic()
+        if op != "status":  # status.lua writes nothing: the keys may still not exist
+            self._fresh_until = at + IDLE_GRACE * 0.8
+        with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
+            self._offset = float(reply[NOW_AT[op]]) - at
+
+    def _late(self, exc: Exception) -> bool:
+        """True for a call Redis ran after its give-up moment while the client still waited (its
+        clock was behind Redis's); the refusal's Redis time sets the clock offset."""
+        late = LATE.match(str(exc))
+        if late is None:
+            return False
+        self._offset = float(late[1]) - time.monotonic()
+        return True
+
+    def _bind(self, client: Any, owns: bool) -> None:
+        """Use ``client`` (at the start, and again in a forked child)."""
+        self._client, self._owns = client, owns
+        self._reply_wait = reply_timeout(client, owns, self.io_timeout)
 
     def _holding(self) -> bool:
         """This process holds a lease or a ticket of the budget, so its keys must exist (overridden)."""
@@ -240,7 +272,7 @@ class LimiterBase:
                 budget=self.budget.name,
             )
         old, self.budget = self.budget, budget
-        self._blocks = (budget_args(budget), budget_args(budget, seen=True))
+        self._blocks = (budget_args(budget)[:-1], budget_args(budget, seen=True)[:-1])
         return old
 
     def _prepare(

@@ -50,9 +50,10 @@ def channel(budget: Budget) -> str:
     return f"{{xflow:{budget.name}}}:events"
 
 
-def budget_args(budget: Budget, seen: bool = False) -> list[str]:
-    """ARGV[1..10], the budget block every script starts with; ``seen``: the caller knows the budget's
-    keys cannot have expired, so that their absence means they were lost (see ``lua/_prelude.lua``)."""
+def budget_args(budget: Budget, seen: bool = False, give_up: float = 0.0) -> list[str]:
+    """ARGV[1..11], the budget block every script starts with; ``seen``: the caller knows the budget's
+    keys cannot have expired, so that their absence means they were lost; ``give_up``: the Redis time
+    after which the caller no longer waits for the reply, 0 for none (see ``lua/_prelude.lua``)."""
     return [
         _num(budget.request_rate or 0.0),
         _num(budget.credit),
@@ -64,7 +65,28 @@ def budget_args(budget: Budget, seen: bool = False) -> list[str]:
         channel(budget),
         _num(min(budget.claim_window, budget.lease_ttl)),
         "1" if seen else "0",
+        moment(give_up),
     ]
+
+
+def moment(t: float) -> str:
+    """A moment of Redis time as the scripts take it: ``0`` for none."""
+    return f"{t:.6f}" if t > 0 else "0"
+
+
+#: Where each script's reply holds the Redis time it ran at (``now``).
+NOW_AT = {
+    "acquire": 2,
+    "settle": 2,
+    "cancel": 1,
+    "extend": 2,
+    "rejoin": 1,
+    "renew": 0,
+    "cooldown": 2,
+    "clear_cooldown": 2,
+    "configure": 1,
+    "status": 0,
+}
 
 
 def _num(x: float) -> str:
@@ -253,6 +275,8 @@ def validate_retry_after(budget: Budget, retry_after: float | None) -> float | N
 #: The error replies of the scripts (lua/_prelude.lua): a refused argument, other stored limits.
 _BADARG = re.compile(r"XFLOW_BADARG (.*)", re.S)
 _CONFLICT = re.compile(r"XFLOW_CONFLICT stored (.*?); given (.*)", re.S)
+#: A call run after its give-up moment (``lua/_prelude.lua``, Late calls): Redis time, then that moment.
+LATE = re.compile(r"XFLOW_LATE (\S+) (\S+)")
 _LIMIT_NAMES = (
     "request rate",
     "request burst",
@@ -279,6 +303,14 @@ def describe_limits(text: str) -> str:
     parts += [f"credit={g(breq)}s"] if breq == btok else [f"request credit={g(breq)}s", f"token credit={g(btok)}s"]
     parts += [f"max_concurrency={int(conc) if conc > 0 else None}", f"lease_ttl={g(ttl)}", f"claim_window={g(claim)}"]
     return ", ".join(parts)
+
+
+def late_error(budget: Budget, op: str, exc: Exception) -> BackendError:
+    """A call Redis ran too late twice: a failure that may pass, as a timeout is (raise it from one)."""
+    return BackendError(
+        f"{op} on budget {budget.name!r} failed: Redis ran it after its client's give-up moment ({exc})",
+        budget=budget.name,
+    )
 
 
 def script_error(budget: Budget, op: str, exc: Exception) -> XflowError:

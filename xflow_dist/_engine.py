@@ -116,7 +116,7 @@ MAX_RENEW = 1000  # ticket ids one renew.lua call takes
 
 def _renew_spec(n_argv: int) -> Spec:
     """renew.lua's arguments: the ticket TTL, then 1 to MAX_RENEW ids (as many as given, within that)."""
-    return (("ticket ttl", POSITIVE_SECONDS),) + (("id", TEXT),) * (max(12, min(n_argv, 11 + MAX_RENEW)) - 11)
+    return (("ticket ttl", POSITIVE_SECONDS),) + (("id", TEXT),) * (max(13, min(n_argv, 12 + MAX_RENEW)) - 12)
 
 
 _LEVEL_ARGS = (
@@ -569,18 +569,23 @@ class _Call:
         ) = block
         self.stored, self.config = stored, config
         self.rate_req, self.rate_tok, self.probing = self.cfg_rate_req, self.cfg_rate_tok, False
+        # the give-up moment changes with every call: checked apart from the block kept above
+        raw = argv[10] if len(argv) > 10 else None
+        give_up = 0.0 if raw == "0" else _checked(argv, 11, (("give up", UNITS),), more=True)[0]
+        if give_up > 0 and self.now > give_up:  # its client has given up on it (Late calls)
+            raise ResponseError(f"XFLOW_LATE {self.now:.6f} {give_up:.6f}")
         if op == "configure":
-            _checked(argv, 11, ())
+            _checked(argv, 12, ())
             return self.configure()
         if op == "renew":
             spec = _renew_spec(len(argv))
         elif op in ("acquire", "rejoin"):
-            spec = _level_spec(_SPECS[op], argv, 22 if op == "acquire" else 17)
+            spec = _level_spec(_SPECS[op], argv, 23 if op == "acquire" else 18)
             if op == "acquire":
                 spec = (*spec, ("reserve", FLAG, "0"), ("book", FLAG, "0"))
         else:
             spec = _SPECS[op]
-        values = _checked(argv, 11, spec)
+        values = _checked(argv, 12, spec)
         if stored is not None and stored != config:
             mine = [block[i] for i in _LIMITS]
             words = stored.split()

@@ -50,6 +50,7 @@ from ._core import (
     decode_extend,
     decode_settle,
     decode_status,
+    late_error,
     place_of,
     queued,
     reserved,
@@ -60,7 +61,7 @@ from ._exceptions import AcquireTimeout, BackendError, BudgetConflictError, Cost
 from ._flow import AwaitNotice, GiveBack, RunScript, acquire_flow
 from ._headers import LimitFacts
 from ._lease import Lease
-from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, no_slot, reason, share
+from ._outage import SHARE_SLICE, Outage, OutagePolicy, diverted, emptying_cost, hold_after, no_slot, reason, share
 from ._renewals import Renewals
 from ._scripts import register
 
@@ -343,7 +344,7 @@ class Limiter(LimiterBase):
             budget, cooldown_policy=cooldown_policy, ticket_ttl=ticket_ttl, io_timeout=io_timeout, outage=outage
         )
         self._target = redis
-        self._client, self._owns = sync_client(redis, self.io_timeout)
+        self._bind(*sync_client(redis, self.io_timeout))
         self._scripts = register(self._client, self.io_timeout)
         self._gate = _gate(self._client)
         self._events: _Events | None = None
@@ -364,12 +365,16 @@ class Limiter(LimiterBase):
         for attempt in (1, 2):
             try:
                 reply = self._scripts[op](keys=self._keys, args=self._argv(argv))
-                if op != "status":  # status.lua writes nothing: the keys may still not exist
-                    self._answered()
+                self._answered(op, reply)
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
                     raise script_error(self.budget, op, exc) from exc
+            except redis.ResponseError as exc:
+                if not self._late(exc):
+                    raise script_error(self.budget, op, exc) from exc
+                if attempt == 2:  # late again: as good as a timeout
+                    raise late_error(self.budget, op, exc) from redis.TimeoutError(str(exc))
             except redis.RedisError as exc:
                 raise script_error(self.budget, op, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -586,6 +591,9 @@ class Limiter(LimiterBase):
         fin = self._finalizers.pop(lease.id, None)
         if fin is not None:
             fin.detach()
+        if outage is not None and outage.defers():  # the way back sends it (see _outage)
+            self._upkeep.later(op, argv, lease.id)
+            return None
         try:
             raw = self._run(op, argv)
         except BackendError as exc:
@@ -657,6 +665,7 @@ class Limiter(LimiterBase):
                     if first.lease is not None:
                         first.lease.release()
             outage = Outage(policy.mode, reason(exc), n, local, share_budget, back=threading.Event())
+            outage.opens = outage.since + hold_after(exc, self._reply_wait)
             if local is not None:
                 for lease in self._upkeep.held():  # their calls run on: they take their slots in the share
                     shadow = local.try_acquire(0, requests=0)
@@ -714,6 +723,9 @@ class Limiter(LimiterBase):
                     budget=self.budget.name,
                 )
             step = SHARE_SLICE if left is None else min(SHARE_SLICE, left)
+            if (hold := outage.closed_for()) > 0:  # calls sent before may still free slots in Redis
+                time.sleep(min(hold, step))
+                continue
             try:
                 lease: Lease = local.acquire(tokens, requests=requests, timeout=step)
             except AcquireTimeout as exc:  # at once, for a rate: sleep toward the fit time
@@ -731,6 +743,8 @@ class Limiter(LimiterBase):
             raise outage.unavailable(self.budget.name)
         if outage.local is None:
             return Decision(False)
+        if (hold := outage.closed_for()) > 0:
+            return Decision(False, retry_after=hold)
         decision: Decision[Lease] = outage.local.try_acquire(tokens, requests=requests)
         if decision.lease is None:
             return decision
@@ -812,7 +826,8 @@ class Limiter(LimiterBase):
 
     def _give_back(self, lease_id: str, *, now: bool) -> None:
         """Cancel a ticket or a grant not handed out; once now if ``now``, else (and on failure) later."""
-        if now:
+        outage = self._outage
+        if now and not (outage is not None and outage.defers()):
             try:
                 self._run("cancel", [lease_id])
                 return
@@ -924,7 +939,7 @@ class Limiter(LimiterBase):
         self._outage_lock = threading.Lock()
         if self._owns:
             _INHERITED.append(self._client)  # never closed here: its sockets are the parent's
-            self._client, _ = sync_client(self._target, self.io_timeout)
+            self._bind(sync_client(self._target, self.io_timeout)[0], True)
             self._scripts = register(self._client, self.io_timeout)
         self._gate = _gate(self._client)
 

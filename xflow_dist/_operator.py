@@ -74,8 +74,9 @@ class Operator:
         rate_req, burst_req, rate_tok, burst_tok, conc, ttl, claim = words
         channel = f"{_TAG}{name}}}:events"
         # "not seen": keys that vanished since (expired, flushed) are then made fresh, never taken for
-        # a lost state with its hold and its notice to the fleet, which only a fleet's own call may say
-        return [rate_req, burst_req, rate_tok, burst_tok, conc, ttl, _num(IDLE_GRACE), channel, claim, "0"]
+        # a lost state with its hold and its notice to the fleet, which only a fleet's own call may say;
+        # no give-up moment: an operator's command has no local share that a late run could undercut
+        return [rate_req, burst_req, rate_tok, burst_tok, conc, ttl, _num(IDLE_GRACE), channel, claim, "0", "0"]
 
     def _run(self, op: str, name: str, argv: list[str]) -> Any:
         block = self._block(name)

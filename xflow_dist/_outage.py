@@ -6,6 +6,12 @@ events channel), in an in-process bucket that starts empty, since the shared one
 spent. When Redis answers again the process charges the shared buckets with what its share let through
 and re-registers every lease it still holds, so that the fleet goes back to one budget that counts every
 call made meanwhile.
+A share counts on the slots its process held in Redis when the outage began staying held there
+until the way back. So while it is out a process sends no settle or cancel of a shared lease
+(``defers``: the way back sends them once its share's calls are registered), Redis runs no call its
+process gave up on (``lua/_prelude.lua``, Late calls), and the share grants nothing until every call
+sent before the outage was found is past its give-up moment (``opens``): none of them can free a slot
+after that.
 ``open`` lets calls through unlimited (counted and logged); ``closed`` refuses them with
 ``BudgetUnavailableError`` at once. Each switch is logged once and shows in ``status().mode``.
 """
@@ -118,6 +124,14 @@ def spent(local: Budget, status: Status, elapsed: float) -> tuple[float, float]:
     return req, tok
 
 
+def hold_after(exc: BaseException, reply_wait: float | None) -> float:
+    """How long a share waits before its first grant (``Outage.opens``): a reply timeout when the
+    outage was found by one (Redis stalled: what was sent may still run there, up to its give-up
+    moment), nothing when Redis refused or dropped the connection (what it had read, it ran then)."""
+    cause = exc.__cause__ or exc
+    return (reply_wait or 0.0) if isinstance(cause, redis.TimeoutError | TimeoutError) else 0.0
+
+
 def reason(exc: BaseException) -> str:
     """What failed, for the log and the error: the Redis error under a BackendError."""
     cause = exc.__cause__ or exc
@@ -148,6 +162,17 @@ class Outage:
     waiting: int = 0
     ended: bool = False
     shadows: dict[str, Any] = field(default_factory=dict)  # shared lease id -> its slot in the share
+    #: The share grants nothing before this (monotonic): the give-up moment of the last call that may
+    #: have been sent before the outage was found (see ``hold_after``).
+    opens: float = 0.0
+
+    def defers(self) -> bool:
+        """Settles and cancels of shared leases wait for the way back (a ``local`` share is running)."""
+        return self.mode == "local" and self.local is not None and not self.ended
+
+    def closed_for(self) -> float:
+        """Seconds until the share may grant (0: it may now)."""
+        return max(0.0, self.opens - time.monotonic())
 
     def granted(self, requests: float, tokens: float) -> None:
         """One more call the outage let through: under ``open`` its cost is kept, for the way back
