@@ -369,16 +369,14 @@ def main() -> None:
             + (f", rejected {r['setup_rejected']}" if r["setup_rejected"] else "")
         )
     print()
-    print("# goal: at most 3 top-level commands per grant on average")
-    print(
-        c.table(
-            ["scenario", "top-level/grant", "goal"],
-            [
-                [r["scenario"], r["top_level_per_grant"], "met" if r["top_level_per_grant"] <= 3 else "MISSED"]
-                for r in results
-            ],
-        )
-    )
+    print("# goal: at most 2 top-level commands per request (one grant) on average, waits of any length;")
+    print("# script calls are the acquire, the settle and the batched renewals, the rest is the census")
+    rows = []
+    for r in results:
+        scripts = sum(r["evalsha_by_script"].values()) / r["grants"] if r["evalsha_by_script"] else float("nan")
+        top = r["top_level_per_grant"]
+        rows.append([r["scenario"], top, scripts, "met" if top <= 2 else "MISSED"])
+    print(c.table(["scenario", "top-level/grant", "script calls/grant", "goal"], rows))
     c.write_json(
         args.json,
         {"benchmark": "commands_per_grant", "environment": env, "arguments": vars(args), "results": results},
