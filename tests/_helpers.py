@@ -264,3 +264,21 @@ def results_of_processes(target: Any, args: tuple[Any, ...], count: int, timeout
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+
+
+class Running:
+    """Calls running at once across threads, and the most seen: a test's own count of concurrency."""
+
+    def __init__(self) -> None:
+        self.now = self.most = 0
+        self._lock = threading.Lock()
+
+    def call(self, lease: Any, seconds: float) -> None:
+        """A call that holds ``lease`` for ``seconds``, then releases it."""
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(seconds)
+        with self._lock:
+            self.now -= 1
+        lease.release()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis
-from _helpers import Ops, until
+from _helpers import Ops, Running, until
 from _servers import Server, in_flight
 
 from xflow_dist import AsyncLimiter, Budget, Limiter, OutagePolicy
@@ -153,17 +153,7 @@ def test_a_freeze_hands_no_slot_to_another_process_while_the_share_runs(server: 
     A's way back has registered that call: never more than 2 at once."""
     budget = Budget(name, max_concurrency=2)
     policy = OutagePolicy(probe_interval=1.0)  # the way back well after the thaw
-    running = [0, 0]
-    lock = threading.Lock()
-
-    def call(lease: Any, seconds: float) -> None:
-        with lock:
-            running[0] += 1
-            running[1] = max(running)
-        time.sleep(seconds)
-        with lock:
-            running[0] -= 1
-        lease.release()
+    running = Running()
 
     with (
         Limiter(budget, server.url, outage=policy, io_timeout=0.3) as a,
@@ -175,7 +165,7 @@ def test_a_freeze_hands_no_slot_to_another_process_while_the_share_runs(server: 
         warm = [pool.get_connection() for _ in range(4)]  # one would wait on its handshake instead
         for conn in warm:
             pool.release(conn)
-        threads = [threading.Thread(target=lambda: call(b.acquire(timeout=30), 0.5)) for _ in range(2)]
+        threads = [threading.Thread(target=lambda: running.call(b.acquire(timeout=30), 0.5)) for _ in range(2)]
         for t in threads:
             t.start()
         until(lambda: a._fleet == 2 and b.status().queued == 2)
@@ -186,15 +176,15 @@ def test_a_freeze_hands_no_slot_to_another_process_while_the_share_runs(server: 
                 t.start()
             for t in releases:
                 t.join(timeout=10)
-            threads.append(threading.Thread(target=call, args=(a.acquire(timeout=5), 2.0)))  # 1 slot of 2
+            threads.append(threading.Thread(target=running.call, args=(a.acquire(timeout=5), 2.0)))  # 1 slot of 2
             threads[-1].start()
             time.sleep(0.4)  # past every give-up moment
         finally:
             server.thaw()
         for t in threads:
             t.join(timeout=30)
-        assert running[1] <= 2, f"{running[1]} calls at once for 2 slots"
-        assert running[0] == 0 and in_flight(server, name) == 0
+        assert running.most <= 2, f"{running.most} calls at once for 2 slots"
+        assert running.now == 0 and in_flight(server, name) == 0
 
 
 async def test_async_local_share_sends_no_settle_until_the_way_back(server: Server, name: str) -> None:

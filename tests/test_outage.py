@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _helpers import until
+from _helpers import Running, until
 from _servers import Server, in_flight
 
 from xflow_dist import (
@@ -231,17 +231,7 @@ def test_a_freeze_lets_no_slot_out_twice(server: Server, name: str) -> None:
     with 2 new calls. Redis thaws: the fleet must not run more than 4 calls at once."""
     budget = Budget(name, max_concurrency=4)
     policy = OutagePolicy(probe_interval=2.0)  # the way back after the settles: the race made certain
-    lock = threading.Lock()
-    running = [0, 0]  # now, peak
-
-    def call(lease: object, seconds: float) -> None:
-        with lock:
-            running[0] += 1
-            running[1] = max(running)
-        time.sleep(seconds)
-        with lock:
-            running[0] -= 1
-        lease.release()  # type: ignore[attr-defined]
+    running = Running()
 
     with (
         Limiter(budget, server.url, outage=policy, io_timeout=0.3) as a,
@@ -249,7 +239,7 @@ def test_a_freeze_lets_no_slot_out_twice(server: Server, name: str) -> None:
     ):
         held = [a.acquire(timeout=5) for _ in range(4)]
         assert not b.try_acquire()  # b subscribes too: the census counts two processes
-        threads = [threading.Thread(target=lambda: call(b.acquire(timeout=20), 1.0)) for _ in range(4)]
+        threads = [threading.Thread(target=lambda: running.call(b.acquire(timeout=20), 1.0)) for _ in range(4)]
         for t in threads:
             t.start()
         until(lambda: a._fleet == 2 and b.status().queued == 4)
@@ -260,14 +250,14 @@ def test_a_freeze_lets_no_slot_out_twice(server: Server, name: str) -> None:
                 threads[-1].start()
             time.sleep(0.6)
             for lease in [a.acquire(timeout=2) for _ in range(2)]:  # the share: 2 slots of 4
-                threads.append(threading.Thread(target=call, args=(lease, 3.0)))
+                threads.append(threading.Thread(target=running.call, args=(lease, 3.0)))
                 threads[-1].start()
             assert a.status().mode == "local"
         finally:
             server.thaw()
         for t in threads:
             t.join(timeout=20)
-        assert running[1] <= 4, f"{running[1]} calls at once for 4 slots"
+        assert running.most <= 4, f"{running.most} calls at once for 4 slots"
 
 
 # --- lost state -------------------------------------------------------------------------------------
