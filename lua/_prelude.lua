@@ -58,7 +58,9 @@
 --   ARGV[5] max concurrency, leases (0: no concurrency limit)
 --   ARGV[6] lease time to live, seconds
 --   ARGV[7] idle grace, seconds the keys outlive the last thing they still have to remember
---   ARGV[8] events channel: grants to queued tickets and cooldowns are published there
+--   ARGV[8] events channel: cooldowns and a lost state are published there, grants and hints to a
+--           queued ticket of a connected process on that process's own channel beside it
+--           ("<channel>:<process>", see inbox())
 --   ARGV[9] claim window, seconds: a grant to a queued ticket is provisional until its holder claims
 --           it (acquire.lua with the same id) within this window; unclaimed, it is taken back. A
 --           grant to a ticket whose process is connected (it holds "<ARGV[8]>:<process>" subscribed,
@@ -125,8 +127,8 @@
 -- Served in order of tag, each backlogged tenant gets its weight's share of the
 -- binding dimension, and a tenant that was idle starts at vt: no credit saved, no debt kept. vt moves
 -- with the places granted (tag less lead x cost), so that a call of a class with a lead does not push
--- the other tenants behind its own tenant's backlog. The head is told, on the
--- events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
+-- the other tenants behind its own tenant's backlog. The head is told, on its
+-- process's events channel, exactly when it will fit ("h <id> <fit> <now>") and comes back then; a release,
 -- a refund or that return grants it ("g <id> <now>", or "g <id> <now> f" when firm: see connected())
 -- together with every next head that fits too.
 -- The first waiter of another process behind it is told to come back a claim window after that fit
@@ -920,6 +922,11 @@ local function owner_of(id)
   return string.match(id, '^([^.]+)%.') or id
 end
 
+-- The channel the process of ticket `id` holds subscribed beside the budget's: "<events channel>:<process>".
+local function own_channel(id)
+  return CHANNEL .. ':' .. owner_of(id)
+end
+
 -- Whether the process of ticket `id` is connected: it holds its own channel, "<events channel>:
 -- <process>", subscribed on the connection that hears its notices. A process that dies closes it (a
 -- SIGKILL too: the kernel closes its sockets), so a grant to it needs no claim to prove its waiter
@@ -927,8 +934,21 @@ end
 -- open holds a firm grant until its lease expires, like a call in flight. Where Redis cannot say (an
 -- ACL without PUBSUB, a subscriber on another Cluster node), the grant is provisional, as before.
 local function connected(id)
-  local r = redis.pcall('PUBSUB', 'NUMSUB', CHANNEL .. ':' .. owner_of(id))
+  local r = redis.pcall('PUBSUB', 'NUMSUB', own_channel(id))
   return type(r) == 'table' and (tonumber(r[2]) or 0) > 0
+end
+
+-- Where the notices about ticket `id` ("g", "h") are published, `live` being connected(id): the
+-- channel of its process, which only that process holds, so that a notice wakes the one process it
+-- is for and not every process of the fleet; else the budget's, which every process holds, as the
+-- ticket's waiter may then be anywhere (a ticket away with its Celery task, waiting in place in the
+-- process the task came back to) or its process subscribed where this node cannot count it (another
+-- Cluster node, or an ACL without PUBSUB).
+local function inbox(id, live)
+  if live then
+    return own_channel(id)
+  end
+  return CHANNEL
 end
 
 local function dequeue(id)
@@ -967,7 +987,7 @@ local function announce(st, id, t, fit)
     t.fit = fit
     t.alive = math.max(t.alive, fit + t.ttl)
     save_ticket(st, id, t)
-    redis.call('PUBLISH', CHANNEL, 'h ' .. id .. ' ' .. fmt(fit) .. ' ' .. fmt(NOW))
+    redis.call('PUBLISH', inbox(id, connected(id)), 'h ' .. id .. ' ' .. fmt(fit) .. ' ' .. fmt(NOW))
   end
 end
 
@@ -1067,7 +1087,7 @@ local function advance(st)
         if t.tag then
           st.vt = math.max(st.vt, t.tag)
         end
-        redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW) .. (firm and ' f' or ''))
+        redis.call('PUBLISH', inbox(head, firm), 'g ' .. head .. ' ' .. fmt(NOW) .. (firm and ' f' or ''))
       elseif t.book and head ~= ARRIVING and not t.levels and fit > st.cu and fit - NOW <= horizon(t)
           and connected(head) then
         -- Booked: reserved now for its fit time, firm, so that its waiter starts then without coming
@@ -1078,7 +1098,7 @@ local function advance(st)
         if t.tag then
           st.vt = math.max(st.vt, t.tag)
         end
-        redis.call('PUBLISH', CHANNEL, 'g ' .. head .. ' ' .. fmt(NOW) .. ' f ' .. fmt(fit))
+        redis.call('PUBLISH', inbox(head, true), 'g ' .. head .. ' ' .. fmt(NOW) .. ' f ' .. fmt(fit))
       else
         announce(st, head, t, fit)
         -- A head whose process died never comes back for its grant, and no other call may come:

@@ -48,7 +48,7 @@
 --                                    a reservation the later time its call may start
 --   {"queued", wait, now}            the ticket waits in its turn; come back after `wait` seconds:
 --                                    exact for the head waiting for its rates, else a renewal
---                                    interval. Meanwhile the events channel announces "h <id> <fit>
+--                                    interval. Meanwhile its process's channel announces "h <id> <fit>
 --                                    <now>" (the ticket is head and fits at <fit>), "g <id> <now>"
 --                                    (granted provisionally: the holder claims it by calling again
 --                                    with the same id within the claim window, or it is taken back

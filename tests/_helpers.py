@@ -16,6 +16,7 @@ from xflow_dist import AsyncLimiter, Budget, CooldownPolicy, Limiter
 from xflow_dist._core import (
     acquire_args,
     budget_args,
+    channel,
     cooldown_args,
     decode_acquire,
     decode_cooldown,
@@ -71,6 +72,7 @@ class Ops:
         self.client = client
         self.budget = budget
         self.scripts = register(client)
+        self.process = ""  # set (by watch()): the process new ids belong to, "<process>.<unique>"
 
     def run(self, op: str, argv: list[str]) -> Any:
         return self.scripts[op](keys=keys(self.budget), args=budget_args(self.budget) + argv)
@@ -90,7 +92,7 @@ class Ops:
         weight: float = 0.0,
         reserve: bool = False,
     ) -> tuple[str, Any]:
-        lid = lease_id or uuid.uuid4().hex
+        lid = lease_id or (f"{self.process}.{uuid.uuid4().hex}" if self.process else uuid.uuid4().hex)
         levels = self.budget.levels(tenant) if tenant else ()  # the caps its path passes, if any
         argv = acquire_args(
             lid, requests, tokens, max_wait, queue, ticket_ttl, self.budget.probe, overdraft, lead, tenant, weight,
@@ -137,6 +139,19 @@ class Ops:
 
 def ops(rclient: redis.Redis, name: str, **limits: Any) -> Ops:
     return Ops(rclient, Budget(name, **limits))
+
+
+def watch(o: Ops) -> Any:
+    """A subscriber that hears what a process of ``o``'s budget hears: the budget's channel (pauses,
+    a lost state) and a process's own channel, where the notices about its tickets go. ``o``'s new
+    ids are made that process's, and it is connected while the subscriber holds its channel (grants
+    to its tickets are firm). The subscriptions are confirmed before it is returned."""
+    o.process = uuid.uuid4().hex[:12]
+    pubsub = o.client.pubsub()
+    pubsub.subscribe(channel(o.budget), f"{channel(o.budget)}:{o.process}")
+    for _ in range(2):
+        assert pubsub.get_message(timeout=2)["type"] == "subscribe"  # type: ignore[index]
+    return pubsub
 
 
 def exercise(limiter: Limiter) -> None:

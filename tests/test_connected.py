@@ -5,7 +5,8 @@ scripts ask Redis whether anyone holds it (``connected()`` in ``lua/_prelude.lua
 grant is firm and its waiter starts on the notice: an acquire and a settle per request. A process
 whose connection is gone (SIGKILL closes its sockets) still gets a provisional grant, taken back
 after the claim window (``tests/test_hardening.py``); one frozen with its connection open holds a
-firm grant until its lease expires, like a call in flight.
+firm grant until its lease expires, like a call in flight. The notices about a connected process's
+tickets go to its own channel, so that they wake that process alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 import redis
-from _helpers import counting_scripts, results_of_processes
+from _helpers import Ops, counting_scripts, results_of_processes, watch
 
 from xflow_dist import AsyncLimiter, Budget, Limiter
 from xflow_dist._base import own_channel
@@ -28,6 +29,37 @@ from xflow_dist._core import channel, keys, place_of
 from xflow_dist._events import GrantNotice, Mailroom, parse
 
 _SPAWN = mp.get_context("spawn")
+
+
+def test_the_notices_about_a_connected_process_s_tickets_wake_that_process_alone(redis_url: str, name: str) -> None:
+    """Every process holds the budget's channel; a grant to a ticket of a connected process goes to that
+    process's own channel only (with 16 processes on the budget, on the shared channel it would wake
+    all 16); a pause still goes to every process. (Hints go the same way: the model test checks where
+    every event goes.)"""
+    client = redis.Redis.from_url(redis_url)
+    o = Ops(client, Budget(name, rps=100, burst=1, max_concurrency=1))
+    mine = watch(o)  # the waiter's process: the budget's channel and its own
+    other = client.pubsub()  # any other process of the fleet
+    other.subscribe(channel(o.budget))
+    assert other.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+    try:
+        holder, _ = o.acquire()
+        waiter, q = o.acquire()  # the slot is taken, the rate not yet
+        assert q.kind == "queued"
+        o.settle(holder)  # the slot free: granted firm (for when the rate lets it start)
+        o.cooldown(1.0)  # to every process, after the grant
+        heard = []
+        while len(heard) < 2 and (msg := mine.get_message(timeout=5)) is not None:
+            heard.append((msg["channel"].decode(), msg["data"].decode().split()[:2]))
+        own = f"{channel(o.budget)}:{o.process}"
+        assert [where for where, _ in heard] == [own, channel(o.budget)], heard
+        assert heard[0][1] == ["g", waiter] and heard[1][1][0] == "c"
+        first = other.get_message(timeout=5)  # published in order: a notice would have come first
+        assert first is not None and first["data"].decode().startswith("c "), first
+    finally:
+        mine.close()
+        other.close()
+        client.close()
 
 
 def test_a_grant_to_a_waiter_of_a_connected_process_needs_no_claim(url: str, name: str) -> None:

@@ -16,11 +16,11 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_model import CLOCK, FakeClock, Twin, fake_clock  # noqa: F401  (the fixture)
+from test_model import CLOCK, FakeClock, Twin, fake_clock, listen, routed  # noqa: F401  (the fixture)
 
 from xflow_dist import Budget, CooldownPolicy
 from xflow_dist._base import LimiterBase
-from xflow_dist._core import acquire_args, budget_args, channel, cooldown_args, keys, settle_args
+from xflow_dist._core import acquire_args, budget_args, cooldown_args, keys, settle_args
 from xflow_dist._scripts import register
 
 RATES = st.sampled_from([0.0, 0.7, 3.0, 7.3, 100.0, 1234.5])
@@ -112,10 +112,8 @@ def test_the_engine_is_the_lua_off_the_grid(
     )
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     scripts = register(client)
-    pubsub = client.pubsub()
-    pubsub.subscribe(channel(budget))
-    assert pubsub.get_message(timeout=1)["type"] == "subscribe"
-    twin = Twin(client, channel(budget))
+    pubsub = listen(client, budget)  # the budget's channel and the processes' own (p0, p1)
+    twin = Twin(client)
     ks = keys(budget)
     ids = [f"p{i % 2}.{i}" for i in range(6)]
     CLOCK.ticks = 0
@@ -142,7 +140,7 @@ def test_the_engine_is_the_lua_off_the_grid(
         twin.run(kind, ks, [*block, *argv], lua)
         got = []
         while (msg := pubsub.get_message(timeout=0)) is not None:
-            got.append(msg["data"])
-        assert twin.take_events() == got, (kind, argv)
+            got.append(routed(budget, msg))
+        assert [routed(budget, m) for m in twin.take_events()] == got, (kind, argv)
     pubsub.close()
     client.close()

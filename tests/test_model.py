@@ -1046,6 +1046,33 @@ def owner_of(lease_id: str) -> str:
     return process if dot and process else lease_id
 
 
+def listen(client: Any, budget: Budget) -> Any:
+    """A subscriber to every event of the budget: those on its channel and those on the processes'
+    own channels beside it (``<channel>:<process>``), in the order Redis published them."""
+    pubsub = client.pubsub()
+    pubsub.psubscribe(f"{channel(budget)}*")
+    msg = pubsub.get_message(timeout=2)
+    assert msg is not None and msg["type"] == "psubscribe"  # confirmed: nothing published is missed
+    pubsub.ignore_subscribe_messages = True
+    return pubsub
+
+
+def routed(budget: Budget, msg: dict[str, Any], live: Any = ()) -> str | None:
+    """The text of a published event, checked to have gone where it belongs: a notice about a ticket
+    ("g", "h") of a process in ``live`` (connected: it holds its own channel) to that channel, so that
+    it wakes that process alone; anything else to the budget's, which every process holds. None for a
+    subscription message."""
+    if msg["type"] not in ("message", "pmessage"):
+        return None
+    text = msg["data"].decode()
+    words = text.split()
+    mine = words[0] in ("g", "h") and owner_of(words[1]) in live
+    where = f"{channel(budget)}:{owner_of(words[1])}" if mine else channel(budget)
+    got = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
+    assert got == where, f"{text!r} published on {got}, not {where}"
+    return text
+
+
 def model_of(budget: Budget) -> BudgetModel:
     return BudgetModel(
         configured_request_rate=frac(budget.request_rate or 0.0),
@@ -1127,14 +1154,14 @@ class Twin:
     """``memory://``'s engine beside a fakeredis running the Lua, on the same clock: every call runs
     on both, and everything they answer, publish and keep must be the same."""
 
-    def __init__(self, client: fakeredis.FakeRedis, channel_name: str) -> None:
+    def __init__(self, client: fakeredis.FakeRedis) -> None:
         self.client = client
         self.server = MemoryServer(clock=CLOCK.time)
-        self.inbox: list[bytes] = []
-        self.server.subscribers[channel_name] = [self]  # type: ignore[list-item]
+        self.inbox: list[dict[str, Any]] = []
+        self.server.engine.publish = self.deliver  # every event, whichever channel it goes to
 
-    def deliver(self, message: dict[str, Any]) -> None:
-        self.inbox.append(message["data"])
+    def deliver(self, channel_name: str, message: str) -> None:
+        self.inbox.append({"type": "message", "channel": channel_name.encode(), "data": message.encode()})
 
     def run(self, op: str, keys_: list[str], args: list[str], lua: Any) -> None:
         """``lua``: the Lua's reply (or the ResponseError it raised) to the same call, just made."""
@@ -1152,7 +1179,7 @@ class Twin:
             budget = self.server.engine.budgets[key.rsplit(":", 1)[0] + ":state"]
             assert budget.expire_at is not None and int(budget.expire_at * 1000) == self.client.pexpiretime(key), key
 
-    def take_events(self) -> list[bytes]:
+    def take_events(self) -> list[dict[str, Any]]:
         out, self.inbox = self.inbox, []
         return out
 
@@ -1220,9 +1247,8 @@ class BudgetMachine(RuleBasedStateMachine):
         self.budget = Budget("model", **self.shape)
         self.keys = keys(self.budget)
         self.model = model_of(self.budget)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(channel(self.budget))
-        self.twin = Twin(self.client, channel(self.budget))
+        self.pubsub = listen(self.client, self.budget)
+        self.twin = Twin(self.client)
         self.live = self.client.pubsub()  # the processes' own channels (connected(): firm grants)
         self.policy = CooldownPolicy()
         self.ticket_ttl = self.budget.lease_ttl
@@ -1341,9 +1367,10 @@ class BudgetMachine(RuleBasedStateMachine):
     def _events(self) -> list[str]:
         out = []
         while (msg := self.pubsub.get_message(timeout=0)) is not None:
-            if msg["type"] == "message":
-                out.append(msg["data"].decode())
-        assert [e.decode() for e in self.twin.take_events()] == out, "the engine published other events"
+            if (text := routed(self.budget, msg, self.model.live)) is not None:
+                out.append(text)
+        mine = [routed(self.budget, m, self.model.live) for m in self.twin.take_events()]
+        assert mine == out, "the engine published other events"
         return out
 
     def _check(self, what: str, raw: Any, result: tuple[list[Any], list[tuple[Any, ...]]]) -> None:
@@ -2210,9 +2237,7 @@ class Modelled(Budgeted):
     def __init__(self, budget: Budget) -> None:
         super().__init__(budget)
         self.model = model_of(budget)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(channel(budget))
-        self.pubsub.get_message(timeout=0)
+        self.pubsub = listen(self.client, budget)
 
     def call(self, op: str, argv: list[str], seen: bool, *model_args: Any) -> list[str]:
         args = budget_args(self.budget, seen=seen)
@@ -2224,7 +2249,8 @@ class Modelled(Budgeted):
         assert_matches(f"{op}{argv}", got, want, EXACT)
         published = []
         while (msg := self.pubsub.get_message(timeout=0)) is not None:
-            published.append(msg["data"].decode())
+            if (text := routed(self.budget, msg)) is not None:
+                published.append(text)
         assert_events(f"{op}{argv}", published, events, EXACT)
         return got
 
@@ -2290,8 +2316,7 @@ def test_real_redis_agrees_with_the_model(redis_url: str, name: str) -> None:
     ttl = 30.0
     model = model_of(budget)
     client = redis.Redis.from_url(redis_url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(channel(budget))
+    pubsub = listen(client, budget)
     scripts = register(client)
     published: list[tuple[Any, ...]] = []
     kinds: list[str] = []
@@ -2376,8 +2401,8 @@ def test_real_redis_agrees_with_the_model(redis_url: str, name: str) -> None:
         deadline = _time.monotonic() + 5.0
         while len(got_events) < len(published) and _time.monotonic() < deadline:
             msg = pubsub.get_message(timeout=0.1)
-            if msg is not None and msg["type"] == "message":
-                got_events.append(msg["data"].decode())
+            if msg is not None and (text := routed(budget, msg)) is not None:
+                got_events.append(text)
         assert {e[0] for e in published} == {"g", "h", "c"}
         assert_events("the sequence", got_events, published, REAL_TOL)
     finally:
@@ -2393,8 +2418,7 @@ def test_real_redis_agrees_with_the_model_after_a_loss(redis_url: str, name: str
     budget = Budget(name, rps=2, tps=100, burst=1.0, max_concurrency=1, lease_ttl=30.0)
     model = model_of(budget)
     client = redis.Redis.from_url(redis_url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(channel(budget))
+    pubsub = listen(client, budget)
     scripts = register(client)
     published: list[tuple[Any, ...]] = []
 
@@ -2430,8 +2454,8 @@ def test_real_redis_agrees_with_the_model_after_a_loss(redis_url: str, name: str
         deadline = _time.monotonic() + 5.0
         while len(got_events) < len(published) and _time.monotonic() < deadline:
             msg = pubsub.get_message(timeout=0.1)
-            if msg is not None and msg["type"] == "message":
-                got_events.append(msg["data"].decode())
+            if msg is not None and (text := routed(budget, msg)) is not None:
+                got_events.append(text)
         assert [e[0] for e in published] == ["l"]
         assert_events("the sequence", got_events, published, REAL_TOL)
     finally:

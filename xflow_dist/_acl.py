@@ -47,7 +47,8 @@ KEY_COMMANDS: dict[str, tuple[str, ...]] = {
     "ZSCORE": ("m",),
 }
 
-#: The commands the operations run without a key: PUBLISH (on the budget's channel), TIME and PUBSUB
+#: The commands the operations run without a key: PUBLISH (on the budget's channel and on the
+#: processes' own beside it), TIME and PUBSUB
 #: NUMSUB (whether a waiter's process is connected; without it, its grants wait for a claim).
 SCRIPT_COMMANDS = frozenset({*KEY_COMMANDS, "PUBLISH", "TIME", "PUBSUB|NUMSUB"})
 
@@ -87,6 +88,7 @@ def checks(keys: list[str], channel: str) -> list[tuple[str, ...]]:
         ("PUBSUB", "NUMSUB", channel),
         ("TIME",),
         ("PUBLISH", channel, "x"),
+        ("PUBLISH", f"{channel}:0", "x"),
     ]
     out += [(command, key, *rest) for command, rest in KEY_COMMANDS.items() for key in keys]
     return out

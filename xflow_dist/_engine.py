@@ -945,12 +945,24 @@ class _Call:
         data = self.b.data.get(first[0]) if first else None
         return first if first is not None and data is not None and data.provisional else None
 
+    def own_channel(self, lid: str) -> str:
+        """own_channel(): the channel the ticket's process holds beside the budget's."""
+        return f"{self.channel}:{_owner_of(lid)}"
+
+    def connected(self, lid: str) -> bool:
+        """connected(): the ticket's process holds its own channel."""
+        return self.engine.numsub(self.own_channel(lid)) > 0
+
+    def inbox(self, lid: str, live: bool) -> str:
+        """inbox(): where the notices about a ticket go, its process's channel if ``live`` (connected)."""
+        return self.own_channel(lid) if live else self.channel
+
     def announce(self, st: _State, lid: str, t: _Ticket, fit: float) -> None:
         if abs(fit - t.fit) > 0.0000005:
             t.fit = fit
             t.alive = max(t.alive, fit + t.ttl)
             self.save_ticket(st, lid, t)
-            self.engine.publish(self.channel, f"h {lid} {fmt(fit)} {fmt(self.now)}")
+            self.engine.publish(self.inbox(lid, self.connected(lid)), f"h {lid} {fmt(fit)} {fmt(self.now)}")
 
     def horizon(self, t: _Ticket) -> float:
         """horizon(): two refill times of its cost, at most a second."""
@@ -1003,19 +1015,19 @@ class _Call:
                     rank += 1
                 elif fit <= self.now:
                     self.dequeue(head)
-                    firm = self.engine.numsub(f"{self.channel}:{_owner_of(head)}") > 0  # connected()
+                    firm = self.connected(head)
                     self.grant(st, head, t.creq, t.ctok, t.fit, not firm, t.overdraft, t.levels)
                     self.granted.add(head)
                     if t.tag is not None:
                         st.vt = max(st.vt, t.tag)
-                    self.engine.publish(self.channel, f"g {head} {fmt(self.now)}" + (" f" if firm else ""))
+                    self.engine.publish(self.inbox(head, firm), f"g {head} {fmt(self.now)}" + (" f" if firm else ""))
                 elif (
                     t.book
                     and head != self.arriving
                     and not t.levels
                     and fit > st.cu
                     and fit - self.now <= self.horizon(t)
-                    and self.engine.numsub(f"{self.channel}:{_owner_of(head)}") > 0
+                    and self.connected(head)
                 ):
                     # booked: reserved for its fit time, firm; its waiter starts then, no come-back
                     self.dequeue(head)
@@ -1023,7 +1035,7 @@ class _Call:
                     self.granted.add(head)
                     if t.tag is not None:
                         st.vt = max(st.vt, t.tag)
-                    self.engine.publish(self.channel, f"g {head} {fmt(self.now)} f {fmt(fit)}")
+                    self.engine.publish(self.inbox(head, True), f"g {head} {fmt(self.now)} f {fmt(fit)}")
                 else:
                     self.announce(st, head, t, fit)
                     owner = _owner_of(head)
