@@ -83,7 +83,7 @@ class _Events:
     async def start(cls, limiter: AsyncLimiter, name: str) -> _Events:
         client = limiter._client
         pubsub = subscriber(client)  # on a cluster, one that moves to a live node after a failure
-        await pubsub.subscribe(name, own_channel(name))  # the second: this process is connected
+        await pubsub.subscribe(name, own_channel(name))  # the second: connected, and its tickets' notices
         confirmed, deadline = 0, time.monotonic() + 10.0
         while confirmed < 2 and time.monotonic() < deadline:  # live before anyone relies on them
             msg = await pubsub.get_message(timeout=1.0)

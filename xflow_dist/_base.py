@@ -139,7 +139,8 @@ def away_id() -> str:
 
 def own_channel(events: str) -> str:
     """This process's own channel beside a budget's ``events`` channel: held subscribed, it tells the
-    scripts the process is connected, and grants to its tickets need no claim (``connected()``)."""
+    scripts the process is connected, grants to its tickets need no claim (``connected()``), and the
+    notices about its tickets come on it (``inbox()``)."""
     return f"{events}:{_PROCESS[0]}"
 
 

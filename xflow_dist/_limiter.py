@@ -88,7 +88,7 @@ class _Events:
         self._name = name
         self._census_at = 0.0
         self._pubsub = subscriber(self._client)  # on a cluster, one that moves to a live node after a failure
-        self._pubsub.subscribe(name, own_channel(name))  # the second: this process is connected
+        self._pubsub.subscribe(name, own_channel(name))  # the second: connected, and its tickets' notices
         confirmed, deadline = 0, time.monotonic() + 10.0
         while confirmed < 2 and time.monotonic() < deadline:  # live before anyone relies on them
             msg = self._pubsub.get_message(timeout=1.0)
