@@ -10,6 +10,9 @@
 -- ARGV[17] the provider's token limit, tokens per minute ("-1": not reported)
 -- ARGV[18] seconds the limits reported here are remembered (the keys outlive them)
 -- ARGV[19] the model (or route) the call went to, whose limits these are ("" or absent: unnamed)
+-- ARGV[20] "1": count the processes holding the budget's channel (its PUBSUB NUMSUB) into the reply,
+--          the census an outage shares the budget by, carried by a call the process makes anyway
+--          ("0" or absent: no)
 --
 -- First the limits are learned for that model (see learn() in _prelude.lua), replacing what it
 -- reported before, looser or tighter: the rates in force become the configured ones lowered to the
@@ -32,7 +35,8 @@
 -- still learned (they are facts whatever became of the lease), the remaining counts are not.
 --
 -- Reply: {"settled" | "unknown" | "learned", tokens refunded (negative: debt charged; "0" unless
--- settled), now, request limit in force, token limit in force} with limits per minute, "0": none.
+-- settled), now, request limit in force, token limit in force} with limits per minute, "0": none;
+-- then, counted (ARGV[20]), the processes holding the budget's channel ("0" where Redis cannot say).
 -- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
 -- nothing changed.
 local A, REFUSED = operation_args({
@@ -44,11 +48,12 @@ local A, REFUSED = operation_args({
   {'token limit', LIMIT_OR_UNSET},
   {'limit memory', SECONDS},
   {'model', TEXT_OR_EMPTY, ''},
+  {'census', FLAG, '0'},
 })
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
-local ID, ACTUAL, SEEN_REQ, SEEN_TOK, LIMIT_REQ, LIMIT_TOK, MEMORY, MODEL = unpack(A)
+local ID, ACTUAL, SEEN_REQ, SEEN_TOK, LIMIT_REQ, LIMIT_TOK, MEMORY, MODEL, CENSUS = unpack(A)
 
 -- Providers report whole units (rounded down), so only a lead of more than one unit is a lead.
 -- `snap` is the level just after the grant (nil: unknown), `k0` and `c0` the corrections and
@@ -106,6 +111,10 @@ elseif held then
 end
 reply[4] = fmt(RATE_REQ * 60)
 reply[5] = fmt(RATE_TOK * 60)
+if CENSUS then
+  local r = redis.pcall('PUBSUB', 'NUMSUB', CHANNEL)
+  reply[6] = tostring(type(r) == 'table' and tonumber(r[2]) or 0)
+end
 advance(st)
 save_state(st)
 touch(st)

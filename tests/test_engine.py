@@ -20,7 +20,7 @@ from test_model import CLOCK, FakeClock, Twin, fake_clock, listen, routed  # noq
 
 from xflow_dist import Budget, CooldownPolicy
 from xflow_dist._base import LimiterBase
-from xflow_dist._core import acquire_args, budget_args, cooldown_args, keys, settle_args
+from xflow_dist._core import acquire_args, budget_args, channel, cooldown_args, keys, settle_args
 from xflow_dist._scripts import register
 
 RATES = st.sampled_from([0.0, 0.7, 3.0, 7.3, 100.0, 1234.5])
@@ -46,6 +46,7 @@ OP = st.one_of(
         st.none() | st.integers(0, 50),
         st.none() | st.integers(0, 500),
         st.none() | st.sampled_from([60.0, 90.0, 6000.0]),
+        st.booleans(),  # count the processes (a census)
     ),
     st.tuples(st.just("cancel"), st.integers(0, 5)),
     st.tuples(st.just("extend"), st.integers(0, 5)),
@@ -59,14 +60,21 @@ OP = st.one_of(
 )
 
 
+class _Deaf:
+    """A subscriber of ``memory://`` that hears nothing: it is only counted."""
+
+    def deliver(self, msg: dict[str, Any]) -> None:
+        pass
+
+
 def _argv(op: tuple[Any, ...], ids: list[str]) -> tuple[str, list[str]]:
     kind = op[0]
     if kind == "acquire":
         _, i, req, tok, max_wait, may_queue, overdraft, lead = op
         return kind, acquire_args(ids[i], req, tok, max_wait, may_queue, 1.5, False, overdraft, lead)
     if kind == "settle":
-        _, i, actual, seen_req, seen_tok, limit = op
-        return kind, settle_args(ids[i], actual, seen_req, seen_tok, limit, limit and limit * 10)
+        _, i, actual, seen_req, seen_tok, limit, census = op
+        return kind, settle_args(ids[i], actual, seen_req, seen_tok, limit, limit and limit * 10) + ["1"] * census
     if kind in ("cancel", "extend"):
         return kind, [ids[op[1]]]
     if kind == "renew":
@@ -114,6 +122,10 @@ def test_the_engine_is_the_lua_off_the_grid(
     scripts = register(client)
     pubsub = listen(client, budget)  # the budget's channel and the processes' own (p0, p1)
     twin = Twin(client)
+    fleet = [client.pubsub() for _ in range(2)]  # two processes on the budget's channel: a census counts them
+    for sub in fleet:
+        sub.subscribe(channel(budget))
+        twin.server.subscribe(channel(budget), _Deaf())  # type: ignore[arg-type]
     ks = keys(budget)
     ids = [f"p{i % 2}.{i}" for i in range(6)]
     CLOCK.ticks = 0
@@ -142,5 +154,6 @@ def test_the_engine_is_the_lua_off_the_grid(
         while (msg := pubsub.get_message(timeout=0)) is not None:
             got.append(routed(budget, msg))
         assert [routed(budget, m) for m in twin.take_events()] == got, (kind, argv)
-    pubsub.close()
+    for sub in [pubsub, *fleet]:
+        sub.close()
     client.close()

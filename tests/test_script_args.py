@@ -57,6 +57,7 @@ OPS: dict[str, list[str]] = {
         "limit",
         "seconds",
         "text_or_empty_opt",
+        "flag_opt",
     ],
     "cancel": ["text"],
     "extend": ["text"],
@@ -128,7 +129,7 @@ BUDGET = dict(rpm=600, tpm=60_000, max_concurrency=2, burst=1.0, lease_ttl=30.0)
 def valid_args(op: str, budget: Budget, lease: str, ticket: str) -> list[str]:
     ops: dict[str, list[str]] = {
         "acquire": acquire_args(ticket, 1, 10, 5.0, True, 30.0, True, False, 3, "team-a", 2.0),
-        "settle": settle_args(lease, 20, 5, 100, 600, 60_000),
+        "settle": [*settle_args(lease, 20, 5, 100, 600, 60_000), "1"],  # with the census
         "cancel": [lease],
         "extend": [lease],
         "renew": ["30", ticket],

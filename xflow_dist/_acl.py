@@ -49,13 +49,15 @@ KEY_COMMANDS: dict[str, tuple[str, ...]] = {
 
 #: The commands the operations run without a key: PUBLISH (on the budget's channel and on the
 #: processes' own beside it), TIME and PUBSUB
-#: NUMSUB (whether a waiter's process is connected; without it, its grants wait for a claim).
+#: NUMSUB (whether a waiter's process is connected; without it, its grants wait for a claim; and the
+#: count of processes a settle brings back).
 SCRIPT_COMMANDS = frozenset({*KEY_COMMANDS, "PUBLISH", "TIME", "PUBSUB|NUMSUB"})
 
 #: What the client sends besides the operations: EVALSHA (proven by running the check), SCRIPT LOAD
 #: (after a NOSCRIPT), SUBSCRIBE and UNSUBSCRIBE (the budget's channel and the process's own beside
 #: it), PING (health checks), PUBSUB
-#: NUMSUB (the count of processes an outage shares the budget among, docs/reliability.md).
+#: NUMSUB (the count of processes an outage shares the budget among, where no settle brought it:
+#: docs/reliability.md).
 CLIENT_COMMANDS = ("EVALSHA", "SCRIPT|LOAD", "SUBSCRIBE", "UNSUBSCRIBE", "PING", "PUBSUB|NUMSUB")
 
 #: The least a limiter's user needs, for ``ACL SETUSER <user> on ><password> ...`` (docs/security.md):

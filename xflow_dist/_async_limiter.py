@@ -75,7 +75,6 @@ class _Events:
         self._pubsub = pubsub
         self._limiter = limiter
         self._name = name
-        self._census_at = 0.0
         self.mail: Mailroom[asyncio.Queue[Notice]] = Mailroom(asyncio.Queue, name)
         self._task: asyncio.Task[None] | None = None
 
@@ -108,7 +107,7 @@ class _Events:
                 delay = min(RETRY_MAX, delay * 2)
                 continue
             delay = RETRY_FIRST
-            if time.monotonic() >= self._census_at:
+            if self._limiter._census_overdue():
                 await self._census()
             if msg is None:
                 continue
@@ -120,7 +119,7 @@ class _Events:
 
     async def _census(self) -> None:
         """Count the processes using the budget (its channel's subscribers): an outage shares by it."""
-        self._census_at = time.monotonic() + CENSUS_INTERVAL
+        self._limiter._census_at = time.monotonic() + CENSUS_INTERVAL
         # best effort, and never the end of the reader: on a failure the last count (or the policy's
         # fleet_size) stands; so does it on a count of none, which cannot have seen this process
         with contextlib.suppress(Exception):
@@ -221,7 +220,7 @@ class AsyncLimiter(LimiterBase):
     async def _call(self, op: str, argv: list[str]) -> Any:
         for attempt in (1, 2):
             try:
-                reply = await self._scripts[op](keys=self._keys, args=self._argv(argv))
+                reply = await self._scripts[op](keys=self._keys, args=self._argv(op, argv))
                 self._answered(op, reply)
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one

@@ -21,7 +21,7 @@ from . import _observe as observe
 from ._acl import Rights
 from ._backend import IO_TIMEOUT, reply_timeout
 from ._budget import MAX_SECONDS, MAX_UNITS, MIN_RATE, Budget, CooldownPolicy, Level
-from ._cluster import in_transition
+from ._cluster import in_transition, is_cluster
 from ._core import (
     ANYWHERE,
     IDLE_GRACE,
@@ -216,20 +216,36 @@ class LimiterBase:
         self._fresh_until = -math.inf
         #: Processes using the budget as last counted in Redis (0: never counted).
         self._fleet = 0
+        #: When the next count is due (monotonic): the first settle sent after it carries the count
+        #: (settle.lua's census), else the events reader asks on its own once the count is a whole
+        #: interval late (a process that settles nothing, or a cluster: see ``_census_in_scripts``).
+        self._census_at = time.monotonic()
+        #: Whether a script can count the budget's processes: a cluster node counts its own subscribers only.
+        self._census_in_scripts = True
         #: True for a limiter the library runs for itself (an outage's local share): the limiter that
         #: uses it reports its grants, timeouts and 429s, never twice (its settles it reports itself).
         self._quiet = False
         #: The outage under way (Redis does not answer), or None.
         self._outage: Outage | None = None
 
-    def _argv(self, argv: list[str]) -> list[str]:
+    def _argv(self, op: str, argv: list[str]) -> list[str]:
         """The budget block (saying whether this process has seen the keys, and when it gives up on
-        the reply) and ``argv``."""
+        the reply) and ``argv``; a settle sent when the count of processes is due asks for it, so
+        that counting costs no call of its own in a busy process."""
         at = time.monotonic()
         seen = self._holding() or at < self._fresh_until
         wait, offset = self._reply_wait, self._offset
         give_up = "0" if wait is None or offset is None else moment(at + offset + wait)
+        if op == "settle" and at >= self._census_at and self._census_in_scripts:
+            self._census_at = at + CENSUS_INTERVAL
+            argv = [*argv, "1"]
         return [*self._blocks[seen], give_up, *argv]
+
+    def _census_overdue(self) -> bool:
+        """Whether the events reader should count the processes itself: no settle brought the count
+        within an interval of its due time (on a cluster, at once)."""
+        late = CENSUS_INTERVAL if self._census_in_scripts else 0.0
+        return time.monotonic() >= self._census_at + late
 
     def _answered(self, op: str, reply: Any) -> None:
         """A script ran: the keys live at least the idle grace from now (margin for the reply's way),
@@ -239,6 +255,8 @@ class LimiterBase:
             self._fresh_until = at + IDLE_GRACE * 0.8
         with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
             self._offset = float(reply[NOW_AT[op]]) - at
+        if op == "settle" and len(reply) > 5:  # counted (a count of none cannot have seen this process)
+            self._fleet = int(reply[5]) or self._fleet
 
     def _late(self, exc: Exception) -> bool:
         """True for a call Redis ran after its give-up moment while the client still waited (its
@@ -253,6 +271,7 @@ class LimiterBase:
         """Use ``client`` (at the start, and again in a forked child)."""
         self._client, self._owns = client, owns
         self._reply_wait = reply_timeout(client, owns, self.io_timeout)
+        self._census_in_scripts = not is_cluster(client)
 
     def _holding(self) -> bool:
         """This process holds a lease or a ticket of the budget, so its keys must exist (overridden)."""

@@ -207,6 +207,11 @@ def _numsub(reply: Any) -> int:
     return int(reply[1]) if len(reply) >= 2 else 0
 
 
+def is_cluster(client: Any) -> bool:
+    """A Redis Cluster client, sync or asyncio."""
+    return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
+
+
 def subscribers(client: Any, channel: str) -> int:
     """How many connections listen on ``channel``: ``PUBSUB NUMSUB`` counts one node's own, and a
     cluster's subscribers may be on any node (classic pub/sub reaches them all; ours start on the

@@ -85,6 +85,7 @@ _SPECS: dict[str, Spec] = {
         ("token limit", LIMIT_OR_UNSET),
         ("limit memory", SECONDS),
         ("model", TEXT_OR_EMPTY, ""),
+        ("census", FLAG, "0"),
     ),
     "cancel": (("id", TEXT),),
     "extend": (("id", TEXT),),
@@ -1225,6 +1226,7 @@ class _Call:
         limit_tok: float,
         memory: float,
         model: str,
+        census: bool = False,
     ) -> list[str]:
         b, now = self.b, self.now
         self.reap()
@@ -1254,6 +1256,8 @@ class _Call:
             reply = ["settled", fmt(diff) if actual >= 0 else "0", fmt(now)]
         reply.append(fmt(self.rate_req * 60))
         reply.append(fmt(self.rate_tok * 60))
+        if census:
+            reply.append(str(self.engine.numsub(self.channel)))
         self.advance(st)
         return self.finish(st, reply)
 

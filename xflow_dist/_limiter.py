@@ -86,7 +86,6 @@ class _Events:
         self._limiter = limiter
         self._client = limiter._client
         self._name = name
-        self._census_at = 0.0
         self._pubsub = subscriber(self._client)  # on a cluster, one that moves to a live node after a failure
         self._pubsub.subscribe(name, own_channel(name))  # the second: connected, and its tickets' notices
         confirmed, deadline = 0, time.monotonic() + 10.0
@@ -112,7 +111,7 @@ class _Events:
                 delay = min(RETRY_MAX, delay * 2)
                 continue
             delay = RETRY_FIRST
-            if time.monotonic() >= self._census_at:
+            if self._limiter._census_overdue():
                 self._census()
             if msg is None:
                 continue
@@ -124,7 +123,7 @@ class _Events:
 
     def _census(self) -> None:
         """Count the processes using the budget (its channel's subscribers): an outage shares by it."""
-        self._census_at = time.monotonic() + CENSUS_INTERVAL
+        self._limiter._census_at = time.monotonic() + CENSUS_INTERVAL
         # best effort, and never the end of the reader: on a failure the last count (or the policy's
         # fleet_size) stands; so does it on a count of none, which cannot have seen this process
         with contextlib.suppress(Exception):
@@ -364,7 +363,7 @@ class Limiter(LimiterBase):
     def _call(self, op: str, argv: list[str]) -> Any:
         for attempt in (1, 2):
             try:
-                reply = self._scripts[op](keys=self._keys, args=self._argv(argv))
+                reply = self._scripts[op](keys=self._keys, args=self._argv(op, argv))
                 self._answered(op, reply)
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
