@@ -21,7 +21,6 @@ from ._backend import IO_TIMEOUT, RedisLike, async_client
 from ._base import (
     _INHERITED,
     _LIVE,
-    CENSUS_INTERVAL,
     RETRY_FIRST,
     RETRY_MAX,
     Decision,
@@ -119,11 +118,11 @@ class _Events:
 
     async def _census(self) -> None:
         """Count the processes using the budget (its channel's subscribers): an outage shares by it."""
-        self._limiter._census_at = time.monotonic() + CENSUS_INTERVAL
+        self._limiter._census_asked()
         # best effort, and never the end of the reader: on a failure the last count (or the policy's
-        # fleet_size) stands; so does it on a count of none, which cannot have seen this process
+        # fleet_size) stands
         with contextlib.suppress(Exception):
-            self._limiter._fleet = await async_subscribers(self._limiter._client, self._name) or self._limiter._fleet
+            self._limiter._counted(await async_subscribers(self._limiter._client, self._name))
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -237,9 +237,19 @@ class LimiterBase:
         wait, offset = self._reply_wait, self._offset
         give_up = "0" if wait is None or offset is None else moment(at + offset + wait)
         if op == "settle" and at >= self._census_at and self._census_in_scripts:
-            self._census_at = at + CENSUS_INTERVAL
+            self._census_asked()
             argv = [*argv, "1"]
         return [*self._blocks[seen], give_up, *argv]
+
+    def _census_asked(self) -> None:
+        """A count of the processes is asked for (by a settle, or by the events reader): the next
+        is due an interval from now."""
+        self._census_at = time.monotonic() + CENSUS_INTERVAL
+
+    def _counted(self, processes: int) -> None:
+        """The processes counted in Redis; a count of none, which cannot have seen this process,
+        leaves the last count (or the policy's ``fleet_size``) standing."""
+        self._fleet = processes or self._fleet
 
     def _census_overdue(self) -> bool:
         """Whether the events reader should count the processes itself: no settle brought the count
@@ -255,8 +265,8 @@ class LimiterBase:
             self._fresh_until = at + IDLE_GRACE * 0.8
         with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
             self._offset = float(reply[NOW_AT[op]]) - at
-        if op == "settle" and len(reply) > 5:  # counted (a count of none cannot have seen this process)
-            self._fleet = int(reply[5]) or self._fleet
+        if op == "settle" and len(reply) > 5:  # the census a settle asked for
+            self._counted(int(reply[5]))
 
     def _late(self, exc: Exception) -> bool:
         """True for a call Redis ran after its give-up moment while the client still waited (its

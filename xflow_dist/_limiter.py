@@ -21,7 +21,6 @@ from ._backend import IO_TIMEOUT, RedisLike, sync_client
 from ._base import (
     _INHERITED,
     _LIVE,
-    CENSUS_INTERVAL,
     RETRY_FIRST,
     RETRY_MAX,
     Decision,
@@ -123,11 +122,11 @@ class _Events:
 
     def _census(self) -> None:
         """Count the processes using the budget (its channel's subscribers): an outage shares by it."""
-        self._limiter._census_at = time.monotonic() + CENSUS_INTERVAL
+        self._limiter._census_asked()
         # best effort, and never the end of the reader: on a failure the last count (or the policy's
-        # fleet_size) stands; so does it on a count of none, which cannot have seen this process
+        # fleet_size) stands
         with contextlib.suppress(Exception):
-            self._limiter._fleet = subscribers(self._client, self._name) or self._limiter._fleet
+            self._limiter._counted(subscribers(self._client, self._name))
 
     def close(self) -> None:
         self._stop.set()
