@@ -917,6 +917,38 @@ local function wait_hint(id)
   return math.max(0.001, hint)
 end
 
+-- Queued tickets kept alive in one call, by renew.lua and by a settle that carries them (see both):
+-- the ticket TTL at ARGV[at], then 1 to MAX_RENEW ticket ids.
+local MAX_RENEW = 1000
+local function renewal_spec(spec, at)
+  spec[#spec + 1] = {'ticket ttl', POSITIVE_SECONDS}
+  for _ = at + 1, math.max(at + 1, math.min(#ARGV, at + MAX_RENEW)) do
+    spec[#spec + 1] = {'id', TEXT}
+  end
+  return spec
+end
+
+-- Renew the tickets of A[from + 1 ..] for the TTL A[from], appending one status per id to `reply`
+-- (renew.lua says what each means). A ticket never lives shorter than it was to (a Celery re-queue
+-- parks one for longer).
+local function renew_tickets(st, A, from, reply)
+  local ttl = A[from]
+  local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
+  for i = from + 1, #A do
+    local id = A[i]
+    local status = '-'
+    if redis.call('ZSCORE', K_QUEUE, id) then
+      local t = ticket(id)
+      t.alive = math.max(t.alive, math.max(NOW, t.fit) + ttl)
+      save_ticket(st, id, t)
+      status = id == head and 'h' .. fmt(wait_hint(id)) or 'q'
+    elseif redis.call('HGET', K_DATA, id) then
+      status = 'g'
+    end
+    reply[#reply + 1] = status
+  end
+end
+
 -- The process an id belongs to: ids are "<process>.<unique>" (an id without a dot is its own).
 local function owner_of(id)
   return string.match(id, '^([^.]+)%.') or id

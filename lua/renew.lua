@@ -15,39 +15,16 @@
 --   "-"  neither (dropped as not renewed in time, or never queued): its waiter asks again
 -- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
 -- nothing changed.
-local MAX_IDS = 1000
-local spec = {{'ticket ttl', POSITIVE_SECONDS}}
-for _ = 13, math.max(13, math.min(#ARGV, 12 + MAX_IDS)) do
-  spec[#spec + 1] = {'id', TEXT}
-end
-local A, REFUSED = operation_args(spec)
+local A, REFUSED = operation_args(renewal_spec({}, 12))
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
-local TTL = A[1]
 
 reap()
 local st = load_state()
 advance(st)
 local reply = {fmt(NOW)}
-local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
-for i = 2, #A do
-  local id = A[i]
-  if redis.call('ZSCORE', K_QUEUE, id) then
-    local t = ticket(id)
-    -- never shortened: a ticket parked for longer (a Celery re-queue) keeps its own time
-    t.alive = math.max(t.alive, math.max(NOW, t.fit) + TTL)
-    save_ticket(st, id, t)
-    reply[i] = 'q'
-    if id == head then
-      reply[i] = 'h' .. fmt(wait_hint(id))
-    end
-  elseif redis.call('HGET', K_DATA, id) then
-    reply[i] = 'g'
-  else
-    reply[i] = '-'
-  end
-end
+renew_tickets(st, A, 1, reply)
 save_state(st)
 touch(st)
 return reply

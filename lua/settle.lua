@@ -13,6 +13,9 @@
 -- ARGV[20] "1": count the processes holding the budget's channel (its PUBSUB NUMSUB) into the reply,
 --          the census an outage shares the budget by, carried by a call the process makes anyway
 --          ("0" or absent: no)
+-- ARGV[21] and on, optional: queued tickets of the process to keep alive, as renew.lua takes them
+--          (the ticket TTL, then 1 to 1000 ids), so that a busy process renews its waiters' tickets
+--          with the settles it sends anyway rather than in calls of their own
 --
 -- First the limits are learned for that model (see learn() in _prelude.lua), replacing what it
 -- reported before, looser or tighter: the rates in force become the configured ones lowered to the
@@ -36,10 +39,11 @@
 --
 -- Reply: {"settled" | "unknown" | "learned", tokens refunded (negative: debt charged; "0" unless
 -- settled), now, request limit in force, token limit in force} with limits per minute, "0": none;
--- then, counted (ARGV[20]), the processes holding the budget's channel ("0" where Redis cannot say).
+-- then, counted (ARGV[20]), the processes holding the budget's channel ("0" where Redis cannot say,
+-- or not asked but tickets follow); then, with tickets to renew, one status each as renew.lua replies.
 -- A bad argument or other stored limits: an error reply (XFLOW_BADARG, XFLOW_CONFLICT; see _prelude.lua),
 -- nothing changed.
-local A, REFUSED = operation_args({
+local spec = {
   {'id', TEXT_OR_EMPTY},
   {'actual tokens', UNITS_OR_UNSET},
   {'remaining requests', UNITS_OR_UNSET},
@@ -49,7 +53,9 @@ local A, REFUSED = operation_args({
   {'limit memory', SECONDS},
   {'model', TEXT_OR_EMPTY, ''},
   {'census', FLAG, '0'},
-})
+}
+local RENEWING = #ARGV >= 21
+local A, REFUSED = operation_args(RENEWING and renewal_spec(spec, 21) or spec)
 if REFUSED then
   return redis.error_reply(REFUSED)
 end
@@ -114,8 +120,13 @@ reply[5] = fmt(RATE_TOK * 60)
 if CENSUS then
   local r = redis.pcall('PUBSUB', 'NUMSUB', CHANNEL)
   reply[6] = tostring(type(r) == 'table' and tonumber(r[2]) or 0)
+elseif RENEWING then
+  reply[6] = '0'
 end
 advance(st)
+if RENEWING then
+  renew_tickets(st, A, 10, reply)
+end
 save_state(st)
 touch(st)
 return reply

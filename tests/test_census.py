@@ -48,7 +48,7 @@ def test_a_busy_process_is_counted_by_its_settles_alone(
             settle, counted = limiter._scripts["settle"], []
 
             def spy(keys: list[str], args: list[str]) -> Any:
-                counted.append(len(args) > _BLOCK + 8)  # ARGV[20], the census, sent
+                counted.append(args[_BLOCK + 8 : _BLOCK + 9] == ["1"])  # ARGV[20], the census, asked
                 return settle(keys=keys, args=args)
 
             limiter._scripts["settle"] = spy

@@ -12,6 +12,7 @@ from _helpers import acquire_in_thread, counting_scripts, ops, until
 
 from xflow_dist import AsyncLimiter, Budget, Limiter
 from xflow_dist._core import keys
+from xflow_dist._events import HeadNotice, Renewed, Resubscribed
 from xflow_dist._renewals import MAX_RENEW, Renewals, renewal_only
 
 TTL = 0.4  # a renewal round every 0.2 s
@@ -26,7 +27,8 @@ def test_a_round_takes_every_ticket_due_within_a_quarter_ttl() -> None:
     assert r.take(2.0) == ["a", "b"]
     assert r.next_due() == 3.5
     assert r.take(3.5) == ["c", "a", "b"]  # a and b were due at 4: within 1 s, so they come along
-    assert r.answered(["c", "a", "b"], [b"1.0", b"q", b"g", b"-"]) == (["a", "b"], [])  # granted, dropped
+    # granted (its notice follows), dropped: their waiters are told, and they leave the table
+    assert r.notices(["c", "a", "b"], [b"q", b"g", b"-"], 3.5) == [("a", Renewed(True)), ("b", Renewed(False))]
     assert r.next_due() == 5.5 and r.take(5.5) == ["c"]
     many = Renewals(4.0)
     for i in range(MAX_RENEW + 5):
@@ -39,8 +41,10 @@ def test_a_round_tells_the_head_when_to_come_back_unless_that_is_only_its_renewa
     for lid in ("a", "b"):
         r.queued(lid, 0.0)
     ids = r.take(2.0)
-    assert r.answered(ids, ["1.0", "h0.750000", "q"]) == ([], [("a", 0.75)])
-    assert r.answered(ids, ["1.0", "h2.000000", "q"]) == ([], [])  # the renewal interval: the rounds do it
+    assert r.notices(ids, ["h0.750000", "q"], 2.0) == [("a", HeadNotice("a", 0.75, 2.0))]
+    assert r.notices(ids, ["h2.000000", "q"], 2.0) == []  # the renewal interval: the rounds do it
+    assert r.notices(ids, None, 2.0) == [("a", Resubscribed()), ("b", Resubscribed())]  # the call failed
+    assert not r
 
 
 def test_only_the_renewal_interval_is_left_to_the_rounds() -> None:
@@ -141,5 +145,77 @@ def test_the_async_front_renews_in_rounds_too(url: str, name: str) -> None:
             await asyncio.wait_for(asyncio.gather(*tasks), 10)
             assert order == list(range(6))
             assert counts["acquire"] == 1 + 6  # no claims: granted firm
+
+    asyncio.run(main())
+
+
+RIDE_TTL = 1.0  # tickets due for renewal every 0.5 s; a settle takes those due within 0.25 s
+
+
+def _riding(limiter: Any) -> list[int]:
+    """Spy on ``limiter``'s settles: how many queued tickets each renews on its way."""
+    settle, carried = limiter._scripts["settle"], []
+
+    def spy(keys: list[str], args: list[str]) -> Any:
+        carried.append(max(0, len(args) - _BLOCK - 10))  # ARGV[22..]: the tickets it renews
+        return settle(keys=keys, args=args)
+
+    limiter._scripts["settle"] = spy
+    return carried
+
+
+_BLOCK = 11  # the budget block: ARGV[1..11]
+
+
+def test_a_busy_process_renews_its_tickets_on_its_settles(url: str, name: str) -> None:
+    """20 waiters for one slot, each holding it 60 ms: a 1.2 s queue, longer than a ticket lives
+    unrenewed. The settles, one every 60 ms, renew the tickets; no round is needed, no ticket dies
+    (each waiter asks once) and they start in their turn."""
+    with Limiter(Budget(name, max_concurrency=1), url, ticket_ttl=RIDE_TTL) as lim:
+        counts = counting_scripts(lim)
+        carried = _riding(lim)
+        holder = lim.acquire()
+        waiters = []
+        for k in range(20):
+            waiters.append(acquire_in_thread(lim, timeout=30))
+            until(lambda k=k: lim.status().queued == k + 1)  # type: ignore[misc]
+        holder.release()
+        starts = []
+        for thread, out in waiters:
+            thread.join(30)
+            starts.append(out["at"])
+            time.sleep(0.06)  # hold it (a real call's length), then settle
+            out["lease"].release()  # type: ignore[attr-defined]
+        assert starts == sorted(starts)
+        assert counts["acquire"] == 1 + 20  # none asked again: no ticket died, none granted on the way did
+        assert sum(carried) >= 10 and counts["renew"] == 0, (carried, counts)
+
+
+def test_the_async_front_renews_on_its_settles_too(url: str, name: str) -> None:
+    async def main() -> None:
+        async with AsyncLimiter(Budget(name, max_concurrency=1), url, ticket_ttl=RIDE_TTL) as lim:
+            counts = counting_scripts(lim)
+            carried = _riding(lim)
+            order: list[int] = []
+
+            async def waiter(k: int) -> None:
+                lease = await lim.acquire(timeout=30)
+                order.append(k)
+                await asyncio.sleep(0.06)
+                await lease.release()
+
+            holder = await lim.acquire()
+            tasks = []
+            for k in range(20):
+                tasks.append(asyncio.create_task(waiter(k)))
+                for _ in range(1000):  # bounded: each queues before the next starts
+                    if (await lim.status()).queued == k + 1:
+                        break
+                    await asyncio.sleep(0.01)
+            await holder.release()
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            assert order == list(range(20))
+            assert counts["acquire"] == 1 + 20
+            assert sum(carried) >= 10 and counts["renew"] == 0, (carried, counts)
 
     asyncio.run(main())

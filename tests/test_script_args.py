@@ -58,6 +58,8 @@ OPS: dict[str, list[str]] = {
         "seconds",
         "text_or_empty_opt",
         "flag_opt",
+        "positive_opt",
+        "text_opt",
     ],
     "cancel": ["text"],
     "extend": ["text"],
@@ -129,7 +131,7 @@ BUDGET = dict(rpm=600, tpm=60_000, max_concurrency=2, burst=1.0, lease_ttl=30.0)
 def valid_args(op: str, budget: Budget, lease: str, ticket: str) -> list[str]:
     ops: dict[str, list[str]] = {
         "acquire": acquire_args(ticket, 1, 10, 5.0, True, 30.0, True, False, 3, "team-a", 2.0),
-        "settle": [*settle_args(lease, 20, 5, 100, 600, 60_000), "1"],  # with the census
+        "settle": [*settle_args(lease, 20, 5, 100, 600, 60_000), "1", "30", ticket],  # census, a renewal
         "cancel": [lease],
         "extend": [lease],
         "renew": ["30", ticket],
@@ -153,7 +155,7 @@ def bad_call(draw: st.DrawFn, budget: Budget, lease: str, ticket: str) -> tuple[
         required = len([k for k in kinds if not k.endswith("_opt")])
         return op, argv[: draw(st.integers(0, required - 1))]
     if how == "extra":
-        if op == "renew":  # it takes any number of ids: an empty one, or past the 1,000th, is extra
+        if op in ("renew", "settle"):  # any number of ids: an empty one, or past the 1,000th, is extra
             return op, argv + draw(st.sampled_from([[""], ["x"] * 1000]))
         return op, argv + draw(st.lists(st.sampled_from(["1", "", "x"]), min_size=1, max_size=2))
     for i in draw(st.lists(st.integers(0, len(kinds) - 1), min_size=1, max_size=3, unique=True)):

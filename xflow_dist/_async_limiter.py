@@ -217,10 +217,19 @@ class AsyncLimiter(LimiterBase):
             return await self._call(op, argv)
 
     async def _call(self, op: str, argv: list[str]) -> Any:
+        riders = self._riders(op)
+        try:
+            return await self._attempts(op, argv, riders)
+        except BaseException:
+            if riders:  # their waiters ask for themselves, as after a round that failed
+                self._renewed(riders, None)
+            raise
+
+    async def _attempts(self, op: str, argv: list[str], riders: list[str]) -> Any:
         for attempt in (1, 2):
             try:
-                reply = await self._scripts[op](keys=self._keys, args=self._argv(op, argv))
-                self._answered(op, reply)
+                reply = await self._scripts[op](keys=self._keys, args=self._argv(op, argv, riders))
+                self._answered(op, reply, riders)
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
@@ -418,9 +427,7 @@ class AsyncLimiter(LimiterBase):
             return self._refused(reply, requests, tokens)
         return Decision(True, self._hold(lease_id, requests, tokens, place.levels))
 
-    def _hold(
-        self, lease_id: str, requests: float, tokens: float, levels: tuple[Level, ...] = ()
-    ) -> AsyncLease:
+    def _hold(self, lease_id: str, requests: float, tokens: float, levels: tuple[Level, ...] = ()) -> AsyncLease:
         lease = AsyncLease(self, lease_id, requests, tokens)
         lease.levels = levels
         self._held[lease_id] = time.monotonic() + self.heartbeat_interval
@@ -483,9 +490,15 @@ class AsyncLimiter(LimiterBase):
                     raw = await self._run("renew", self._renewals.args(ids))
                 except XflowError as exc:
                     log.warning("renewal of %d queued tickets failed: %s", len(ids), exc)
-            for lid, notice in self._renewals.notices(ids, raw, time.monotonic()):
-                if self._events is not None and (inbox := self._events.mail.inbox(lid)) is not None:
-                    inbox.put_nowait(notice)
+            self._renewed(ids, None if raw is None else raw[1:])
+
+    def _riders(self, op: str) -> list[str]:
+        return self._renewals.riders(time.monotonic()) if op == "settle" and self._renewals else []
+
+    def _renewed(self, ids: list[str], statuses: Any | None) -> None:
+        for lid, notice in self._renewals.notices(ids, statuses, time.monotonic()):
+            if self._events is not None and (inbox := self._events.mail.inbox(lid)) is not None:
+                inbox.put_nowait(notice)
 
     async def _rejoin(self, lease: AsyncLease) -> None:
         """Register ``lease`` again; a release crossing it is settled again (see ``Limiter._rejoin``)."""

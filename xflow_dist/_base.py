@@ -50,6 +50,7 @@ from ._core import (
 from ._exceptions import BackendError, ConfigurationError, InvalidCostError
 from ._headers import LimitFacts, parse_limit_headers
 from ._outage import Outage, OutagePolicy, outage_policy
+from ._renewals import renewal_args
 
 L = TypeVar("L")
 
@@ -228,17 +229,23 @@ class LimiterBase:
         #: The outage under way (Redis does not answer), or None.
         self._outage: Outage | None = None
 
-    def _argv(self, op: str, argv: list[str]) -> list[str]:
+    def _argv(self, op: str, argv: list[str], riders: list[str] | None = None) -> list[str]:
         """The budget block (saying whether this process has seen the keys, and when it gives up on
-        the reply) and ``argv``; a settle sent when the count of processes is due asks for it, so
-        that counting costs no call of its own in a busy process."""
+        the reply) and ``argv``; a settle sent when the count of processes is due asks for it, and one
+        sent with ``riders`` renews those queued tickets (``_renewals``), so that neither costs a call
+        of its own in a busy process."""
         at = time.monotonic()
         seen = self._holding() or at < self._fresh_until
         wait, offset = self._reply_wait, self._offset
         give_up = "0" if wait is None or offset is None else moment(at + offset + wait)
-        if op == "settle" and at >= self._census_at and self._census_in_scripts:
-            self._census_asked()
-            argv = [*argv, "1"]
+        if op == "settle":
+            census = at >= self._census_at and self._census_in_scripts
+            if census:
+                self._census_asked()
+            if census or riders:
+                argv = [*argv, "1" if census else "0"]
+            if riders:
+                argv = [*argv, *renewal_args(self.ticket_ttl, riders)]
         return [*self._blocks[seen], give_up, *argv]
 
     def _census_asked(self) -> None:
@@ -257,16 +264,28 @@ class LimiterBase:
         late = CENSUS_INTERVAL if self._census_in_scripts else 0.0
         return time.monotonic() >= self._census_at + late
 
-    def _answered(self, op: str, reply: Any) -> None:
+    def _answered(self, op: str, reply: Any, riders: list[str] | None = None) -> None:
         """A script ran: the keys live at least the idle grace from now (margin for the reply's way),
-        and its reply's Redis time sets the clock offset."""
+        and its reply's Redis time sets the clock offset; a settle's reply also carries the census it
+        asked for and what became of the tickets it renewed."""
         at = time.monotonic()
         if op != "status":  # status.lua writes nothing: the keys may still not exist
             self._fresh_until = at + IDLE_GRACE * 0.8
         with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
             self._offset = float(reply[NOW_AT[op]]) - at
-        if op == "settle" and len(reply) > 5:  # the census a settle asked for
+        if op == "settle" and len(reply) > 5:  # the census a settle asked for ("0": not asked)
             self._counted(int(reply[5]))
+        if riders:
+            self._renewed(riders, reply[6:])
+
+    def _riders(self, op: str) -> list[str]:
+        """Queued tickets of this process that a call of ``op`` about to be sent renews on its way:
+        a settle takes the ones due soon (overridden by the fronts, which keep them)."""
+        return []
+
+    def _renewed(self, ids: list[str], statuses: Any | None) -> None:
+        """Tell the waiters of ``ids`` what their renewal found (None: the call that carried it failed);
+        overridden by the fronts, which keep the waiters."""
 
     def _late(self, exc: Exception) -> bool:
         """True for a call Redis ran after its give-up moment while the client still waited (its

@@ -115,9 +115,11 @@ _SPECS: dict[str, Spec] = {
 MAX_RENEW = 1000  # ticket ids one renew.lua call takes
 
 
-def _renew_spec(n_argv: int) -> Spec:
-    """renew.lua's arguments: the ticket TTL, then 1 to MAX_RENEW ids (as many as given, within that)."""
-    return (("ticket ttl", POSITIVE_SECONDS),) + (("id", TEXT),) * (max(13, min(n_argv, 12 + MAX_RENEW)) - 12)
+def _renewal_spec(spec: Spec, n_argv: int, at: int) -> Spec:
+    """renewal_spec(): ``spec``, then the ticket TTL at ARGV[at] and 1 to MAX_RENEW ids (as many as
+    given, within that)."""
+    ids = max(at + 1, min(n_argv, at + MAX_RENEW)) - at
+    return (*spec, ("ticket ttl", POSITIVE_SECONDS), *(("id", TEXT),) * ids)
 
 
 _LEVEL_ARGS = (
@@ -579,7 +581,9 @@ class _Call:
             _checked(argv, 12, ())
             return self.configure()
         if op == "renew":
-            spec = _renew_spec(len(argv))
+            spec = _renewal_spec((), len(argv), 12)
+        elif op == "settle" and len(argv) >= 21:  # with tickets to renew
+            spec = _renewal_spec(_SPECS[op], len(argv), 21)
         elif op in ("acquire", "rejoin"):
             spec = _level_spec(_SPECS[op], argv, 23 if op == "acquire" else 18)
             if op == "acquire":
@@ -1227,6 +1231,8 @@ class _Call:
         memory: float,
         model: str,
         census: bool = False,
+        ttl: float | None = None,
+        *ids: str,
     ) -> list[str]:
         b, now = self.b, self.now
         self.reap()
@@ -1256,9 +1262,11 @@ class _Call:
             reply = ["settled", fmt(diff) if actual >= 0 else "0", fmt(now)]
         reply.append(fmt(self.rate_req * 60))
         reply.append(fmt(self.rate_tok * 60))
-        if census:
-            reply.append(str(self.engine.numsub(self.channel)))
+        if census or ttl is not None:
+            reply.append(str(self.engine.numsub(self.channel)) if census else "0")
         self.advance(st)
+        if ttl is not None:
+            self.renew_tickets(st, ttl, ids, reply)
         return self.finish(st, reply)
 
     def corrected(
@@ -1313,21 +1321,26 @@ class _Call:
         return self.finish(st, reply)
 
     def renew(self, ttl: float, *ids: str) -> list[str]:
-        b = self.b
         self.reap()
         st = self.load_state()
         self.advance(st)
         reply = [fmt(self.now)]
+        self.renew_tickets(st, ttl, ids, reply)
+        return self.finish(st, reply)
+
+    def renew_tickets(self, st: _State, ttl: float, ids: tuple[str, ...], reply: list[str]) -> None:
+        b = self.b
         head = next(iter(b.queue), None)
         for lid in ids:
+            status = "-"
             if lid in b.queue:
                 t = self.ticket(lid)
                 t.alive = max(t.alive, max(self.now, t.fit) + ttl)
                 self.save_ticket(st, lid, t)
-                reply.append("h" + fmt(self.wait_hint(lid)) if lid == head else "q")
-            else:
-                reply.append("g" if lid in b.data else "-")
-        return self.finish(st, reply)
+                status = "h" + fmt(self.wait_hint(lid)) if lid == head else "q"
+            elif lid in b.data:
+                status = "g"
+            reply.append(status)
 
     def rejoin(
         self,

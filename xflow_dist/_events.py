@@ -49,12 +49,21 @@ class Resubscribed:
 
 
 @dataclass(frozen=True, slots=True)
+class Renewed:
+    """A renewal found the ticket out of the queue: ``granted`` (its grant notice is on its way, on
+    the same events connection, so the waiter gives it a moment before it asks), or dropped (it asks
+    again at once). Nothing was lost on the way: no pause can have gone unheard."""
+
+    granted: bool
+
+
+@dataclass(frozen=True, slots=True)
 class StateLost:
     """Redis lost the budget's keys and made them anew: every lease held is registered again
     (``rejoin.lua``) and every waiter asks again, its ticket being gone."""
 
 
-Notice = GrantNotice | HeadNotice | CooldownNotice | Resubscribed | StateLost
+Notice = GrantNotice | HeadNotice | CooldownNotice | Resubscribed | Renewed | StateLost
 
 
 def parse(data: bytes | str, arrived: float | None = None) -> Notice | None:

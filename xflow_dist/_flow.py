@@ -13,9 +13,14 @@ from typing import Any
 
 from ._budget import Budget
 from ._core import ANYWHERE, Place, acquire_args, decode_acquire, decode_status, too_large_error
-from ._events import CooldownNotice, GrantNotice, HeadNotice, Notice, Resubscribed
+from ._events import CooldownNotice, GrantNotice, HeadNotice, Notice, Renewed, Resubscribed
 from ._exceptions import AcquireTimeout
 from ._renewals import LAST_RESORT, renewal_only
+
+#: How long a waiter whose renewal found it granted waits for the grant's notice before it asks
+#: Redis (which claims the grant): the notice was published before the renewal's reply was sent, so
+#: it is late only if lost, and then the events connection's loss sends every waiter back anyway.
+NOTICE_GRACE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +163,10 @@ def acquire_flow(
             if isinstance(notice, Resubscribed):
                 pause.unsure = True
                 break
-            if isinstance(notice, GrantNotice):
+            if isinstance(notice, GrantNotice) or (isinstance(notice, Renewed) and not notice.granted):
                 break
+            if isinstance(notice, Renewed):  # granted: its notice follows on the events connection
+                wake = min(wake, time.monotonic() + NOTICE_GRACE)
             if isinstance(notice, HeadNotice):
                 wake = fits_at = notice.arrived + notice.delay
 

@@ -280,8 +280,19 @@ class _Upkeep:
                 raw = self._limiter._run("renew", self._renewals.args(ids))
             except XflowError as exc:
                 log.warning("renewal of %d queued tickets failed: %s", len(ids), exc)
+        self.renewed(ids, None if raw is None else raw[1:])
+
+    def riders(self, op: str) -> list[str]:
+        """The tickets a settle about to be sent renews (``Renewals.riders``)."""
+        if op != "settle" or not self._renewals:
+            return []
         with self._cond:
-            notices = self._renewals.notices(ids, raw, time.monotonic())
+            return self._renewals.riders(time.monotonic())
+
+    def renewed(self, ids: list[str], statuses: Any | None) -> None:
+        """Wake the waiters of ``ids`` that their renewal's ``statuses`` concern (None: it failed)."""
+        with self._cond:
+            notices = self._renewals.notices(ids, statuses, time.monotonic())
         events = self._limiter._events
         for lid, notice in notices:
             if events is not None and (inbox := events.mail.inbox(lid)) is not None:
@@ -360,10 +371,19 @@ class Limiter(LimiterBase):
             return self._call(op, argv)
 
     def _call(self, op: str, argv: list[str]) -> Any:
+        riders = self._riders(op)
+        try:
+            return self._attempts(op, argv, riders)
+        except BaseException:
+            if riders:  # their waiters ask for themselves, as after a round that failed
+                self._renewed(riders, None)
+            raise
+
+    def _attempts(self, op: str, argv: list[str], riders: list[str]) -> Any:
         for attempt in (1, 2):
             try:
-                reply = self._scripts[op](keys=self._keys, args=self._argv(op, argv))
-                self._answered(op, reply)
+                reply = self._scripts[op](keys=self._keys, args=self._argv(op, argv, riders))
+                self._answered(op, reply, riders)
                 return reply
             except redis.ConnectionError as exc:  # a dead pooled connection fails at once: try a fresh one
                 if attempt == 2:
@@ -389,6 +409,12 @@ class Limiter(LimiterBase):
 
     def _holding(self) -> bool:
         return self._upkeep.holding() or bool(self._queued) or self._outage is not None
+
+    def _riders(self, op: str) -> list[str]:
+        return self._upkeep.riders(op)
+
+    def _renewed(self, ids: list[str], statuses: Any | None) -> None:
+        self._upkeep.renewed(ids, statuses)
 
     def acquire(
         self,

@@ -2,8 +2,10 @@
 
 A ticket dies unless renewed within its TTL. Its waiter used to come back every half TTL to renew
 it (one acquire each), so a deep queue cost Redis a call per waiter per half TTL. Instead each
-limiter renews every ticket of its own that is due, in one ``renew.lua`` call a round, and wakes
-only the waiters whose ticket was granted or dropped meanwhile. Both fronts drive this table.
+limiter renews every ticket of its own that is due, in one call, and wakes only the waiters whose
+ticket was granted or dropped meanwhile. A busy process renews them on the settles it sends anyway
+(``riders``: settle.lua takes them after its own arguments); a round of ``renew.lua`` renews only the
+tickets no settle took in time. Both fronts drive this table.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._core import _num, _strings
-from ._events import HeadNotice, Notice, Resubscribed
+from ._events import HeadNotice, Notice, Renewed, Resubscribed
 
 #: Ticket ids one renew.lua call takes (``MAX_IDS`` there).
 MAX_RENEW = 1000
@@ -54,42 +56,48 @@ class Renewals:
         return min(self._due.values(), default=None)
 
     def take(self, now: float) -> list[str]:
-        """The tickets to renew now: none until one is due, then every one due within the next
+        """The tickets a round renews now: none until one is due, then every one due within the next
         quarter TTL too (so that a round serves many), at most ``MAX_RENEW``; each is due again
         half a TTL later."""
         if not self._due or min(self._due.values()) > now:
             return []
+        return self.riders(now)
+
+    def riders(self, now: float) -> list[str]:
+        """The tickets a settle sent now renews on its way: every one due within a quarter TTL
+        (renewed at least a quarter TTL ago, and a ticket lives a whole TTL), at most ``MAX_RENEW``;
+        each is due again half a TTL later. Where the settle fails, ``notices`` sends their waiters
+        back, as for a round that failed."""
         soon = now + self.ticket_ttl / 4
         ids = sorted((lid for lid, at in self._due.items() if at <= soon), key=self._due.__getitem__)[:MAX_RENEW]
         for lid in ids:
             self._due[lid] = now + self.ticket_ttl / 2
         return ids
 
-    def answered(self, ids: list[str], raw: Any) -> tuple[list[str], list[tuple[str, float]]]:
-        """renew.lua's reply to ``ids``: the ones whose waiter must ask again (granted meanwhile, or
-        dropped), which leave the table until their next acquire queues them again; and the head, with
-        when it is to come back, unless that is only the renewal interval."""
-        statuses = _strings(raw, len(ids) + 1, "renew")[1 : len(ids) + 1]
-        wake = [lid for lid, status in zip(ids, statuses, strict=True) if status not in ("q",) and status[0] != "h"]
-        heads = [
-            (lid, wait)
-            for lid, status in zip(ids, statuses, strict=True)
-            if status[0] == "h" and not renewal_only(wait := float(status[1:]), self.ticket_ttl)
-        ]
-        for lid in wake:
-            self._due.pop(lid, None)
-        return wake, heads
-
-    def notices(self, ids: list[str], raw: Any | None, arrived: float) -> list[tuple[str, Notice]]:
-        """What a round of ``ids`` tells their waiters, given renew.lua's reply (None: the round failed,
-        or Redis is out): ``Resubscribed`` to each that must ask again (all of them when the round
-        failed, and they leave the table), ``HeadNotice`` to the head told its time."""
-        if raw is None:
+    def notices(self, ids: list[str], statuses: Any | None, arrived: float) -> list[tuple[str, Notice]]:
+        """What renewing ``ids`` tells their waiters, given one status each as renew.lua replies (None:
+        the call failed, or Redis is out): ``Renewed`` to each granted or dropped meanwhile, which leave
+        the table until their next acquire queues them again; ``HeadNotice`` to the head told its time,
+        unless that is only the renewal interval; and where the call failed, ``Resubscribed`` to all
+        (each asks for itself, and meets the failure), and they leave the table."""
+        if statuses is None:
             for lid in ids:
                 self._due.pop(lid, None)
             return [(lid, Resubscribed()) for lid in ids]
-        wake, heads = self.answered(ids, raw)
-        return [(lid, Resubscribed()) for lid in wake] + [(lid, HeadNotice(lid, w, arrived)) for lid, w in heads]
+        out: list[tuple[str, Notice]] = []
+        for lid, status in zip(ids, _strings(statuses, len(ids), "renew")[: len(ids)], strict=True):
+            if status[:1] == "h":
+                if not renewal_only(wait := float(status[1:]), self.ticket_ttl):
+                    out.append((lid, HeadNotice(lid, wait, arrived)))
+            elif status != "q":
+                self._due.pop(lid, None)
+                out.append((lid, Renewed(granted=status == "g")))
+        return out
 
     def args(self, ids: list[str]) -> list[str]:
-        return [_num(self.ticket_ttl), *ids]
+        return renewal_args(self.ticket_ttl, ids)
+
+
+def renewal_args(ticket_ttl: float, ids: list[str]) -> list[str]:
+    """renew.lua's arguments to renew ``ids``, and a settle's after its own (settle.lua)."""
+    return [_num(ticket_ttl), *ids]
