@@ -219,3 +219,17 @@ def test_the_async_front_renews_on_its_settles_too(url: str, name: str) -> None:
             assert sum(carried) >= 10 and counts["renew"] == 0, (carried, counts)
 
     asyncio.run(main())
+
+
+def test_the_table_stays_in_order_of_due_time() -> None:
+    """A ticket set again moves behind the others, so a settle reads only what it takes."""
+    r = Renewals(4.0)
+    for k in range(5):
+        r.queued(str(k), k * 0.1)  # due at 2.0 .. 2.4
+    assert r.riders(0.5) == []  # none due within 1 s
+    assert r.riders(1.15) == ["0", "1"]  # due by 2.15; now due at 3.15
+    r.queued("2", 1.2)  # asked again: due at 3.2, behind 0 and 1
+    assert r.next_due() == 2.3
+    assert r.take(2.3) == ["3", "4", "0", "1", "2"]  # all due within 3.3, in order
+    r.discard("4")
+    assert r.take(4.3) == ["3", "0", "1", "2"] and r.next_due() == 6.3

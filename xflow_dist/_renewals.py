@@ -33,7 +33,11 @@ def renewal_only(wait: float, ticket_ttl: float) -> bool:
 
 
 class Renewals:
-    """Ticket id -> when its next renewal is due (monotonic); not thread-safe (the sync front locks)."""
+    """Ticket id -> when its next renewal is due (monotonic); not thread-safe (the sync front locks).
+
+    Every due time is set to the time of the call plus half a TTL, and a ticket set again moves to
+    the end, so the table is in order of due time: a settle or a round reads only the tickets it
+    takes (and one more), however deep the queue."""
 
     def __init__(self, ticket_ttl: float) -> None:
         self.ticket_ttl = ticket_ttl
@@ -42,9 +46,13 @@ class Renewals:
     def __bool__(self) -> bool:
         return bool(self._due)
 
+    def _set(self, lease_id: str, now: float) -> None:
+        self._due.pop(lease_id, None)
+        self._due[lease_id] = now + self.ticket_ttl / 2
+
     def queued(self, lease_id: str, now: float) -> None:
         """An acquire just queued (or renewed) ``lease_id``: its next renewal is half a TTL away."""
-        self._due[lease_id] = now + self.ticket_ttl / 2
+        self._set(lease_id, now)
 
     def discard(self, lease_id: str) -> None:
         self._due.pop(lease_id, None)
@@ -53,13 +61,14 @@ class Renewals:
         self._due.clear()
 
     def next_due(self) -> float | None:
-        return min(self._due.values(), default=None)
+        return next(iter(self._due.values()), None)
 
     def take(self, now: float) -> list[str]:
         """The tickets a round renews now: none until one is due, then every one due within the next
         quarter TTL too (so that a round serves many), at most ``MAX_RENEW``; each is due again
         half a TTL later."""
-        if not self._due or min(self._due.values()) > now:
+        first = self.next_due()
+        if first is None or first > now:
             return []
         return self.riders(now)
 
@@ -69,9 +78,13 @@ class Renewals:
         each is due again half a TTL later. Where the settle fails, ``notices`` sends their waiters
         back, as for a round that failed."""
         soon = now + self.ticket_ttl / 4
-        ids = sorted((lid for lid, at in self._due.items() if at <= soon), key=self._due.__getitem__)[:MAX_RENEW]
+        ids: list[str] = []
+        for lid, at in self._due.items():
+            if at > soon or len(ids) == MAX_RENEW:
+                break
+            ids.append(lid)
         for lid in ids:
-            self._due[lid] = now + self.ticket_ttl / 2
+            self._set(lid, now)
         return ids
 
     def notices(self, ids: list[str], statuses: Any | None, arrived: float) -> list[tuple[str, Notice]]:
