@@ -110,6 +110,27 @@ def test_a_ticket_dropped_meanwhile_sends_its_waiter_back(redis_url: str, client
         assert counts["acquire"] == 3  # the holder, the first ask, the second (granted firm: no claim)
 
 
+async def _queue_in_turn(lim: AsyncLimiter, n: int, hold: float) -> tuple[list[asyncio.Task[None]], list[int]]:
+    """``n`` waiters on ``lim``, each queued before the next starts; each holds its lease ``hold``
+    seconds. Returns their tasks and the order in which they were granted (filled as they are)."""
+    order: list[int] = []
+
+    async def waiter(k: int) -> None:
+        lease = await lim.acquire(timeout=30)
+        order.append(k)
+        await asyncio.sleep(hold)
+        await lease.release()
+
+    tasks = []
+    for k in range(n):
+        tasks.append(asyncio.create_task(waiter(k)))
+        for _ in range(1000):  # bounded: each queues before the next starts
+            if (await lim.status()).queued == k + 1:
+                break
+            await asyncio.sleep(0.01)
+    return tasks, order
+
+
 def test_the_async_front_renews_in_rounds_too(url: str, name: str) -> None:
     async def main() -> None:
         async with AsyncLimiter(Budget(name, max_concurrency=1), url, ticket_ttl=TTL) as lim:
@@ -122,20 +143,7 @@ def test_the_async_front_renews_in_rounds_too(url: str, name: str) -> None:
 
             lim._run = counted  # type: ignore[method-assign]
             holder = await lim.acquire()
-            order: list[int] = []
-
-            async def waiter(k: int) -> None:
-                lease = await lim.acquire(timeout=30)
-                order.append(k)
-                await lease.release()
-
-            tasks = []
-            for k in range(6):
-                tasks.append(asyncio.create_task(waiter(k)))
-                for _ in range(1000):  # bounded: each queues before the next starts
-                    if (await lim.status()).queued == k + 1:
-                        break
-                    await asyncio.sleep(0.01)
+            tasks, order = await _queue_in_turn(lim, 6, hold=0.0)
             deadline = time.monotonic() + 10
             while counts["renew"] < 6 and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
@@ -196,22 +204,8 @@ def test_the_async_front_renews_on_its_settles_too(url: str, name: str) -> None:
         async with AsyncLimiter(Budget(name, max_concurrency=1), url, ticket_ttl=RIDE_TTL) as lim:
             counts = counting_scripts(lim)
             carried = _riding(lim)
-            order: list[int] = []
-
-            async def waiter(k: int) -> None:
-                lease = await lim.acquire(timeout=30)
-                order.append(k)
-                await asyncio.sleep(0.06)
-                await lease.release()
-
             holder = await lim.acquire()
-            tasks = []
-            for k in range(20):
-                tasks.append(asyncio.create_task(waiter(k)))
-                for _ in range(1000):  # bounded: each queues before the next starts
-                    if (await lim.status()).queued == k + 1:
-                        break
-                    await asyncio.sleep(0.01)
+            tasks, order = await _queue_in_turn(lim, 20, hold=0.06)
             await holder.release()
             await asyncio.wait_for(asyncio.gather(*tasks), 30)
             assert order == list(range(20))
