@@ -70,14 +70,20 @@ def test_a_round_never_shortens_a_ticket_and_tells_the_head_its_time(client: red
     assert o.run("renew", ["2", "p.parked"])[1] == b"g"  # granted in the queue: its waiter claims it
 
 
+def _threads_in_turn(lim: Limiter, n: int) -> list[tuple[Any, dict[str, object]]]:
+    """``n`` waiters on ``lim``, each on a thread of its own and queued before the next starts."""
+    waiters = []
+    for k in range(n):
+        waiters.append(acquire_in_thread(lim, timeout=30))
+        until(lambda k=k: lim.status().queued == k + 1)  # type: ignore[misc]
+    return waiters
+
+
 def test_a_deep_queue_is_renewed_in_rounds_not_waiter_by_waiter(url: str, name: str) -> None:
     with Limiter(Budget(name, max_concurrency=1), url, ticket_ttl=TTL) as lim:
         counts = counting_scripts(lim)
         holder = lim.acquire()
-        waiters = []
-        for k in range(6):
-            waiters.append(acquire_in_thread(lim, timeout=30))
-            until(lambda k=k: lim.status().queued == k + 1)  # type: ignore[misc]
+        waiters = _threads_in_turn(lim, 6)
         until(lambda: counts["renew"] >= 6)  # 1.2 s at least: three TTLs that only the rounds bridged
         assert counts["acquire"] == 1 + 6  # each waiter asked once and never came back to renew
         holder.release()
@@ -183,10 +189,7 @@ def test_a_busy_process_renews_its_tickets_on_its_settles(url: str, name: str) -
         counts = counting_scripts(lim)
         carried = _riding(lim)
         holder = lim.acquire()
-        waiters = []
-        for k in range(20):
-            waiters.append(acquire_in_thread(lim, timeout=30))
-            until(lambda k=k: lim.status().queued == k + 1)  # type: ignore[misc]
+        waiters = _threads_in_turn(lim, 20)
         holder.release()
         starts = []
         for thread, out in waiters:
