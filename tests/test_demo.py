@@ -119,26 +119,47 @@ def _listening(url: str) -> bool:
         return s.connect_ex((parts.hostname or "127.0.0.1", parts.port or 0)) == 0
 
 
+def _stopped_or_dumped(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The demo's remaining output once it exits; if it does not within ``timeout``, its threads'
+    stacks (faulthandler, on SIGABRT) in the failure, and nothing of its session left running."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        alive = proc.poll() is None
+        if alive:
+            proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack to stdout
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate(timeout=30)[0]
+        pytest.fail(f"the demo did not stop within {timeout:g} s of Ctrl-C (main process alive: {alive}):\n{out}")
+
+
 def test_ctrl_c_stops_everything_it_started() -> None:
     proc = subprocess.Popen(
         _xflow("demo", "-p", "2", "-c", "4", "-n", "5000", "--tpm", "6000", "--no-live"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "COLUMNS": "400"},
+        env={**os.environ, "COLUMNS": "400", "PYTHONFAULTHANDLER": "1"},
+        start_new_session=True,  # its own process group: whatever happens, the test leaves nothing behind
     )
-    assert proc.stdout is not None
-    header = ""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "strategy" not in header:
-        header += proc.stdout.readline()
-    assert "provider http://" in header, header
-    provider = header.split("provider ", 1)[1].split()[0]
-    redis_url = header.split("Redis ", 1)[1].split()[0]
-    assert _listening(provider) and _listening(redis_url)
-    time.sleep(2.0)  # let the workers get going
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
+    try:
+        assert proc.stdout is not None
+        header = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "strategy" not in header:
+            header += proc.stdout.readline()
+        assert "provider http://" in header, header
+        provider = header.split("provider ", 1)[1].split()[0]
+        redis_url = header.split("Redis ", 1)[1].split()[0]
+        assert _listening(provider) and _listening(redis_url)
+        time.sleep(2.0)  # let the workers get going
+        proc.send_signal(signal.SIGINT)
+        rest = _stopped_or_dumped(proc, 60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
     assert proc.returncode == 130, rest
     assert "interrupted" in rest
     assert not _listening(provider)

@@ -232,6 +232,21 @@ def tenant_shares(totals: dict[str, int], history: list[Tally]) -> tuple[dict[st
     return ({n: v / total for n, v in spent.items()} if total else {}), last.at - first.at
 
 
+def _stop(procs: list[Any], grace: float = 5.0) -> None:
+    """Stop the workers still running: SIGTERM, then SIGKILL after ``grace``; each one is reaped, so
+    that nothing is left for multiprocessing's exit hook, which joins its children with no timeout."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    by = time.monotonic() + grace
+    for p in procs:
+        p.join(timeout=max(0.0, by - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=grace)
+
+
 def run_fleet(
     spec: FleetSpec,
     jobs: list[Job],
@@ -293,10 +308,7 @@ def run_fleet(
         for p in procs:
             p.join(timeout=10)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+        _stop(procs)
         final = read_tally(client, spec, 0) if names else None
         with contextlib.suppress(redis.RedisError):
             client.delete(spec.jobs_key, tally_key(spec), *(jobs_key_of(spec, n) for n in names))
