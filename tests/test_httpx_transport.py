@@ -55,12 +55,15 @@ async def test_async_chat_settles_with_the_replys_usage(sim: SimulatorServer, re
 
 
 async def test_a_429_with_no_retry_left_still_pauses_the_fleet(redis_url: str, name: str) -> None:
-    # a provider with 2 requests a minute, a budget that believes in 600: the third call gets a 429
+    # a provider with 2 requests a minute, the second spent by a client outside the fleet: the budget
+    # cannot know it, lets the next call go, and the provider answers 429
     with SimulatorServer(SimulatorConfig(rpm=2, tpm=60_000, latency_base=0.0, latency_per_token=0.0)) as s:
         async with AsyncLimiter(Budget(name, rpm=600, burst=60), redis_url) as lim:
             transport = AsyncRateLimitedTransport(lim, max_retries=0)
-            async with httpx.AsyncClient(transport=transport, base_url=s.url) as client:
-                codes = [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(3)]
+            async with httpx.AsyncClient(transport=transport, base_url=s.url) as client, httpx.AsyncClient() as outside:
+                codes = [(await client.post("/v1/chat/completions", json=CHAT)).status_code]
+                codes.append((await outside.post(f"{s.url}/v1/chat/completions", json=CHAT)).status_code)
+                codes.append((await client.post("/v1/chat/completions", json=CHAT)).status_code)
                 status = await lim.status()
         assert codes == [200, 200, 429]
         assert status.in_flight == 0

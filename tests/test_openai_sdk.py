@@ -93,11 +93,15 @@ def test_a_router_gives_each_model_its_own_budget(sim: SimulatorServer, redis_ur
 
 
 def test_a_429_the_transport_cannot_retry_reaches_the_sdk_and_pauses_the_fleet(redis_url: str, name: str) -> None:
-    config = SimulatorConfig(rpm=1, tpm=60_000, latency_base=0.0, latency_per_token=0.0)
+    # 2 requests a minute, the second spent by a client outside the fleet: the budget cannot know it,
+    # lets the next call go, and the provider answers 429 (waiting on the budget alone would take 20-60 s)
+    config = SimulatorConfig(rpm=2, tpm=60_000, latency_base=0.0, latency_per_token=0.0)
     with SimulatorServer(config) as s, Limiter(Budget(name, rpm=600, burst=60), redis_url) as lim:
         http = httpx2.Client(transport=RateLimitedTransport(lim, max_retries=0))
         with openai.OpenAI(base_url=f"{s.url}/v1", api_key="sk-test", http_client=http, max_retries=0) as client:
             client.chat.completions.create(model="m", messages=HI, max_tokens=10)
+            chat = {"model": "m", "messages": HI, "max_tokens": 10}
+            assert httpx2.post(f"{s.url}/v1/chat/completions", json=chat).status_code == 200  # outside the fleet
             with pytest.raises(openai.RateLimitError):
                 client.chat.completions.create(model="m", messages=HI, max_tokens=10)
         status = lim.status()
