@@ -4,6 +4,9 @@ Same simulated provider, same job list, same processes x workers; the strategies
   xflow  - one shared budget in Redis (AsyncLimiter), fleet-wide cooldown on 429
   retry  - no limiter: retry each 429 after exponential backoff with full jitter
   split  - a static split: each process limits itself in-process to 1/P of every limit (aiolimiter)
+  floor  - only on request (--strategy floor), not a limiter: the slots as a Redis list, BLPOP to take
+           one, RPUSH to give it back; no rates, leases or crash safety. The least a slot hand-over
+           through Redis costs, as a baseline for the shared budget's where concurrency binds
 
 Scenarios: tokens bind, requests bind, concurrency binds; each at P = 4 and P = 8 (--processes 16 too).
 --uneven gives the processes unequal worker counts (from about 2C/(P+1) to 2CP/(P+1), C on average).
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", action="append", choices=("tokens", "requests", "concurrency"))
     parser.add_argument("--processes", action="append", type=int, choices=(4, 8, 16), help="default: 4 and 8")
     parser.add_argument("--uneven", action="store_true", help="unequal worker counts across the processes")
-    parser.add_argument("--strategy", action="append", choices=STRATEGIES)
+    parser.add_argument("--strategy", action="append", choices=(*STRATEGIES, "floor"))
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds one run may take at most")
     parser.add_argument(
         "--budget-scale", type=float, default=1.0, help="the shared budget's rates against the provider's (e.g. 1.3)"

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 
 import xflow_dist
 from xflow_dist.tools._embedded import find_server
@@ -209,9 +210,11 @@ def test_hand_overs_match_each_settle_with_the_next_waited_start_in_order() -> N
 
 
 @pytest.mark.timeout(120)
-def test_a_fleet_where_slots_bind_measures_the_limiter_s_part_of_the_hand_over(redis_url: str) -> None:
-    """The workers' clocks pair each settle with the start it let in; the provider's hand-over holds
-    that and two HTTP legs more, so the limiter's part is the shorter."""
+@pytest.mark.parametrize("strategy", ["xflow", "floor"])
+def test_a_fleet_where_slots_bind_measures_the_limiter_s_part_of_the_hand_over(redis_url: str, strategy: str) -> None:
+    """The workers' clocks pair each settle (floor: RPUSH) with the start it let in; the provider's
+    hand-over holds that and two HTTP legs more, so the limiter's part is the shorter. The floor's
+    slots (a Redis list) never let more calls in than the limit, and are gone after the run."""
     from xflow_dist.tools._demo import Latency, fleet_spec, run_fleet, simulator_process
     from xflow_dist.tools._fleet import Limits, make_jobs
 
@@ -219,10 +222,11 @@ def test_a_fleet_where_slots_bind_measures_the_limiter_s_part_of_the_hand_over(r
     latency = Latency(0.15, 0.0)
     with simulator_process(limits, latency) as provider:
         spec = fleet_spec(
-            "xflow", processes=2, concurrency=3, provider_url=provider, redis_url=redis_url, limits=limits, deadline=60
+            strategy, processes=2, concurrency=3, provider_url=provider, redis_url=redis_url, limits=limits, deadline=60
         )
         result = run_fleet(spec, make_jobs(16, seed=4), latency)
-    assert result.errors == [] and result.completed == 16 and result.rejected == 0
+    assert result.errors == [] and result.completed == 16 and result.rejected == 0 and result.violations == 0
+    assert not redis.Redis.from_url(redis_url).keys("xflow-fleet:*")  # the job list and the floor's slots
     assert result.binding == "concurrency"
     assert result.limiter_handover_pairs >= 4, result  # 14 hand-overs, two chains 0.15 s long
     assert result.limiter_handover_median is not None and result.handover_median is not None

@@ -33,6 +33,7 @@ from ._fleet import (
     handovers,
     jobs_key_of,
     load_jobs,
+    slots_key,
     tally_key,
     tenant_jobs,
     tenant_names,
@@ -271,6 +272,9 @@ def run_fleet(
         load_jobs(client, jobs_key_of(spec, name), own)
     if not names:
         load_jobs(client, spec.jobs_key, jobs)
+    if spec.strategy == "floor":
+        client.delete(slots_key(spec))
+        client.rpush(slots_key(spec), *["1"] * max(1, spec.limits.max_concurrency or len(jobs)))
     history: list[Tally] = []
     ctx = multiprocessing.get_context("spawn")
     results: Any = ctx.Queue()
@@ -311,7 +315,7 @@ def run_fleet(
         _stop(procs)
         final = read_tally(client, spec, 0) if names else None
         with contextlib.suppress(redis.RedisError):
-            client.delete(spec.jobs_key, tally_key(spec), *(jobs_key_of(spec, n) for n in names))
+            client.delete(spec.jobs_key, tally_key(spec), slots_key(spec), *(jobs_key_of(spec, n) for n in names))
         client.close()
         if watch is not None:
             watch.close()

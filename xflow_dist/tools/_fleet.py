@@ -8,7 +8,12 @@ that pop jobs from a Redis list and call the provider under one of three strateg
 - ``retry``: no limiter, retry each 429 after an exponential backoff with full jitter (0.5 s
   doubling per attempt, capped at 8 s), as tenacity-style retry decorators do;
 - ``split``: a static split, each process limiting itself in-process to 1/P of every limit
-  (aiolimiter for rates, a semaphore for concurrency), retrying 429s like ``retry``.
+  (aiolimiter for rates, a semaphore for concurrency), retrying 429s like ``retry``;
+- ``floor`` (benchmarks only, not a limiter): the concurrency slots as a Redis list of tokens, taken
+  with ``BLPOP`` (Redis serves blocked clients first come, first served) and given back with
+  ``RPUSH``: no rates, no leases, no crash safety. The least a slot hand-over through Redis can
+  cost (one command to release, one reply to the waiter's blocked connection), as a baseline for
+  the shared budget's.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from .._budget import Budget
 from .._headers import parse_limit_headers, parse_retry_after
 from .._tokens import estimate_messages_tokens
 
-Strategy = Literal["xflow", "retry", "split"]
+Strategy = Literal["xflow", "retry", "split", "floor"]
+#: What ``xflow demo`` and the fleet benchmark compare by default (``floor`` only on request).
 STRATEGIES: tuple[Strategy, ...] = ("xflow", "retry", "split")
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
@@ -120,6 +126,11 @@ def tally_key(spec: FleetSpec) -> str:
     return f"{spec.jobs_key}:tally"
 
 
+def slots_key(spec: FleetSpec) -> str:
+    """The ``floor`` strategy's slots: a list of ``max_concurrency`` tokens."""
+    return f"{spec.jobs_key}:slots"
+
+
 def workers_of(spec: FleetSpec, index: int) -> int:
     """Process ``index``'s workers: ``concurrency`` each, or (``uneven``) rising linearly from about
     2C/(P+1) to 2CP/(P+1), the same C on average, so that processes load the budget unevenly."""
@@ -156,7 +167,7 @@ class WorkerReport:
     cooldowns: int = 0
     tokens: int = 0
     errors: list[str] = field(default_factory=list)
-    # where slots bind (xflow): when this process's settles began, and when its acquires that
+    # where slots bind (xflow, floor): when this process's settles (floor: RPUSH) began, and when its acquires that
     # waited returned (CLOCK_MONOTONIC, one clock for the machine), to pair into hand-overs
     releases: list[float] = field(default_factory=list)
     waited_grants: list[float] = field(default_factory=list)
@@ -233,6 +244,7 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
     rate_req: Any = None
     rate_tok: Any = None
     slots: asyncio.Semaphore | None = None
+    floor: Any = None
     if spec.strategy == "xflow":
         limiter = AsyncLimiter(fleet_budget(spec), spec.redis_url)
     elif spec.strategy == "split":
@@ -242,6 +254,10 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
         rate_tok = LocalLimiter(limits.tpm / spec.processes, 60)
         if limits.max_concurrency:
             slots = asyncio.Semaphore(max(1, limits.max_concurrency // spec.processes))
+    elif spec.strategy == "floor":
+        import redis.asyncio
+
+        floor = redis.asyncio.Redis.from_url(spec.redis_url)  # no socket timeout: BLPOP blocks
 
     workers = workers_of(spec, report.index)
     limit = httpx.Limits(max_connections=workers + 4, max_keepalive_connections=workers + 4)
@@ -250,6 +266,8 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
         await jobs.ping()
         if limiter is not None:
             await limiter.status()  # scripts loaded, connection open
+        if floor is not None:
+            await floor.ping()
         if ready is not None:
             ready.put(report.index)
         if start is not None:
@@ -260,7 +278,7 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
             body = {"model": "sim", "messages": job.messages, "max_tokens": job.max_tokens}
             return await http.post("/v1/chat/completions", json=body)
 
-        timed = limiter is not None and bool(limits.max_concurrency)
+        timed = (limiter is not None or floor is not None) and bool(limits.max_concurrency)
 
         async def run(job: Job, tenant: str | None) -> None:
             attempt = 0
@@ -293,6 +311,28 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
                             limit_requests=limit_requests,
                             limit_tokens=limit_tokens,
                         )
+                elif floor is not None:
+                    asked = time.monotonic()
+                    while await floor.blpop([slots_key(spec)], timeout=1) is None:
+                        if time.monotonic() >= stop_at:
+                            return
+                    granted = time.monotonic()
+                    if timed and granted - asked > HANDOVER_WINDOW:
+                        report.waited_grants.append(granted)
+                    try:
+                        reply = await call(job)
+                        if reply.status_code != 429:
+                            reply.raise_for_status()
+                            used = int(reply.json()["usage"]["total_tokens"])
+                    finally:
+                        if timed:
+                            report.releases.append(time.monotonic())
+                        await floor.rpush(slots_key(spec), "1")
+                    if reply.status_code == 429:
+                        report.rejected += 1
+                        await asyncio.sleep(backoff(attempt, rng))
+                        attempt += 1
+                        continue
                 else:
                     if rate_req is not None:
                         await rate_req.acquire(1)
@@ -331,4 +371,6 @@ async def _work(spec: FleetSpec, report: WorkerReport, ready: Any = None, start:
         finally:
             if limiter is not None:
                 await limiter.aclose()
+            if floor is not None:
+                await floor.aclose()
             await jobs.aclose()
