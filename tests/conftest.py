@@ -53,6 +53,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _server.stop()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``XFLOW_SERVER_TESTS_ONLY=1`` (CI's pass on Valkey) keeps only the tests that talk to the suite's
+    server. The others (pure Python, the ``memory://`` backend, a ``redis-server`` of their own to
+    kill or freeze: the ``server`` fixture) ran in the first pass already, and would run the same."""
+    if os.environ.get("XFLOW_SERVER_TESTS_ONLY", "") in ("", "0"):
+        return
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        callspec = getattr(item, "callspec", None)
+        memory = callspec is not None and callspec.params.get("url") == "memory"
+        (keep if "embedded" in names and "server" not in names and not memory else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def embedded() -> EmbeddedRedis:
     """The suite's server; ``EmbeddedRedis(server=embedded.server)`` starts another of the same kind."""

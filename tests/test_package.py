@@ -15,6 +15,8 @@ import tomllib
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -130,7 +132,29 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_ci_runs_the_suite_on_valkey_too() -> None:
     command = "XFLOW_TEST_SERVER=valkey python -m pytest"
     assert command in (ROOT / "README.md").read_text()
-    assert command in (ROOT / ".ci" / "run").read_text()
+    assert f"XFLOW_SERVER_TESTS_ONLY=1 {command}" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_valkey_pass_keeps_the_tests_that_talk_to_the_suite_s_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    import conftest
+
+    class Item:
+        def __init__(self, *names: str, url: str | None = None) -> None:
+            self.fixturenames = names
+            self.callspec = SimpleNamespace(params={"url": url}) if url else None
+
+    server = Item("name", "redis_url", "embedded")
+    both = [Item("url", "redis_url", "embedded", url="redis"), Item("url", "redis_url", "embedded", url="memory")]
+    own = Item("server", "real_redis", "embedded")  # a redis-server of its own, to kill
+    pure = Item("tmp_path")
+    dropped: list[Any] = []
+    config = SimpleNamespace(hook=SimpleNamespace(pytest_deselected=lambda items: dropped.extend(items)))
+    items = [server, *both, own, pure]
+    conftest.pytest_collection_modifyitems(config, items)  # type: ignore[arg-type]
+    assert items == [server, *both, own, pure] and dropped == []  # the first pass runs everything
+    monkeypatch.setenv("XFLOW_SERVER_TESTS_ONLY", "1")
+    conftest.pytest_collection_modifyitems(config, items)  # type: ignore[arg-type]
+    assert items == [server, both[0]] and dropped == [both[1], own, pure]
 
 
 def test_memory_budgets_need_neither_fakeredis_nor_lupa() -> None:
