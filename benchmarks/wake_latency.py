@@ -14,7 +14,12 @@ to the waiter's subscriber and the waiter's own wake-up. ``time.monotonic()`` is
 one clock for every process of a Linux machine, so stamps from two processes compare directly.
 Also reported: how long the holder's ``release()`` call itself took (one round trip of settle.lua).
 
-  python benchmarks/wake_latency.py                    # 200 rounds, Limiter (threads) and AsyncLimiter
+The baseline, in the same run: the floor of any hand-over through Redis, the same rounds with the
+slot as a one-token Redis list instead of a budget (the waiter blocks in ``BLPOP``, the holder's
+release is an ``RPUSH``, which Redis answers the blocked waiter with in the same event-loop turn),
+with redis-py's sync and asyncio clients. No script, no notice to parse, no lease.
+
+  python benchmarks/wake_latency.py                    # 200 rounds, Limiter, AsyncLimiter and the floor
   python benchmarks/wake_latency.py --front async --rounds 500 --json out.json
 """
 
@@ -27,8 +32,17 @@ import uuid
 from typing import Any
 
 import _common as c
+import redis
+import redis.asyncio
 
 from xflow_dist import AsyncLimiter, Budget, Limiter
+
+LABELS = {
+    "sync": "Limiter (sync)",
+    "async": "AsyncLimiter",
+    "floor-sync": "floor: BLPOP (sync)",
+    "floor-async": "floor: BLPOP (async)",
+}
 
 
 def make_budget(name: str) -> Budget:
@@ -43,8 +57,12 @@ def worker(conn: Any, url: str, front: str, budget_name: str, settle: float) -> 
         budget = make_budget(budget_name)
         if front == "sync":
             _sync(conn, url, budget, settle)
-        else:
+        elif front == "async":
             asyncio.run(_async(conn, url, budget, settle))
+        elif front == "floor-sync":
+            _floor_sync(conn, url, f"{budget_name}:slot", settle)
+        else:
+            asyncio.run(_floor_async(conn, url, f"{budget_name}:slot", settle))
     except BaseException as exc:
         c.report_error(conn, exc)
         raise
@@ -110,12 +128,77 @@ async def _async(conn: Any, url: str, budget: Budget, settle: float) -> None:
     conn.send(("closed",))
 
 
+def _blocked(info: dict[str, Any]) -> int:
+    return int(info.get("blocked_clients", 0))
+
+
+def _floor_sync(conn: Any, url: str, key: str, settle: float) -> None:
+    r = redis.Redis.from_url(url)  # no socket timeout: BLPOP blocks
+    r.ping()
+    conn.send(("ready",))
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            break
+        if msg[0] == "hold":
+            assert r.blpop([key], timeout=30) is not None
+            conn.send(("held",))
+        elif msg[0] == "wait":
+            conn.send(("waiting",))
+            got = r.blpop([key], timeout=30)
+            t1 = time.monotonic()
+            assert got is not None
+            r.rpush(key, "1")
+            conn.send(("got", t1))
+        elif msg[0] == "release":
+            while _blocked(r.info("clients")) < 1:
+                time.sleep(0.0005)
+            time.sleep(settle)
+            t0 = time.monotonic()
+            r.rpush(key, "1")
+            conn.send(("released", t0, time.monotonic()))
+    r.close()
+    conn.send(("closed",))
+
+
+async def _floor_async(conn: Any, url: str, key: str, settle: float) -> None:
+    r = redis.asyncio.Redis.from_url(url)
+    await r.ping()
+    conn.send(("ready",))
+    while True:
+        msg = await asyncio.to_thread(conn.recv)
+        if msg[0] == "stop":
+            break
+        if msg[0] == "hold":
+            assert await r.blpop([key], timeout=30) is not None
+            conn.send(("held",))
+        elif msg[0] == "wait":
+            conn.send(("waiting",))
+            got = await r.blpop([key], timeout=30)
+            t1 = time.monotonic()
+            assert got is not None
+            await r.rpush(key, "1")
+            conn.send(("got", t1))
+        elif msg[0] == "release":
+            while _blocked(await r.info("clients")) < 1:
+                await asyncio.sleep(0.0005)
+            await asyncio.sleep(settle)
+            t0 = time.monotonic()
+            await r.rpush(key, "1")
+            conn.send(("released", t0, time.monotonic()))
+    await r.aclose()
+    conn.send(("closed",))
+
+
 # ---------------------------------------------------------------- parent
 
 
 def run_front(url: str, front: str, rounds: int, settle: float) -> dict[str, Any]:
     ctx = c.spawn_context()
     budget_name = f"bench-wake-{uuid.uuid4().hex[:8]}"
+    if front.startswith("floor"):
+        with redis.Redis.from_url(url) as admin:
+            admin.rpush(f"{budget_name}:slot", "1")  # the floor's one slot
     pipes, procs = [], []
     for _role in ("holder", "waiter"):
         parent, child = ctx.Pipe()
@@ -163,7 +246,12 @@ def run_front(url: str, front: str, rounds: int, settle: float) -> dict[str, Any
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=200, help="hand-overs measured per front (default 200)")
-    ap.add_argument("--front", choices=("sync", "async", "both"), default="both", help="Limiter, AsyncLimiter or both")
+    ap.add_argument(
+        "--front",
+        choices=("sync", "async", "both", "floor-sync", "floor-async", "all"),
+        default="all",
+        help="Limiter, AsyncLimiter, both, a floor alone, or all four (default)",
+    )
     ap.add_argument(
         "--settle-ms", type=float, default=5.0, help="pause after the waiter is seen queued, before release (default 5)"
     )
@@ -171,7 +259,7 @@ def main() -> None:
     args = ap.parse_args()
     if not 1 <= args.rounds <= 5000 or not 0 <= args.settle_ms <= 1000:
         ap.error("--rounds 1..5000, --settle-ms 0..1000")
-    fronts = ["sync", "async"] if args.front == "both" else [args.front]
+    fronts = {"both": ["sync", "async"], "all": list(LABELS)}.get(args.front, [args.front])
 
     server = c.start_redis()
     try:
@@ -189,7 +277,7 @@ def main() -> None:
     rows = []
     for r in results:
         lat, rel = r["latency_ms"], r["release_call_ms"]
-        label = "Limiter (sync)" if r["front"] == "sync" else "AsyncLimiter"
+        label = LABELS[r["front"]]
         rows.append([label, r["rounds"], lat["median"], lat["p90"], lat["p99"], lat["max"], lat["min"], rel["median"]])
     print(
         c.table(
@@ -197,17 +285,25 @@ def main() -> None:
         )
     )
     print()
+    floors = {r["front"]: r["latency_ms"]["median"] for r in results if r["front"].startswith("floor")}
+
+    def against_floor(r: dict[str, Any]) -> str:
+        floor = floors.get("floor-" + r["front"])
+        return f"{r['latency_ms']['median'] / floor:.2f}" if floor else "-"
+
     print("# goal: the waiter starts within 5 ms (median) of the other process's release")
     print(
         c.table(
-            ["front", "median ms", "goal"],
+            ["front", "median ms", "goal", "x the floor (same client)"],
             [
                 [
-                    "Limiter (sync)" if r["front"] == "sync" else "AsyncLimiter",
+                    LABELS[r["front"]],
                     r["latency_ms"]["median"],
                     "met" if r["latency_ms"]["median"] <= 5.0 else "MISSED",
+                    against_floor(r),
                 ]
                 for r in results
+                if not r["front"].startswith("floor")
             ],
         )
     )
