@@ -226,7 +226,8 @@ def test_a_fleet_where_slots_bind_measures_the_limiter_s_part_of_the_hand_over(r
         )
         result = run_fleet(spec, make_jobs(16, seed=4), latency)
     assert result.errors == [] and result.completed == 16 and result.rejected == 0 and result.violations == 0
-    assert not redis.Redis.from_url(redis_url).keys("xflow-fleet:*")  # the job list and the floor's slots
+    with redis.Redis.from_url(redis_url) as client:
+        assert not client.keys("xflow-fleet:*")  # the job list and the floor's slots
     assert result.binding == "concurrency"
     assert result.limiter_handover_pairs >= 4, result  # 14 hand-overs, two chains 0.15 s long
     assert result.limiter_handover_median is not None and result.handover_median is not None
